@@ -1,0 +1,3 @@
+from routelog.cli import main
+
+main()

@@ -1,0 +1,231 @@
+"""The Python API: read runs, reduce them to statistics, finish metrics.
+
+    >>> import routelog
+    >>> result = routelog.analyze(["sample_logs/healthy"], top_k=2)   # doctest: +SKIP
+    >>> result.metrics.columns[:4]                                     # doctest: +SKIP
+    ['run', 'step', 'layer', 'n_tokens']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from routelog import ingest, kernels
+from routelog.errors import InputError, UsageError
+from routelog.options import Options, StepRange, parse_layers, parse_steps
+
+if TYPE_CHECKING:
+    import polars as pl
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A run named on the command line: ``PATH`` or ``NAME=PATH``."""
+
+    name: str
+    path: Path
+
+    @classmethod
+    def parse(cls, text: str) -> RunSpec:
+        """``NAME=PATH`` names a run; a bare path is named by its base name."""
+        if "=" in text and not Path(text).exists():
+            name, _, path = text.partition("=")
+            if not name or not path:
+                raise UsageError(f"cannot read run {text!r}: expected PATH or NAME=PATH")
+            return cls(name, Path(path))
+        path = Path(text)
+        return cls(path.resolve().name or str(path), path)
+
+
+@dataclass
+class FileResult:
+    """One file reduced: its description, statistics and per-token selections."""
+
+    info: ingest.FileInfo
+    stats: pl.DataFrame
+    selections: pl.DataFrame | None
+
+
+@dataclass
+class Run:
+    """One run read and reduced."""
+
+    name: str
+    path: str
+    files: list[ingest.FileInfo]
+    ignored_files: list[str]
+    stats: pl.DataFrame
+    selections: pl.DataFrame | None
+
+    def summary(self) -> dict[str, Any]:
+        """The run's entry in the JSON ``runs`` list."""
+        top_k = sorted({k for k in self.stats["top_k"].drop_nulls().to_list()})
+        warnings = [f"{Path(f.path).name}: {w}" for f in self.files for w in f.warnings]
+        return {
+            "run": self.name,
+            "path": self.path,
+            "files": len(self.files),
+            "rows": sum(f.rows for f in self.files),
+            "masked_rows": sum(f.masked_rows for f in self.files),
+            "skipped_rows": sum(f.skipped_rows for f in self.files),
+            "top_k": top_k[0] if len(top_k) == 1 else top_k,
+            "ignored_files": self.ignored_files,
+            "warnings": warnings,
+        }
+
+
+@dataclass
+class Analysis:
+    """What ``analyze`` returns: runs, metrics per run x step x layer, and findings."""
+
+    runs: list[Run]
+    metrics: pl.DataFrame
+    options: Options
+    findings: list[Any] = field(default_factory=list)
+
+
+def read_file(path: Path, options: Options) -> FileResult:
+    """Read and reduce one log file: the unit that is cached and run in parallel."""
+    import polars as pl
+
+    info = ingest.FileInfo(path=str(path), format=ingest.format_of(path) or "?")
+    parts: list[pl.DataFrame] = []
+    selections: list[pl.DataFrame] = []
+    for batch in ingest.scan(path, options, info):
+        reduced = _reduce(batch, options)
+        parts.append(reduced.stats)
+        if reduced.selections is not None:
+            selections.append(reduced.selections)
+    stats = kernels.merge(parts)
+    _check_experts(stats, {}, path)
+    info.steps = sorted(stats["step"].unique().to_list())
+    info.layers = sorted(stats["layer"].unique().to_list())
+    widths = stats["n_experts"].unique().to_list()
+    info.n_experts = widths[0] if len(widths) == 1 else info.n_experts
+    ks = stats["top_k"].drop_nulls().unique().to_list()
+    info.top_k = ks[0] if len(ks) == 1 else info.top_k
+    return FileResult(info, stats, pl.concat(selections) if selections else None)
+
+
+def _reduce(batch: ingest.Batch, options: Options) -> kernels.Reduced:
+    if batch.kind == "probs":
+        return kernels.reduce_probs(batch.frame, options.k_for(batch.top_k))
+    if batch.kind == "topk":
+        return kernels.reduce_topk(batch.frame, batch.n_experts)
+    return kernels.reduce_counts(batch.frame, batch.top_k)
+
+
+def _check_experts(stats: pl.DataFrame, seen: dict[int, tuple[int, str]], path: Path) -> None:
+    """All rows of one (run, layer) must have the same expert count E."""
+    for layer, width in stats.select("layer", "n_experts").unique().iter_rows():
+        if layer in seen and seen[layer][0] != width:
+            first, where = seen[layer]
+            raise InputError(
+                f"{path}: layer {layer} has {width} experts, but {first} in {where} "
+                "(all rows of a layer must have the same expert count)"
+            )
+        seen.setdefault(layer, (width, str(path)))
+
+
+def load_run(spec: RunSpec, options: Options) -> Run:
+    """Read every log file of a run and merge their statistics."""
+    import polars as pl
+
+    found = ingest.discover(spec.path)
+    results = [read_file(path, options) for path in found.files]
+    seen: dict[int, tuple[int, str]] = {}
+    for result in results:
+        _check_experts(result.stats, seen, Path(result.info.path))
+    stats = kernels.merge([r.stats for r in results])
+    if stats.height == 0:
+        raise InputError(f"{spec.path}: no routed tokens{_selection_hint(options)}")
+    stats = stats.with_columns(pl.lit(spec.name).alias("run")).select("run", *stats.columns)
+    selections = [r.selections for r in results if r.selections is not None]
+    return Run(
+        name=spec.name,
+        path=str(spec.path),
+        files=[r.info for r in results],
+        ignored_files=[str(p) for p in found.ignored],
+        stats=stats,
+        selections=(
+            pl.concat(selections).with_columns(pl.lit(spec.name).alias("run"))
+            if selections
+            else None
+        ),
+    )
+
+
+def _selection_hint(options: Options) -> str:
+    if options.layers is None and options.steps is None:
+        return ""
+    return " in the selected --layers/--steps"
+
+
+def load_runs(paths: Sequence[str | Path | RunSpec], options: Options) -> list[Run]:
+    """Read several runs; their names must be unique."""
+    specs = [p if isinstance(p, RunSpec) else RunSpec.parse(str(p)) for p in paths]
+    if not specs:
+        raise UsageError("no run given")
+    names = [s.name for s in specs]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate is not None:
+        raise UsageError(f"two runs are named {duplicate!r}: name them with NAME=PATH")
+    return [load_run(spec, options) for spec in specs]
+
+
+def metrics_of(runs: Iterable[Run], options: Options) -> pl.DataFrame:
+    """Metrics per run x step x layer, summed over datasets."""
+    import polars as pl
+
+    stats = [r.stats.with_columns(pl.lit(None, pl.String).alias("dataset")) for r in runs]
+    merged = kernels.merge(stats)
+    return kernels.finish(merged, options.dead_fraction).drop("dataset")
+
+
+def make_options(
+    *,
+    top_k: int | None = None,
+    layers: str | Iterable[int] | None = None,
+    steps: str | tuple[int | None, int | None] | None = None,
+    skip_bad_rows: bool = False,
+    temperature: float | None = None,
+    score: str = "softmax",
+    dead_fraction: float = 0.1,
+    num_experts: int | None = None,
+    default_top_k: int = 1,
+) -> Options:
+    """Build ``Options`` from plain Python values (strings as on the command line)."""
+    if score not in ("softmax", "sigmoid"):
+        raise UsageError(f"--score must be softmax or sigmoid, not {score!r}")
+    layer_set = parse_layers(layers) if isinstance(layers, str) or layers is None else frozenset(layers)
+    step_range = parse_steps(steps) if isinstance(steps, str) or steps is None else StepRange(*steps)
+    return Options(
+        top_k=top_k,
+        default_top_k=default_top_k,
+        layers=layer_set,
+        steps=step_range,
+        skip_bad_rows=skip_bad_rows,
+        temperature=temperature,
+        score=score,  # type: ignore[arg-type]
+        dead_fraction=dead_fraction,
+        num_experts=num_experts,
+    )
+
+
+def analyze(
+    paths: Sequence[str | Path],
+    *,
+    options: Options | None = None,
+    **option_values: Any,
+) -> Analysis:
+    """Analyze runs: each path is a run (file or directory, ``NAME=PATH`` allowed).
+
+    Keyword arguments are those of :func:`make_options` (``top_k``, ``layers="0,3-5"``,
+    ``steps="100:500"``, ``skip_bad_rows``, ``temperature``, ``score``, ``dead_fraction``).
+    """
+    opts = options if options is not None else make_options(**option_values)
+    runs = load_runs(paths, opts)
+    return Analysis(runs=runs, metrics=metrics_of(runs, opts), options=opts)

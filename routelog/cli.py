@@ -1,0 +1,137 @@
+"""The command line: a thin typer layer over ``routelog.api`` and ``routelog.render``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from routelog import __version__
+from routelog.errors import ExitCode, RoutelogError
+from routelog.render import Format
+
+app = typer.Typer(
+    name="routelog",
+    help="Analyze the routing logs of Mixture-of-Experts models: entropy, load, collapse.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Options shared by every command that reads runs.
+TopK = Annotated[
+    Optional[int],  # noqa: UP045 (typer reads the annotation at run time on Python 3.10)
+    typer.Option("--top-k", "-k", help="Experts each token is routed to (default: the data's k, else 1)."),
+]
+Layers = Annotated[Optional[str], typer.Option(help="Layers to keep, e.g. 0,3-5.")]  # noqa: UP045
+Steps = Annotated[Optional[str], typer.Option(help="Steps to keep, inclusive: 100:500, 100:, :500.")]  # noqa: UP045
+SkipBadRows = Annotated[
+    bool, typer.Option("--skip-bad-rows", help="Drop and count bad rows instead of failing.")
+]
+Temperature = Annotated[
+    Optional[float],  # noqa: UP045
+    typer.Option(help="Divide logits by T before the softmax (what-if gate scaling)."),
+]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Output format.")]
+Output = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option("--output", "-o", help="Write to FILE instead of standard output."),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"routelog {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Analyze the routing logs of Mixture-of-Experts models: entropy, load, collapse."""
+
+
+@contextmanager
+def _errors(debug: bool) -> Iterator[None]:
+    """Turn routelog errors into one line on stderr and an exit code (tracebacks with --debug)."""
+    debug = debug or bool(os.environ.get("ROUTELOG_DEBUG"))
+    try:
+        yield
+    except RoutelogError as exc:
+        if debug:
+            raise
+        typer.echo(f"routelog: error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("routelog: interrupted", err=True)
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as exc:
+        if debug:
+            raise
+        typer.echo(
+            f"routelog: internal error: {type(exc).__name__}: {exc} (rerun with --debug and report it)",
+            err=True,
+        )
+        raise typer.Exit(ExitCode.INTERNAL) from None
+
+
+def _emit(output: Path | None, write: Callable[[object], None]) -> None:
+    """Run ``write`` against stdout or the --output file."""
+    if output is None:
+        write(sys.stdout)
+        return
+    with output.open("w", encoding="utf-8") as stream:
+        write(stream)
+
+
+@app.command()
+def analyze(
+    paths: Annotated[list[str], typer.Argument(help="Runs: log files or directories, PATH or NAME=PATH.")],
+    top_k: TopK = None,
+    layers: Layers = None,
+    steps: Steps = None,
+    skip_bad_rows: SkipBadRows = False,
+    temperature: Temperature = None,
+    fmt: FormatOpt = Format.table,
+    output: Output = None,
+    debug: Debug = False,
+) -> None:
+    """Per-layer, per-step routing entropy and load of one or more runs.
+
+    Example: routelog analyze sample_logs/collapse --top-k 2 --format json
+    """
+    with _errors(debug):
+        from routelog import api
+        from routelog.render import data, make_console, report
+
+        options = api.make_options(
+            top_k=top_k, layers=layers, steps=steps, skip_bad_rows=skip_bad_rows, temperature=temperature
+        )
+        result = api.analyze(paths, options=options)
+
+        def write(stream: object) -> None:
+            if fmt is Format.json:
+                stream.write(data.to_json(report.analysis_document(result)))  # type: ignore[attr-defined]
+            elif fmt is Format.csv:
+                stream.write(data.to_csv(result.metrics))  # type: ignore[attr-defined]
+            else:
+                report.print_report(result, make_console(stream))  # type: ignore[arg-type]
+
+        _emit(output, write)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,41 @@
+"""The one exception family and the one exit-code enum of routelog.
+
+The core raises these with the file, row or key at fault; only the CLI turns them into a
+one-line message on stderr and an exit code.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Process exit codes, the same for every command."""
+
+    OK = 0
+    CHECK_FAILED = 1
+    BAD_INPUT = 2
+    INTERNAL = 70  # a bug in routelog (EX_SOFTWARE); the message asks for a report
+    INTERRUPTED = 130
+
+
+class RoutelogError(Exception):
+    """Base of every error routelog raises on purpose; its message is one line for the user."""
+
+    exit_code: ExitCode = ExitCode.BAD_INPUT
+
+
+class InputError(RoutelogError):
+    """A log file or directory cannot be read as routing data (names the file, row or key)."""
+
+
+class UnsafeFileError(InputError):
+    """A .pt file holds something other than tensors and plain containers; nothing was run."""
+
+
+class ConfigError(RoutelogError):
+    """A configuration file or option value is invalid (names the key)."""
+
+
+class UsageError(RoutelogError):
+    """Command-line arguments are inconsistent with each other or with the data."""

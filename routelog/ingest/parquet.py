@@ -1,0 +1,56 @@
+"""Parquet input: read row batches with pyarrow (bounded memory) into the table layouts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import polars as pl
+
+from routelog.errors import InputError
+from routelog.ingest import Batch, FileInfo
+from routelog.ingest import table
+
+if TYPE_CHECKING:
+    from routelog.options import Options
+
+BATCH_ROWS = 1 << 17
+"""Rows decoded at a time: bounds memory to about BATCH_ROWS x E x 4 bytes per batch."""
+
+
+def scan(path: Path, options: Options, info: FileInfo) -> Iterator[Batch]:
+    """Read a Parquet file batch by batch into canonical batches."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        reader = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: not a valid Parquet file ({_first_line(exc)})") from exc
+    columns = reader.schema_arrow.names
+    layout = table.detect_layout(columns, path)
+    info.layout = "per-token rows"
+    info.payload = "probabilities" if layout.kind == "probs" else "logits"
+    offset = 0
+    try:
+        for record_batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+            frame = pl.from_arrow(record_batch)
+            assert isinstance(frame, pl.DataFrame)
+            yield from table.batches(
+                frame,
+                layout,
+                path,
+                row_offset=offset,
+                options=options,
+                info=info,
+                locate=lambda row: f"{path} row {row}",
+            )
+            offset += frame.height
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: cannot read row {offset} onwards ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

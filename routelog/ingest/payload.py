@@ -1,0 +1,128 @@
+"""Format-independent checks and conversions of routing payloads.
+
+Every ingestor turns its payload into a (T, E) float matrix and hands it here, so that the
+rules (finite, non-negative, rows summing to 1, numerically stable softmax) live in one place.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from routelog.errors import InputError, UsageError
+
+if TYPE_CHECKING:
+    from routelog.options import Options
+
+SUM_TOLERANCE = 1e-3
+STEP_PATTERN = re.compile(r"(?:global_step|step|iter)[_\-]?(\d+)", re.IGNORECASE)
+
+Locate = Callable[[int], str]
+"""Maps a row index within the matrix to a user-facing place such as ``f.parquet row 17``."""
+
+
+def step_from_name(path: Path) -> int | None:
+    """The training step in a file name, else in the nearest parent directory name.
+
+    Examples
+    --------
+    >>> step_from_name(Path("run/step_000200.parquet"))
+    200
+    >>> step_from_name(Path("global_step300/router.jsonl"))
+    300
+    """
+    for part in (path.name, *(p.name for p in path.parents)):
+        matches = STEP_PATTERN.findall(part)
+        if matches:
+            return int(matches[-1])
+    return None
+
+
+@dataclass
+class Probabilities:
+    """Validated probabilities for the rows that were kept."""
+
+    probs: np.ndarray  # (T, E) float32
+    keep: np.ndarray  # (T_in,) bool: which input rows survived
+    logit_lse: np.ndarray | None  # (T,) float32, when the input carried logits
+    skipped: int
+
+
+def to_probabilities(
+    matrix: np.ndarray,
+    kind: Literal["probs", "logits"],
+    options: Options,
+    locate: Locate,
+) -> Probabilities:
+    """Check a (T, E) payload and return routing probabilities.
+
+    Probabilities must be finite, non-negative and sum to 1 within 1e-3; logits must be
+    finite and go through a numerically stable softmax (or, with ``--score sigmoid``, a
+    sigmoid normalised to sum 1), after division by ``--temperature``. A bad row raises
+    ``InputError`` naming it, or is dropped and counted with ``--skip-bad-rows``.
+    """
+    values = np.asarray(matrix)
+    if kind == "probs":
+        if options.temperature is not None:
+            raise UsageError(
+                "--temperature applies to logits, but this input holds probabilities"
+            )
+        if options.score != "softmax":
+            raise UsageError("--score sigmoid applies to logits, but this input holds probabilities")
+        bad, problems = _bad_probability_rows(values)
+    else:
+        bad = ~np.isfinite(values).all(axis=1)
+        problems = {"non-finite logit": bad}
+    keep = ~bad
+    skipped = int(bad.sum())
+    if skipped and not options.skip_bad_rows:
+        row = int(np.flatnonzero(bad)[0])
+        problem = next(name for name, mask in problems.items() if mask[row])
+        raise InputError(f"{locate(row)}: {problem} (use --skip-bad-rows to drop such rows)")
+    if skipped:
+        values = values[keep]
+    if kind == "probs":
+        return Probabilities(np.ascontiguousarray(values, dtype=np.float32), keep, None, skipped)
+    probs, lse = _from_logits(values.astype(np.float64, copy=False), options)
+    return Probabilities(probs, keep, lse, skipped)
+
+
+def _bad_probability_rows(values: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    finite = np.isfinite(values).all(axis=1)
+    negative = (values < 0).any(axis=1) & finite
+    with np.errstate(invalid="ignore", over="ignore"):
+        sums = values.sum(axis=1, dtype=np.float64)
+    off = (np.abs(sums - 1.0) > SUM_TOLERANCE) & finite & ~negative
+    problems = {
+        "NaN or infinite probability": ~finite,
+        "negative probability": negative,
+        "probabilities do not sum to 1 (within 1e-3)": off,
+    }
+    return ~finite | negative | off, problems
+
+
+def _from_logits(logits: np.ndarray, options: Options) -> tuple[np.ndarray, np.ndarray]:
+    if options.temperature is not None:
+        logits = logits / options.temperature
+    peak = logits.max(axis=1, keepdims=True)
+    lse = (peak[:, 0] + np.log(np.exp(logits - peak).sum(axis=1))).astype(np.float32)
+    if options.score == "sigmoid":
+        scores = 0.5 * (1.0 + np.tanh(0.5 * logits))  # sigmoid without overflow
+        probs = scores / scores.sum(axis=1, keepdims=True)
+    else:
+        weights = np.exp(logits - peak)
+        probs = weights / weights.sum(axis=1, keepdims=True)
+    return probs.astype(np.float32), lse
+
+
+def looks_like_probabilities(matrix: np.ndarray) -> bool:
+    """True when every row is non-negative and sums to 1 within 1e-3 (softmax already applied)."""
+    values = np.asarray(matrix)
+    if values.size == 0 or not np.isfinite(values).all() or (values < 0).any():
+        return False
+    return bool((np.abs(values.sum(axis=1, dtype=np.float64) - 1.0) <= SUM_TOLERANCE).all())

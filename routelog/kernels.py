@@ -1,0 +1,383 @@
+"""Kernels: canonical batches -> mergeable statistics -> metrics.
+
+Reduction is vectorized numpy over contiguous (T, E) blocks plus Polars for grouping; there is
+no Python loop over tokens. Statistics are sums and counts per (step, layer, dataset), so chunks,
+files and cached results add up with :func:`merge`; :func:`finish` turns them into metrics.
+
+Definitions (p_t: token t's probabilities over E experts; T tokens; S_t: the k largest p_t;
+c_i = #{t : i in S_t}; f_i = c_i / sum_j c_j; P_i = mean_t p_t,i; H(q) = -sum q ln q, 0 ln 0 = 0)::
+
+    token_entropy   = mean_t H(p_t)          load_entropy   = H(P)
+    assign_entropy  = H(f)                   mutual_info    = H(P) - mean_t H(p_t)
+    *_norm          = value / ln E           max_load_share = max_i f_i
+    max_vio         = max_i c_i / mean_i c_i - 1
+    load_cv         = std_i c_i / mean_i c_i (population std)
+    dead_experts    = #{i : f_i < dead_fraction / E}
+    aux_loss        = E * sum_i (c_i / T) * P_i      (HF load_balancing_loss_func, one layer)
+    top1_prob       = mean_t max_i p_t,i     z_loss = mean_t logsumexp(logits_t)^2
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+KEYS = ["step", "layer", "dataset"]
+GROUP = [*KEYS, "n_experts", "top_k"]
+SUMS = ["n_tokens", "sum_entropy", "sum_top1", "n_selected", "sum_lse_sq", "n_lse"]
+VECTORS = ["sum_probs", "counts"]
+
+STATS_SCHEMA: dict[str, pl.DataType] = {
+    "step": pl.Int64(),
+    "layer": pl.Int32(),
+    "dataset": pl.String(),
+    "n_experts": pl.Int32(),
+    "top_k": pl.Int32(),
+    "n_tokens": pl.Int64(),
+    "sum_entropy": pl.Float64(),
+    "sum_top1": pl.Float64(),
+    "n_selected": pl.Int64(),
+    "sum_lse_sq": pl.Float64(),
+    "n_lse": pl.Int64(),
+    "sum_probs": pl.List(pl.Float64()),
+    "counts": pl.List(pl.Int64()),
+}
+
+METRICS = [
+    "n_tokens",
+    "n_experts",
+    "top_k",
+    "token_entropy",
+    "token_entropy_norm",
+    "load_entropy",
+    "load_entropy_norm",
+    "assign_entropy",
+    "assign_entropy_norm",
+    "mutual_info",
+    "max_load_share",
+    "max_vio",
+    "load_cv",
+    "dead_experts",
+    "aux_loss",
+    "top1_prob",
+    "z_loss",
+]
+"""Metric columns of :func:`finish`, in output order (after run, step, layer)."""
+
+PROBABILITY_METRICS = [
+    "token_entropy",
+    "token_entropy_norm",
+    "load_entropy",
+    "load_entropy_norm",
+    "mutual_info",
+    "aux_loss",
+    "top1_prob",
+]
+"""Metrics that need probabilities; null for count-only or top-k-id-only data."""
+
+
+@dataclass
+class Reduced:
+    """Statistics of one batch, and per-token top-k choices when token positions are known."""
+
+    stats: pl.DataFrame
+    selections: pl.DataFrame | None
+
+
+def entropy_rows(probs: np.ndarray) -> np.ndarray:
+    """H(p_t) = -sum_i p_t,i ln p_t,i per row, with 0 ln 0 = 0, accumulated in float64.
+
+    Examples
+    --------
+    >>> entropy_rows(np.array([[0.5, 0.5, 0.0]], dtype=np.float32)).round(6)
+    array([0.693147])
+    """
+    logs = np.zeros_like(probs)
+    np.log(probs, out=logs, where=probs > 0)
+    logs *= probs
+    return -logs.sum(axis=1, dtype=np.float64)
+
+
+def top_k_ids(probs: np.ndarray, k: int) -> np.ndarray:
+    """The k largest entries of each row, largest first; ties go to the lower index.
+
+    Examples
+    --------
+    >>> top_k_ids(np.array([[0.1, 0.6, 0.3]]), 2)
+    array([[1, 2]], dtype=int32)
+    """
+    n_rows, n_experts = probs.shape
+    if k >= n_experts:
+        order = np.argsort(-probs, axis=1, kind="stable")
+        return order.astype(np.int32)
+    ids = np.empty((n_rows, k), dtype=np.int32)
+    work = np.array(probs, dtype=np.float32, copy=True)
+    rows = np.arange(n_rows)
+    for slot in range(k):  # k passes over the block, not a loop over tokens
+        best = work.argmax(axis=1)
+        ids[:, slot] = best
+        work[rows, best] = -np.inf
+    return ids
+
+
+def _group_ids(frame: pl.DataFrame) -> tuple[np.ndarray, pl.DataFrame]:
+    """Dense ids of the (step, layer, dataset) groups in row order, and the groups."""
+    keys = frame.select(
+        pl.col("step").cast(pl.Int64),
+        pl.col("layer").cast(pl.Int32),
+        (pl.col("dataset") if "dataset" in frame.columns else pl.lit(None))
+        .cast(pl.String)
+        .alias("dataset"),
+    )
+    groups = keys.unique(maintain_order=True)
+    ids = keys.join(
+        groups.with_row_index("gid"), on=KEYS, how="left", nulls_equal=True, maintain_order="left"
+    )["gid"].to_numpy()
+    return ids.astype(np.int64), groups
+
+
+def _group_sum(gid: np.ndarray, n_groups: int, matrix: np.ndarray) -> np.ndarray:
+    """Row sums of ``matrix`` per group id, in float64."""
+    if n_groups == 1:
+        return matrix.sum(axis=0, dtype=np.float64)[None, :]
+    if np.all(gid[1:] >= gid[:-1]):
+        starts = np.flatnonzero(np.r_[True, gid[1:] != gid[:-1]])
+        return np.add.reduceat(matrix, starts, axis=0, dtype=np.float64)
+    out = np.zeros((n_groups, matrix.shape[1]), dtype=np.float64)
+    np.add.at(out, gid, matrix)
+    return out
+
+
+def _counts(gid: np.ndarray, n_groups: int, ids: np.ndarray, n_experts: int) -> np.ndarray:
+    flat = (gid[:, None] * n_experts + ids).ravel()
+    return np.bincount(flat, minlength=n_groups * n_experts).reshape(n_groups, n_experts)
+
+
+def _stats_frame(groups: pl.DataFrame, n_experts: int, top_k: int | None, **columns: object) -> pl.DataFrame:
+    n = groups.height
+    data: dict[str, object] = {
+        "n_experts": np.full(n, n_experts, dtype=np.int32),
+        "top_k": [top_k] * n,
+        "n_tokens": np.zeros(n, dtype=np.int64),
+        "sum_entropy": np.zeros(n),
+        "sum_top1": np.zeros(n),
+        "n_selected": np.zeros(n, dtype=np.int64),
+        "sum_lse_sq": np.zeros(n),
+        "n_lse": np.zeros(n, dtype=np.int64),
+        "sum_probs": [None] * n,
+        "counts": [None] * n,
+    }
+    data.update(columns)
+    extra = pl.DataFrame(
+        {name: _as_series(name, value) for name, value in data.items()},
+    )
+    return pl.concat([groups, extra], how="horizontal").select(
+        [pl.col(name).cast(dtype) for name, dtype in STATS_SCHEMA.items()]
+    )
+
+
+def _as_series(name: str, value: object) -> pl.Series:
+    if isinstance(value, np.ndarray) and value.ndim == 2:
+        return pl.Series(name, value).cast(STATS_SCHEMA[name])
+    return pl.Series(name, value, dtype=STATS_SCHEMA[name])
+
+
+def reduce_probs(frame: pl.DataFrame, top_k: int) -> Reduced:
+    """Reduce canonical probability rows to statistics per (step, layer, dataset)."""
+    probs = frame["probs"].to_numpy()
+    n_experts = probs.shape[1]
+    k = min(top_k, n_experts)
+    gid, groups = _group_ids(frame)
+    n_groups = groups.height
+    ids = top_k_ids(probs, k)
+    columns: dict[str, object] = {
+        "n_tokens": np.bincount(gid, minlength=n_groups),
+        "sum_entropy": np.bincount(gid, weights=entropy_rows(probs), minlength=n_groups),
+        "sum_top1": np.bincount(gid, weights=probs.max(axis=1), minlength=n_groups),
+        "n_selected": np.bincount(gid, minlength=n_groups),
+        "sum_probs": _group_sum(gid, n_groups, probs),
+        "counts": _counts(gid, n_groups, ids, n_experts),
+    }
+    if "logit_lse" in frame.columns:
+        lse = frame["logit_lse"].to_numpy().astype(np.float64)
+        columns["sum_lse_sq"] = np.bincount(gid, weights=lse * lse, minlength=n_groups)
+        columns["n_lse"] = np.bincount(gid, minlength=n_groups)
+    stats = _stats_frame(groups, n_experts, k, **columns)
+    return Reduced(stats, _selections(frame, ids))
+
+
+def reduce_topk(frame: pl.DataFrame, n_experts: int) -> Reduced:
+    """Reduce per-token selected expert ids (no probabilities) to count statistics."""
+    ids = frame["topk_ids"].to_numpy().astype(np.int64)
+    gid, groups = _group_ids(frame)
+    n_groups = groups.height
+    columns: dict[str, object] = {
+        "n_selected": np.bincount(gid, minlength=n_groups),
+        "counts": _counts(gid, n_groups, ids, n_experts),
+    }
+    stats = _stats_frame(groups, n_experts, ids.shape[1], **columns)
+    return Reduced(stats, _selections(frame, ids.astype(np.int32)))
+
+
+def reduce_counts(frame: pl.DataFrame, top_k: int | None = None) -> Reduced:
+    """Reduce tokens-per-expert count rows (Megatron-LM style) to statistics."""
+    counts = frame["counts"].to_numpy().astype(np.int64)
+    gid, groups = _group_ids(frame)
+    summed = np.zeros((groups.height, counts.shape[1]), dtype=np.int64)
+    np.add.at(summed, gid, counts)
+    stats = _stats_frame(groups, counts.shape[1], top_k, counts=summed)
+    return Reduced(stats, None)
+
+
+def _selections(frame: pl.DataFrame, ids: np.ndarray) -> pl.DataFrame | None:
+    if "token" not in frame.columns:
+        return None
+    dataset = pl.col("dataset") if "dataset" in frame.columns else pl.lit(None)
+    return frame.select(
+        pl.col("step").cast(pl.Int64),
+        pl.col("layer").cast(pl.Int32),
+        dataset.cast(pl.String).alias("dataset"),
+        pl.col("token").cast(pl.Int64),
+    ).with_columns(pl.Series("topk", ids))
+
+
+def merge(parts: list[pl.DataFrame]) -> pl.DataFrame:
+    """Add up statistics of the same group; vectors (``sum_probs``, ``counts``) elementwise.
+
+    The group is ``run`` (when present), step, layer, dataset, n_experts and top_k.
+    """
+    frames = [p for p in parts if p.height]
+    if not frames:
+        return pl.DataFrame(schema=STATS_SCHEMA)
+    stats = pl.concat(frames, how="vertical")
+    keys = [c for c in ("run", *GROUP) if c in stats.columns]
+    if stats.select(keys).is_unique().all():
+        return stats
+    merged = stats.group_by(keys, maintain_order=True).agg(pl.col(SUMS).sum())
+    for name in VECTORS:
+        merged = merged.join(
+            _merge_vector(stats, keys, name), on=keys, how="left", nulls_equal=True,
+            maintain_order="left",
+        )
+    return merged.select(stats.columns)
+
+
+def _merge_vector(stats: pl.DataFrame, keys: list[str], name: str) -> pl.DataFrame:
+    """Elementwise sum of a list column per group; groups whose rows are all null stay null."""
+    return (
+        stats.select(*keys, name)
+        .filter(pl.col(name).is_not_null())
+        .with_columns(pl.int_ranges(pl.col(name).list.len()).alias("_i"))
+        .explode([name, "_i"])
+        .group_by([*keys, "_i"])
+        .agg(pl.col(name).sum())
+        .sort("_i")
+        .group_by(keys, maintain_order=True)
+        .agg(pl.col(name))
+    )
+
+
+def entropy(q: np.ndarray) -> np.ndarray:
+    """H(q) = -sum_i q_i ln q_i along the last axis, with 0 ln 0 = 0.
+
+    Examples
+    --------
+    >>> float(entropy(np.array([0.25, 0.25, 0.25, 0.25])).round(6))
+    1.386294
+    """
+    logs = np.zeros_like(q, dtype=np.float64)
+    np.log(q, out=logs, where=q > 0)
+    return -(q * logs).sum(axis=-1)
+
+
+def finish(stats: pl.DataFrame, dead_fraction: float = 0.1) -> pl.DataFrame:
+    """Turn merged statistics into metrics, one row per group of ``stats``.
+
+    Probability metrics are null where the group has no probability rows (count-only or
+    top-k-id-only data); ``z_loss`` is null unless the input carried logits.
+
+    Examples
+    --------
+    >>> frame = pl.DataFrame({"step": [0, 0], "layer": [0, 0],
+    ...     "probs": np.array([[0.9, 0.1], [0.2, 0.8]], dtype=np.float32)})
+    >>> finish(reduce_probs(frame, top_k=1).stats).select("max_load_share", "dead_experts")
+    shape: (1, 2)
+    ┌────────────────┬──────────────┐
+    │ max_load_share ┆ dead_experts │
+    │ ---            ┆ ---          │
+    │ f64            ┆ i64          │
+    ╞════════════════╪══════════════╡
+    │ 0.5            ┆ 0            │
+    └────────────────┴──────────────┘
+    """
+    keys = [c for c in ("run", *KEYS) if c in stats.columns]
+    parts = [
+        _finish_block(block, dead_fraction, keys)
+        for block in stats.partition_by("n_experts", maintain_order=True)
+    ]
+    if not parts:
+        return pl.DataFrame(schema={**{k: STATS_SCHEMA.get(k, pl.String()) for k in keys}, **_METRIC_SCHEMA})
+    return pl.concat(parts, how="vertical").sort(keys, nulls_last=True)
+
+
+_METRIC_SCHEMA: dict[str, pl.DataType] = {
+    **{name: pl.Float64() for name in METRICS},
+    "n_tokens": pl.Int64(),
+    "n_experts": pl.Int32(),
+    "top_k": pl.Int32(),
+    "dead_experts": pl.Int64(),
+    "load_share": pl.List(pl.Float64()),
+}
+
+
+def _finish_block(block: pl.DataFrame, dead_fraction: float, keys: list[str]) -> pl.DataFrame:
+    n_experts = int(block["n_experts"][0])
+    n_tokens = block["n_tokens"].to_numpy().astype(np.float64)
+    counts = np.array(block["counts"].to_list(), dtype=np.float64).reshape(block.height, n_experts)
+    has_probs = n_tokens > 0
+    sum_probs = block["sum_probs"].to_list()
+    mean_probs = np.array(
+        [row if row is not None else [np.nan] * n_experts for row in sum_probs], dtype=np.float64
+    ).reshape(block.height, n_experts)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_probs /= n_tokens[:, None]
+        total = counts.sum(axis=1)
+        share = counts / total[:, None]
+        mean_count = total / n_experts
+        log_e = np.log(n_experts) if n_experts > 1 else np.nan
+        token_entropy = np.where(has_probs, block["sum_entropy"].to_numpy() / n_tokens, np.nan)
+        load_entropy = np.where(has_probs, entropy(np.nan_to_num(mean_probs)), np.nan)
+        assign_entropy = np.where(total > 0, entropy(np.nan_to_num(share)), np.nan)
+        n_lse = block["n_lse"].to_numpy()
+        metrics = {
+            "token_entropy": token_entropy,
+            "token_entropy_norm": token_entropy / log_e,
+            "load_entropy": load_entropy,
+            "load_entropy_norm": load_entropy / log_e,
+            "assign_entropy": assign_entropy,
+            "assign_entropy_norm": assign_entropy / log_e,
+            "mutual_info": load_entropy - token_entropy,
+            "max_load_share": share.max(axis=1),
+            "max_vio": counts.max(axis=1) / mean_count - 1.0,
+            "load_cv": counts.std(axis=1) / mean_count,
+            "aux_loss": np.where(
+                has_probs, n_experts * (counts / n_tokens[:, None] * mean_probs).sum(axis=1), np.nan
+            ),
+            "top1_prob": np.where(has_probs, block["sum_top1"].to_numpy() / n_tokens, np.nan),
+            "z_loss": np.where(n_lse > 0, block["sum_lse_sq"].to_numpy() / n_lse, np.nan),
+        }
+    dead = np.where(total > 0, (share < dead_fraction / n_experts).sum(axis=1), -1)
+    out = block.select(keys).with_columns(
+        pl.Series("n_tokens", block["n_tokens"]),
+        pl.Series("n_experts", block["n_experts"]),
+        pl.Series("top_k", block["top_k"]),
+        *[pl.Series(name, values, dtype=pl.Float64).fill_nan(None) for name, values in metrics.items()],
+        pl.Series("dead_experts", dead).replace(-1, None),
+        pl.Series("load_share", share, dtype=pl.List(pl.Float64)).fill_null([]),
+    )
+    out = out.with_columns(
+        pl.when(pl.col("n_tokens") == 0).then(None).otherwise(pl.col("n_tokens")).alias("n_tokens")
+    )
+    return out.select(*keys, *METRICS, "load_share")

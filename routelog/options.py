@@ -1,0 +1,116 @@
+"""Options the core needs, as one frozen value built from CLI arguments and configuration."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from routelog.errors import UsageError
+
+Score = Literal["softmax", "sigmoid"]
+
+DEFAULT_TOP_K = 1
+DEFAULT_DEAD_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class StepRange:
+    """An inclusive range of training steps; either end may be open."""
+
+    start: int | None = None
+    stop: int | None = None
+
+    def __contains__(self, step: object) -> bool:
+        if not isinstance(step, int):
+            return False
+        return (self.start is None or step >= self.start) and (
+            self.stop is None or step <= self.stop
+        )
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to read and reduce routing logs.
+
+    ``top_k=None`` means: the k stated by the data (a .pt payload's ``top_k``, the width of
+    ``topk_ids``), else the configured default.
+    """
+
+    top_k: int | None = None
+    default_top_k: int = DEFAULT_TOP_K
+    layers: frozenset[int] | None = None
+    steps: StepRange | None = None
+    skip_bad_rows: bool = False
+    temperature: float | None = None
+    score: Score = "softmax"
+    dead_fraction: float = DEFAULT_DEAD_FRACTION
+    num_experts: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.top_k is not None and self.top_k < 1:
+            raise UsageError(f"--top-k must be at least 1, got {self.top_k}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise UsageError(f"--temperature must be positive, got {self.temperature}")
+        if not 0 <= self.dead_fraction < 1:
+            raise UsageError(f"dead_fraction must be in [0, 1), got {self.dead_fraction}")
+        if self.num_experts is not None and self.num_experts < 1:
+            raise UsageError(f"--num-experts must be at least 1, got {self.num_experts}")
+
+    def k_for(self, data_k: int | None) -> int:
+        """The k to use: --top-k, else the data's own k, else the configured default."""
+        if self.top_k is not None:
+            return self.top_k
+        return data_k if data_k is not None else self.default_top_k
+
+
+_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+def parse_layers(text: str | None) -> frozenset[int] | None:
+    """Parse ``0,3-5`` into {0, 3, 4, 5}; None or an empty string selects every layer.
+
+    Examples
+    --------
+    >>> sorted(parse_layers("0,3-5"))
+    [0, 3, 4, 5]
+    """
+    if text is None or not text.strip():
+        return None
+    layers: set[int] = set()
+    for part in text.split(","):
+        match = _RANGE.match(part)
+        if match is None:
+            raise UsageError(f"--layers: cannot read {part.strip()!r} (expected e.g. 0,3-5)")
+        lo = int(match.group(1))
+        hi = int(match.group(2)) if match.group(2) is not None else lo
+        if hi < lo:
+            raise UsageError(f"--layers: range {part.strip()!r} is empty")
+        layers.update(range(lo, hi + 1))
+    return frozenset(layers)
+
+
+def parse_steps(text: str | None) -> StepRange | None:
+    """Parse ``100:500`` (inclusive), ``100:``, ``:500`` or a single step ``200``.
+
+    Examples
+    --------
+    >>> parse_steps("100:500")
+    StepRange(start=100, stop=500)
+    """
+    if text is None or not text.strip():
+        return None
+    parts = text.split(":")
+    try:
+        if len(parts) == 1:
+            step = int(parts[0])
+            return StepRange(step, step)
+        if len(parts) == 2:
+            start = int(parts[0]) if parts[0].strip() else None
+            stop = int(parts[1]) if parts[1].strip() else None
+            if start is not None and stop is not None and stop < start:
+                raise UsageError(f"--steps: range {text!r} is empty")
+            return StepRange(start, stop)
+    except ValueError:
+        pass
+    raise UsageError(f"--steps: cannot read {text!r} (expected START:STOP, START:, :STOP or N)")

@@ -1,0 +1,94 @@
+"""Write the deterministic sample runs in sample_logs/ (run with `make samples`).
+
+Each run: 4 MoE layers, 8 experts, 12 logged steps (every 100 steps), the same probe batch of
+512 tokens at every step. Router logits are beta(step) * z_t + b(step): z_t are the tokens'
+fixed expert preferences (slowly drifting, so top-1 choices settle as training goes on), beta
+sharpens the router over training, and b is a per-expert bias (load imbalance). The shapes
+follow the real Mixtral dumps in ../shared/real_logs: token entropy decays from about 0.99
+to 0.75 in a healthy layer, and drops to near 0 within a step or two in a collapsing one.
+
+- healthy/  logits, entropy decays but stays well clear of zero, load stays balanced.
+- collapse/ logits; layers 2 and 3 collapse at step 500 onto experts 0 and 1 (several experts
+            dead, token entropy near 0); layers 0 and 1 stay healthy.
+- drift/    probabilities; token entropy of every layer falls steadily, still above the
+            rigidity threshold at the last step (the forecast rule names the crossing).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+LAYERS = 4
+EXPERTS = 8
+TOKENS = 512
+STEPS = [100 * i for i in range(12)]
+SEED = 20261123
+
+
+def _logits(rng: np.random.Generator, z: np.ndarray, beta: float, bias: np.ndarray) -> np.ndarray:
+    noise = rng.normal(scale=0.05, size=z.shape)
+    return (beta * (z + noise) + bias).astype(np.float32)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def healthy_beta(step: int, layer: int) -> float:
+    return 0.3 + 0.9 * (1 - np.exp(-step / 400)) * (1 + 0.1 * layer)
+
+
+def collapse_params(step: int, layer: int) -> tuple[float, np.ndarray]:
+    bias = np.zeros(EXPERTS)
+    if layer < 2 or step < 500:
+        return healthy_beta(step, layer), bias
+    bias[0], bias[1] = 20.0 + layer, 19.0
+    return 3.0, bias
+
+
+def drift_beta(step: int, layer: int) -> float:
+    return 0.5 + 0.42 * step / 100 * (1 + 0.05 * layer)
+
+
+def write_run(root: Path, name: str, rng: np.random.Generator) -> None:
+    out = root / name
+    out.mkdir(parents=True, exist_ok=True)
+    z = rng.normal(size=(LAYERS, TOKENS, EXPERTS))
+    for step in STEPS:
+        z = z + rng.normal(scale=0.3 * np.exp(-step / 300), size=z.shape)
+        frames = []
+        for layer in range(LAYERS):
+            if name == "collapse":
+                beta, bias = collapse_params(step, layer)
+            elif name == "drift":
+                beta, bias = drift_beta(step, layer), np.zeros(EXPERTS)
+            else:
+                beta, bias = healthy_beta(step, layer), np.zeros(EXPERTS)
+            logits = _logits(rng, z[layer], beta, bias)
+            payload = {"probs": _softmax(logits)} if name == "drift" else {"logits": logits}
+            frames.append(
+                pl.DataFrame(
+                    {
+                        "step": np.full(TOKENS, step, dtype=np.int64),
+                        "layer": np.full(TOKENS, layer, dtype=np.int32),
+                        "token": np.arange(TOKENS, dtype=np.int64),
+                        **payload,
+                    }
+                )
+            )
+        pl.concat(frames).write_parquet(out / f"step_{step:06d}.parquet", compression="zstd")
+
+
+def main(root: Path) -> None:
+    rng = np.random.default_rng(SEED)
+    for name in ("healthy", "collapse", "drift"):
+        write_run(root, name, rng)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "sample_logs"))
