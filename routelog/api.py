@@ -1,9 +1,9 @@
 """The Python API: read runs, reduce them to statistics, finish metrics.
 
-    >>> import routelog
-    >>> result = routelog.analyze(["sample_logs/healthy"], top_k=2)   # doctest: +SKIP
-    >>> result.metrics.columns[:4]                                     # doctest: +SKIP
-    ['run', 'step', 'layer', 'n_tokens']
+>>> import routelog
+>>> result = routelog.analyze(["sample_logs/healthy"], top_k=2)   # doctest: +SKIP
+>>> result.metrics.columns[:4]                                     # doctest: +SKIP
+['run', 'step', 'layer', 'n_tokens']
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ class RunSpec:
     def parse(cls, text: str) -> RunSpec:
         """``NAME=PATH`` names a run; a bare path is named by its base name."""
         if "=" in text and not Path(text).exists():
-            name, _, path = text.partition("=")
-            if not name or not path:
+            name, _, location = text.partition("=")
+            if not name or not location:
                 raise UsageError(f"cannot read run {text!r}: expected PATH or NAME=PATH")
-            return cls(name, Path(path))
+            return cls(name, Path(location))
         path = Path(text)
         return cls(path.resolve().name or str(path), path)
 
@@ -62,7 +62,7 @@ class Run:
 
     def summary(self) -> dict[str, Any]:
         """The run's entry in the JSON ``runs`` list."""
-        top_k = sorted({k for k in self.stats["top_k"].drop_nulls().to_list()})
+        top_k = sorted(set(self.stats["top_k"].drop_nulls().to_list()))
         warnings = [f"{Path(f.path).name}: {w}" for f in self.files for w in f.warnings]
         return {
             "run": self.name,
@@ -200,8 +200,12 @@ def make_options(
     """Build ``Options`` from plain Python values (strings as on the command line)."""
     if score not in ("softmax", "sigmoid"):
         raise UsageError(f"--score must be softmax or sigmoid, not {score!r}")
-    layer_set = parse_layers(layers) if isinstance(layers, str) or layers is None else frozenset(layers)
-    step_range = parse_steps(steps) if isinstance(steps, str) or steps is None else StepRange(*steps)
+    layer_set = (
+        parse_layers(layers) if isinstance(layers, str) or layers is None else frozenset(layers)
+    )
+    step_range = (
+        parse_steps(steps) if isinstance(steps, str) or steps is None else StepRange(*steps)
+    )
     return Options(
         top_k=top_k,
         default_top_k=default_top_k,

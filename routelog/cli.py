@@ -27,10 +27,12 @@ app = typer.Typer(
 # Options shared by every command that reads runs.
 TopK = Annotated[
     Optional[int],  # noqa: UP045 (typer reads the annotation at run time on Python 3.10)
-    typer.Option("--top-k", "-k", help="Experts each token is routed to (default: the data's k, else 1)."),
+    typer.Option(
+        "--top-k", "-k", help="Experts each token is routed to (default: the data's k, else 1)."
+    ),
 ]
 Layers = Annotated[Optional[str], typer.Option(help="Layers to keep, e.g. 0,3-5.")]  # noqa: UP045
-Steps = Annotated[Optional[str], typer.Option(help="Steps to keep, inclusive: 100:500, 100:, :500.")]  # noqa: UP045
+Steps = Annotated[str | None, typer.Option(help="Steps to keep, inclusive: 100:500, 100:, :500.")]
 SkipBadRows = Annotated[
     bool, typer.Option("--skip-bad-rows", help="Drop and count bad rows instead of failing.")
 ]
@@ -81,7 +83,8 @@ def _errors(debug: bool) -> Iterator[None]:
         if debug:
             raise
         typer.echo(
-            f"routelog: internal error: {type(exc).__name__}: {exc} (rerun with --debug and report it)",
+            f"routelog: internal error: {type(exc).__name__}: {exc} "
+            "(rerun with --debug and report it)",
             err=True,
         )
         raise typer.Exit(ExitCode.INTERNAL) from None
@@ -98,7 +101,9 @@ def _emit(output: Path | None, write: Callable[[object], None]) -> None:
 
 @app.command()
 def analyze(
-    paths: Annotated[list[str], typer.Argument(help="Runs: log files or directories, PATH or NAME=PATH.")],
+    paths: Annotated[
+        list[str], typer.Argument(help="Runs: log files or directories, PATH or NAME=PATH.")
+    ],
     top_k: TopK = None,
     layers: Layers = None,
     steps: Steps = None,
@@ -117,7 +122,11 @@ def analyze(
         from routelog.render import data, make_console, report
 
         options = api.make_options(
-            top_k=top_k, layers=layers, steps=steps, skip_bad_rows=skip_bad_rows, temperature=temperature
+            top_k=top_k,
+            layers=layers,
+            steps=steps,
+            skip_bad_rows=skip_bad_rows,
+            temperature=temperature,
         )
         result = api.analyze(paths, options=options)
 

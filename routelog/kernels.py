@@ -20,6 +20,7 @@ c_i = #{t : i in S_t}; f_i = c_i / sum_j c_j; P_i = mean_t p_t,i; H(q) = -sum q 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -97,7 +98,8 @@ def entropy_rows(probs: np.ndarray) -> np.ndarray:
     logs = np.zeros_like(probs)
     np.log(probs, out=logs, where=probs > 0)
     logs *= probs
-    return -logs.sum(axis=1, dtype=np.float64)
+    sums: np.ndarray = -logs.sum(axis=1, dtype=np.float64)
+    return sums
 
 
 def top_k_ids(probs: np.ndarray, k: int) -> np.ndarray:
@@ -141,10 +143,12 @@ def _group_ids(frame: pl.DataFrame) -> tuple[np.ndarray, pl.DataFrame]:
 def _group_sum(gid: np.ndarray, n_groups: int, matrix: np.ndarray) -> np.ndarray:
     """Row sums of ``matrix`` per group id, in float64."""
     if n_groups == 1:
-        return matrix.sum(axis=0, dtype=np.float64)[None, :]
+        first: np.ndarray = matrix.sum(axis=0, dtype=np.float64)[None, :]
+        return first
     if np.all(gid[1:] >= gid[:-1]):
         starts = np.flatnonzero(np.r_[True, gid[1:] != gid[:-1]])
-        return np.add.reduceat(matrix, starts, axis=0, dtype=np.float64)
+        summed: np.ndarray = np.add.reduceat(matrix, starts, axis=0, dtype=np.float64)
+        return summed
     out = np.zeros((n_groups, matrix.shape[1]), dtype=np.float64)
     np.add.at(out, gid, matrix)
     return out
@@ -152,10 +156,13 @@ def _group_sum(gid: np.ndarray, n_groups: int, matrix: np.ndarray) -> np.ndarray
 
 def _counts(gid: np.ndarray, n_groups: int, ids: np.ndarray, n_experts: int) -> np.ndarray:
     flat = (gid[:, None] * n_experts + ids).ravel()
-    return np.bincount(flat, minlength=n_groups * n_experts).reshape(n_groups, n_experts)
+    counts: np.ndarray = np.bincount(flat, minlength=n_groups * n_experts)
+    return counts.reshape(n_groups, n_experts)
 
 
-def _stats_frame(groups: pl.DataFrame, n_experts: int, top_k: int | None, **columns: object) -> pl.DataFrame:
+def _stats_frame(
+    groups: pl.DataFrame, n_experts: int, top_k: int | None, **columns: object
+) -> pl.DataFrame:
     n = groups.height
     data: dict[str, object] = {
         "n_experts": np.full(n, n_experts, dtype=np.int32),
@@ -178,9 +185,10 @@ def _stats_frame(groups: pl.DataFrame, n_experts: int, top_k: int | None, **colu
     )
 
 
-def _as_series(name: str, value: object) -> pl.Series:
+def _as_series(name: str, value: Any) -> pl.Series:
     if isinstance(value, np.ndarray) and value.ndim == 2:
-        return pl.Series(name, value).cast(STATS_SCHEMA[name])
+        wide: pl.Series = pl.Series(name, value).cast(STATS_SCHEMA[name])
+        return wide
     return pl.Series(name, value, dtype=STATS_SCHEMA[name])
 
 
@@ -258,7 +266,10 @@ def merge(parts: list[pl.DataFrame]) -> pl.DataFrame:
     merged = stats.group_by(keys, maintain_order=True).agg(pl.col(SUMS).sum())
     for name in VECTORS:
         merged = merged.join(
-            _merge_vector(stats, keys, name), on=keys, how="left", nulls_equal=True,
+            _merge_vector(stats, keys, name),
+            on=keys,
+            how="left",
+            nulls_equal=True,
             maintain_order="left",
         )
     return merged.select(stats.columns)
@@ -289,7 +300,8 @@ def entropy(q: np.ndarray) -> np.ndarray:
     """
     logs = np.zeros_like(q, dtype=np.float64)
     np.log(q, out=logs, where=q > 0)
-    return -(q * logs).sum(axis=-1)
+    values: np.ndarray = -(q * logs).sum(axis=-1)
+    return values
 
 
 def finish(stats: pl.DataFrame, dead_fraction: float = 0.1) -> pl.DataFrame:
@@ -318,7 +330,9 @@ def finish(stats: pl.DataFrame, dead_fraction: float = 0.1) -> pl.DataFrame:
         for block in stats.partition_by("n_experts", maintain_order=True)
     ]
     if not parts:
-        return pl.DataFrame(schema={**{k: STATS_SCHEMA.get(k, pl.String()) for k in keys}, **_METRIC_SCHEMA})
+        return pl.DataFrame(
+            schema={**{k: STATS_SCHEMA.get(k, pl.String()) for k in keys}, **_METRIC_SCHEMA}
+        )
     return pl.concat(parts, how="vertical").sort(keys, nulls_last=True)
 
 
@@ -373,7 +387,10 @@ def _finish_block(block: pl.DataFrame, dead_fraction: float, keys: list[str]) ->
         pl.Series("n_tokens", block["n_tokens"]),
         pl.Series("n_experts", block["n_experts"]),
         pl.Series("top_k", block["top_k"]),
-        *[pl.Series(name, values, dtype=pl.Float64).fill_nan(None) for name, values in metrics.items()],
+        *[
+            pl.Series(name, values, dtype=pl.Float64).fill_nan(None)
+            for name, values in metrics.items()
+        ],
         pl.Series("dead_experts", dead).replace(-1, None),
         pl.Series("load_share", share, dtype=pl.List(pl.Float64)).fill_null([]),
     )

@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from routelog.errors import InputError
-from routelog.ingest import Batch, FileInfo
-from routelog.ingest import table
+from routelog.ingest import Batch, FileInfo, table
 
 if TYPE_CHECKING:
     from routelog.options import Options

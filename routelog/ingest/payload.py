@@ -69,11 +69,11 @@ def to_probabilities(
     values = np.asarray(matrix)
     if kind == "probs":
         if options.temperature is not None:
-            raise UsageError(
-                "--temperature applies to logits, but this input holds probabilities"
-            )
+            raise UsageError("--temperature applies to logits, but this input holds probabilities")
         if options.score != "softmax":
-            raise UsageError("--score sigmoid applies to logits, but this input holds probabilities")
+            raise UsageError(
+                "--score sigmoid applies to logits, but this input holds probabilities"
+            )
         bad, problems = _bad_probability_rows(values)
     else:
         bad = ~np.isfinite(values).all(axis=1)

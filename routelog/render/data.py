@@ -34,5 +34,7 @@ def to_csv(frame: pl.DataFrame) -> str:
     """CSV of the scalar columns (list columns such as ``load_share`` are left out)."""
     import polars as pl
 
-    scalar = [name for name, dtype in frame.schema.items() if not isinstance(dtype, pl.List | pl.Array)]
+    scalar = [
+        name for name, dtype in frame.schema.items() if not isinstance(dtype, pl.List | pl.Array)
+    ]
     return frame.select(scalar).write_csv(float_precision=6)

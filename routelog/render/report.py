@@ -71,9 +71,17 @@ def _header(summary: dict[str, Any], metrics: pl.DataFrame) -> str:
     steps = metrics["step"].unique().sort().to_list()
     experts = metrics["n_experts"].unique().sort().to_list()
     tokens = metrics.filter(metrics["step"] == steps[-1])["n_tokens"].drop_nulls()
-    per_step = f"{int(tokens.max()):,} tokens/layer at the latest step" if len(tokens) else "counts only"
+    per_step = (
+        f"{max(tokens.to_list()):,} tokens/layer at the latest step"
+        if len(tokens)
+        else "counts only"
+    )
     top_k = summary["top_k"]
-    span = f"steps {steps[0]}–{steps[-1]} ({len(steps)} logged)" if len(steps) > 1 else f"step {steps[0]} (1 logged)"
+    span = (
+        f"steps {steps[0]}–{steps[-1]} ({len(steps)} logged)"
+        if len(steps) > 1
+        else f"step {steps[0]} (1 logged)"
+    )
     return (
         f"[bold]{summary['run']}[/bold]  {span} · "
         f"{metrics['layer'].n_unique()} layers · E={'/'.join(map(str, experts))} · "
@@ -117,6 +125,8 @@ def _notes(summary: dict[str, Any]) -> list[str]:
     if summary["skipped_rows"]:
         notes.append(f"{summary['skipped_rows']:,} bad rows skipped (--skip-bad-rows)")
     if summary["ignored_files"]:
-        notes.append(f"{len(summary['ignored_files'])} files in the run directory are not logs and were ignored")
+        notes.append(
+            f"{len(summary['ignored_files'])} files in the run directory are not logs (ignored)"
+        )
     notes.extend(summary["warnings"])
     return notes

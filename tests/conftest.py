@@ -1,0 +1,62 @@
+"""Shared fixtures: deterministic CLI output and small generated runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "sample_logs"
+REAL_LOGS = REPO.parent / "shared" / "real_logs" / "mixtral-e8-top2"
+
+
+@pytest.fixture(autouse=True)
+def _plain_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fixed width, no colour: CLI output is the same on every machine."""
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "100")
+    monkeypatch.setenv("TERM", "dumb")
+    monkeypatch.delenv("ROUTELOG_DEBUG", raising=False)
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+
+
+WriteRun = Callable[..., Path]
+
+
+@pytest.fixture
+def write_parquet_run(tmp_path: Path) -> WriteRun:
+    """Write a run of per-token Parquet files: ``{step: {layer: (T, E) array}}``."""
+
+    def write(
+        data: dict[int, dict[int, np.ndarray]],
+        *,
+        name: str = "run",
+        payload: str = "probs",
+        step_column: bool = True,
+        tokens: bool = True,
+    ) -> Path:
+        root = tmp_path / name
+        root.mkdir(parents=True, exist_ok=True)
+        for step, layers in data.items():
+            frames = []
+            for layer, matrix in layers.items():
+                columns: dict[str, object] = {"layer": np.full(len(matrix), layer, dtype=np.int32)}
+                if step_column:
+                    columns["step"] = np.full(len(matrix), step, dtype=np.int64)
+                if tokens:
+                    columns["token"] = np.arange(len(matrix), dtype=np.int64)
+                columns[payload] = matrix.astype(np.float32)
+                frames.append(pl.DataFrame(columns))
+            pl.concat(frames).write_parquet(root / f"step_{step:06d}.parquet")
+        return root
+
+    return write
+
+
+def dirichlet(rng: np.random.Generator, n: int, e: int, alpha: float = 1.0) -> np.ndarray:
+    """Random probability rows (float64)."""
+    return rng.dirichlet(np.full(e, alpha), size=n)
