@@ -8,10 +8,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from routelog import ingest, kernels
 from routelog.errors import InputError, UsageError
@@ -19,6 +24,15 @@ from routelog.options import Options, StepRange, parse_layers, parse_steps
 
 if TYPE_CHECKING:
     import polars as pl
+
+    from routelog.cache import Cache
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+PREFETCH = 1
+"""Chunks decoded ahead of the one being reduced: overlaps I/O and decoding with the kernels
+while holding at most PREFETCH + 2 chunks of a file in memory."""
 
 
 @dataclass(frozen=True)
@@ -87,18 +101,31 @@ class Analysis:
     findings: list[Any] = field(default_factory=list)
 
 
-def read_file(path: Path, options: Options) -> FileResult:
-    """Read and reduce one log file: the unit that is cached and run in parallel."""
+def default_jobs() -> int:
+    """The number of cores this process may use."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1  # pragma: no cover (macOS, Windows)
+
+
+def read_file(path: Path, options: Options, *, prefetch: int = PREFETCH) -> FileResult:
+    """Read and reduce one log file: the unit that is cached and run in parallel.
+
+    The file streams chunk by chunk: each chunk is reduced to statistics as soon as it is
+    decoded, while the next one is decoded in a background thread (``prefetch`` chunks ahead;
+    0 reads and reduces in the calling thread). No frame of the whole file is ever built.
+    """
     import polars as pl
 
     info = ingest.FileInfo(path=str(path), format=ingest.format_of(path) or "?")
     parts: list[pl.DataFrame] = []
     selections: list[pl.DataFrame] = []
-    for batch in ingest.scan(path, options, info):
-        reduced = _reduce(batch, options)
-        parts.append(reduced.stats)
-        if reduced.selections is not None:
-            selections.append(reduced.selections)
+    with _prefetched(ingest.scan(path, options, info), prefetch) as batches:
+        for batch in batches:
+            reduced = _reduce(batch, options)
+            parts.append(reduced.stats)
+            if reduced.selections is not None:
+                selections.append(reduced.selections)
     stats = kernels.merge(parts)
     _check_experts(stats, {}, path)
     info.steps = sorted(stats["step"].unique().to_list())
@@ -108,6 +135,91 @@ def read_file(path: Path, options: Options) -> FileResult:
     ks = stats["top_k"].drop_nulls().unique().to_list()
     info.top_k = ks[0] if len(ks) == 1 else info.top_k
     return FileResult(info, stats, pl.concat(selections) if selections else None)
+
+
+_DONE = object()
+
+
+@contextmanager
+def _prefetched(items: Iterator[T], depth: int) -> Iterator[Iterator[T]]:
+    """Iterate ``items`` in a background thread, at most ``depth`` items ahead.
+
+    numpy, pyarrow and polars release the GIL while they work, so producing the next item
+    overlaps consuming this one. An exception of the producer is raised in the consumer; when
+    the consumer stops early, the producer stops at its next item.
+    """
+    if depth < 1:
+        yield items
+        return
+    handoff: queue.Queue[tuple[object, BaseException | None]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(message: tuple[object, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(message, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((_DONE, None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            put((_DONE, exc))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    def consume() -> Iterator[T]:
+        while True:
+            item, error = handoff.get()
+            if error is not None:
+                raise error
+            if item is _DONE:
+                return
+            yield item  # type: ignore[misc]
+
+    producer = threading.Thread(target=produce, name="routelog-read", daemon=True)
+    producer.start()
+    try:
+        yield consume()
+    finally:
+        stop.set()
+        producer.join()
+
+
+def _parallel(work: Callable[[T], R], items: Sequence[T], jobs: int) -> list[R]:
+    """``[work(item) for item in items]`` on up to ``jobs`` threads, in order.
+
+    The first failing item (in order) raises; items not yet started are cancelled.
+    """
+    if jobs <= 1 or len(items) <= 1:
+        return [work(item) for item in items]
+    pool = ThreadPoolExecutor(max_workers=min(jobs, len(items)), thread_name_prefix="routelog")
+    try:
+        return list(pool.map(work, items))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _read_through(path: Path, options: Options, cache: Cache | None, prefetch: int) -> FileResult:
+    """``read_file``, answered from the cache when it holds this file unchanged."""
+    if cache is None:
+        return read_file(path, options, prefetch=prefetch)
+    from routelog.cache import Entry
+
+    entry = cache.load(path, options)
+    if entry is not None:
+        return FileResult(entry.info, entry.stats, entry.selections)
+    result = read_file(path, options, prefetch=prefetch)
+    cache.store(path, options, Entry(result.info, result.stats, result.selections))
+    return result
 
 
 def _reduce(batch: ingest.Batch, options: Options) -> kernels.Reduced:
@@ -130,12 +242,24 @@ def _check_experts(stats: pl.DataFrame, seen: dict[int, tuple[int, str]], path: 
         seen.setdefault(layer, (width, str(path)))
 
 
-def load_run(spec: RunSpec, options: Options) -> Run:
-    """Read every log file of a run and merge their statistics."""
+def load_run(
+    spec: RunSpec, options: Options, *, jobs: int | None = None, cache: Cache | None = None
+) -> Run:
+    """Read every log file of a run and merge their statistics.
+
+    ``jobs`` files are read at once (default: one per core; 1 reads serially, without a
+    background decoding thread); ``cache`` answers for files it holds unchanged.
+    """
     import polars as pl
 
     found = ingest.discover(spec.path)
-    results = [read_file(path, options) for path in found.files]
+    workers = default_jobs() if jobs is None else jobs
+    if workers < 1:
+        raise UsageError(f"--jobs must be at least 1, got {workers}")
+    prefetch = PREFETCH if workers > 1 else 0
+    results = _parallel(
+        lambda path: _read_through(path, options, cache, prefetch), found.files, workers
+    )
     seen: dict[int, tuple[int, str]] = {}
     for result in results:
         _check_experts(result.stats, seen, Path(result.info.path))
@@ -164,8 +288,14 @@ def _selection_hint(options: Options) -> str:
     return " in the selected --layers/--steps"
 
 
-def load_runs(paths: Sequence[str | Path | RunSpec], options: Options) -> list[Run]:
-    """Read several runs; their names must be unique."""
+def load_runs(
+    paths: Sequence[str | Path | RunSpec],
+    options: Options,
+    *,
+    jobs: int | None = None,
+    cache: Cache | None = None,
+) -> list[Run]:
+    """Read several runs; their names must be unique (``jobs``, ``cache``: see ``load_run``)."""
     specs = [p if isinstance(p, RunSpec) else RunSpec.parse(str(p)) for p in paths]
     if not specs:
         raise UsageError("no run given")
@@ -173,7 +303,7 @@ def load_runs(paths: Sequence[str | Path | RunSpec], options: Options) -> list[R
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate is not None:
         raise UsageError(f"two runs are named {duplicate!r}: name them with NAME=PATH")
-    return [load_run(spec, options) for spec in specs]
+    return [load_run(spec, options, jobs=jobs, cache=cache) for spec in specs]
 
 
 def metrics_of(runs: Iterable[Run], options: Options) -> pl.DataFrame:
@@ -223,13 +353,17 @@ def analyze(
     paths: Sequence[str | Path],
     *,
     options: Options | None = None,
+    jobs: int | None = None,
+    cache: Cache | None = None,
     **option_values: Any,
 ) -> Analysis:
     """Analyze runs: each path is a run (file or directory, ``NAME=PATH`` allowed).
 
     Keyword arguments are those of :func:`make_options` (``top_k``, ``layers="0,3-5"``,
-    ``steps="100:500"``, ``skip_bad_rows``, ``temperature``, ``score``, ``dead_fraction``).
+    ``steps="100:500"``, ``skip_bad_rows``, ``temperature``, ``score``, ``dead_fraction``),
+    and ``jobs`` (files read at once; default one per core) and ``cache`` (a
+    ``routelog.cache.Cache``; default none, so the Python API writes nothing).
     """
     opts = options if options is not None else make_options(**option_values)
-    runs = load_runs(paths, opts)
+    runs = load_runs(paths, opts, jobs=jobs, cache=cache)
     return Analysis(runs=runs, metrics=metrics_of(runs, opts), options=opts)

@@ -22,6 +22,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: rendering it with rich would import rich just to print --help.
+    rich_markup_mode=None,
 )
 
 # Options shared by every command that reads runs.
@@ -45,6 +47,22 @@ FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Output format
 Output = Annotated[
     Optional[Path],  # noqa: UP045
     typer.Option("--output", "-o", help="Write to FILE instead of standard output."),
+]
+
+Jobs = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option("--jobs", "-j", help="Files read at once (default: one per core).", min=1),
+]
+NoCache = Annotated[
+    bool, typer.Option("--no-cache", help="Neither read nor write the per-file statistics cache.")
+]
+CacheDir = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option(
+        "--cache-dir",
+        help="Cache directory (default: $ROUTELOG_CACHE_DIR, else $XDG_CACHE_HOME/routelog, "
+        "else ~/.cache/routelog).",
+    ),
 ]
 
 
@@ -111,6 +129,9 @@ def analyze(
     temperature: Temperature = None,
     fmt: FormatOpt = Format.table,
     output: Output = None,
+    jobs: Jobs = None,
+    no_cache: NoCache = False,
+    cache_dir: CacheDir = None,
     debug: Debug = False,
 ) -> None:
     """Per-layer, per-step routing entropy and load of one or more runs.
@@ -119,6 +140,7 @@ def analyze(
     """
     with _errors(debug):
         from routelog import api
+        from routelog.cache import Cache
         from routelog.render import data, make_console, report
 
         options = api.make_options(
@@ -128,7 +150,8 @@ def analyze(
             skip_bad_rows=skip_bad_rows,
             temperature=temperature,
         )
-        result = api.analyze(paths, options=options)
+        cache = None if no_cache else Cache.at(cache_dir)
+        result = api.analyze(paths, options=options, jobs=jobs, cache=cache)
 
         def write(stream: object) -> None:
             if fmt is Format.json:
@@ -139,6 +162,43 @@ def analyze(
                 report.print_report(result, make_console(stream))  # type: ignore[arg-type]
 
         _emit(output, write)
+
+
+cache_app = typer.Typer(
+    help="Inspect or empty the per-file statistics cache.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+def cache_info(cache_dir: CacheDir = None, debug: Debug = False) -> None:
+    """Where the cache is, how many entries it holds and their size.
+
+    Example: routelog cache info
+    """
+    with _errors(debug):
+        from routelog.cache import Cache
+
+        usage = Cache.at(cache_dir).usage()
+        typer.echo(f"directory  {usage.directory}")
+        typer.echo(f"entries    {usage.entries}")
+        typer.echo(f"size       {usage.bytes / 1e6:.1f} MB")
+
+
+@cache_app.command("clear")
+def cache_clear(cache_dir: CacheDir = None, debug: Debug = False) -> None:
+    """Remove every cache entry (files routelog did not write are left alone).
+
+    Example: routelog cache clear --cache-dir /tmp/routelog-cache
+    """
+    with _errors(debug):
+        from routelog.cache import Cache
+
+        cache = Cache.at(cache_dir)
+        removed = cache.clear()
+        typer.echo(f"removed {removed} cache entries from {cache.directory}")
 
 
 def main() -> None:

@@ -25,6 +25,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+KERNEL_VERSION = 1
+"""Bump when the statistics a kernel produces change meaning: it invalidates cached results."""
+
 KEYS = ["step", "layer", "dataset"]
 GROUP = [*KEYS, "n_experts", "top_k"]
 SUMS = ["n_tokens", "sum_entropy", "sum_top1", "n_selected", "sum_lse_sq", "n_lse"]

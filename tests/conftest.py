@@ -24,6 +24,17 @@ def _plain_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def isolated_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """Every test gets its own empty cache directory: the suite never writes to ~/.cache."""
+    directory = tmp_path_factory.mktemp("routelog-cache")
+    monkeypatch.setenv("ROUTELOG_CACHE_DIR", str(directory))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    return directory
+
+
 WriteRun = Callable[..., Path]
 
 

@@ -1,11 +1,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from routelog.cli import app
-from tests.conftest import SAMPLES
+from tests.conftest import REPO, SAMPLES
 
 runner = CliRunner()
 
@@ -22,3 +26,72 @@ def test_analyze_json_sample() -> None:
     document = json.loads(result.output)
     assert document["runs"][0]["run"] == "healthy"
     assert len(document["metrics"]) == 12 * 4
+
+
+HEAVY = ("polars", "pyarrow", "numpy", "rich")
+
+
+@pytest.mark.parametrize(
+    "argv", [["--version"], ["--help"], ["-h"], ["analyze", "--help"], ["cache", "--help"]]
+)
+def test_start_up_imports_no_heavy_module(argv: list[str]) -> None:
+    probe = (
+        "import sys\n"
+        f"sys.argv = ['routelog', *{argv!r}]\n"
+        "from routelog.cli import main\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert done.stderr.strip().splitlines()[-1] == "[]", done.stderr
+
+
+def test_analyze_uses_and_bypasses_the_cache(tmp_path: Path, isolated_cache: Path) -> None:
+    sample = str(SAMPLES / "healthy")
+    plain = runner.invoke(app, ["analyze", sample, "--format", "json", "--no-cache"])
+    assert plain.exit_code == 0, plain.output
+    assert list(isolated_cache.iterdir()) == []
+    first = runner.invoke(app, ["analyze", sample, "--format", "json", "--jobs", "2"])
+    assert first.exit_code == 0, first.output
+    assert len(list(isolated_cache.glob("*.json"))) == 12
+    again = runner.invoke(app, ["analyze", sample, "--format", "json", "-j", "1"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.output) == json.loads(first.output) == json.loads(plain.output)
+    elsewhere = tmp_path / "elsewhere"
+    moved = runner.invoke(app, ["analyze", sample, "--cache-dir", str(elsewhere)])
+    assert moved.exit_code == 0, moved.output
+    assert len(list(elsewhere.glob("*.json"))) == 12
+
+
+def test_jobs_must_be_positive() -> None:
+    result = runner.invoke(app, ["analyze", str(SAMPLES / "healthy"), "--jobs", "0"])
+    assert result.exit_code == 2
+    assert "--jobs" in result.output
+
+
+def test_cache_info_and_clear(tmp_path: Path) -> None:
+    directory = tmp_path / "c"
+    analyzed = runner.invoke(
+        app, ["analyze", str(SAMPLES / "drift"), "--cache-dir", str(directory)]
+    )
+    assert analyzed.exit_code == 0, analyzed.output
+    info = runner.invoke(app, ["cache", "info", "--cache-dir", str(directory)])
+    assert info.exit_code == 0, info.output
+    assert f"directory  {directory}" in info.output
+    assert "entries    12" in info.output
+    cleared = runner.invoke(app, ["cache", "clear", "--cache-dir", str(directory)])
+    assert cleared.exit_code == 0, cleared.output
+    assert cleared.output == f"removed 12 cache entries from {directory}\n"
+    assert list(directory.iterdir()) == []
+
+
+def test_cache_clear_defaults_to_the_user_cache(isolated_cache: Path) -> None:
+    runner.invoke(app, ["analyze", str(SAMPLES / "healthy")])
+    cleared = runner.invoke(app, ["cache", "clear"])
+    assert cleared.exit_code == 0, cleared.output
+    assert cleared.output == f"removed 12 cache entries from {isolated_cache}\n"

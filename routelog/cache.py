@@ -1,0 +1,287 @@
+"""The incremental cache: each log file's reduced statistics, reused while the file is unchanged.
+
+An entry belongs to one file read with one set of reduction options. It is keyed by the file's
+absolute path, size and modification time (ns), routelog's ``KERNEL_VERSION`` and every
+``Options`` field except those applied after merging (``dead_fraction``). On disk an entry is
+three files in the cache directory, named after a hash of the path and options::
+
+    <hash>.json                  {"format", "key", "info", "data"}
+    <hash>-<data>.stats.parquet  the statistics frame (``kernels.STATS_SCHEMA``)
+    <hash>-<data>.sel.parquet    the per-token selections, when the file has token positions
+
+Every file is written to a temporary name and renamed, the JSON last, so a reader sees a whole
+entry or none. An entry is trusted only when its JSON parses, its key equals the key computed
+now, and its frames have the expected schema; anything else (corrupt, truncated, foreign, from
+another routelog version) is a miss, and the fresh result overwrites it. Nothing in the cache
+is executed: it holds only JSON and Parquet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from routelog.ingest import FileInfo
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from routelog.options import Options
+
+ENV_VAR = "ROUTELOG_CACHE_DIR"
+ENTRY_FORMAT = 1
+"""Layout of one entry on disk; bump it when the files of an entry change shape."""
+AFTER_MERGE = frozenset({"dead_fraction"})
+"""Options applied in ``kernels.finish``: they do not change a file's statistics."""
+SELECTION_KEYS = {"step": "Int64", "layer": "Int32", "dataset": "String", "token": "Int64"}
+
+
+def default_directory() -> Path:
+    """``$ROUTELOG_CACHE_DIR``, else ``$XDG_CACHE_HOME/routelog``, else ``~/.cache/routelog``."""
+    explicit = os.environ.get(ENV_VAR)
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "routelog"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One file's cached reduction."""
+
+    info: FileInfo
+    stats: pl.DataFrame
+    selections: pl.DataFrame | None
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What ``routelog cache info`` reports."""
+
+    directory: Path
+    entries: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Cache:
+    """Per-file statistics under ``directory`` (created on first write)."""
+
+    directory: Path
+
+    @classmethod
+    def at(cls, directory: Path | str | None = None) -> Cache:
+        """The cache in ``directory``, or in :func:`default_directory` when None."""
+        return cls(Path(directory).expanduser() if directory is not None else default_directory())
+
+    def load(self, path: Path, options: Options) -> Entry | None:
+        """The cached reduction of ``path`` under ``options``, or None when absent or untrusted."""
+        key = _key(path, options)
+        if key is None:
+            return None
+        name = _name(key)
+        try:
+            document = json.loads((self.directory / f"{name}.json").read_text(encoding="utf-8"))
+            if not isinstance(document, dict) or document.get("format") != ENTRY_FORMAT:
+                return None
+            if document.get("key") != key:
+                return None
+            info = _info_from(document["info"])
+            data = document["data"]
+            if not isinstance(data, str) or not data.isalnum():
+                return None
+            stats = _read_frame(self.directory / f"{name}-{data}.stats.parquet")
+            if stats is None or not _is_stats(stats):
+                return None
+            selections = None
+            if document.get("selections"):
+                selections = _read_frame(self.directory / f"{name}-{data}.sel.parquet")
+                if selections is None or not _is_selections(selections):
+                    return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        info.path = str(path)
+        return Entry(info, stats, selections)
+
+    def store(self, path: Path, options: Options, entry: Entry) -> None:
+        """Write an entry for ``path``; a cache that cannot be written is skipped, not an error."""
+        key = _key(path, options)
+        if key is None:
+            return
+        name = _name(key)
+        data = uuid.uuid4().hex
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            _write_atomic(
+                self.directory / f"{name}-{data}.stats.parquet", entry.stats.write_parquet
+            )
+            if entry.selections is not None:
+                _write_atomic(
+                    self.directory / f"{name}-{data}.sel.parquet", entry.selections.write_parquet
+                )
+            document = {
+                "format": ENTRY_FORMAT,
+                "key": key,
+                "info": dataclasses.asdict(entry.info),
+                "data": data,
+                "selections": entry.selections is not None,
+            }
+            text = json.dumps(document, indent=1)
+            _write_atomic(
+                self.directory / f"{name}.json",
+                lambda target: Path(target).write_text(text, encoding="utf-8"),
+            )
+        except OSError:
+            return
+        for stale in self.directory.glob(f"{name}-*.parquet"):
+            if not stale.name.startswith(f"{name}-{data}."):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+
+    def usage(self) -> Usage:
+        """Number of entries and bytes used."""
+        files = list(self._files())
+        entries = sum(1 for f in files if f.suffix == ".json")
+        return Usage(self.directory, entries, sum(f.stat().st_size for f in files))
+
+    def clear(self) -> int:
+        """Remove every entry (and stray temporary files); returns the number of entries removed."""
+        removed = 0
+        for file in self._files():
+            with contextlib.suppress(FileNotFoundError):
+                file.unlink()
+                removed += file.suffix == ".json"
+        return removed
+
+    def _files(self) -> Iterator[Path]:
+        """Files of this cache: only names routelog writes, so a wrong --cache-dir loses nothing."""
+        if not self.directory.is_dir():
+            return
+        for file in self.directory.iterdir():
+            if file.is_file() and _is_ours(file.name):
+                yield file
+
+
+def _is_ours(name: str) -> bool:
+    stem = name.split(".", 1)[0].split("-", 1)[0]
+    is_hash = len(stem) == 64 and all(c in "0123456789abcdef" for c in stem)
+    endings = (".json", ".stats.parquet", ".sel.parquet", ".tmp")
+    return (is_hash and name.endswith(endings)) or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def _key(path: Path, options: Options) -> dict[str, Any] | None:
+    """What an entry must match: the file as it is now, the kernel, the reduction options."""
+    from routelog import __version__, kernels
+
+    try:
+        absolute = path.resolve()
+        stat = absolute.stat()
+    except OSError:
+        return None
+    reduction = {
+        f.name: _plain(getattr(options, f.name))
+        for f in dataclasses.fields(options)
+        if f.name not in AFTER_MERGE
+    }
+    return {
+        "path": str(absolute),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "kernel_version": kernels.KERNEL_VERSION,
+        "routelog_version": __version__,
+        "options": reduction,
+    }
+
+
+def _plain(value: object) -> object:
+    """Options values as JSON values that compare equal after a round trip."""
+    if isinstance(value, frozenset):
+        return sorted(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [_plain(getattr(value, f.name)) for f in dataclasses.fields(value)]
+    return value
+
+
+def _name(key: dict[str, Any]) -> str:
+    """The entry's file name: one entry per file and options, replaced when the file changes."""
+    identity = json.dumps([key["path"], key["options"]], sort_keys=True)
+    return hashlib.sha256(identity.encode("utf-8")).hexdigest()
+
+
+def _write_atomic(target: Path, write: Any) -> None:
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temporary)
+        Path(temporary).replace(target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            Path(temporary).unlink()
+        raise
+
+
+def _read_frame(path: Path) -> pl.DataFrame | None:
+    import polars as pl
+
+    try:
+        return pl.read_parquet(path)
+    except (OSError, pl.exceptions.PolarsError):
+        return None
+
+
+def _is_stats(frame: pl.DataFrame) -> bool:
+    from routelog import kernels
+
+    return dict(frame.schema) == kernels.STATS_SCHEMA
+
+
+def _is_selections(frame: pl.DataFrame) -> bool:
+    import polars as pl
+
+    schema = frame.schema
+    if list(schema) != [*SELECTION_KEYS, "topk"]:
+        return False
+    if any(str(schema[name]) != dtype for name, dtype in SELECTION_KEYS.items()):
+        return False
+    topk = schema["topk"]
+    return isinstance(topk, pl.Array) and topk.inner in (pl.Int32, pl.Int16, pl.Int8)
+
+
+_INFO_TYPES: dict[str, type | tuple[type, ...]] = {
+    "path": str,
+    "format": str,
+    "layout": str,
+    "payload": str,
+    "rows": int,
+    "masked_rows": int,
+    "skipped_rows": int,
+    "n_experts": (int, type(None)),
+    "top_k": (int, type(None)),
+    "steps": list,
+    "layers": list,
+    "warnings": list,
+}
+
+
+def _info_from(value: object) -> FileInfo:
+    """A FileInfo from its JSON form, refusing anything that is not exactly that shape."""
+    names = {f.name for f in dataclasses.fields(FileInfo)}
+    if not isinstance(value, dict) or set(value) != names:
+        raise ValueError("cache entry: info does not match FileInfo")
+    for name, expected in _INFO_TYPES.items():
+        if name in value and not isinstance(value[name], expected):
+            raise ValueError(f"cache entry: info field {name!r} has the wrong type")
+    for name, item_type in (("steps", int), ("layers", int), ("warnings", str)):
+        if not all(isinstance(item, item_type) for item in value[name]):
+            raise ValueError(f"cache entry: info field {name!r} has the wrong items")
+    return FileInfo(**value)

@@ -1,0 +1,146 @@
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from polars.testing import assert_frame_equal
+
+from routelog import api
+from routelog.cache import Cache
+from routelog.errors import InputError
+from routelog.ingest import parquet
+from tests.conftest import WriteRun, dirichlet
+
+
+def _run(write: WriteRun, steps: int = 4, name: str = "run") -> Path:
+    rng = np.random.default_rng(7)
+    data = {
+        100 * s: {layer: dirichlet(rng, 50 + 10 * layer, 8, 0.5) for layer in range(3)}
+        for s in range(steps)
+    }
+    return write(data, name=name)
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The files ``api.read_file`` was asked to read, in any order."""
+    calls: list[Path] = []
+    original = api.read_file
+    lock = threading.Lock()
+
+    def counting(path: Path, options: api.Options, **kwargs: int) -> api.FileResult:
+        with lock:
+            calls.append(path)
+        return original(path, options, **kwargs)
+
+    monkeypatch.setattr(api, "read_file", counting)
+    return calls
+
+
+def test_reanalysis_reads_only_the_added_file(
+    write_parquet_run: WriteRun, reads: list[Path], tmp_path: Path
+) -> None:
+    run = _run(write_parquet_run)
+    store = Cache.at(tmp_path / "cache")
+    first = api.analyze([run], top_k=2, cache=store)
+    assert len(reads) == 4
+    reads.clear()
+    again = api.analyze([run], top_k=2, cache=store)
+    assert reads == []
+    assert_frame_equal(again.metrics, first.metrics)
+    rng = np.random.default_rng(8)
+    write_parquet_run({400: {0: dirichlet(rng, 20, 8)}})
+    added = api.analyze([run], top_k=2, cache=store)
+    assert reads == [run / "step_000400.parquet"]
+    assert added.metrics.height == first.metrics.height + 1
+
+
+def test_cached_and_uncached_results_are_identical(
+    write_parquet_run: WriteRun, tmp_path: Path
+) -> None:
+    run = _run(write_parquet_run)
+    store = Cache.at(tmp_path / "cache")
+    uncached = api.analyze([run], top_k=2)
+    api.analyze([run], top_k=2, cache=store)
+    cached = api.analyze([run], top_k=2, cache=store)
+    assert store.usage().entries == 4
+    assert_frame_equal(cached.metrics, uncached.metrics)
+    [a], [b] = cached.runs, uncached.runs
+    assert_frame_equal(a.stats, b.stats)
+    assert a.selections is not None
+    assert b.selections is not None
+    assert_frame_equal(a.selections, b.selections)
+    assert a.summary() == b.summary()
+
+
+def test_python_api_writes_no_cache_by_default(write_parquet_run: WriteRun) -> None:
+    api.analyze([_run(write_parquet_run)], top_k=2)
+    assert Cache.at().usage().entries == 0
+
+
+@pytest.mark.parametrize("jobs", [1, 2, 5])
+def test_parallel_and_serial_agree(write_parquet_run: WriteRun, jobs: int) -> None:
+    run = _run(write_parquet_run, steps=6)
+    serial = api.analyze([run], top_k=2, jobs=1)
+    parallel = api.analyze([run], top_k=2, jobs=jobs)
+    assert_frame_equal(parallel.metrics, serial.metrics)
+    assert [f.path for f in parallel.runs[0].files] == [f.path for f in serial.runs[0].files]
+
+
+def test_jobs_must_be_positive(write_parquet_run: WriteRun) -> None:
+    with pytest.raises(api.UsageError, match="--jobs"):
+        api.analyze([_run(write_parquet_run)], jobs=0)
+
+
+def test_small_chunks_stream_to_the_same_statistics(
+    write_parquet_run: WriteRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _run(write_parquet_run, steps=1) / "step_000000.parquet"
+    options = api.make_options(top_k=2)
+    whole = api.read_file(path, options, prefetch=0)
+    monkeypatch.setattr(parquet, "BATCH_ROWS", 7)
+    for prefetch in (0, 1, 3):
+        chunked = api.read_file(path, options, prefetch=prefetch)
+        assert_frame_equal(chunked.stats, whole.stats, check_exact=False, rel_tol=1e-12)
+        assert chunked.selections is not None
+        assert whole.selections is not None
+        assert_frame_equal(chunked.selections, whole.selections)
+        assert chunked.info == whole.info
+
+
+def test_first_bad_file_in_order_is_reported(write_parquet_run: WriteRun) -> None:
+    run = _run(write_parquet_run, steps=5)
+    (run / "step_000100.parquet").write_bytes(b"PAR1 broken")
+    (run / "step_000300.parquet").write_bytes(b"PAR1 broken too")
+    for jobs in (1, 3):
+        with pytest.raises(InputError, match=r"step_000100\.parquet: not a valid Parquet"):
+            api.analyze([run], jobs=jobs)
+
+
+def test_prefetch_raises_the_producers_error_and_stops_it() -> None:
+    closed = threading.Event()
+
+    def failing() -> Iterator[int]:
+        yield 1
+        raise InputError("f.parquet row 3: bad")
+
+    with api._prefetched(failing(), 2) as items:
+        assert next(items) == 1
+        with pytest.raises(InputError, match="row 3"):
+            next(items)
+
+    def endless() -> Iterator[int]:
+        try:
+            n = 0
+            while True:
+                n += 1
+                yield n
+        finally:
+            closed.set()
+
+    with api._prefetched(endless(), 1) as items:
+        assert next(items) == 1
+    assert closed.is_set()  # leaving early stopped and closed the producer
