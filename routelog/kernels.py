@@ -93,16 +93,23 @@ class Reduced:
 def entropy_rows(probs: np.ndarray) -> np.ndarray:
     """H(p_t) = -sum_i p_t,i ln p_t,i per row, with 0 ln 0 = 0, accumulated in float64.
 
+    Products are formed in the input's precision and each row is summed in float64. Zeros
+    are raised to the smallest normal float before the log, so that their term is exactly
+    0 x ln(tiny) = 0 without a masked log (which is slower).
+
     Examples
     --------
     >>> entropy_rows(np.array([[0.5, 0.5, 0.0]], dtype=np.float32)).round(6)
     array([0.693147])
     """
-    logs = np.zeros_like(probs)
-    np.log(probs, out=logs, where=probs > 0)
+    logs = np.maximum(probs, _TINY, dtype=probs.dtype)
+    np.log(logs, out=logs)
     logs *= probs
     sums: np.ndarray = -logs.sum(axis=1, dtype=np.float64)
     return sums
+
+
+_TINY = np.finfo(np.float32).tiny
 
 
 def top_k_ids(probs: np.ndarray, k: int) -> np.ndarray:
@@ -118,12 +125,14 @@ def top_k_ids(probs: np.ndarray, k: int) -> np.ndarray:
         order = np.argsort(-probs, axis=1, kind="stable")
         return order.astype(np.int32)
     ids = np.empty((n_rows, k), dtype=np.int32)
+    ids[:, 0] = probs.argmax(axis=1)  # argmax returns the first of equal maxima
+    if k == 1:
+        return ids
     work = np.array(probs, dtype=np.float32, copy=True)
     rows = np.arange(n_rows)
-    for slot in range(k):  # k passes over the block, not a loop over tokens
-        best = work.argmax(axis=1)
-        ids[:, slot] = best
-        work[rows, best] = -np.inf
+    for slot in range(1, k):  # k passes over the block, not a loop over tokens
+        work[rows, ids[:, slot - 1]] = -np.inf
+        ids[:, slot] = work.argmax(axis=1)
     return ids
 
 
@@ -144,16 +153,22 @@ def _group_ids(frame: pl.DataFrame) -> tuple[np.ndarray, pl.DataFrame]:
 
 
 def _group_sum(gid: np.ndarray, n_groups: int, matrix: np.ndarray) -> np.ndarray:
-    """Row sums of ``matrix`` per group id, in float64."""
+    """Column sums of ``matrix`` per group id, accumulated in float64.
+
+    One ``sum(axis=0)`` per contiguous run of a group (rows are sorted by group first when
+    they are not): several times faster than ``np.add.reduceat`` or ``np.add.at``.
+    """
     if n_groups == 1:
         first: np.ndarray = matrix.sum(axis=0, dtype=np.float64)[None, :]
         return first
-    if np.all(gid[1:] >= gid[:-1]):
-        starts = np.flatnonzero(np.r_[True, gid[1:] != gid[:-1]])
-        summed: np.ndarray = np.add.reduceat(matrix, starts, axis=0, dtype=np.float64)
-        return summed
+    if not np.all(gid[1:] >= gid[:-1]):
+        order = np.argsort(gid, kind="stable")
+        gid, matrix = gid[order], matrix[order]
+    starts = np.flatnonzero(np.r_[True, gid[1:] != gid[:-1]])
+    stops = np.r_[starts[1:], len(gid)]
     out = np.zeros((n_groups, matrix.shape[1]), dtype=np.float64)
-    np.add.at(out, gid, matrix)
+    for group, start, stop in zip(gid[starts], starts, stops, strict=True):  # one per group
+        out[group] = matrix[start:stop].sum(axis=0, dtype=np.float64)
     return out
 
 
@@ -206,7 +221,9 @@ def reduce_probs(frame: pl.DataFrame, top_k: int) -> Reduced:
     columns: dict[str, object] = {
         "n_tokens": np.bincount(gid, minlength=n_groups),
         "sum_entropy": np.bincount(gid, weights=entropy_rows(probs), minlength=n_groups),
-        "sum_top1": np.bincount(gid, weights=probs.max(axis=1), minlength=n_groups),
+        "sum_top1": np.bincount(
+            gid, weights=probs[np.arange(len(probs)), ids[:, 0]], minlength=n_groups
+        ),
         "n_selected": np.bincount(gid, minlength=n_groups),
         "sum_probs": _group_sum(gid, n_groups, probs),
         "counts": _counts(gid, n_groups, ids, n_experts),

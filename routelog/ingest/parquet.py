@@ -16,6 +16,10 @@ if TYPE_CHECKING:
 
 BATCH_ROWS = 1 << 17
 """Rows decoded at a time: bounds memory to about BATCH_ROWS x E x 4 bytes per batch."""
+READ_BUFFER = 1 << 20
+"""Bytes read from the file at a time. pyarrow's default (pre-buffering, decoding ahead on
+its own threads) holds much more of a large file in memory; one column chunk of the current
+row group at a time keeps peak memory independent of the file's size."""
 
 
 def scan(path: Path, options: Options, info: FileInfo) -> Iterator[Batch]:
@@ -24,7 +28,7 @@ def scan(path: Path, options: Options, info: FileInfo) -> Iterator[Batch]:
     import pyarrow.parquet as pq
 
     try:
-        reader = pq.ParquetFile(path)
+        reader = pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER)
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{path}: not a valid Parquet file ({_first_line(exc)})") from exc
     columns = reader.schema_arrow.names
@@ -33,7 +37,8 @@ def scan(path: Path, options: Options, info: FileInfo) -> Iterator[Batch]:
     info.payload = "probabilities" if layout.kind == "probs" else "logits"
     offset = 0
     try:
-        for record_batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+        batches = reader.iter_batches(batch_size=BATCH_ROWS, columns=columns, use_threads=False)
+        for record_batch in batches:
             frame = pl.from_arrow(record_batch)
             assert isinstance(frame, pl.DataFrame)
             yield from table.batches(

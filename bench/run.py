@@ -1,0 +1,312 @@
+"""routelog's benchmark (``make bench``): ratios of medians, measured in one run on one machine.
+
+(a) ``routelog analyze --format json`` end to end vs reading the same Parquet columns with
+    Polars (the decode floor); (b) vs a hand-written numpy script (``bench/reference.py``);
+(c) re-analysis of a 20-file directory after one file is added (cache) vs a full analysis;
+(d) peak RSS analyzing a log 4x larger than another; (e) a .pt file vs ``torch.load`` plus
+the same computation; (f) ``routelog --version`` wall time.
+
+Timings (a)-(c) run in this process through the CLI entry point (``app([...])``), so the
+interpreter's start-up is excluded there and measured on its own in (f). Runs of the things
+compared are interleaved, so a machine that gets busier slows both sides alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import synth  # noqa: E402
+
+TARGETS = {
+    "a": ("<=", 1.3),
+    "b": ("<=", 0.9),
+    "c": ("<=", 0.1),
+    "d": ("<", 0.25),
+    "e": ("<=", 1.2),
+    "f": ("<", 0.3),
+}
+
+RSS_PROBE = """
+import resource, sys
+from routelog.cli import app
+try:
+    app(sys.argv[1:])
+except SystemExit as done:
+    assert not done.code, done.code
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def _median_times(named: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Median wall time of each callable; one warm-up each, then rounds interleaving them."""
+    for work in named.values():
+        work()
+    times: dict[str, list[float]] = {name: [] for name in named}
+    for _ in range(repeat):
+        for name, work in named.items():
+            start = time.perf_counter()
+            work()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _cli(*args: str) -> Callable[[], None]:
+    from routelog.cli import app
+
+    def run() -> None:
+        with contextlib.redirect_stdout(io.StringIO()):
+            try:
+                app(list(args))
+            except SystemExit as done:
+                if done.code:
+                    raise RuntimeError(f"routelog {' '.join(args)} exited {done.code}") from None
+
+    return run
+
+
+def _log(data: Path, tokens: int, experts: int, seed: int = 0, step: int = 0) -> Path:
+    path = data / f"tokens{tokens}_e{experts}_s{seed}.parquet"
+    if not path.exists():
+        print(f"  writing {path.name}", file=sys.stderr)
+        synth.write_log(path, tokens=tokens, experts=experts, seed=seed, step=step)
+    return path
+
+
+def bench_a_b(log: Path, top_k: int, repeat: int) -> dict[str, Any]:
+    import polars as pl
+    import reference
+
+    columns = ["step", "layer", "token", "probs"]
+    times = _median_times(
+        {
+            "decode floor (polars read_parquet)": lambda: pl.read_parquet(log, columns=columns),
+            "routelog analyze --format json": _cli(
+                "analyze", str(log), "--format", "json", "-k", str(top_k), "--no-cache"
+            ),
+            "hand-written numpy script": lambda: reference.metrics(log, top_k),
+        },
+        repeat,
+    )
+    floor, ours, script = times.values()
+    return {
+        "a": {"ratio": ours / floor, "seconds": times},
+        "b": {"ratio": ours / script, "seconds": times},
+    }
+
+
+def bench_c(data: Path, tokens: int, experts: int, top_k: int, repeat: int) -> dict[str, Any]:
+    per_file = max(tokens // 20, 1000)
+    run = data / f"run20_t{per_file}_e{experts}"
+    run.mkdir(parents=True, exist_ok=True)
+    for i in range(20):
+        target = run / f"step_{i:06d}.parquet"
+        if not target.exists():
+            shutil.copy(_log(data, per_file, experts, seed=100 + i), target)
+    extra = _log(data, per_file, experts, seed=200)
+    added = run / "step_000020.parquet"
+    args = ["analyze", str(run), "--format", "json", "-k", str(top_k)]
+    incremental: list[float] = []
+    full: list[float] = []
+    for _ in range(repeat + 1):
+        added.unlink(missing_ok=True)
+        with tempfile.TemporaryDirectory() as cache:
+            _cli(*args, "--cache-dir", cache)()  # the cache knows the 20 files
+            shutil.copy(extra, added)
+            start = time.perf_counter()
+            _cli(*args, "--cache-dir", cache)()
+            incremental.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        _cli(*args, "--no-cache")()
+        full.append(time.perf_counter() - start)
+    added.unlink(missing_ok=True)
+    ours, whole = statistics.median(incremental[1:]), statistics.median(full[1:])
+    return {
+        "c": {
+            "ratio": ours / whole,
+            "seconds": {"re-analysis, one file added": ours, "full analysis (--no-cache)": whole},
+        }
+    }
+
+
+def _peak_rss(log: Path, top_k: int) -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", RSS_PROBE, "analyze", str(log), "-f", "json", "-k", str(top_k)]
+        + ["--no-cache", "-o", os.devnull],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+def bench_d(small: Path, large: Path, top_k: int, repeat: int) -> dict[str, Any]:
+    runs = max(1, repeat // 2)
+    small_rss = statistics.median(_peak_rss(small, top_k) for _ in range(runs))
+    large_rss = statistics.median(_peak_rss(large, top_k) for _ in range(runs))
+    return {
+        "d": {
+            "ratio": large_rss / small_rss - 1,
+            "bytes": {f"peak RSS, {small.name}": small_rss, f"peak RSS, {large.name}": large_rss},
+        }
+    }
+
+
+def bench_e(data: Path, tokens: int, experts: int, top_k: int, repeat: int) -> dict[str, Any]:
+    from routelog import ingest
+
+    try:
+        import torch
+    except ImportError:
+        return {"e": {"skipped": "torch is not installed"}}
+    if ".pt" not in ingest.FORMATS:
+        return {"e": {"skipped": "this routelog has no .pt reader (routelog/ingest/pt.py)"}}
+    import numpy as np
+    import reference
+
+    path = data / f"tokens{tokens}_e{experts}.pt"
+    if not path.exists():
+        rng = np.random.default_rng(3)
+        logits = rng.standard_normal((tokens, experts), dtype=np.float32)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        torch.save({"step": 0, "layer": 0, "probs": torch.from_numpy(probs)}, path)
+
+    def by_hand() -> None:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        probs = payload["probs"].numpy()
+        zeros = np.zeros(len(probs), dtype=np.int64)
+        reference.metrics_of_arrays(zeros, zeros, probs, top_k)
+
+    times = _median_times(
+        {
+            "routelog analyze (.pt)": _cli(
+                "analyze", str(path), "-f", "json", "-k", str(top_k), "--no-cache"
+            ),
+            "torch.load + numpy script": by_hand,
+        },
+        repeat,
+    )
+    ours, theirs = times.values()
+    return {"e": {"ratio": ours / theirs, "seconds": times}}
+
+
+def bench_f(repeat: int) -> dict[str, Any]:
+    command = [sys.executable, "-m", "routelog", "--version"]
+    subprocess.run(command, check=True, capture_output=True)
+    times = []
+    for _ in range(max(repeat, 5)):
+        start = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {"f": {"ratio": median, "seconds": {"routelog --version": median}}}
+
+
+def _verdict(name: str, entry: dict[str, Any]) -> str:
+    if "skipped" in entry:
+        return "skipped"
+    op, target = TARGETS[name]
+    met = entry["ratio"] <= target if op == "<=" else entry["ratio"] < target
+    return "met" if met else "MISSED"
+
+
+def _table(results: dict[str, Any]) -> str:
+    labels = {
+        "a": "analyze vs decode floor",
+        "b": "analyze vs hand-written script",
+        "c": "re-analysis (1 of 21 files new) vs full",
+        "d": "peak RSS growth for 4x data",
+        "e": ".pt vs torch.load + script",
+        "f": "routelog --version (s)",
+    }
+    lines = [f"{'':2} {'measure':42} {'value':>8} {'target':>8}  verdict"]
+    for name, entry in results.items():
+        op, target = TARGETS[name]
+        value = "-" if "skipped" in entry else f"{entry['ratio']:.3f}"
+        lines.append(
+            f"{name:2} {labels[name]:42} {value:>8} {op + str(target):>8}  {_verdict(name, entry)}"
+        )
+        detail = entry.get("seconds") or entry.get("bytes") or {"reason": entry.get("skipped")}
+        for what, amount in detail.items():
+            shown = f"{amount / 1e6:.0f} MB" if "bytes" in entry else amount
+            shown = f"{shown:.3f} s" if isinstance(shown, float) else shown
+            lines.append(f"{'':5}{what}: {shown}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=2_000_000)
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=5, help="timed rounds per measure")
+    parser.add_argument("--quick", action="store_true", help="200k tokens, 3 rounds")
+    parser.add_argument("--only", default="abcdef", help="measures to run, e.g. ab")
+    parser.add_argument("--data", type=Path, default=HERE / "data")
+    parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.tokens, args.repeat = 200_000, 3
+    from routelog import __version__, api
+
+    print(
+        f"routelog {__version__} bench: {args.tokens} tokens x {args.experts} experts, "
+        f"k={args.top_k}, {args.repeat} rounds, {api.default_jobs()} cores",
+        file=sys.stderr,
+    )
+    log = _log(args.data, args.tokens, args.experts)
+    results: dict[str, Any] = {}
+    steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        ("ab", lambda: bench_a_b(log, args.top_k, args.repeat)),
+        ("c", lambda: bench_c(args.data, args.tokens, args.experts, args.top_k, args.repeat)),
+        (
+            "d",
+            lambda: bench_d(
+                _log(args.data, args.tokens // 4, args.experts), log, args.top_k, args.repeat
+            ),
+        ),
+        ("e", lambda: bench_e(args.data, args.tokens, args.experts, args.top_k, args.repeat)),
+        ("f", lambda: bench_f(args.repeat)),
+    ]
+    for names, measure in steps:
+        if set(names) & set(args.only):
+            print(f"  measuring {names}", file=sys.stderr)
+            results.update({k: v for k, v in measure().items() if k in args.only})
+    print(_table(results))
+    document = {
+        "routelog_version": __version__,
+        "command": " ".join(["python", "bench/run.py", *sys.argv[1:]]),
+        "machine": {
+            "cores": api.default_jobs(),
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average_1min_at_end": os.getloadavg()[0],
+        },
+        "config": {"tokens": args.tokens, "experts": args.experts, "top_k": args.top_k},
+        "targets": {k: f"{op} {v}" for k, (op, v) in TARGETS.items()},
+        "results": {k: {**v, "verdict": _verdict(k, v)} for k, v in results.items()},
+    }
+    args.out.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
