@@ -8,6 +8,7 @@ streaming, the whole file in memory.
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def metrics_of_arrays(
     bounds = np.r_[starts, len(keys)]
     contiguous = bool(np.all(order == np.arange(len(order))))
     rows = []
-    for start, stop in zip(bounds[:-1], bounds[1:]):
+    for start, stop in itertools.pairwise(bounds):
         block = probs[start:stop] if contiguous else probs[order[start:stop]]
         n_tokens = len(block)
         token_entropy = float(_entropy(block).mean())

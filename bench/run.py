@@ -147,8 +147,10 @@ def bench_c(data: Path, tokens: int, experts: int, top_k: int, repeat: int) -> d
 
 def _peak_rss(log: Path, top_k: int) -> int:
     done = subprocess.run(
-        [sys.executable, "-c", RSS_PROBE, "analyze", str(log), "-f", "json", "-k", str(top_k)]
-        + ["--no-cache", "-o", os.devnull],
+        [
+            *(sys.executable, "-c", RSS_PROBE, "analyze", str(log), "-f", "json"),
+            *("-k", str(top_k), "--no-cache", "-o", os.devnull),
+        ],
         capture_output=True,
         text=True,
         check=True,
