@@ -17,7 +17,9 @@ def test_samples_are_small() -> None:
 
 
 def test_samples_are_reproducible(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("make_samples", REPO / "scripts" / "make_samples.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_samples", REPO / "scripts" / "make_samples.py"
+    )
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
