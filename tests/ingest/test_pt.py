@@ -359,6 +359,18 @@ def test_large_layers_come_in_bounded_batches(
     np.testing.assert_allclose(frame["probs"].to_numpy(), _softmax(logits)[kept], rtol=1e-5)
 
 
+def test_run_directory_of_pt_and_pth(tmp_path: Path) -> None:
+    torch = _torch()
+    run = tmp_path / "run"
+    _save({"router_logits": (torch.randn(8, 4),)}, run / "step_10.pt")
+    _save({"router_logits": (torch.randn(8, 4),)}, run / "sub" / "step_20.pth")
+    (run / "notes.txt").write_text("not a log")
+    analysis = api.analyze([str(run)])
+    assert analysis.metrics["step"].to_list() == [10, 20]
+    assert analysis.runs[0].summary()["ignored_files"] == [str(run / "notes.txt")]
+    assert [f.format for f in analysis.runs[0].files] == ["pt", "pt"]
+
+
 # --- the real logs -----------------------------------------------------------------------
 
 
