@@ -244,10 +244,10 @@ def _attention_mask(
 def _holds_probabilities(layers: list[tuple[int, np.ndarray]], keep: np.ndarray | None) -> bool:
     """Every real row of every layer non-negative and summing to 1 (softmax already applied)."""
     for _, matrix in layers:
-        rows = matrix if keep is None else matrix[keep]
-        if not (looks_like_probabilities(rows[:PROBE_ROWS]) and looks_like_probabilities(rows)):
-            return False
-    return True
+        head = matrix[:PROBE_ROWS] if keep is None else matrix[:PROBE_ROWS][keep[:PROBE_ROWS]]
+        if len(head) and not looks_like_probabilities(head):
+            return False  # the usual case, decided without a pass over the whole tensor
+    return all(looks_like_probabilities(m if keep is None else m[keep]) for _, m in layers)
 
 
 def _locator(path: Path, layer: int, tokens: np.ndarray) -> Locate:

@@ -516,6 +516,15 @@ def test_unknown_class_is_refused(tmp_path: Path, payload: object, refused: str)
     assert "nothing was run" in message
 
 
+def test_legacy_format_with_unknown_class(tmp_path: Path) -> None:
+    path = _save(
+        {"step": 1, "router_logits": _Custom()},
+        tmp_path / "legacy.pt",
+        _use_new_zipfile_serialization=False,
+    )
+    _fails(path, "refused by torch.load(weights_only=True)")
+
+
 class _Evil:
     """Unpickling this calls ``function(*args)``: what a malicious checkpoint does."""
 
