@@ -72,6 +72,7 @@ class Run:
             "masked_rows": sum(f.masked_rows for f in self.files),
             "skipped_rows": sum(f.skipped_rows for f in self.files),
             "top_k": top_k[0] if len(top_k) == 1 else top_k,
+            "payloads": sorted({f.payload for f in self.files if f.payload}),
             "ignored_files": self.ignored_files,
             "warnings": warnings,
         }

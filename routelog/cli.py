@@ -40,6 +40,20 @@ Temperature = Annotated[
     Optional[float],  # noqa: UP045
     typer.Option(help="Divide logits by T before the softmax (what-if gate scaling)."),
 ]
+Score = Annotated[
+    str,
+    typer.Option(
+        "--score",
+        help="How the router scores experts from logits: softmax, or sigmoid (DeepSeek-V3 style; "
+        "scores normalised to sum 1).",
+    ),
+]
+NumExperts = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(
+        "--num-experts", help="Experts per layer E, for top-k ids without a num_experts column."
+    ),
+]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Output format.")]
 Output = Annotated[
@@ -109,6 +123,8 @@ def analyze(
     steps: Steps = None,
     skip_bad_rows: SkipBadRows = False,
     temperature: Temperature = None,
+    score: Score = "softmax",
+    num_experts: NumExperts = None,
     fmt: FormatOpt = Format.table,
     output: Output = None,
     debug: Debug = False,
@@ -127,6 +143,8 @@ def analyze(
             steps=steps,
             skip_bad_rows=skip_bad_rows,
             temperature=temperature,
+            score=score,
+            num_experts=num_experts,
         )
         result = api.analyze(paths, options=options)
 
