@@ -159,6 +159,41 @@ def analyze(
         _emit(output, write)
 
 
+@app.command()
+def inspect(
+    paths: Annotated[list[str], typer.Argument(help="Log files or run directories.")],
+    skip_bad_rows: SkipBadRows = False,
+    num_experts: NumExperts = None,
+    fmt: FormatOpt = Format.table,
+    output: Output = None,
+    debug: Debug = False,
+) -> None:
+    """What routelog detects in each log file (format, layout, payload, steps, layers, E, k,
+    rows), without computing metrics.
+
+    Example: routelog inspect sample_logs/healthy --format json
+    """
+    with _errors(debug):
+        from routelog import api
+        from routelog.errors import UsageError
+        from routelog.render import data, make_console
+        from routelog.render import inspect as render_inspect
+
+        if fmt not in (Format.table, Format.json):
+            raise UsageError(f"inspect writes --format table or json, not {fmt.value}")
+        options = api.make_options(skip_bad_rows=skip_bad_rows, num_experts=num_experts)
+        infos = api.inspect(paths, options=options)
+
+        def write(stream: object) -> None:
+            if fmt is Format.json:
+                document = render_inspect.inspect_document(infos)
+                stream.write(data.to_json(document))  # type: ignore[attr-defined]
+            else:
+                render_inspect.print_inspect(infos, make_console(stream))  # type: ignore[arg-type]
+
+        _emit(output, write)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
