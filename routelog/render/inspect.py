@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from routelog import __version__
@@ -53,11 +54,10 @@ def print_inspect(infos: list[FileInfo], console: Console) -> None:
     from rich.table import Table
 
     paths = [info.path for info in infos]
-    base = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]) if paths else ""
-    shown = [
-        os.path.relpath(os.path.abspath(p), base) if len(paths) > 1 and base != os.sep else p
-        for p in paths
-    ]
+    absolute = [Path(p).resolve() for p in paths]
+    base = os.path.commonpath([a.parent for a in absolute]) if paths else ""
+    relative = len(paths) > 1 and base != os.sep
+    shown = [str(a.relative_to(base)) if relative else p for a, p in zip(absolute, paths)]
     table = Table(
         box=None, pad_edge=False, header_style="bold", show_edge=False, padding=(0, 1, 0, 0)
     )
@@ -67,7 +67,7 @@ def print_inspect(infos: list[FileInfo], console: Console) -> None:
         table.add_column(name, no_wrap=True)
     for name in ("steps", "layers", "E", "k", "rows", "masked", "skipped"):
         table.add_column(name, justify="right", no_wrap=True)
-    if len(paths) > 1 and base != os.sep:
+    if relative:
         table.caption = f"files under {base}"
         table.caption_justify = "left"
     for info, name in zip(infos, shown, strict=True):
