@@ -57,7 +57,9 @@ def print_inspect(infos: list[FileInfo], console: Console) -> None:
     absolute = [Path(p).resolve() for p in paths]
     base = os.path.commonpath([a.parent for a in absolute]) if paths else ""
     relative = len(paths) > 1 and base != os.sep
-    shown = [str(a.relative_to(base)) if relative else p for a, p in zip(absolute, paths)]
+    shown = [
+        str(a.relative_to(base)) if relative else p for a, p in zip(absolute, paths, strict=True)
+    ]
     table = Table(
         box=None, pad_edge=False, header_style="bold", show_edge=False, padding=(0, 1, 0, 0)
     )
