@@ -141,6 +141,8 @@ def _parse(
     force: bool = False,
 ) -> tuple[pl.DataFrame, np.ndarray] | None:
     """Parse one block; on failure find, then raise on or skip, the bad lines."""
+    if not block.strip():
+        return None
     problem = None
     if not force:
         frame, problem = _read(block, layout)

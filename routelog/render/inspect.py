@@ -64,9 +64,10 @@ def print_inspect(infos: list[FileInfo], console: Console) -> None:
         box=None, pad_edge=False, header_style="bold", show_edge=False, padding=(0, 1, 0, 0)
     )
     longest = max((len(name) for name in shown), default=4)
-    table.add_column("file", overflow="fold", min_width=min(longest, 10))
-    for name in ("format", "layout", "payload"):
-        table.add_column(name, no_wrap=True)
+    table.add_column("file", overflow="fold", min_width=min(longest, 20))
+    table.add_column("format", no_wrap=True)
+    table.add_column("layout", min_width=17)  # wraps only "tokens-per-expert counts"
+    table.add_column("payload", no_wrap=True)
     for name in ("steps", "layers", "E", "k", "rows", "masked", "skipped"):
         table.add_column(name, justify="right", no_wrap=True)
     if relative:
