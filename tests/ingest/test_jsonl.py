@@ -330,3 +330,15 @@ def test_parser_matches_json_loads(
     expected = reference_frame(lines).sort("step", "layer", "token", maintain_order=True)
     assert_frame_equal(got, expected, check_exact=False, rel_tol=1e-6)
     assert info.rows == expected.height
+
+
+def test_megatron_sample_is_count_only() -> None:
+    from tests.conftest import SAMPLES
+
+    result = runner.invoke(app, ["analyze", str(SAMPLES / "megatron-tpe"), "-f", "json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    assert document["runs"][0]["payloads"] == ["counts"]
+    latest = [m for m in document["metrics"] if m["step"] == 1100]
+    assert [m["token_entropy"] for m in latest] == [None] * 4
+    assert max(latest, key=lambda m: m["max_load_share"])["layer"] == 3
