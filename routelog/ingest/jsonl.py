@@ -46,7 +46,7 @@ def scan(path: Path, options: Options, info: FileInfo) -> Iterator[Batch]:
         parsed = _parse(block, first_line, path, layout, options, info)
         if parsed is None:
             continue
-        frame, numbers = parsed
+        frame, block = parsed
         if layout is None:
             layout = table.detect_layout(frame.schema, path)
             info.layout = layout.name
@@ -56,7 +56,7 @@ def scan(path: Path, options: Options, info: FileInfo) -> Iterator[Batch]:
                 parsed = _parse(block, first_line, path, layout, options, info, force=True)
                 if parsed is None:
                     continue
-                frame, numbers = parsed
+                frame, block = parsed
         yield from table.batches(
             _with_columns(frame, layout),
             layout,
@@ -64,18 +64,21 @@ def scan(path: Path, options: Options, info: FileInfo) -> Iterator[Batch]:
             row_offset=row_offset,
             options=options,
             info=info,
-            locate=_locator(path, numbers, row_offset),
+            locate=_locator(path, block, first_line, row_offset),
         )
         row_offset += frame.height
     if layout is None:
         raise InputError(f"{path}: no JSON lines (the file holds only blank lines)")
 
 
-def _locator(path: Path, numbers: np.ndarray, offset: int) -> Locate:
-    """Row index of the file -> ``file:LINE``, through the line numbers of one block."""
+def _locator(path: Path, block: bytes, first_line: int, offset: int) -> Locate:
+    """Row index of the file -> ``file:LINE``; line numbers are only counted when asked for."""
+    numbers: list[np.ndarray] = []
 
     def locate(row: int) -> str:
-        return f"{path}:{numbers[row - offset]}"
+        if not numbers:
+            numbers.append(_line_numbers(block, first_line))
+        return f"{path}:{numbers[0][row - offset]}"
 
     return locate
 
@@ -125,7 +128,7 @@ def _line_numbers(block: bytes, first_line: int) -> np.ndarray:
     if not block.endswith(b"\n"):
         ends = np.append(ends, len(data))
     starts = np.r_[0, ends[:-1] + 1]
-    visible = np.r_[0, np.cumsum(~np.isin(data, WHITESPACE))]
+    visible = np.r_[0, np.cumsum(~np.isin(data, WHITESPACE), dtype=np.int32)]
     numbers: np.ndarray = first_line + np.flatnonzero(visible[ends] > visible[starts])
     return numbers
 
@@ -139,21 +142,21 @@ def _parse(
     info: FileInfo,
     *,
     force: bool = False,
-) -> tuple[pl.DataFrame, np.ndarray] | None:
-    """Parse one block; on failure find, then raise on or skip, the bad lines."""
+) -> tuple[pl.DataFrame, bytes] | None:
+    """Parse one block; find, then raise on or blank out, bad lines (returns the block used)."""
     if not block.strip():
         return None
     problem = None
     if not force:
         frame, problem = _read(block, layout)
         if frame is not None and problem is None:
-            return _checked(frame, block, first_line, path)
+            return _checked(frame, block)
     block = _drop_bad_lines(block, first_line, path, layout, options, info, problem)
     frame, problem = _read(block, layout)
     if frame is None or problem is not None:
         last = first_line + block.count(b"\n")
         raise InputError(f"{path}:{first_line}-{last}: cannot read these lines ({problem})")
-    return _checked(frame, block, first_line, path)
+    return _checked(frame, block)
 
 
 def _read(block: bytes, layout: table.Layout | None) -> tuple[pl.DataFrame | None, str | None]:
@@ -166,16 +169,8 @@ def _read(block: bytes, layout: table.Layout | None) -> tuple[pl.DataFrame | Non
     return frame, None
 
 
-def _checked(
-    frame: pl.DataFrame, block: bytes, first_line: int, path: Path
-) -> tuple[pl.DataFrame, np.ndarray] | None:
-    numbers = _line_numbers(block, first_line)
-    if frame.height != len(numbers):
-        last = first_line + block.count(b"\n")
-        raise InputError(
-            f"{path}:{first_line}-{last}: {frame.height} rows parsed from {len(numbers)} lines"
-        )
-    return (frame, numbers) if frame.height else None
+def _checked(frame: pl.DataFrame, block: bytes) -> tuple[pl.DataFrame, bytes] | None:
+    return (frame, block) if frame.height else None
 
 
 def _drop_bad_lines(

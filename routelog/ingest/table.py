@@ -400,8 +400,8 @@ def _probability_batch(
     locate: Locate,
 ) -> Iterator[Batch]:
     column = frame[layout.payload]
-    nulls = column.list.eval(pl.element().is_null()).list.any()
-    if nulls.any():
+    if column.explode().null_count() > column.null_count():
+        nulls = column.list.eval(pl.element().is_null()).list.any()
         frame = _skip(frame, nulls, f"null value in {layout.payload!r}", options, info, locate)
         column = column.filter(~nulls)
     matrix = column.list.to_array(width).cast(pl.Array(pl.Float32, width)).to_numpy()
