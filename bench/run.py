@@ -183,18 +183,21 @@ def bench_e(data: Path, tokens: int, experts: int, top_k: int, repeat: int) -> d
     import reference
 
     path = data / f"tokens{tokens}_e{experts}.pt"
+    layers = synth.LAYERS
     if not path.exists():
         rng = np.random.default_rng(3)
-        logits = rng.standard_normal((tokens, experts), dtype=np.float32)
+        logits = rng.standard_normal((tokens, experts), dtype=np.float32) * 1.5
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
-        torch.save({"step": 0, "layer": 0, "probs": torch.from_numpy(probs)}, path)
+        per_layer = list(torch.from_numpy(probs).chunk(layers))
+        torch.save({"step": 0, "router_probs": per_layer, "top_k": top_k}, path)
 
     def by_hand() -> None:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-        probs = payload["probs"].numpy()
-        zeros = np.zeros(len(probs), dtype=np.int64)
-        reference.metrics_of_arrays(zeros, zeros, probs, top_k)
+        tensors = payload["router_probs"]
+        probs = torch.cat(tensors).numpy()
+        layer = np.repeat(np.arange(len(tensors)), [len(t) for t in tensors])
+        reference.metrics_of_arrays(np.zeros(len(probs), dtype=np.int64), layer, probs, top_k)
 
     times = _median_times(
         {

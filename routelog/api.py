@@ -86,6 +86,7 @@ class Run:
             "masked_rows": sum(f.masked_rows for f in self.files),
             "skipped_rows": sum(f.skipped_rows for f in self.files),
             "top_k": top_k[0] if len(top_k) == 1 else top_k,
+            "payloads": sorted({f.payload for f in self.files if f.payload}),
             "ignored_files": self.ignored_files,
             "warnings": warnings,
         }
@@ -313,6 +314,42 @@ def metrics_of(runs: Iterable[Run], options: Options) -> pl.DataFrame:
     stats = [r.stats.with_columns(pl.lit(None, pl.String).alias("dataset")) for r in runs]
     merged = kernels.merge(stats)
     return kernels.finish(merged, options.dead_fraction).drop("dataset")
+
+
+def inspect_file(path: Path, options: Options) -> ingest.FileInfo:
+    """What one file holds, from the batches ingestion makes of it (no metrics computed).
+
+    It reads the file exactly as analysis does, so detection cannot disagree with it; only
+    the batches' shapes and keys are looked at.
+    """
+    info = ingest.FileInfo(path=str(path), format=ingest.format_of(path) or "?")
+    steps: set[int] = set()
+    layers: set[int] = set()
+    widths: set[int] = set()
+    ks: set[int] = set()
+    for batch in ingest.scan(path, options, info):
+        steps.update(batch.frame["step"].unique().to_list())
+        layers.update(batch.frame["layer"].unique().to_list())
+        widths.add(batch.n_experts)
+        if batch.top_k is not None:
+            ks.add(batch.top_k)
+    info.steps, info.layers = sorted(steps), sorted(layers)
+    if len(widths) > 1:
+        info.warn(f"layers differ in expert count: E = {', '.join(map(str, sorted(widths)))}")
+    info.n_experts = widths.pop() if len(widths) == 1 else None
+    info.top_k = ks.pop() if len(ks) == 1 else None
+    return info
+
+
+def inspect(
+    paths: Sequence[str | Path], *, options: Options | None = None
+) -> list[ingest.FileInfo]:
+    """Describe every log file under ``paths`` (files or run directories), in order."""
+    if not paths:
+        raise UsageError("no path given")
+    opts = options if options is not None else make_options()
+    files = [f for p in paths for f in ingest.discover(Path(p)).files]
+    return [inspect_file(path, opts) for path in files]
 
 
 def make_options(

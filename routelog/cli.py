@@ -42,6 +42,20 @@ Temperature = Annotated[
     Optional[float],  # noqa: UP045
     typer.Option(help="Divide logits by T before the softmax (what-if gate scaling)."),
 ]
+Score = Annotated[
+    str,
+    typer.Option(
+        "--score",
+        help="How the router scores experts from logits: softmax, or sigmoid (DeepSeek-V3 style; "
+        "scores normalised to sum 1).",
+    ),
+]
+NumExperts = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(
+        "--num-experts", help="Experts per layer E, for top-k ids without a num_experts column."
+    ),
+]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Output format.")]
 Output = Annotated[
@@ -127,6 +141,8 @@ def analyze(
     steps: Steps = None,
     skip_bad_rows: SkipBadRows = False,
     temperature: Temperature = None,
+    score: Score = "softmax",
+    num_experts: NumExperts = None,
     fmt: FormatOpt = Format.table,
     output: Output = None,
     jobs: Jobs = None,
@@ -149,6 +165,8 @@ def analyze(
             steps=steps,
             skip_bad_rows=skip_bad_rows,
             temperature=temperature,
+            score=score,
+            num_experts=num_experts,
         )
         cache = None if no_cache else Cache.at(cache_dir)
         result = api.analyze(paths, options=options, jobs=jobs, cache=cache)
@@ -164,8 +182,43 @@ def analyze(
         _emit(output, write)
 
 
+@app.command()
+def inspect(
+    paths: Annotated[list[str], typer.Argument(help="Log files or run directories.")],
+    skip_bad_rows: SkipBadRows = False,
+    num_experts: NumExperts = None,
+    fmt: FormatOpt = Format.table,
+    output: Output = None,
+    debug: Debug = False,
+) -> None:
+    """What routelog detects in each log file (format, layout, payload, steps, layers, E, k,
+    rows), without computing metrics.
+
+    Example: routelog inspect sample_logs/healthy --format json
+    """
+    with _errors(debug):
+        from routelog import api
+        from routelog.errors import UsageError
+        from routelog.render import data, make_console
+        from routelog.render import inspect as render_inspect
+
+        if fmt not in (Format.table, Format.json):
+            raise UsageError(f"inspect writes --format table or json, not {fmt.value}")
+        options = api.make_options(skip_bad_rows=skip_bad_rows, num_experts=num_experts)
+        infos = api.inspect(paths, options=options)
+
+        def write(stream: object) -> None:
+            if fmt is Format.json:
+                document = render_inspect.inspect_document(infos)
+                stream.write(data.to_json(document))  # type: ignore[attr-defined]
+            else:
+                render_inspect.print_inspect(infos, make_console(stream))  # type: ignore[arg-type]
+
+        _emit(output, write)
+
+
 cache_app = typer.Typer(
-    help="Inspect or empty the per-file statistics cache.",
+    help="Inspect or empty the per-file statistics cache.\n\nExample: routelog cache clear",
     no_args_is_help=True,
     rich_markup_mode=None,
 )

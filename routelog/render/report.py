@@ -13,6 +13,9 @@ if TYPE_CHECKING:
 
     from routelog.api import Analysis
 
+NO_PROBABILITIES = {"counts": "tokens-per-expert counts", "top-k ids": "selected expert ids"}
+"""Payload kinds that carry no probabilities, and where their load metrics come from."""
+
 SPARK = "▁▂▃▄▅▆▇█"
 
 
@@ -129,4 +132,12 @@ def _notes(summary: dict[str, Any]) -> list[str]:
             f"{len(summary['ignored_files'])} files in the run directory are not logs (ignored)"
         )
     notes.extend(summary["warnings"])
+    payloads = summary.get("payloads", [])
+    without = [NO_PROBABILITIES[p] for p in payloads if p in NO_PROBABILITIES]
+    if without:
+        some = "some files hold " if len(without) < len(payloads) else ""
+        notes.append(
+            f"{some}{' and '.join(without)} only: H_token, H_load, mutual_info, aux_loss and "
+            "top1_prob need router probabilities and are not computed (–)"
+        )
     return notes
