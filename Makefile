@@ -38,8 +38,8 @@ test: lint  ## ruff, mypy strict, then the whole pytest suite
 samples: $(STAMP)  ## regenerate sample_logs/ (deterministic)
 	$(BIN)/python scripts/make_samples.py sample_logs
 
-bench: $(STAMP)  ## run the performance benchmark (writes bench/results.json)
-	$(BIN)/python bench/run.py
+bench: $(STAMP)  ## run the performance benchmark (writes bench/results.json; BENCH_ARGS=--quick)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -43,14 +43,17 @@ TARGETS = {
     "f": ("<", 0.3),
 }
 
+# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across
+# fork and exec, so a child of this (large) process would report the parent's peak.
 RSS_PROBE = """
-import resource, sys
+import sys
 from routelog.cli import app
 try:
     app(sys.argv[1:])
 except SystemExit as done:
     assert not done.code, done.code
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+status = open("/proc/self/status").read().split("VmHWM:")[1]
+print(int(status.split()[0]) * 1024)
 """
 
 

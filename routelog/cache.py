@@ -8,6 +8,7 @@ three files in the cache directory, named after a hash of the path and options::
     <hash>.json                  {"format", "key", "info", "data"}
     <hash>-<data>.stats.parquet  the statistics frame (``kernels.STATS_SCHEMA``)
     <hash>-<data>.sel.parquet    the per-token selections, when the file has token positions
+                                 (top-k ids as flat columns topk_0.., which decode faster)
 
 Every file is written to a temporary name and renamed, the JSON last, so a reader sees a whole
 entry or none. An entry is trusted only when its JSON parses, its key equals the key computed
@@ -28,7 +29,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from routelog.ingest import FileInfo
 
@@ -43,6 +44,8 @@ ENTRY_FORMAT = 1
 AFTER_MERGE = frozenset({"dead_fraction"})
 """Options applied in ``kernels.finish``: they do not change a file's statistics."""
 SELECTION_KEYS = {"step": "Int64", "layer": "Int32", "dataset": "String", "token": "Int64"}
+COMPRESSION: Literal["lz4"] = "lz4"
+"""Entries are read far more often than written: lz4 decodes about twice as fast as zstd."""
 
 
 def default_directory() -> Path:
@@ -105,8 +108,9 @@ class Cache:
                 return None
             selections = None
             if document.get("selections"):
-                selections = _read_frame(self.directory / f"{name}-{data}.sel.parquet")
-                if selections is None or not _is_selections(selections):
+                stored = _read_frame(self.directory / f"{name}-{data}.sel.parquet")
+                selections = _unflatten(stored) if stored is not None else None
+                if selections is None:
                     return None
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -123,11 +127,14 @@ class Cache:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             _write_atomic(
-                self.directory / f"{name}-{data}.stats.parquet", entry.stats.write_parquet
+                self.directory / f"{name}-{data}.stats.parquet",
+                lambda target: entry.stats.write_parquet(target, compression=COMPRESSION),
             )
             if entry.selections is not None:
+                flat = _flatten(entry.selections)
                 _write_atomic(
-                    self.directory / f"{name}-{data}.sel.parquet", entry.selections.write_parquet
+                    self.directory / f"{name}-{data}.sel.parquet",
+                    lambda target: flat.write_parquet(target, compression=COMPRESSION),
                 )
             document = {
                 "format": ENTRY_FORMAT,
@@ -245,16 +252,34 @@ def _is_stats(frame: pl.DataFrame) -> bool:
     return dict(frame.schema) == kernels.STATS_SCHEMA
 
 
-def _is_selections(frame: pl.DataFrame) -> bool:
+def _flatten(selections: pl.DataFrame) -> pl.DataFrame:
+    """Top-k ids as k Int32 columns: a fixed-size list column decodes several times slower."""
     import polars as pl
 
-    schema = frame.schema
-    if list(schema) != [*SELECTION_KEYS, "topk"]:
-        return False
+    k = selections.schema["topk"].size  # type: ignore[attr-defined]
+    return selections.select(
+        *SELECTION_KEYS,
+        *[pl.col("topk").arr.get(i).cast(pl.Int32).alias(f"topk_{i}") for i in range(k)],
+    )
+
+
+def _unflatten(stored: pl.DataFrame) -> pl.DataFrame | None:
+    """The selections frame back from its stored form; None when the schema is not ours."""
+    import polars as pl
+
+    schema = stored.schema
+    names = list(schema)
+    k = len(names) - len(SELECTION_KEYS)
+    if k < 1 or names != [*SELECTION_KEYS, *[f"topk_{i}" for i in range(k)]]:
+        return None
     if any(str(schema[name]) != dtype for name, dtype in SELECTION_KEYS.items()):
-        return False
-    topk = schema["topk"]
-    return isinstance(topk, pl.Array) and topk.inner in (pl.Int32, pl.Int16, pl.Int8)
+        return None
+    if any(schema[f"topk_{i}"] != pl.Int32 for i in range(k)):
+        return None
+    import numpy as np
+
+    ids = np.ascontiguousarray(stored.select(f"topk_{i}" for i in range(k)).to_numpy())
+    return stored.select(*SELECTION_KEYS).with_columns(pl.Series("topk", ids))
 
 
 _INFO_TYPES: dict[str, type | tuple[type, ...]] = {

@@ -117,6 +117,7 @@ def _entry_files(store: Cache) -> dict[str, Path]:
         "stats-wrong-schema",
         "selections-missing",
         "selections-wrong-schema",
+        "selections-wrong-dtype",
     ],
 )
 def test_damaged_entry_is_ignored_and_rewritten(
@@ -147,8 +148,11 @@ def test_damaged_entry_is_ignored_and_rewritten(
         result.stats.drop("counts").write_parquet(files["stats.parquet"])
     elif damage == "selections-missing":
         files["sel.parquet"].unlink()
-    else:
+    elif damage == "selections-wrong-schema":
         result.stats.write_parquet(files["sel.parquet"])
+    else:
+        stored = pl.read_parquet(files["sel.parquet"])
+        stored.with_columns(pl.col("topk_0").cast(pl.Float64)).write_parquet(files["sel.parquet"])
     assert store.load(log_file, options) is None
     _fill(store, log_file, options)
     _assert_same(store.load(log_file, options), result)
