@@ -104,10 +104,13 @@ def bench_a_b(log: Path, top_k: int, repeat: int) -> dict[str, Any]:
                 "analyze", str(log), "--format", "json", "-k", str(top_k), "--no-cache"
             ),
             "hand-written numpy script": lambda: reference.metrics(log, top_k),
+            "routelog analyze --jobs 1 (for the --jobs default)": _cli(
+                "analyze", str(log), "--format", "json", "-k", str(top_k), "--no-cache", "-j", "1"
+            ),
         },
         repeat,
     )
-    floor, ours, script = times.values()
+    floor, ours, script, _ = times.values()
     return {
         "a": {"ratio": ours / floor, "seconds": times},
         "b": {"ratio": ours / script, "seconds": times},
@@ -127,6 +130,7 @@ def bench_c(data: Path, tokens: int, experts: int, top_k: int, repeat: int) -> d
     args = ["analyze", str(run), "--format", "json", "-k", str(top_k)]
     incremental: list[float] = []
     full: list[float] = []
+    serial: list[float] = []
     for _ in range(repeat + 1):
         added.unlink(missing_ok=True)
         with tempfile.TemporaryDirectory() as cache:
@@ -138,12 +142,20 @@ def bench_c(data: Path, tokens: int, experts: int, top_k: int, repeat: int) -> d
         start = time.perf_counter()
         _cli(*args, "--no-cache")()
         full.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        _cli(*args, "--no-cache", "--jobs", "1")()
+        serial.append(time.perf_counter() - start)
     added.unlink(missing_ok=True)
     ours, whole = statistics.median(incremental[1:]), statistics.median(full[1:])
+    one = statistics.median(serial[1:])
     return {
         "c": {
             "ratio": ours / whole,
-            "seconds": {"re-analysis, one file added": ours, "full analysis (--no-cache)": whole},
+            "seconds": {
+                "re-analysis, one file added": ours,
+                "full analysis (--no-cache)": whole,
+                "full analysis (--no-cache --jobs 1), for the --jobs default": one,
+            },
         }
     }
 

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 R = TypeVar("R")
 
-PREFETCH = 1
+PREFETCH = 2
 """Chunks decoded ahead of the one being reduced: overlaps I/O and decoding with the kernels
 while holding at most PREFETCH + 2 chunks of a file in memory."""
 
