@@ -258,9 +258,14 @@ def load_run(
     if workers < 1:
         raise UsageError(f"--jobs must be at least 1, got {workers}")
     prefetch = PREFETCH if workers > 1 else 0
-    results = _parallel(
-        lambda path: _read_through(path, options, cache, prefetch), found.files, workers
+    files = found.files
+    # Files the cache cannot answer go first, so that reading them overlaps loading the
+    # others instead of waiting behind them (the stable sort keeps the first bad file first).
+    order = sorted(
+        range(len(files)), key=lambda i: cache is not None and cache.holds(files[i], options)
     )
+    done = _parallel(lambda i: _read_through(files[i], options, cache, prefetch), order, workers)
+    results = [result for _, result in sorted(zip(order, done, strict=True), key=lambda x: x[0])]
     seen: dict[int, tuple[int, str]] = {}
     for result in results:
         _check_experts(result.stats, seen, Path(result.info.path))

@@ -87,6 +87,18 @@ class Cache:
         """The cache in ``directory``, or in :func:`default_directory` when None."""
         return cls(Path(directory).expanduser() if directory is not None else default_directory())
 
+    def holds(self, path: Path, options: Options) -> bool:
+        """Whether an entry for ``path`` as it is now exists (its frames are checked by load)."""
+        key = _key(path, options)
+        if key is None:
+            return False
+        try:
+            text = (self.directory / f"{_name(key)}.json").read_text(encoding="utf-8")
+            document = json.loads(text)
+        except (OSError, ValueError):
+            return False
+        return isinstance(document, dict) and document.get("key") == key
+
     def load(self, path: Path, options: Options) -> Entry | None:
         """The cached reduction of ``path`` under ``options``, or None when absent or untrusted."""
         key = _key(path, options)

@@ -186,3 +186,31 @@ def test_prefetch_raises_the_producers_error_and_stops_it() -> None:
     with api._prefetched(endless(), 1) as items:
         assert next(items) == 1
     assert closed.is_set()  # leaving early stopped and closed the producer
+
+
+def test_uncached_files_are_read_before_cached_ones_are_loaded(
+    write_parquet_run: WriteRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = _run(write_parquet_run, steps=3)
+    store = Cache.at(tmp_path / "cache")
+    first = api.analyze([run], top_k=2, cache=store)
+    rng = np.random.default_rng(9)
+    write_parquet_run({300: {0: dirichlet(rng, 20, 8)}})
+    events: list[str] = []
+    original_load, original_read = Cache.load, api.read_file
+
+    def load(self: Cache, path: Path, options: api.Options) -> object:
+        events.append(f"load {path.name}")
+        return original_load(self, path, options)
+
+    def read(path: Path, options: api.Options, **kwargs: int) -> api.FileResult:
+        events.append(f"read {path.name}")
+        return original_read(path, options, **kwargs)
+
+    monkeypatch.setattr(Cache, "load", load)
+    monkeypatch.setattr(api, "read_file", read)
+    again = api.analyze([run], top_k=2, cache=store, jobs=1)
+    assert events[:2] == ["load step_000300.parquet", "read step_000300.parquet"]
+    assert len(events) == 5
+    assert [f.path for f in again.runs[0].files] == sorted(str(p) for p in run.glob("*.parquet"))
+    assert_frame_equal(again.metrics.filter(again.metrics["step"] < 300), first.metrics)

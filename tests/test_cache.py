@@ -182,3 +182,13 @@ def test_clear_removes_only_entries(log_file: Path, tmp_path: Path) -> None:
     assert [p.name for p in store.directory.iterdir()] == ["notes.txt"]
     assert store.usage().entries == 0
     assert Cache.at(tmp_path / "never-made").clear() == 0
+
+
+def test_holds_follows_the_key(log_file: Path, tmp_path: Path) -> None:
+    store = Cache.at(tmp_path / "c")
+    options = api.make_options(top_k=2)
+    assert not store.holds(log_file, options)
+    _fill(store, log_file, options)
+    assert store.holds(log_file, options)
+    assert not store.holds(log_file, api.make_options(top_k=1))
+    assert not store.holds(log_file.with_name("missing.parquet"), options)
