@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -137,6 +138,103 @@ def analyze(
                 stream.write(data.to_csv(result.metrics))  # type: ignore[attr-defined]
             else:
                 report.print_report(result, make_console(stream))  # type: ignore[arg-type]
+
+        _emit(output, write)
+
+
+class By(str, enum.Enum):
+    """What ``compare`` puts side by side."""
+
+    run = "run"
+    dataset = "dataset"
+
+
+class AlignOpt(str, enum.Enum):
+    """How ``compare`` pairs steps."""
+
+    exact = "exact"
+    nearest = "nearest"
+
+
+@app.command()
+def compare(
+    paths: Annotated[
+        list[str],
+        typer.Argument(help="Runs, the baseline first (PATH or NAME=PATH); one with --by dataset."),
+    ],
+    by: Annotated[By, typer.Option(help="Compare runs, or the datasets of one run.")] = By.run,
+    base: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="With --by dataset: the baseline dataset (default: the first)."),
+    ] = None,
+    step: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="Compare at this step (default: the latest step every run logged)."),
+    ] = None,
+    align: Annotated[
+        AlignOpt,
+        typer.Option(help="nearest: pair with each run's latest logged step at or before."),
+    ] = AlignOpt.exact,
+    shift_threshold: Annotated[
+        float, typer.Option(help="With --by dataset: JSD above which a layer has shifted.")
+    ] = 0.1,
+    top_k: TopK = None,
+    layers: Layers = None,
+    steps: Steps = None,
+    skip_bad_rows: SkipBadRows = False,
+    temperature: Temperature = None,
+    fmt: FormatOpt = Format.table,
+    output: Output = None,
+    debug: Debug = False,
+) -> None:
+    """Routing of runs (or of one run's datasets) side by side, with deltas from the first.
+
+    Example: routelog compare base=sample_logs/healthy sample_logs/collapse --top-k 2
+    """
+    with _errors(debug):
+        from routelog import api
+        from routelog import compare as core
+        from routelog.errors import UsageError
+        from routelog.render import compare as view
+        from routelog.render import data, make_console
+
+        options = api.make_options(
+            top_k=top_k,
+            layers=layers,
+            steps=steps,
+            skip_bad_rows=skip_bad_rows,
+            temperature=temperature,
+        )
+        if by is By.dataset:
+            if len(paths) != 1:
+                raise UsageError(f"--by dataset compares the datasets of one run, got {len(paths)}")
+            (run,) = api.load_runs(paths, options)
+            result = core.compare_datasets(
+                run,
+                options,
+                base=base,
+                step=step,
+                align=align.value,
+                threshold=shift_threshold,
+            )
+        else:
+            if base is not None:
+                raise UsageError(
+                    "--base names a dataset (with --by dataset); the first run is the baseline"
+                )
+            result = core.compare_runs(
+                api.load_runs(paths, options), options, step=step, align=align.value
+            )
+
+        def write(stream: object) -> None:
+            if fmt is Format.json:
+                stream.write(data.to_json(view.comparison_document(result)))  # type: ignore[attr-defined]
+            elif fmt is Format.csv:
+                stream.write(data.to_csv(result.table))  # type: ignore[attr-defined]
+            elif fmt is Format.markdown:
+                stream.write(view.to_markdown(result))  # type: ignore[attr-defined]
+            else:
+                view.print_comparison(result, make_console(stream))  # type: ignore[arg-type]
 
         _emit(output, write)
 
