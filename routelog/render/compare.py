@@ -150,7 +150,7 @@ def _table(comparison: Comparison) -> Any:
 
     table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False, padding=(0, 1))
     table.add_column("layer", justify="right")
-    table.add_column("run", no_wrap=True)
+    table.add_column(comparison.by, no_wrap=True)
     for metric in COMPARED:
         table.add_column(HEADERS[metric], no_wrap=True)
     for name in ("JSD", "agree@1", "overlap@k"):
@@ -178,7 +178,8 @@ def to_markdown(comparison: Comparison) -> str:
     lines = [line.replace("[bold]", "**").replace("[/bold]", "**") for line in _title(comparison)]
     lines = [line.replace("[dim]", "").replace("[/dim]", "") + "  " for line in lines]
     lines.append("")
-    lines.append("| " + " | ".join(_COLUMN_NAMES) + " |")
+    names = [comparison.by if name == "run" else name for name in _COLUMN_NAMES]
+    lines.append("| " + " | ".join(names) + " |")
     lines.append("|" + "|".join("---" if n == "run" else "---:" for n in _COLUMN_NAMES) + "|")
     for cells in _cells(comparison):
         lines.append("| " + " | ".join(text for text, _ in cells) + " |")
