@@ -97,9 +97,7 @@ def write_shift_run(root: Path) -> None:
     rng = np.random.default_rng(SHIFT_SEED)
     out = root / "shift"
     out.mkdir(parents=True, exist_ok=True)
-    z = {
-        dataset: rng.normal(size=(LAYERS, SHIFT_TOKENS, EXPERTS)) for dataset in ("text", "code")
-    }
+    z = {dataset: rng.normal(size=(LAYERS, SHIFT_TOKENS, EXPERTS)) for dataset in ("text", "code")}
     for step in SHIFT_STEPS:
         frames = []
         for layer in range(LAYERS):
