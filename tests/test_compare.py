@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from typer.testing import CliRunner
 from routelog import api, compare
 from routelog.cli import app
 from routelog.errors import InputError, UsageError
-from tests.conftest import SAMPLES, WriteRun, dirichlet
+from tests.conftest import REAL_LOGS, SAMPLES, WriteRun, dirichlet
 
 runner = CliRunner()
 
@@ -260,3 +261,73 @@ def test_by_dataset_errors(write_parquet_run: WriteRun) -> None:
     result = runner.invoke(app, ["compare", shift, healthy, "--by", "dataset"])
     assert result.exit_code == 2, result.output
     assert "datasets of one run, got 2" in result.output
+
+
+def _torch_reference(path: Path, k: int = 2) -> dict[int, dict[str, np.ndarray | float]]:
+    """Per layer, from a real router dump with torch: normalised entropies and load f."""
+    import torch
+
+    dump = torch.load(path, weights_only=True)
+    out: dict[int, dict[str, np.ndarray | float]] = {}
+    for layer, logits in enumerate(dump["router_logits"]):
+        probs = torch.softmax(logits.double(), dim=-1)
+        n_experts = probs.shape[1]
+        plogp = torch.where(probs > 0, probs * probs.log(), torch.zeros_like(probs))
+        mean = probs.mean(dim=0)
+        # top-k as the README defines it: the k largest, ties to the lower index
+        ids = torch.sort(-probs.float(), dim=1, stable=True).indices[:, :k]
+        counts = torch.bincount(ids.flatten(), minlength=n_experts).double()
+        out[layer] = {
+            "token_entropy_norm": float(-plogp.sum(dim=1).mean() / math.log(n_experts)),
+            "load_entropy_norm": float(-(mean * mean.log()).sum() / math.log(n_experts)),
+            "share": (counts / counts.sum()).numpy(),
+        }
+    return out
+
+
+def _as_parquet_run(source: Path, target: Path) -> Path:
+    """The same dumps as Parquet (step, layer, token, logits): no .pt reader needed."""
+    import torch
+
+    target.mkdir()
+    for path in sorted(source.glob("step_*.pt")):
+        dump = torch.load(path, weights_only=True)
+        frames = [
+            pl.DataFrame(
+                {
+                    "step": np.full(len(logits), dump["step"], dtype=np.int64),
+                    "layer": np.full(len(logits), layer, dtype=np.int32),
+                    "token": np.arange(len(logits), dtype=np.int64),
+                    "logits": logits.numpy(),
+                }
+            )
+            for layer, logits in enumerate(dump["router_logits"])
+        ]
+        pl.concat(frames).write_parquet(target / f"{path.stem}.parquet")
+    return target
+
+
+@pytest.mark.torch
+@pytest.mark.skipif(not REAL_LOGS.exists(), reason="real router dumps not available")
+def test_real_runs_jsd_and_entropy_deltas(tmp_path: Path) -> None:
+    """aux-loss vs collapse (real Mixtral dumps): deltas and JSD equal a torch computation."""
+    base = _as_parquet_run(REAL_LOGS / "aux-loss", tmp_path / "aux-loss")
+    other = _as_parquet_run(REAL_LOGS / "collapse", tmp_path / "collapse")
+    runs = api.load_runs([base, other], options())
+    result = compare.compare_runs(runs, options())
+    assert [g.step for g in result.groups] == [300, 300]
+    reference_base = _torch_reference(REAL_LOGS / "aux-loss" / "step_000300.pt")
+    reference_other = _torch_reference(REAL_LOGS / "collapse" / "step_000300.pt")
+    rows = result.table.filter(pl.col("run") == "collapse").sort("layer")
+    assert rows["layer"].to_list() == [0, 1, 2, 3]
+    for row in rows.iter_rows(named=True):
+        ref_b, ref_o = reference_base[row["layer"]], reference_other[row["layer"]]
+        for metric in ("token_entropy_norm", "load_entropy_norm"):
+            expected = float(ref_o[metric]) - float(ref_b[metric])  # type: ignore[arg-type]
+            assert row[f"delta_{metric}"] == pytest.approx(expected, abs=1e-5), metric
+        p, q = ref_o["share"], ref_b["share"]
+        assert row["jsd"] == pytest.approx(jensenshannon(p, q, base=2) ** 2, abs=1e-9)
+        assert row["agreement_top1"] is not None  # the same probe batch in both runs
+    # the collapsed run routes differently: towards collapse in every layer
+    assert (rows["delta_token_entropy_norm"] < 0).all()
+    assert (rows["jsd"] > 0.05).all()
