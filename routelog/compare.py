@@ -328,14 +328,13 @@ def _token_agreement(
             notes.append(LeftOut(str(name), None, what, f"{missing!r} logged no token positions"))
             continue
         own_layers = _by_layer(own, int(pairs["step"][0]))
+        other_tokens = []
         for layer in pairs["layer"].to_list():
             aligned = tokens.same_tokens(
                 own_layers.get(layer, _EMPTY), base_layers.get(layer, _EMPTY)
             )
             if aligned is None:
-                notes.append(
-                    LeftOut(str(name), layer, what, f"routed other tokens than {base.name!r}")
-                )
+                other_tokens.append(layer)
                 continue
             rows.append(
                 {
@@ -345,6 +344,11 @@ def _token_agreement(
                     "overlap_topk": float(tokens.overlap_topk(*aligned)),
                 }
             )
+        reason = f"routed other tokens than {base.name!r}"
+        if len(other_tokens) == pairs.height:
+            notes.append(LeftOut(str(name), None, what, reason))
+        else:
+            notes.extend(LeftOut(str(name), layer, what, reason) for layer in other_tokens)
     return pl.DataFrame(rows, schema=schema), notes
 
 

@@ -152,8 +152,16 @@ def test_token_metrics_left_out_for_other_tokens(write_parquet_run: WriteRun) ->
     other = write_parquet_run({0: {0: dirichlet(rng, 40, E)}}, name="other")
     result = compare.compare_runs(api.load_runs([base, other], options()), options())
     (note,) = result.left_out
-    assert note.layer == 0
-    assert "other tokens" in note.reason
+    assert (note.layer, note.reason) == (None, "routed other tokens than 'base'")
+    # one layer with other tokens, one with the same: only that layer is left out
+    probs = dirichlet(rng, 50, E)
+    base = write_parquet_run({0: {0: probs, 1: dirichlet(rng, 50, E)}}, name="base2")
+    other = write_parquet_run({0: {0: probs, 1: dirichlet(rng, 30, E)}}, name="other2")
+    result = compare.compare_runs(api.load_runs([base, other], options()), options())
+    (note,) = result.left_out
+    assert note.layer == 1
+    agreement = result.table.filter(pl.col("run") == "other2")["agreement_top1"].to_list()
+    assert agreement == [1.0, None]
 
 
 def _stepped(write_parquet_run: WriteRun, name: str, steps: list[int]) -> Path:
