@@ -289,39 +289,16 @@ def _torch_reference(path: Path, k: int = 2) -> dict[int, dict[str, np.ndarray |
             "token_entropy_norm": float(-plogp.sum(dim=1).mean() / math.log(n_experts)),
             "load_entropy_norm": float(-(mean * mean.log()).sum() / math.log(n_experts)),
             "share": (counts / counts.sum()).numpy(),
+            "ids": ids.numpy(),
         }
     return out
 
 
-def _as_parquet_run(source: Path, target: Path) -> Path:
-    """The same dumps as Parquet (step, layer, token, logits): no .pt reader needed."""
-    import torch
-
-    target.mkdir()
-    for path in sorted(source.glob("step_*.pt")):
-        dump = torch.load(path, weights_only=True)
-        frames = [
-            pl.DataFrame(
-                {
-                    "step": np.full(len(logits), dump["step"], dtype=np.int64),
-                    "layer": np.full(len(logits), layer, dtype=np.int32),
-                    "token": np.arange(len(logits), dtype=np.int64),
-                    "logits": logits.numpy(),
-                }
-            )
-            for layer, logits in enumerate(dump["router_logits"])
-        ]
-        pl.concat(frames).write_parquet(target / f"{path.stem}.parquet")
-    return target
-
-
 @pytest.mark.torch
 @pytest.mark.skipif(not REAL_LOGS.exists(), reason="real router dumps not available")
-def test_real_runs_jsd_and_entropy_deltas(tmp_path: Path) -> None:
-    """aux-loss vs collapse (real Mixtral dumps): deltas and JSD equal a torch computation."""
-    base = _as_parquet_run(REAL_LOGS / "aux-loss", tmp_path / "aux-loss")
-    other = _as_parquet_run(REAL_LOGS / "collapse", tmp_path / "collapse")
-    runs = api.load_runs([base, other], options())
+def test_real_runs_jsd_and_entropy_deltas() -> None:
+    """aux-loss vs collapse (real Mixtral .pt dumps): deltas and JSD equal a torch computation."""
+    runs = api.load_runs([REAL_LOGS / "aux-loss", REAL_LOGS / "collapse"], options())
     result = compare.compare_runs(runs, options())
     assert [g.step for g in result.groups] == [300, 300]
     reference_base = _torch_reference(REAL_LOGS / "aux-loss" / "step_000300.pt")
@@ -335,7 +312,11 @@ def test_real_runs_jsd_and_entropy_deltas(tmp_path: Path) -> None:
             assert row[f"delta_{metric}"] == pytest.approx(expected, abs=1e-5), metric
         p, q = ref_o["share"], ref_b["share"]
         assert row["jsd"] == pytest.approx(jensenshannon(p, q, base=2) ** 2, abs=1e-9)
-        assert row["agreement_top1"] is not None  # the same probe batch in both runs
+        # the same probe batch in both runs: token t is row t of both dumps
+        ids_o, ids_b = np.asarray(ref_o["ids"]), np.asarray(ref_b["ids"])
+        assert row["agreement_top1"] == pytest.approx(np.mean(ids_o[:, 0] == ids_b[:, 0]))
+        overlap = np.mean([len(set(x) & set(y)) / 2 for x, y in zip(ids_o, ids_b, strict=True)])
+        assert row["overlap_topk"] == pytest.approx(overlap)
     # the collapsed run routes differently: towards collapse in every layer
     assert (rows["delta_token_entropy_norm"] < 0).all()
     assert (rows["jsd"] > 0.05).all()
