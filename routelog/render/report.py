@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 STATUS_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red"}
 DEAD_GLYPH = "×"
+WIDE = 120  # below this width, a layer's codes go on lines under the table
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -77,7 +78,14 @@ def print_report(
         for line in findings_lines(findings):
             console.print(line)
         console.print()
-        console.print(_layer_table(metrics, findings))
+        wide = console.width >= WIDE
+        console.print(_layer_table(metrics, findings, codes=wide))
+        if not wide:
+            for layer in sorted(metrics["layer"].unique().to_list()):
+                status, codes = layer_status(findings, layer)
+                if codes:
+                    style = STATUS_STYLE[status]
+                    console.print(f"layer {layer} [{style}]{status}[/{style}]: {', '.join(codes)}")
         console.print()
         console.print(_heatmap(metrics, analysis.options.dead_fraction, values=values))
         if plot:
@@ -183,24 +191,25 @@ def _header(summary: dict[str, Any], metrics: pl.DataFrame) -> str:
     )
 
 
-def _layer_table(metrics: pl.DataFrame, findings: list[Finding]) -> Any:
+def _layer_table(metrics: pl.DataFrame, findings: list[Finding], *, codes: bool) -> Any:
     import polars as pl
     from rich.table import Table
 
     latest = metrics.group_by("layer").agg(pl.all().sort_by("step").last()).sort("layer")
     trends = metrics.sort("step").group_by("layer").agg(pl.col("token_entropy_norm")).sort("layer")
     table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False)
-    table.add_column("layer", justify="right")
-    table.add_column("H_token", justify="right")
-    table.add_column("H_load", justify="right")
-    table.add_column("H_assign", justify="right")
-    table.add_column("max share", justify="right")
-    table.add_column("dead", justify="right")
-    table.add_column("H_token over steps (0–1)")
-    table.add_column("status")
-    table.add_column("codes", overflow="fold")
+    table.add_column("layer", justify="right", no_wrap=True)
+    table.add_column("H_token", justify="right", no_wrap=True)
+    table.add_column("H_load", justify="right", no_wrap=True)
+    table.add_column("H_assign", justify="right", no_wrap=True)
+    table.add_column("max share", justify="right", no_wrap=True)
+    table.add_column("dead", justify="right", no_wrap=True)
+    table.add_column("H_token trend", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    if codes:
+        table.add_column("codes")
     for row, trend in zip(latest.iter_rows(named=True), trends["token_entropy_norm"], strict=True):
-        status, codes = layer_status(findings, row["layer"])
+        status, layer_codes = layer_status(findings, row["layer"])
         table.add_row(
             str(row["layer"]),
             fmt(row["token_entropy_norm"]),
@@ -210,11 +219,11 @@ def _layer_table(metrics: pl.DataFrame, findings: list[Finding]) -> Any:
             f"{fmt(row['dead_experts'])}/{row['n_experts']}",
             sparkline(trend.to_list()),
             f"[{STATUS_STYLE[status]}]{status}[/{STATUS_STYLE[status]}]",
-            ", ".join(codes),
+            *([", ".join(layer_codes)] if codes else []),
         )
     table.caption = (
         "entropies normalised by ln E, at the latest step; share and dead from top-k; "
-        "(code) = held earlier, not at the latest step"
+        "trend: H_token over all logged steps on a 0–1 scale; (code) = held earlier only"
     )
     table.caption_justify = "left"
     return table
