@@ -72,6 +72,8 @@ Scanner = Callable[[Path, "Options", FileInfo], Iterator[Batch]]
 FORMATS: dict[str, tuple[str, str]] = {
     ".parquet": ("parquet", "parquet"),
     ".pq": ("parquet", "parquet"),
+    ".pt": ("pt", "pt"),
+    ".pth": ("pt", "pt"),
 }
 
 

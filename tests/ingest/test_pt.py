@@ -1,0 +1,650 @@
+"""The .pt/.pth ingestor, against files written by real torch (imported inside the tests)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from routelog import api
+from routelog.cli import app
+from routelog.errors import UnsafeFileError
+from routelog.ingest import Batch, FileInfo, _torchfile, pt
+from routelog.options import Options, StepRange
+from tests.conftest import REAL_LOGS, REPO, dirichlet
+
+runner = CliRunner()
+
+pytestmark = pytest.mark.torch
+
+
+def _torch() -> Any:
+    return pytest.importorskip("torch")
+
+
+def _save(obj: object, path: Path, **kwargs: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _torch().save(obj, path, **kwargs)
+    return path
+
+
+def _read(path: Path, options: Options | None = None) -> tuple[list[Batch], FileInfo]:
+    info = FileInfo(str(path), "pt")
+    return list(pt.scan(path, options or Options(), info)), info
+
+
+def _rows(batches: list[Batch]) -> pl.DataFrame:
+    return pl.concat([b.frame for b in batches])
+
+
+def _softmax(tensor: Any) -> np.ndarray:
+    torch = _torch()
+    probs: np.ndarray = torch.softmax(tensor.float(), dim=-1).numpy()
+    return probs
+
+
+def _fails(path: Path, *fragments: str, args: tuple[str, ...] = ()) -> str:
+    """Analyze ``path`` through the CLI, expecting exit code 2 and one line naming the file."""
+    result = runner.invoke(app, ["analyze", str(path), *args])
+    assert result.exit_code == 2, result.output
+    message = result.stderr
+    assert message.startswith("routelog: error: "), message
+    assert str(path) in message, message
+    assert "Traceback" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+# --- payload shapes --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("container", [tuple, list])
+@pytest.mark.parametrize("batched", [False, True], ids=["[B*S,E]", "[B,S,E]"])
+def test_hf_router_logits_round_trip(tmp_path: Path, container: type, batched: bool) -> None:
+    torch = _torch()
+    gen = torch.Generator().manual_seed(0)
+    shape = (3, 5, 8) if batched else (15, 8)
+    logits = [torch.randn(*shape, generator=gen) * 2 for _ in range(4)]
+    path = _save({"step": 200, "router_logits": container(logits)}, tmp_path / "dump.pt")
+
+    batches, info = _read(path)
+
+    assert [b.frame["layer"][0] for b in batches] == [0, 1, 2, 3]
+    assert all(b.n_experts == 8 and b.top_k is None for b in batches)
+    assert info.rows == 4 * 15
+    assert info.payload == "logits"
+    assert info.layout.startswith(f"router_logits: {container.__name__} of 4 layer tensors")
+    for batch, tensor in zip(batches, logits, strict=True):
+        frame = batch.frame
+        assert frame.schema["probs"] == pl.Array(pl.Float32, 8)
+        assert frame["step"].to_list() == [200] * 15
+        assert frame["token"].to_list() == list(range(15))
+        flat = tensor.reshape(15, 8)
+        np.testing.assert_allclose(frame["probs"].to_numpy(), _softmax(flat), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            frame["logit_lse"].to_numpy(), torch.logsumexp(flat, -1).numpy(), rtol=1e-6
+        )
+
+
+def test_bare_tuple_of_tensors(tmp_path: Path) -> None:
+    torch = _torch()
+    logits = tuple(torch.randn(6, 4) for _ in range(2))
+    batches, _ = _read(_save(logits, tmp_path / "step_42.pt"))
+    frame = _rows(batches)
+    assert frame["step"].unique().to_list() == [42]
+    assert frame["layer"].to_list() == [0] * 6 + [1] * 6
+    np.testing.assert_allclose(
+        frame["probs"].to_numpy(), _softmax(torch.cat(logits)), rtol=1e-5, atol=1e-7
+    )
+
+
+def test_single_tensor_is_layer_zero(tmp_path: Path) -> None:
+    torch = _torch()
+    logits = torch.randn(10, 6)
+    batches, info = _read(_save(logits, tmp_path / "step_1.pt"))
+    assert len(batches) == 1
+    assert batches[0].frame["layer"].unique().to_list() == [0]
+    assert info.layout == "tensor [T, E] = [10, 6]"
+    np.testing.assert_allclose(
+        batches[0].frame["probs"].to_numpy(), _softmax(logits), rtol=1e-5, atol=1e-7
+    )
+
+
+def test_stacked_tensor_is_layers_tokens_experts(tmp_path: Path) -> None:
+    torch = _torch()
+    logits = torch.randn(3, 10, 6)
+    batches, info = _read(_save({"step": 5, "logits": logits}, tmp_path / "x.pt"))
+    assert [b.frame["layer"][0] for b in batches] == [0, 1, 2]
+    assert info.layout == "logits: tensor [L, T, E] = [3, 10, 6]"
+    for layer, batch in enumerate(batches):
+        np.testing.assert_allclose(
+            batch.frame["probs"].to_numpy(), _softmax(logits[layer]), rtol=1e-5, atol=1e-7
+        )
+
+
+@pytest.mark.parametrize(
+    ("keys", "layers"),
+    [
+        ([0, 3, 5], [0, 3, 5]),
+        (
+            [f"model.layers.{i}.block_sparse_moe.gate" for i in (2, 7, 11)],
+            [2, 7, 11],
+        ),
+    ],
+    ids=["int keys", "module names"],
+)
+def test_dict_of_layers(tmp_path: Path, keys: list[object], layers: list[int]) -> None:
+    torch = _torch()
+    tensors = {key: torch.randn(7, 4) for key in keys}
+    batches, _ = _read(_save({**tensors, "step": 9}, tmp_path / "layers.pth"))
+    assert [b.frame["layer"][0] for b in batches] == layers
+    for batch, tensor in zip(batches, tensors.values(), strict=True):
+        np.testing.assert_allclose(
+            batch.frame["probs"].to_numpy(), _softmax(tensor), rtol=1e-5, atol=1e-7
+        )
+
+
+@pytest.mark.parametrize("key", ["router_probs", "probs"])
+def test_probabilities_under_their_own_name(tmp_path: Path, key: str) -> None:
+    torch = _torch()
+    probs = torch.softmax(torch.randn(12, 8), -1)
+    batches, info = _read(_save({"step": 1, key: [probs]}, tmp_path / "p.pt"))
+    assert info.payload == "probabilities"
+    assert info.warnings == []
+    assert "logit_lse" not in batches[0].frame.columns
+    np.testing.assert_allclose(batches[0].frame["probs"].to_numpy(), probs.numpy(), rtol=1e-6)
+
+
+def test_probabilities_under_router_logits_are_detected(tmp_path: Path) -> None:
+    torch = _torch()
+    probs = torch.softmax(torch.randn(2, 12, 8), -1)
+    batches, info = _read(_save({"step": 1, "router_logits": tuple(probs)}, tmp_path / "p.pt"))
+    assert info.payload == "probabilities"
+    assert info.warnings == [
+        "router_logits hold probabilities (softmax already applied); read as probabilities"
+    ]
+    assert "logit_lse" not in batches[0].frame.columns
+    np.testing.assert_allclose(_rows(batches)["probs"].to_numpy(), probs.reshape(24, 8), rtol=1e-6)
+
+
+def test_logits_that_happen_to_be_non_negative_stay_logits(tmp_path: Path) -> None:
+    torch = _torch()
+    logits = torch.rand(12, 8)  # non-negative but rows do not sum to 1
+    _, info = _read(_save({"step": 1, "router_logits": (logits,)}, tmp_path / "p.pt"))
+    assert info.payload == "logits"
+    assert info.warnings == []
+
+
+# --- dtypes and storage layouts ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+def test_float_dtypes(tmp_path: Path, dtype: str) -> None:
+    torch = _torch()
+    logits = (torch.randn(64, 8) * 3).to(getattr(torch, dtype))
+    batches, _ = _read(_save({"step": 3, "router_logits": (logits,)}, tmp_path / "d.pt"))
+    # the values read are exactly the saved ones, so the only error is float32 rounding
+    np.testing.assert_allclose(
+        batches[0].frame["probs"].to_numpy(), _softmax(logits), rtol=1e-5, atol=1e-7
+    )
+
+
+def test_bfloat16_bits_are_widened_exactly(tmp_path: Path) -> None:
+    torch = _torch()
+    values = torch.tensor([[1.0, -2.5, 3.140625, 0.0], [1e-3, -1e30, 65504.0, -0.0]])
+    loaded = _torchfile.load(_save(values.bfloat16(), tmp_path / "b.pt"))
+    assert loaded.dtype == np.float32
+    np.testing.assert_array_equal(loaded, values.bfloat16().float().numpy())
+
+
+@pytest.mark.parametrize(
+    "dtype", ["int64", "int32", "int16", "int8", "uint8", "bool", "float16", "float64"]
+)
+def test_other_dtypes_load_exactly(tmp_path: Path, dtype: str) -> None:
+    torch = _torch()
+    tensor = (torch.arange(-12, 12).reshape(4, 6) * 3).to(getattr(torch, dtype))
+    loaded = _torchfile.load(_save({"t": tensor}, tmp_path / "i.pt"))["t"]
+    assert loaded.dtype == tensor.numpy().dtype
+    np.testing.assert_array_equal(loaded, tensor.numpy())
+
+
+def test_views_of_a_bigger_storage(tmp_path: Path) -> None:
+    """Offsets, strides and shared storages, as torch.save writes them (no copy on save)."""
+    torch = _torch()
+    big = torch.randn(10, 16)
+    views = {
+        "strided": big[:, ::2],
+        "offset": big[3:7, 5:9],
+        "transposed": big.t(),
+        "row": big[4],
+        "expanded": torch.randn(1, 6).expand(5, 6),
+        "empty": big[2:2],
+    }
+    loaded = _torchfile.load(_save(views, tmp_path / "v.pt"))
+    for name, view in views.items():
+        assert loaded[name].shape == tuple(view.shape), name
+        np.testing.assert_array_equal(loaded[name], view.numpy(), err_msg=name)
+    assert not loaded["strided"].flags.writeable
+
+
+def test_strided_payload_reads_like_its_copy(tmp_path: Path) -> None:
+    torch = _torch()
+    big = torch.randn(4, 20, 16)
+    layers = (big[0, :, ::2], big[1, 2:18, 8:])
+    batches, _ = _read(_save({"step": 1, "router_logits": layers}, tmp_path / "s.pt"))
+    for batch, layer in zip(batches, layers, strict=True):
+        np.testing.assert_allclose(
+            batch.frame["probs"].to_numpy(), _softmax(layer.contiguous()), rtol=1e-5, atol=1e-7
+        )
+
+
+def test_storages_are_memory_mapped_not_copied(tmp_path: Path) -> None:
+    torch = _torch()
+    loaded = _torchfile.load(_save({"t": torch.randn(100, 8)}, tmp_path / "m.pt"))["t"]
+    base = loaded
+    while getattr(base, "base", None) is not None:  # through as_strided's DummyArray
+        base = base.base
+    assert isinstance(base, memoryview)
+    assert type(base.obj).__name__ == "mmap"
+
+
+def test_legacy_format_with_torch_installed(tmp_path: Path) -> None:
+    torch = _torch()
+    logits = torch.randn(9, 4).bfloat16()
+    path = _save(
+        {"step": 2, "router_logits": (logits,)},
+        tmp_path / "legacy.pt",
+        _use_new_zipfile_serialization=False,
+    )
+    assert not zipfile.is_zipfile(path)
+    batches, _ = _read(path)
+    np.testing.assert_allclose(
+        batches[0].frame["probs"].to_numpy(), _softmax(logits), rtol=1e-5, atol=1e-7
+    )
+
+
+# --- attention mask, step, top_k, selection ----------------------------------------------
+
+
+def test_attention_mask_masks_padding(tmp_path: Path) -> None:
+    torch = _torch()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    logits = tuple(torch.randn(2, 5, 8) for _ in range(3))
+    path = _save({"step": 1, "router_logits": logits, "attention_mask": mask}, tmp_path / "m.pt")
+    batches, info = _read(path)
+    assert info.rows == 3 * 10
+    assert info.masked_rows == 3 * 3
+    kept = [0, 1, 2, 5, 6, 7, 8]
+    for batch, tensor in zip(batches, logits, strict=True):
+        assert batch.frame["token"].to_list() == kept
+        expected = _softmax(tensor.reshape(10, 8))[kept]
+        np.testing.assert_allclose(batch.frame["probs"].to_numpy(), expected, rtol=1e-5, atol=1e-7)
+    summary = api.analyze([str(path)]).runs[0].summary()
+    assert (summary["rows"], summary["masked_rows"]) == (30, 9)
+
+
+def test_step_in_payload_wins_over_the_name_with_a_warning(tmp_path: Path) -> None:
+    torch = _torch()
+    path = _save({"step": 200, "router_logits": (torch.randn(4, 4),)}, tmp_path / "step_100.pt")
+    batches, info = _read(path)
+    assert batches[0].frame["step"].unique().to_list() == [200]
+    assert info.warnings == ["step 200 in the file differs from step 100 in its name; using 200"]
+
+
+def test_step_as_tensor_and_agreeing_name(tmp_path: Path) -> None:
+    torch = _torch()
+    path = _save(
+        {"step": torch.tensor(100), "router_logits": (torch.randn(4, 4),)}, tmp_path / "step_100.pt"
+    )
+    batches, info = _read(path)
+    assert batches[0].frame["step"].unique().to_list() == [100]
+    assert info.warnings == []
+
+
+def test_step_from_the_name(tmp_path: Path) -> None:
+    torch = _torch()
+    path = _save({"router_logits": (torch.randn(4, 4),)}, tmp_path / "global_step300" / "r.pt")
+    batches, _ = _read(path)
+    assert batches[0].frame["step"].unique().to_list() == [300]
+
+
+def test_top_k_from_payload_is_used(tmp_path: Path) -> None:
+    torch = _torch()
+    logits = torch.randn(200, 8)
+    path = _save({"step": 1, "router_logits": (logits,), "top_k": 2}, tmp_path / "k.pt")
+    batches, _ = _read(path)
+    assert batches[0].top_k == 2
+    metrics = api.analyze([str(path)]).metrics
+    assert metrics["top_k"].to_list() == [2]
+    counts = np.bincount(torch.topk(logits, 2).indices.reshape(-1).numpy(), minlength=8)
+    assert metrics["max_load_share"][0] == pytest.approx(counts.max() / 400)
+
+
+def test_layer_and_step_selection(tmp_path: Path) -> None:
+    torch = _torch()
+    path = _save({"step": 50, "router_logits": tuple(torch.randn(3, 8, 4))}, tmp_path / "s.pt")
+    batches, info = _read(path, Options(layers=frozenset({1, 2})))
+    assert [b.frame["layer"][0] for b in batches] == [1, 2]
+    assert info.rows == 24
+    batches, _ = _read(path, Options(steps=StepRange(60, None)))
+    assert batches == []
+
+
+def test_large_layers_come_in_bounded_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch = _torch()
+    monkeypatch.setattr(pt, "BATCH_ROWS", 7)
+    logits = torch.randn(20, 4)
+    mask = torch.ones(20, dtype=torch.int64)
+    mask[[3, 8, 15]] = 0
+    path = _save({"step": 1, "router_logits": (logits,), "attention_mask": mask}, tmp_path / "b.pt")
+    batches, _ = _read(path)
+    assert [b.frame.height for b in batches] == [6, 6, 5]
+    frame = _rows(batches)
+    kept = [t for t in range(20) if t not in (3, 8, 15)]
+    assert frame["token"].to_list() == kept
+    np.testing.assert_allclose(frame["probs"].to_numpy(), _softmax(logits)[kept], rtol=1e-5)
+
+
+def test_run_directory_of_pt_and_pth(tmp_path: Path) -> None:
+    torch = _torch()
+    run = tmp_path / "run"
+    _save({"router_logits": (torch.randn(8, 4),)}, run / "step_10.pt")
+    _save({"router_logits": (torch.randn(8, 4),)}, run / "sub" / "step_20.pth")
+    (run / "notes.txt").write_text("not a log")
+    analysis = api.analyze([str(run)])
+    assert analysis.metrics["step"].to_list() == [10, 20]
+    assert analysis.runs[0].summary()["ignored_files"] == [str(run / "notes.txt")]
+    assert [f.format for f in analysis.runs[0].files] == ["pt", "pt"]
+
+
+# --- the real logs -----------------------------------------------------------------------
+
+
+def _reference_metrics(run: Path, k: int) -> pl.DataFrame:
+    """Metrics by hand: torch.load + torch.softmax + numpy, one (step, layer) at a time."""
+    torch = _torch()
+    rows = []
+    for path in sorted(run.glob("*.pt")):
+        content = torch.load(path, weights_only=True)
+        for layer, logits in enumerate(content["router_logits"]):
+            probs = torch.softmax(logits.double(), dim=-1).numpy()
+            n, e = probs.shape
+            ids = torch.topk(torch.from_numpy(probs), k, dim=-1).indices.numpy()
+            counts = np.bincount(ids.reshape(-1), minlength=e)
+            share = counts / counts.sum()
+            mean = probs.mean(axis=0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                token_h = -np.nansum(probs * np.log(probs), axis=1).mean()
+                assign_h = -np.nansum(share * np.log(share))
+            rows.append(
+                {
+                    "step": content["step"],
+                    "layer": layer,
+                    "n_tokens": n,
+                    "token_entropy": token_h,
+                    "load_entropy": -(mean * np.log(mean)).sum(),
+                    "assign_entropy": assign_h,
+                    "max_load_share": share.max(),
+                    "dead_experts": int((share < 0.1 / e).sum()),
+                    "aux_loss": e * ((counts / n) * mean).sum(),
+                    "top1_prob": probs.max(axis=1).mean(),
+                    "z_loss": (torch.logsumexp(logits.double(), -1) ** 2).mean().item(),
+                }
+            )
+    return pl.DataFrame(rows)
+
+
+@pytest.mark.parametrize("run", ["collapse", "aux-loss"])
+def test_real_logs_match_torch(run: str) -> None:
+    if not (REAL_LOGS / run).is_dir():
+        pytest.skip("real logs not available")
+    result = runner.invoke(
+        app, ["analyze", str(REAL_LOGS / run), "--top-k", "2", "--format", "json"]
+    )
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    got = pl.DataFrame(document["metrics"]).sort("step", "layer")
+    expected = _reference_metrics(REAL_LOGS / run, 2).sort("step", "layer")
+    assert got.height == expected.height == 16 * 4
+    assert got["step"].to_list() == expected["step"].to_list()
+    assert got["n_tokens"].to_list() == [1024] * 64
+    assert got["dead_experts"].to_list() == expected["dead_experts"].to_list()
+    for name in expected.columns[3:]:
+        np.testing.assert_allclose(
+            got[name].to_numpy(), expected[name].to_numpy(), rtol=1e-4, atol=1e-5, err_msg=name
+        )
+
+
+def test_real_logs_read_without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not REAL_LOGS.is_dir():
+        pytest.skip("real logs not available")
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    with pytest.raises(ImportError):
+        import torch  # noqa: F401
+    result = runner.invoke(app, ["analyze", str(REAL_LOGS / "collapse"), "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    assert "16 logged" in result.stdout
+
+
+def test_zip_file_read_without_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch = _torch()
+    logits = torch.randn(2, 6, 4).bfloat16()
+    path = _save({"step": 7, "router_logits": tuple(logits)}, tmp_path / "z.pt")
+    expected = _softmax(logits.reshape(12, 4))
+    monkeypatch.setitem(sys.modules, "torch", None)
+    batches, _ = _read(path)
+    np.testing.assert_allclose(_rows(batches)["probs"].to_numpy(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_reading_never_imports_torch(tmp_path: Path) -> None:
+    torch = _torch()
+    path = _save({"step": 1, "router_logits": (torch.randn(8, 4),)}, tmp_path / "t.pt")
+    code = (
+        "import sys\n"
+        "from routelog import api\n"
+        f"result = api.analyze([{str(path)!r}])\n"
+        "assert result.metrics.height == 1\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+
+
+# --- bad input: exit code 2, one line naming the file ----------------------------------
+
+
+def test_not_a_zip(tmp_path: Path) -> None:
+    path = tmp_path / "step_1.pt"
+    path.write_bytes(b"this is not a checkpoint\n")
+    _fails(path, "not a PyTorch file")
+
+
+def test_zip_without_data_pkl(tmp_path: Path) -> None:
+    path = tmp_path / "step_1.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes.txt", "hello")
+    _fails(path, "no data.pkl")
+
+
+def test_legacy_format_without_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch = _torch()
+    path = _save(
+        {"step": 1, "router_logits": (torch.randn(4, 4),)},
+        tmp_path / "legacy.pt",
+        _use_new_zipfile_serialization=False,
+    )
+    monkeypatch.setitem(sys.modules, "torch", None)
+    _fails(path, "legacy (pre-zip) torch format; re-save with torch.save(...) or install torch")
+
+
+class _Custom:
+    """A class no routing dump should hold."""
+
+    def __init__(self) -> None:
+        self.value = 1
+
+
+@pytest.mark.parametrize(
+    ("payload", "refused"),
+    [
+        (collections.Counter({"a": 1}), "collections.Counter"),
+        (_Custom(), f"{__name__}._Custom"),
+    ],
+    ids=["Counter", "custom class"],
+)
+def test_unknown_class_is_refused(tmp_path: Path, payload: object, refused: str) -> None:
+    path = _save({"step": 1, "router_logits": payload}, tmp_path / "u.pt")
+    message = _fails(path, f"refused to load global {refused}")
+    with pytest.raises(UnsafeFileError):
+        _torchfile.load(path)
+    assert "nothing was run" in message
+
+
+def test_legacy_format_with_unknown_class(tmp_path: Path) -> None:
+    path = _save(
+        {"step": 1, "router_logits": _Custom()},
+        tmp_path / "legacy.pt",
+        _use_new_zipfile_serialization=False,
+    )
+    _fails(path, "refused by torch.load(weights_only=True)")
+
+
+class _Evil:
+    """Unpickling this calls ``function(*args)``: what a malicious checkpoint does."""
+
+    def __init__(self, function: object, *args: object) -> None:
+        self.function = function
+        self.args = args
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return self.function, self.args
+
+
+def _hand_made_checkpoint(path: Path, obj: object) -> Path:
+    """A zip laid out like torch.save's, with ``data.pkl`` pickled by plain pickle."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps(obj, protocol=2))
+        archive.writestr("archive/byteorder", "little")
+        archive.writestr("archive/version", "3\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda marker: (_Evil(os.system, f"touch {marker}"), f"{os.system.__module__}.system"),
+        lambda marker: (
+            _Evil(eval, f"open({str(marker)!r}, 'w').close()"),
+            "builtins.eval",
+        ),
+        lambda marker: (
+            {"step": 1, "router_logits": [_Evil(subprocess.call, ["touch", str(marker)])]},
+            "subprocess.call",
+        ),
+    ],
+    ids=["os.system", "builtins.eval", "subprocess.call"],
+)
+def test_malicious_pickle_runs_nothing(tmp_path: Path, make: Any) -> None:
+    marker = tmp_path / "pwned"
+    obj, refused = make(marker)
+    path = _hand_made_checkpoint(tmp_path / "step_1.pt", obj)
+    with pytest.raises(UnsafeFileError, match=f"refused to load global {refused}"):
+        _torchfile.load(path)
+    _fails(path, f"refused to load global {refused}")
+    assert not marker.exists()
+
+
+def test_crafted_tensor_outside_its_storage(tmp_path: Path) -> None:
+    """A storage shorter than its tensors claim (hand-edited file) is an error, not a read."""
+    torch = _torch()
+    good = _save({"step": 1, "router_logits": (torch.randn(16, 4),)}, tmp_path / "good.pt")
+    bad = tmp_path / "step_1.pt"
+    with zipfile.ZipFile(good) as source, zipfile.ZipFile(bad, "w") as target:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename.endswith("data/0"):
+                data = data[:100]
+            target.writestr(info, data)
+    _fails(bad, "cannot read the torch archive", "storage '0' holds 100 bytes")
+
+
+def test_unknown_structure(tmp_path: Path) -> None:
+    path = _save({"step": 1, "weights": [1, 2, 3]}, tmp_path / "step_1.pt")
+    _fails(
+        path,
+        "expected a tensor, a list of tensors or a dict with router_logits; "
+        "found dict with keys 'step', 'weights'",
+    )
+
+
+def test_list_of_non_tensors(tmp_path: Path) -> None:
+    path = _save({"step": 1, "router_logits": [1.0, 2.0]}, tmp_path / "step_1.pt")
+    _fails(path, "found list of 2 items (float)")
+
+
+def test_integer_payload(tmp_path: Path) -> None:
+    torch = _torch()
+    path = _save(
+        {"step": 1, "router_logits": (torch.ones(4, 8, dtype=torch.int64),)}, tmp_path / "i.pt"
+    )
+    _fails(path, "layer 0 tensor holds int64 values")
+
+
+def test_attention_mask_of_the_wrong_size(tmp_path: Path) -> None:
+    torch = _torch()
+    path = _save(
+        {"step": 1, "router_logits": (torch.randn(10, 4),), "attention_mask": torch.ones(2, 4)},
+        tmp_path / "m.pt",
+    )
+    _fails(path, "attention_mask [2, 4] covers 8 tokens, but layer 0 has 10 rows")
+
+
+def test_no_step_anywhere(tmp_path: Path) -> None:
+    torch = _torch()
+    path = _save({"router_logits": (torch.randn(4, 4),)}, tmp_path / "router.pt")
+    _fails(path, "no 'step' in the payload, and no step in the file name")
+
+
+def test_non_finite_logits_name_layer_and_row(tmp_path: Path) -> None:
+    torch = _torch()
+    logits = torch.randn(6, 4)
+    logits[4, 2] = float("nan")
+    path = _save({"step": 1, "router_logits": (torch.randn(6, 4), logits)}, tmp_path / "n.pt")
+    _fails(path, "layer 1 row 4: non-finite logit")
+    result = runner.invoke(app, ["analyze", str(path), "--skip-bad-rows", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["runs"][0]["skipped_rows"] == 1
+
+
+def test_bad_probabilities_under_probs(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    torch = _torch()
+    probs = torch.from_numpy(dirichlet(rng, 5, 4).astype(np.float32))
+    probs[2] *= 2
+    path = _save({"step": 1, "probs": [probs]}, tmp_path / "p.pt")
+    _fails(path, "layer 0 row 2: probabilities do not sum to 1")
+
+
+def test_duplicate_layer_keys(tmp_path: Path) -> None:
+    torch = _torch()
+    path = _save(
+        {"step": 1, "layers.1.gate": torch.randn(4, 4), "blocks.1.router": torch.randn(4, 4)},
+        tmp_path / "d.pt",
+    )
+    _fails(path, "keys 'layers.1.gate' and 'blocks.1.router' both name layer 1")

@@ -1,0 +1,193 @@
+"""Kernels against hand computations, scipy, and HuggingFace's aux-loss formula."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from polars.testing import assert_frame_equal
+from scipy.stats import entropy as scipy_entropy
+
+from routelog import kernels
+from tests.conftest import dirichlet
+
+
+def _frame(probs: np.ndarray, step: int = 0, layer: int = 0, **extra: object) -> pl.DataFrame:
+    columns: dict[str, object] = {
+        "step": np.full(len(probs), step, dtype=np.int64),
+        "layer": np.full(len(probs), layer, dtype=np.int32),
+        "probs": probs.astype(np.float32),
+    }
+    columns.update(extra)
+    return pl.DataFrame(columns)
+
+
+def _metrics(probs: np.ndarray, k: int = 1, **extra: object) -> dict[str, object]:
+    stats = kernels.reduce_probs(_frame(probs, **extra), k).stats
+    return kernels.finish(stats).row(0, named=True)
+
+
+def test_hand_computed_two_tokens() -> None:
+    # token 0 -> expert 0 (p=.75), token 1 -> expert 1 (p=.5, tie broken to the lower index)
+    probs = np.array([[0.75, 0.25, 0.0, 0.0], [0.25, 0.5, 0.25, 0.0]])
+    m = _metrics(probs)
+    h0 = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    h1 = -(2 * 0.25 * math.log(0.25) + 0.5 * math.log(0.5))
+    load = np.array([0.5, 0.375, 0.125, 0.0])
+    assert m["n_tokens"] == 2
+    assert m["n_experts"] == 4
+    assert m["top_k"] == 1
+    assert m["token_entropy"] == pytest.approx((h0 + h1) / 2, rel=1e-6)
+    assert m["token_entropy_norm"] == pytest.approx((h0 + h1) / 2 / math.log(4), rel=1e-6)
+    load_h = -sum(x * math.log(x) for x in load if x > 0)
+    assert m["load_entropy"] == pytest.approx(load_h, rel=1e-6)
+    assert m["assign_entropy"] == pytest.approx(math.log(2), rel=1e-6)  # f = [.5, .5, 0, 0]
+    assert m["mutual_info"] == pytest.approx(load_h - (h0 + h1) / 2, rel=1e-6)
+    assert m["max_load_share"] == pytest.approx(0.5)
+    assert m["max_vio"] == pytest.approx(1 / 0.5 - 1)  # c = [1, 1, 0, 0], mean 0.5
+    assert m["load_cv"] == pytest.approx(np.std([1, 1, 0, 0]) / 0.5)
+    assert m["dead_experts"] == 2
+    assert m["aux_loss"] == pytest.approx(4 * (0.5 * 0.5 + 0.5 * 0.375))
+    assert m["top1_prob"] == pytest.approx((0.75 + 0.5) / 2)
+    assert m["z_loss"] is None
+    assert m["load_share"] == pytest.approx([0.5, 0.5, 0.0, 0.0])
+
+
+def test_top_k_two_and_ties() -> None:
+    probs = np.array([[0.25, 0.25, 0.25, 0.25]])
+    assert kernels.top_k_ids(probs, 2).tolist() == [[0, 1]]
+    m = _metrics(probs, k=2)
+    assert m["load_share"] == pytest.approx([0.5, 0.5, 0.0, 0.0])
+    assert m["top_k"] == 2
+
+
+@pytest.mark.parametrize("experts", [2, 8, 64])
+def test_entropies_match_scipy(experts: int) -> None:
+    rng = np.random.default_rng(experts)
+    probs = dirichlet(rng, 500, experts, alpha=0.3).astype(np.float32)
+    m = _metrics(probs, k=2)
+    p64 = probs.astype(np.float64)
+    token_h = scipy_entropy(p64, axis=1).mean()
+    load_h = scipy_entropy(p64.mean(axis=0))
+    top = np.argsort(-p64, axis=1, kind="stable")[:, :2]
+    counts = np.bincount(top.ravel(), minlength=experts)
+    assign_h = scipy_entropy(counts / counts.sum())
+    assert m["token_entropy"] == pytest.approx(token_h, rel=1e-5)
+    assert m["load_entropy"] == pytest.approx(load_h, rel=1e-5)
+    assert m["assign_entropy"] == pytest.approx(assign_h, rel=1e-5)
+    assert m["token_entropy_norm"] == pytest.approx(token_h / np.log(experts), rel=1e-5)
+    assert m["top1_prob"] == pytest.approx(p64.max(axis=1).mean(), rel=1e-5)
+    assert m["load_cv"] == pytest.approx(counts.std() / counts.mean(), rel=1e-9)
+
+
+def _hf_load_balancing_loss(probs: np.ndarray, top_k: int) -> float:
+    """transformers' load_balancing_loss_func for one layer without attention mask, in numpy:
+    expert_mask = one_hot(topk(routing_weights)); tokens_per_expert = mean(expert_mask, 0);
+    router_prob_per_expert = mean(routing_weights, 0);
+    loss = sum(tokens_per_expert * router_prob_per_expert) * num_experts."""
+    experts = probs.shape[1]
+    selected = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
+    expert_mask = np.eye(experts)[selected]  # [T, k, E]
+    tokens_per_expert = expert_mask.mean(axis=0)  # [k, E]
+    router_prob_per_expert = probs.mean(axis=0)  # [E]
+    return float((tokens_per_expert * router_prob_per_expert[None, :]).sum() * experts)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_aux_loss_matches_huggingface(top_k: int) -> None:
+    rng = np.random.default_rng(top_k)
+    probs = dirichlet(rng, 300, 8, alpha=0.5).astype(np.float32)
+    m = _metrics(probs, k=top_k)
+    assert m["aux_loss"] == pytest.approx(
+        _hf_load_balancing_loss(probs.astype(np.float64), top_k), rel=1e-5
+    )
+
+
+def test_aux_loss_is_k_when_perfectly_balanced() -> None:
+    probs = np.tile(np.eye(4), (5, 1)) * 0.7 + 0.075  # each expert top-1 equally often
+    assert _metrics(probs)["aux_loss"] == pytest.approx(1.0, rel=1e-6)  # = k
+
+
+def test_z_loss_from_logit_lse() -> None:
+    probs = np.full((3, 2), 0.5)
+    lse = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+    assert _metrics(probs, logit_lse=lse)["z_loss"] == pytest.approx((1 + 4 + 9) / 3)
+
+
+def test_groups_by_step_layer_and_dataset() -> None:
+    rng = np.random.default_rng(1)
+    probs = dirichlet(rng, 40, 4).astype(np.float32)
+    frame = pl.DataFrame(
+        {
+            "step": np.repeat([5, 7], 20),
+            "layer": np.tile(np.repeat([0, 1], 10), 2).astype(np.int32),
+            "dataset": np.tile(["a", "b"], 20),
+            "probs": probs,
+        }
+    )
+    stats = kernels.reduce_probs(frame, 1).stats
+    assert stats.height == 8
+    assert stats["n_tokens"].to_list() == [5] * 8
+    totals = stats.group_by("step").agg(pl.col("n_tokens").sum()).sort("step")
+    assert totals["n_tokens"].to_list() == [20, 20]
+
+
+def test_counts_only_gives_count_metrics_and_nulls() -> None:
+    frame = pl.DataFrame(
+        {
+            "step": [0, 0],
+            "layer": [0, 0],
+            "counts": pl.Series([[3, 1, 0, 0], [1, 3, 0, 0]], dtype=pl.Array(pl.Int64, 4)),
+        }
+    )
+    m = kernels.finish(kernels.reduce_counts(frame).stats).row(0, named=True)
+    assert m["assign_entropy"] == pytest.approx(math.log(2))
+    assert m["max_load_share"] == pytest.approx(0.5)
+    assert m["dead_experts"] == 2
+    for name in kernels.PROBABILITY_METRICS:
+        assert m[name] is None, name
+
+
+def test_top_k_ids_kernel_matches_probability_counts() -> None:
+    rng = np.random.default_rng(3)
+    probs = dirichlet(rng, 100, 6).astype(np.float32)
+    ids = kernels.top_k_ids(probs, 2)
+    from_ids = kernels.reduce_topk(
+        pl.DataFrame({"step": [0] * 100, "layer": [0] * 100, "topk_ids": ids}), 6
+    ).stats
+    from_probs = kernels.reduce_probs(_frame(probs), 2).stats
+    assert from_ids["counts"].to_list() == from_probs["counts"].to_list()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    tokens=st.integers(1, 60),
+    experts=st.integers(2, 9),
+    cut=st.floats(0, 1),
+    seed=st.integers(0, 2**16),
+    k=st.integers(1, 3),
+)
+def test_merge_of_chunks_equals_whole(
+    tokens: int, experts: int, cut: float, seed: int, k: int
+) -> None:
+    """Statistics are mergeable: any split of the rows adds up to the whole."""
+    rng = np.random.default_rng(seed)
+    probs = dirichlet(rng, tokens, experts).astype(np.float32)
+    steps = rng.integers(0, 3, tokens)
+    frame = pl.DataFrame(
+        {"step": steps, "layer": rng.integers(0, 2, tokens).astype(np.int32), "probs": probs}
+    )
+    split = int(cut * tokens)
+    whole = kernels.finish(kernels.reduce_probs(frame, k).stats)
+    parts = [kernels.reduce_probs(p, k).stats for p in (frame[:split], frame[split:]) if p.height]
+    merged = kernels.finish(kernels.merge(parts))
+    assert_frame_equal(whole, merged, check_exact=False, rel_tol=1e-9)
+
+
+def test_entropy_zero_log_zero() -> None:
+    assert kernels.entropy(np.array([1.0, 0.0])) == 0.0
+    assert kernels.entropy_rows(np.array([[1.0, 0.0]], dtype=np.float32))[0] == 0.0
