@@ -262,7 +262,7 @@ def _heatmap(metrics: pl.DataFrame, dead_fraction: float, *, values: bool) -> An
     )
     width = int(latest["n_experts"].max() or 0)  # type: ignore[arg-type]
     table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold", padding=(0, 0))
-    table.add_column("layer ", justify="right")
+    table.add_column("expert ", justify="right")
     for expert in range(width):
         label = str(expert) if values or width <= 10 else str(expert % 10)
         table.add_column(
@@ -274,7 +274,7 @@ def _heatmap(metrics: pl.DataFrame, dead_fraction: float, *, values: bool) -> An
             _share_cell(share, row["n_experts"], row["top_k"], dead_fraction, values)
             for share in shares
         ]
-        table.add_row(f"{row['layer']} ", *cells, *[""] * (width - len(cells)))
+        table.add_row(f"layer {row['layer']} ", *cells, *[""] * (width - len(cells)))
     caption = (
         f"{DEAD_GLYPH} dead (< {dead_fraction:g} of the fair share 1/E); blocks scale from 0 "
         "to 1/k (every token); bold = more than twice the fair share"
