@@ -266,7 +266,7 @@ def _heatmap(metrics: pl.DataFrame, dead_fraction: float, *, values: bool) -> An
     for expert in range(width):
         label = str(expert) if values or width <= 10 else str(expert % 10)
         table.add_column(
-            label, justify="right" if values else "center", min_width=5 if values else 1
+            label, justify="right" if values else "center", min_width=6 if values else 1
         )
     for row in latest.iter_rows(named=True):
         shares = row["load_share"] or []
@@ -297,7 +297,8 @@ def _share_cell(share: float, n_experts: int, top_k: int | None, dead: float, va
         style = "bold black on yellow" if share > 2 * fair else "black on green"
         text = SPARK[index]
     if values:
-        text = f" {share:.2f}" if share >= dead * fair else f" {DEAD_GLYPH}{share:.2f}"[-5:]
+        mark = "" if share >= dead * fair else DEAD_GLYPH
+        text = f"{mark}{share:.2f}".rjust(6)
     return f"[{style}]{text}[/{style}]"
 
 
