@@ -56,6 +56,13 @@ NumExperts = Annotated[
 ]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Output format.")]
+ConfigOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option(
+        "--config",
+        help="Configuration file (default: routelog.toml or pyproject.toml, searched upwards).",
+    ),
+]
 Output = Annotated[
     Optional[Path],  # noqa: UP045
     typer.Option("--output", "-o", help="Write to FILE instead of standard output."),
@@ -127,16 +134,30 @@ def analyze(
     num_experts: NumExperts = None,
     fmt: FormatOpt = Format.table,
     output: Output = None,
+    config: ConfigOpt = None,
+    plot: Annotated[
+        bool, typer.Option("--plot", help="Chart token and load entropy over steps.")
+    ] = False,
+    values: Annotated[
+        bool, typer.Option("--values", help="Print load shares in the heatmap.")
+    ] = False,
+    width: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option("--width", min=40, help="Width of the report in columns."),
+    ] = None,
     debug: Debug = False,
 ) -> None:
-    """Per-layer, per-step routing entropy and load of one or more runs.
+    """Per-layer, per-step routing entropy and load of one or more runs, and a diagnosis.
 
-    Example: routelog analyze sample_logs/collapse --top-k 2 --format json
+    Example: routelog analyze sample_logs/collapse --top-k 2 --plot
     """
     with _errors(debug):
         from routelog import api
-        from routelog.render import data, make_console, report
+        from routelog.config import load_config
+        from routelog.render import data, make_console, markdown, report
+        from routelog.render.progress import FileProgress
 
+        settings = load_config(config)
         options = api.make_options(
             top_k=top_k,
             layers=layers,
@@ -145,16 +166,22 @@ def analyze(
             temperature=temperature,
             score=score,
             num_experts=num_experts,
+            default_top_k=settings.top_k,
+            dead_fraction=settings.dead_fraction,
         )
-        result = api.analyze(paths, options=options)
+        with FileProgress() as progress:
+            result = api.analyze(paths, options=options, config=settings, progress=progress)
 
         def write(stream: object) -> None:
             if fmt is Format.json:
                 stream.write(data.to_json(report.analysis_document(result)))  # type: ignore[attr-defined]
             elif fmt is Format.csv:
                 stream.write(data.to_csv(result.metrics))  # type: ignore[attr-defined]
+            elif fmt is Format.markdown:
+                stream.write(markdown.analysis_markdown(result))  # type: ignore[attr-defined]
             else:
-                report.print_report(result, make_console(stream))  # type: ignore[arg-type]
+                console = make_console(stream, width=width)  # type: ignore[arg-type]
+                report.print_report(result, console, plot=plot, values=values)
 
         _emit(output, write)
 
@@ -192,6 +219,31 @@ def inspect(
                 render_inspect.print_inspect(infos, make_console(stream))  # type: ignore[arg-type]
 
         _emit(output, write)
+
+
+@app.command("config")
+def config_command(
+    config: ConfigOpt = None,
+    fmt: FormatOpt = Format.table,
+    debug: Debug = False,
+) -> None:
+    """Print the effective configuration and where each value came from.
+
+    Example: routelog config --config routelog.toml --format json
+    """
+    with _errors(debug):
+        from routelog.config import load_config
+        from routelog.errors import UsageError
+        from routelog.render import data, make_console
+        from routelog.render.settings import config_document, print_config
+
+        settings = load_config(config)
+        if fmt is Format.json:
+            sys.stdout.write(data.to_json(config_document(settings)))
+        elif fmt is Format.table:
+            print_config(settings, make_console(sys.stdout))
+        else:
+            raise UsageError(f"routelog config: --format must be table or json, not {fmt.value}")
 
 
 def main() -> None:
