@@ -8,17 +8,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from routelog import ingest, kernels, tokens
+from routelog.config import Config
 from routelog.errors import InputError, UsageError
+from routelog.findings import Finding
 from routelog.options import Options, StepRange, parse_layers, parse_steps
 
 if TYPE_CHECKING:
     import polars as pl
+
+Progress = Callable[[Path, int, int], None]
+"""Called after each file is read: ``(path, files done, files in the run)``."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class FileResult:
     info: ingest.FileInfo
     stats: pl.DataFrame
     selections: pl.DataFrame | None
+    top_k_assumed: bool = False
 
 
 @dataclass
@@ -59,6 +65,8 @@ class Run:
     ignored_files: list[str]
     stats: pl.DataFrame
     selections: pl.DataFrame | None
+    top_k_assumed: bool = False
+    """k came from the configured default: neither --top-k nor the data stated it."""
 
     def summary(self) -> dict[str, Any]:
         """The run's entry in the JSON ``runs`` list."""
@@ -72,6 +80,8 @@ class Run:
             "masked_rows": sum(f.masked_rows for f in self.files),
             "skipped_rows": sum(f.skipped_rows for f in self.files),
             "top_k": top_k[0] if len(top_k) == 1 else top_k,
+            "payloads": sorted({f.payload for f in self.files if f.payload}),
+            "top_k_assumed": self.top_k_assumed,
             "ignored_files": self.ignored_files,
             "warnings": warnings,
         }
@@ -84,7 +94,8 @@ class Analysis:
     runs: list[Run]
     metrics: pl.DataFrame
     options: Options
-    findings: list[Any] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    config: Config = field(default_factory=Config)
 
 
 def read_file(path: Path, options: Options) -> FileResult:
@@ -94,7 +105,9 @@ def read_file(path: Path, options: Options) -> FileResult:
     info = ingest.FileInfo(path=str(path), format=ingest.format_of(path) or "?")
     parts: list[pl.DataFrame] = []
     selections: list[pl.DataFrame] = []
+    assumed = False
     for batch in ingest.scan(path, options, info):
+        assumed = assumed or (batch.kind == "probs" and options.top_k is None and not batch.top_k)
         reduced = _reduce(batch, options)
         parts.append(reduced.stats)
         if reduced.selections is not None:
@@ -107,7 +120,7 @@ def read_file(path: Path, options: Options) -> FileResult:
     info.n_experts = widths[0] if len(widths) == 1 else info.n_experts
     ks = stats["top_k"].drop_nulls().unique().to_list()
     info.top_k = ks[0] if len(ks) == 1 else info.top_k
-    return FileResult(info, stats, pl.concat(selections) if selections else None)
+    return FileResult(info, stats, pl.concat(selections) if selections else None, assumed)
 
 
 def _reduce(batch: ingest.Batch, options: Options) -> kernels.Reduced:
@@ -130,12 +143,19 @@ def _check_experts(stats: pl.DataFrame, seen: dict[int, tuple[int, str]], path: 
         seen.setdefault(layer, (width, str(path)))
 
 
-def load_run(spec: RunSpec, options: Options) -> Run:
-    """Read every log file of a run and merge their statistics."""
+def load_run(spec: RunSpec, options: Options, progress: Progress | None = None) -> Run:
+    """Read every log file of a run and merge their statistics.
+
+    ``progress`` (optional) is called after each file, for a progress bar in the CLI.
+    """
     import polars as pl
 
     found = ingest.discover(spec.path)
-    results = [read_file(path, options) for path in found.files]
+    results = []
+    for done, path in enumerate(found.files, start=1):
+        results.append(read_file(path, options))
+        if progress is not None:
+            progress(path, done, len(found.files))
     seen: dict[int, tuple[int, str]] = {}
     for result in results:
         _check_experts(result.stats, seen, Path(result.info.path))
@@ -155,6 +175,7 @@ def load_run(spec: RunSpec, options: Options) -> Run:
             if selections
             else None
         ),
+        top_k_assumed=any(r.top_k_assumed for r in results),
     )
 
 
@@ -164,7 +185,9 @@ def _selection_hint(options: Options) -> str:
     return " in the selected --layers/--steps"
 
 
-def load_runs(paths: Sequence[str | Path | RunSpec], options: Options) -> list[Run]:
+def load_runs(
+    paths: Sequence[str | Path | RunSpec], options: Options, progress: Progress | None = None
+) -> list[Run]:
     """Read several runs; their names must be unique."""
     specs = [p if isinstance(p, RunSpec) else RunSpec.parse(str(p)) for p in paths]
     if not specs:
@@ -173,7 +196,7 @@ def load_runs(paths: Sequence[str | Path | RunSpec], options: Options) -> list[R
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate is not None:
         raise UsageError(f"two runs are named {duplicate!r}: name them with NAME=PATH")
-    return [load_run(spec, options) for spec in specs]
+    return [load_run(spec, options, progress) for spec in specs]
 
 
 def metrics_of(runs: Iterable[Run], options: Options) -> pl.DataFrame:
@@ -205,6 +228,42 @@ def _with_token_metrics(metrics: pl.DataFrame, runs: list[Run]) -> pl.DataFrame:
     found = pl.concat(parts) if parts else empty
     joined = metrics.join(found, on=["run", "step", "layer"], how="left", maintain_order="left")
     return joined.select(*[c for c in joined.columns if c != "load_share"], "load_share")
+
+
+def inspect_file(path: Path, options: Options) -> ingest.FileInfo:
+    """What one file holds, from the batches ingestion makes of it (no metrics computed).
+
+    It reads the file exactly as analysis does, so detection cannot disagree with it; only
+    the batches' shapes and keys are looked at.
+    """
+    info = ingest.FileInfo(path=str(path), format=ingest.format_of(path) or "?")
+    steps: set[int] = set()
+    layers: set[int] = set()
+    widths: set[int] = set()
+    ks: set[int] = set()
+    for batch in ingest.scan(path, options, info):
+        steps.update(batch.frame["step"].unique().to_list())
+        layers.update(batch.frame["layer"].unique().to_list())
+        widths.add(batch.n_experts)
+        if batch.top_k is not None:
+            ks.add(batch.top_k)
+    info.steps, info.layers = sorted(steps), sorted(layers)
+    if len(widths) > 1:
+        info.warn(f"layers differ in expert count: E = {', '.join(map(str, sorted(widths)))}")
+    info.n_experts = widths.pop() if len(widths) == 1 else None
+    info.top_k = ks.pop() if len(ks) == 1 else None
+    return info
+
+
+def inspect(
+    paths: Sequence[str | Path], *, options: Options | None = None
+) -> list[ingest.FileInfo]:
+    """Describe every log file under ``paths`` (files or run directories), in order."""
+    if not paths:
+        raise UsageError("no path given")
+    opts = options if options is not None else make_options()
+    files = [f for p in paths for f in ingest.discover(Path(p)).files]
+    return [inspect_file(path, opts) for path in files]
 
 
 def make_options(
@@ -245,16 +304,27 @@ def analyze(
     paths: Sequence[str | Path],
     *,
     options: Options | None = None,
+    config: Config | None = None,
+    progress: Progress | None = None,
     **option_values: Any,
 ) -> Analysis:
     """Analyze runs: each path is a run (file or directory, ``NAME=PATH`` allowed).
 
     Keyword arguments are those of :func:`make_options` (``top_k``, ``layers="0,3-5"``,
     ``steps="100:500"``, ``skip_bad_rows``, ``temperature``, ``score``, ``dead_fraction``).
+    ``config`` holds the diagnosis thresholds and enabled rules (default: built-in values;
+    :func:`routelog.config.load_config` reads them from a file).
     """
+    from routelog.diagnose import diagnose
+
+    config = config if config is not None else Config()
     opts = options if options is not None else make_options(**option_values)
-    runs = load_runs(paths, opts)
+    runs = load_runs(paths, opts, progress)
     metrics = metrics_of(runs, opts)
     return Analysis(
-        runs=runs, metrics=metrics, options=opts, findings=tokens.early_saturation(metrics)
+        runs=runs,
+        metrics=metrics,
+        options=opts,
+        findings=diagnose(metrics, config),
+        config=config,
     )

@@ -41,8 +41,29 @@ Temperature = Annotated[
     Optional[float],  # noqa: UP045
     typer.Option(help="Divide logits by T before the softmax (what-if gate scaling)."),
 ]
+Score = Annotated[
+    str,
+    typer.Option(
+        "--score",
+        help="How the router scores experts from logits: softmax, or sigmoid (DeepSeek-V3 style; "
+        "scores normalised to sum 1).",
+    ),
+]
+NumExperts = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(
+        "--num-experts", help="Experts per layer E, for top-k ids without a num_experts column."
+    ),
+]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Output format.")]
+ConfigOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option(
+        "--config",
+        help="Configuration file (default: routelog.toml or pyproject.toml, searched upwards).",
+    ),
+]
 Output = Annotated[
     Optional[Path],  # noqa: UP045
     typer.Option("--output", "-o", help="Write to FILE instead of standard output."),
@@ -110,36 +131,120 @@ def analyze(
     steps: Steps = None,
     skip_bad_rows: SkipBadRows = False,
     temperature: Temperature = None,
+    score: Score = "softmax",
+    num_experts: NumExperts = None,
     fmt: FormatOpt = Format.table,
     output: Output = None,
+    config: ConfigOpt = None,
+    plot: Annotated[
+        bool, typer.Option("--plot", help="Chart token and load entropy over steps.")
+    ] = False,
+    values: Annotated[
+        bool, typer.Option("--values", help="Print load shares in the heatmap.")
+    ] = False,
+    width: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option("--width", min=40, help="Width of the report in columns."),
+    ] = None,
     debug: Debug = False,
 ) -> None:
-    """Per-layer, per-step routing entropy and load of one or more runs.
+    """Per-layer, per-step routing entropy and load of one or more runs, and a diagnosis.
 
-    Example: routelog analyze sample_logs/collapse --top-k 2 --format json
+    Example: routelog analyze sample_logs/collapse --top-k 2 --plot
     """
     with _errors(debug):
         from routelog import api
-        from routelog.render import data, make_console, report
+        from routelog.config import load_config
+        from routelog.render import data, make_console, markdown, report
+        from routelog.render.progress import FileProgress
 
+        settings = load_config(config)
         options = api.make_options(
             top_k=top_k,
             layers=layers,
             steps=steps,
             skip_bad_rows=skip_bad_rows,
             temperature=temperature,
+            score=score,
+            num_experts=num_experts,
+            default_top_k=settings.top_k,
+            dead_fraction=settings.dead_fraction,
         )
-        result = api.analyze(paths, options=options)
+        with FileProgress() as progress:
+            result = api.analyze(paths, options=options, config=settings, progress=progress)
 
         def write(stream: object) -> None:
             if fmt is Format.json:
                 stream.write(data.to_json(report.analysis_document(result)))  # type: ignore[attr-defined]
             elif fmt is Format.csv:
                 stream.write(data.to_csv(result.metrics))  # type: ignore[attr-defined]
+            elif fmt is Format.markdown:
+                stream.write(markdown.analysis_markdown(result))  # type: ignore[attr-defined]
             else:
-                report.print_report(result, make_console(stream))  # type: ignore[arg-type]
+                console = make_console(stream, width=width)  # type: ignore[arg-type]
+                report.print_report(result, console, plot=plot, values=values)
 
         _emit(output, write)
+
+
+@app.command()
+def inspect(
+    paths: Annotated[list[str], typer.Argument(help="Log files or run directories.")],
+    skip_bad_rows: SkipBadRows = False,
+    num_experts: NumExperts = None,
+    fmt: FormatOpt = Format.table,
+    output: Output = None,
+    debug: Debug = False,
+) -> None:
+    """What routelog detects in each log file (format, layout, payload, steps, layers, E, k,
+    rows), without computing metrics.
+
+    Example: routelog inspect sample_logs/healthy --format json
+    """
+    with _errors(debug):
+        from routelog import api
+        from routelog.errors import UsageError
+        from routelog.render import data, make_console
+        from routelog.render import inspect as render_inspect
+
+        if fmt not in (Format.table, Format.json):
+            raise UsageError(f"inspect writes --format table or json, not {fmt.value}")
+        options = api.make_options(skip_bad_rows=skip_bad_rows, num_experts=num_experts)
+        infos = api.inspect(paths, options=options)
+
+        def write(stream: object) -> None:
+            if fmt is Format.json:
+                document = render_inspect.inspect_document(infos)
+                stream.write(data.to_json(document))  # type: ignore[attr-defined]
+            else:
+                render_inspect.print_inspect(infos, make_console(stream))  # type: ignore[arg-type]
+
+        _emit(output, write)
+
+
+@app.command("config")
+def config_command(
+    config: ConfigOpt = None,
+    fmt: FormatOpt = Format.table,
+    debug: Debug = False,
+) -> None:
+    """Print the effective configuration and where each value came from.
+
+    Example: routelog config --config routelog.toml --format json
+    """
+    with _errors(debug):
+        from routelog.config import load_config
+        from routelog.errors import UsageError
+        from routelog.render import data, make_console
+        from routelog.render.settings import config_document, print_config
+
+        settings = load_config(config)
+        if fmt is Format.json:
+            sys.stdout.write(data.to_json(config_document(settings)))
+        elif fmt is Format.table:
+            print_config(settings, make_console(sys.stdout))
+        else:
+            raise UsageError(f"routelog config: --format must be table or json, not {fmt.value}")
 
 
 class By(str, enum.Enum):
@@ -176,8 +281,12 @@ def compare(
         typer.Option(help="nearest: pair with each run's latest logged step at or before."),
     ] = AlignOpt.exact,
     shift_threshold: Annotated[
-        float, typer.Option(help="With --by dataset: JSD above which a layer has shifted.")
-    ] = 0.1,
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            help="With --by dataset: JSD above which a layer has shifted (default: "
+            "thresholds.shift_jsd of the configuration, 0.1)."
+        ),
+    ] = None,
     top_k: TopK = None,
     layers: Layers = None,
     steps: Steps = None,
@@ -185,6 +294,14 @@ def compare(
     temperature: Temperature = None,
     fmt: FormatOpt = Format.table,
     output: Output = None,
+    config: ConfigOpt = None,
+    plot: Annotated[
+        bool, typer.Option("--plot", help="Chart each run's token entropy, one chart per layer.")
+    ] = False,
+    width: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option("--width", min=40, help="Width of the report in columns."),
+    ] = None,
     debug: Debug = False,
 ) -> None:
     """Routing of runs (or of one run's datasets) side by side, with deltas from the first.
@@ -194,16 +311,20 @@ def compare(
     with _errors(debug):
         from routelog import api
         from routelog import compare as core
+        from routelog.config import load_config
         from routelog.errors import UsageError
         from routelog.render import compare as view
         from routelog.render import data, make_console
 
+        settings = load_config(config)
         options = api.make_options(
             top_k=top_k,
             layers=layers,
             steps=steps,
             skip_bad_rows=skip_bad_rows,
             temperature=temperature,
+            default_top_k=settings.top_k,
+            dead_fraction=settings.dead_fraction,
         )
         if by is By.dataset:
             if len(paths) != 1:
@@ -215,7 +336,11 @@ def compare(
                 base=base,
                 step=step,
                 align=align.value,
-                threshold=shift_threshold,
+                threshold=(
+                    shift_threshold
+                    if shift_threshold is not None
+                    else settings.thresholds.shift_jsd
+                ),
             )
         else:
             if base is not None:
@@ -234,7 +359,8 @@ def compare(
             elif fmt is Format.markdown:
                 stream.write(view.to_markdown(result))  # type: ignore[attr-defined]
             else:
-                view.print_comparison(result, make_console(stream))  # type: ignore[arg-type]
+                console = make_console(stream, width=width)  # type: ignore[arg-type]
+                view.print_comparison(result, console, plot=plot)
 
         _emit(output, write)
 

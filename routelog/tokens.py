@@ -21,8 +21,6 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from routelog.findings import Finding
-
 TOKEN_KEYS = ["dataset", "token"]
 """What identifies a routed token within one (step, layer): its dataset and position."""
 
@@ -33,9 +31,6 @@ TOKEN_METRICS_SCHEMA: dict[str, pl.DataType] = {
     "saturation": pl.Float64(),
 }
 """Extra metric columns of ``analyze``, null when the same tokens are not routed every step."""
-
-SATURATION_THRESHOLD = 0.9
-SATURATION_WINDOW = 0.3
 
 
 def _common_k(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -164,54 +159,3 @@ def token_metrics(selections: pl.DataFrame) -> pl.DataFrame:
     if not parts:
         return pl.DataFrame(schema=TOKEN_METRICS_SCHEMA)
     return pl.concat(parts).cast(TOKEN_METRICS_SCHEMA)  # type: ignore[arg-type]
-
-
-def early_saturation(
-    metrics: pl.DataFrame,
-    threshold: float = SATURATION_THRESHOLD,
-    window: float = SATURATION_WINDOW,
-) -> list[Finding]:
-    """``early_saturation`` (warn): saturation above ``threshold`` within the first
-    ``window`` of a run's step range, per run and layer.
-
-    The router already makes (nearly) its final top-k choices early in training: it has
-    stopped exploring. ``first_step`` is the first such step; the finding is ``active`` when
-    saturation stayed above the threshold from there on.
-    """
-    if "saturation" not in metrics.columns:
-        return []
-    found = []
-    for (run, layer), rows in metrics.filter(pl.col("saturation").is_not_null()).group_by(
-        "run", "layer", maintain_order=True
-    ):
-        rows = rows.sort("step")
-        first, last = int(rows["step"][0]), int(rows["step"][-1])
-        if first == last:
-            continue
-        cutoff = first + window * (last - first)
-        early = rows.filter((pl.col("step") <= cutoff) & (pl.col("saturation") > threshold))
-        if early.height == 0:
-            continue
-        step = int(early["step"][0])
-        value = float(early["saturation"][0])
-        after = rows.filter(pl.col("step") >= step)["saturation"]
-        found.append(
-            Finding(
-                code="early_saturation",
-                severity="warn",
-                run=str(run),
-                layer=int(layer),
-                first_step=step,
-                last_step=last,
-                active=bool((after > threshold).all()),
-                metric="saturation",
-                value=value,
-                threshold=threshold,
-                message=(
-                    f"layer {layer}: top-k choices at step {step} already overlap "
-                    f"{value:.0%} with the final step {last} (within the first "
-                    f"{window:.0%} of steps {first}–{last}): the router stopped exploring early"
-                ),
-            )
-        )
-    return found

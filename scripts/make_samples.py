@@ -12,6 +12,9 @@ to 0.75 in a healthy layer, and drops to near 0 within a step or two in a collap
             dead, token entropy near 0); layers 0 and 1 stay healthy.
 - drift/    probabilities; token entropy of every layer falls steadily, still above the
             rigidity threshold at the last step (the forecast rule names the crossing).
+- megatron-tpe/ Megatron-LM style tokens-per-expert counts (JSONL, one line per iteration and
+            layer, 4 micro-batches of 1024 routed slots each): balanced load, except layer 3
+            whose router drifts onto experts 0 and 1 from iteration 600 (count-only report).
 - shift/    logits with a `dataset` column: 256 `text` and 256 `code` tokens per layer at
             steps 0, 100, 200. In layers 2 and 3 the `code` tokens lean on experts 5 and 6
             (a distribution shift, `compare --by dataset`); layers 0 and 1 route both alike.
@@ -19,6 +22,7 @@ to 0.75 in a healthy layer, and drops to near 0 within a step or two in a collap
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -87,6 +91,23 @@ def write_run(root: Path, name: str, rng: np.random.Generator) -> None:
         pl.concat(frames).write_parquet(out / f"step_{step:06d}.parquet", compression="zstd")
 
 
+def write_megatron_tpe(root: Path) -> None:
+    """Counts per micro-batch, as Megatron-LM's --save-tokens-per-expert-interval dumps them."""
+    rng = np.random.default_rng(SEED + 1)  # its own stream: the other samples stay unchanged
+    out = root / "megatron-tpe"
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for step in STEPS:
+        for layer in range(LAYERS):
+            weights = np.ones(EXPERTS)
+            if layer == 3 and step >= 600:
+                weights[:2] += 2.0 * (step - 500) / 100
+            share = weights / weights.sum()
+            tpe = rng.multinomial(1024, share, size=4)
+            lines.append(json.dumps({"iter": step, "layer": layer, "tpe": tpe.tolist()}))
+    (out / "tokens_per_expert.jsonl").write_text("\n".join(lines) + "\n")
+
+
 SHIFT_SEED = 20261124
 SHIFT_STEPS = [0, 100, 200]
 SHIFT_TOKENS = 256
@@ -124,6 +145,7 @@ def main(root: Path) -> None:
     rng = np.random.default_rng(SEED)
     for name in ("healthy", "collapse", "drift"):
         write_run(root, name, rng)
+    write_megatron_tpe(root)
     write_shift_run(root)
 
 

@@ -11,6 +11,7 @@ import routelog
 from routelog import api
 from routelog.api import RunSpec
 from routelog.cli import app
+from routelog.config import Config
 from routelog.errors import UsageError
 from tests.conftest import SAMPLES, WriteRun, dirichlet
 from tests.test_compare import probs_for, random_ids
@@ -93,13 +94,14 @@ def test_early_saturation_finding_in_analyze(write_parquet_run: WriteRun) -> Non
     early[:50] = (final[:50] + 1) % 8  # half the tokens route elsewhere at step 0
     steps = {0: early, 100: final, 200: final, 1000: final}
     path = write_parquet_run({s: {0: probs_for(ids)} for s, ids in steps.items()})
-    (finding,) = api.analyze([path], top_k=2).findings
-    assert (finding.code, finding.first_step, finding.layer) == ("early_saturation", 100, 0)
+    config = Config(rules=("early_saturation",))
+    found = api.analyze([path], top_k=2, config=config).findings
+    assert [(f.first_step, f.last_step, f.layer) for f in found] == [(100, 200, 0)]
     late = write_parquet_run(
         {0: {0: probs_for(early)}, 900: {0: probs_for(early)}, 1000: {0: probs_for(final)}},
         name="late",
     )
-    assert api.analyze([late], top_k=2).findings == []
+    assert api.analyze([late], top_k=2, config=config).findings == []
 
 
 def test_analyze_json_and_csv_carry_token_metrics() -> None:

@@ -110,37 +110,3 @@ def test_same_tokens_rejects_other_tokens() -> None:
     assert tokens.same_tokens(a, a) is not None
     assert tokens.same_tokens(a, a.with_columns(pl.col("token") + 1)) is None
     assert tokens.same_tokens(a, a.head(5)) is None
-
-
-def _saturation_metrics(values: list[float], steps: list[int]) -> pl.DataFrame:
-    return pl.DataFrame(
-        {
-            "run": ["r"] * len(values),
-            "step": steps,
-            "layer": [0] * len(values),
-            "saturation": values,
-        }
-    )
-
-
-def test_early_saturation_fires_within_the_first_30_percent() -> None:
-    steps = [0, 100, 200, 300, 400, 1000]
-    found = tokens.early_saturation(_saturation_metrics([0.5, 0.7, 0.95, 0.96, 0.97, 1.0], steps))
-    assert len(found) == 1
-    finding = found[0]
-    assert (finding.code, finding.severity, finding.layer) == ("early_saturation", "warn", 0)
-    assert (finding.first_step, finding.last_step, finding.active) == (200, 1000, True)
-    assert finding.value == pytest.approx(0.95)
-    assert "step 200" in finding.message
-
-
-def test_early_saturation_quiet_when_late_or_at_threshold() -> None:
-    steps = [0, 100, 200, 300, 400, 1000]
-    late = _saturation_metrics([0.5, 0.6, 0.7, 0.8, 0.95, 1.0], steps)
-    assert tokens.early_saturation(late) == []
-    at_threshold = _saturation_metrics([0.5, 0.9, 0.9, 0.9, 0.95, 1.0], steps)
-    assert tokens.early_saturation(at_threshold) == []
-    unknown = _saturation_metrics([0.5], [0]).with_columns(
-        pl.lit(None, pl.Float64).alias("saturation")
-    )
-    assert tokens.early_saturation(unknown) == []

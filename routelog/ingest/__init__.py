@@ -72,6 +72,10 @@ Scanner = Callable[[Path, "Options", FileInfo], Iterator[Batch]]
 FORMATS: dict[str, tuple[str, str]] = {
     ".parquet": ("parquet", "parquet"),
     ".pq": ("parquet", "parquet"),
+    ".jsonl": ("jsonl", "jsonl"),
+    ".ndjson": ("jsonl", "jsonl"),
+    ".jsonl.gz": ("jsonl", "jsonl"),
+    ".ndjson.gz": ("jsonl", "jsonl"),
     ".pt": ("pt", "pt"),
     ".pth": ("pt", "pt"),
 }

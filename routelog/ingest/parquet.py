@@ -28,9 +28,11 @@ def scan(path: Path, options: Options, info: FileInfo) -> Iterator[Batch]:
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{path}: not a valid Parquet file ({_first_line(exc)})") from exc
     columns = reader.schema_arrow.names
-    layout = table.detect_layout(columns, path)
-    info.layout = "per-token rows"
-    info.payload = "probabilities" if layout.kind == "probs" else "logits"
+    empty = pl.from_arrow(reader.schema_arrow.empty_table())
+    assert isinstance(empty, pl.DataFrame)
+    layout = table.detect_layout(empty.schema, path)
+    info.layout = layout.name
+    info.payload = layout.payload_name
     offset = 0
     try:
         for record_batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=columns):

@@ -107,17 +107,18 @@ def _bad_probability_rows(values: np.ndarray) -> tuple[np.ndarray, dict[str, np.
 
 
 def _from_logits(logits: np.ndarray, options: Options) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax (or normalised sigmoid) probabilities and logsumexp, exponentiating once."""
     if options.temperature is not None:
         logits = logits / options.temperature
     peak = logits.max(axis=1, keepdims=True)
-    lse = (peak[:, 0] + np.log(np.exp(logits - peak).sum(axis=1))).astype(np.float32)
+    weights = np.exp(logits - peak)
+    total = weights.sum(axis=1, keepdims=True)
+    lse = (peak + np.log(total))[:, 0].astype(np.float32)
     if options.score == "sigmoid":
-        scores = 0.5 * (1.0 + np.tanh(0.5 * logits))  # sigmoid without overflow
-        probs = scores / scores.sum(axis=1, keepdims=True)
-    else:
-        weights = np.exp(logits - peak)
-        probs = weights / weights.sum(axis=1, keepdims=True)
-    return probs.astype(np.float32), lse
+        weights = 0.5 * (1.0 + np.tanh(0.5 * logits))  # sigmoid without overflow
+        total = weights.sum(axis=1, keepdims=True)
+    weights /= total
+    return weights.astype(np.float32), lse
 
 
 def looks_like_probabilities(matrix: np.ndarray) -> bool:

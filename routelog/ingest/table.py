@@ -1,18 +1,37 @@
 """Tabular layouts shared by Parquet and JSONL: a Polars frame of rows -> canonical batches.
 
-Recognised columns: ``layer``; ``step`` (or ``iter``/``iteration``/``global_step``; else
-the step in the file name); one payload column ``probs`` or ``logits`` (a list or fixed-size
-list of floats per token); optional ``token``, ``dataset`` and ``mask`` (false rows are
-excluded and counted).
+Every table has a ``layer`` column and a step (a ``step``/``iter``/``iteration``/
+``global_step`` column, else the step in the file name), plus exactly one payload, which
+decides the layout (:func:`detect_layout` is the one place that decides it):
+
+per-token rows
+    ``probs`` or ``logits`` (also ``router_probs``/``router_logits``): a list of E floats.
+batched lines
+    the same column holding a list of T lists of E floats (one row holds T tokens); an
+    optional ``token`` or ``mask`` list gives each token's position or mask.
+wide columns
+    ``p_0 ... p_{E-1}`` (probabilities) or ``logit_0 ... logit_{E-1}``.
+tokens-per-expert counts
+    ``tokens_per_expert``, ``expert_counts`` or ``tpe``: a list of E token counts per
+    (step, layer), or a list of such lists (Megatron-LM's per-micro-batch counts, summed).
+expert/count rows
+    long rows with ``expert`` and ``count`` columns.
+top-k ids
+    ``topk_ids``: the k experts each token was routed to (``topk_weights`` optional).
+
+Optional columns: ``token``, ``dataset``, ``mask`` (false rows are excluded and counted), and
+for id payloads ``num_experts``/``n_experts`` (else ``--num-experts``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import polars as pl
 
 from routelog.errors import InputError
@@ -29,37 +48,157 @@ PAYLOAD_COLUMNS: dict[str, Literal["probs", "logits"]] = {
     "logits": "logits",
     "router_logits": "logits",
 }
+COUNT_COLUMNS = ("tokens_per_expert", "expert_counts", "tpe")
+ID_COLUMN = "topk_ids"
+WEIGHT_COLUMN = "topk_weights"
+EXPERT_COLUMNS = ("num_experts", "n_experts")
+WIDE_PREFIXES: dict[str, Literal["probs", "logits"]] = {"p": "probs", "logit": "logits"}
+WIDE_COLUMN = re.compile(r"^(p|logit)_(\d+)$")
 ROW = "__row"
+WIDE = "__wide"
+
+Kind = Literal["probs", "logits", "counts", "expert_counts", "topk"]
+PAYLOAD_NAMES: dict[Kind, str] = {
+    "probs": "probabilities",
+    "logits": "logits",
+    "counts": "counts",
+    "expert_counts": "counts",
+    "topk": "top-k ids",
+}
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Which columns of a table carry what, decided once per file from its column names."""
+    """Which columns of a table carry what, decided once per file from its schema."""
 
+    name: str
+    kind: Kind
     step: str | None
     payload: str
-    kind: Literal["probs", "logits"]
+    nested: bool = False
+    wide: tuple[str, ...] = ()
+    experts: str | None = None
+
+    @property
+    def payload_name(self) -> str:
+        """What the payload holds, as ``inspect`` and the report say it."""
+        return PAYLOAD_NAMES[self.kind]
 
 
-def detect_layout(columns: list[str], path: Path) -> Layout:
-    """Decide the layout from column names, or raise naming what is missing."""
+def detect_layout(schema: Mapping[str, pl.DataType], path: Path) -> Layout:
+    """Decide the layout from a table's column names and types, or raise naming what is wrong."""
+    columns = list(schema)
     if "layer" not in columns:
         raise InputError(f"{path}: no 'layer' column (columns: {_listing(columns)})")
-    payloads = [c for c in PAYLOAD_COLUMNS if c in columns]
-    if not payloads:
-        raise InputError(
-            f"{path}: no payload column: expected one of {_listing(list(PAYLOAD_COLUMNS))} "
-            f"(columns: {_listing(columns)})"
-        )
-    if len(payloads) > 1:
-        raise InputError(f"{path}: ambiguous payload, both {payloads[0]!r} and {payloads[1]!r}")
     step = next((c for c in STEP_COLUMNS if c in columns), None)
     if step is None and step_from_name(path) is None:
         raise InputError(
             f"{path}: no 'step' column, and no step in the file name "
             "(name it like step_000200.parquet, iter-200 or global_step200)"
         )
-    return Layout(step, payloads[0], PAYLOAD_COLUMNS[payloads[0]])
+    experts = next((c for c in EXPERT_COLUMNS if c in columns), None)
+    wide = _wide_columns(columns, path)
+    found = [
+        *[c for c in PAYLOAD_COLUMNS if c in columns],
+        *[c for c in COUNT_COLUMNS if c in columns],
+        *([ID_COLUMN] if ID_COLUMN in columns else []),
+        *(["expert/count"] if {"expert", "count"} <= set(columns) else []),
+        *([f"{wide[0]}..."] if wide else []),
+    ]
+    if not found:
+        expected = [
+            *PAYLOAD_COLUMNS,
+            *COUNT_COLUMNS,
+            ID_COLUMN,
+            "expert+count",
+            "p_0...",
+            "logit_0...",
+        ]
+        raise InputError(
+            f"{path}: no payload column: expected one of {_listing(expected)} "
+            f"(columns: {_listing(columns)})"
+        )
+    if len(found) > 1:
+        raise InputError(f"{path}: ambiguous payload, both {found[0]!r} and {found[1]!r}")
+    payload = found[0]
+    if payload in PAYLOAD_COLUMNS:
+        nested = _depth(schema[payload]) >= 2
+        name = "batched lines" if nested else "per-token rows"
+        return Layout(name, PAYLOAD_COLUMNS[payload], step, payload, nested=nested)
+    if payload in COUNT_COLUMNS:
+        nested = _depth(schema[payload]) >= 2
+        return Layout("tokens-per-expert counts", "counts", step, payload, nested=nested)
+    if payload == ID_COLUMN:
+        return Layout("top-k ids", "topk", step, ID_COLUMN, experts=experts)
+    if payload == "expert/count":
+        return Layout("expert/count rows", "expert_counts", step, "count", experts=experts)
+    kind = WIDE_PREFIXES[wide[0].split("_")[0]]
+    return Layout("wide columns", kind, step, WIDE, wide=wide)
+
+
+def _wide_columns(columns: list[str], path: Path) -> tuple[str, ...]:
+    """``p_0 ... p_{E-1}`` (or ``logit_*``) in expert order; a gap or a mix is an error."""
+    matches = [m for m in map(WIDE_COLUMN.match, columns) if m]
+    if not matches:
+        return ()
+    prefixes = sorted({m.group(1) for m in matches})
+    if len(prefixes) > 1:
+        raise InputError(f"{path}: ambiguous payload, both p_* and logit_* columns")
+    prefix = prefixes[0]
+    indices = sorted(int(m.group(2)) for m in matches)
+    missing = sorted(set(range(indices[-1] + 1)) - set(indices))
+    if missing or len(indices) != len(set(indices)):
+        gap = f"no {prefix}_{missing[0]}" if missing else "a repeated index"
+        raise InputError(
+            f"{path}: wide columns {prefix}_0..{prefix}_{indices[-1]} have {gap} "
+            "(expected contiguous columns 0..E-1)"
+        )
+    return tuple(f"{prefix}_{i}" for i in range(indices[-1] + 1))
+
+
+DType = Any  # a polars DataType instance or class (nested dtypes hold either)
+
+
+def _depth(dtype: DType) -> int:
+    depth = 0
+    while isinstance(dtype, (pl.List, pl.Array)):
+        depth += 1
+        dtype = dtype.inner
+    return depth
+
+
+def _leaf(dtype: DType) -> DType:
+    while isinstance(dtype, (pl.List, pl.Array)):
+        dtype = dtype.inner
+    return dtype
+
+
+def type_problem(schema: Mapping[str, pl.DataType], layout: Layout) -> str | None:
+    """The first column whose type does not fit the layout, as a message; None when all fit."""
+    integers = ["layer", *([layout.step] if layout.step else [])]
+    if layout.kind == "expert_counts":
+        integers += ["expert", "count"]
+    integers += [c for c in ("token", *EXPERT_COLUMNS) if c in schema and _depth(schema[c]) == 0]
+    for column in integers:
+        dtype = schema[column]
+        if not (dtype.is_integer() or dtype == pl.Null):
+            return f"column {column!r} must hold integers, not {dtype}"
+    if "dataset" in schema and schema["dataset"] not in (pl.String, pl.Categorical, pl.Null):
+        return f"column 'dataset' must hold strings, not {schema['dataset']}"
+    payloads = [layout.payload] if layout.kind != "expert_counts" else []
+    if layout.wide:
+        payloads = list(layout.wide)
+    depth = 1 + int(layout.nested)
+    for column in payloads:
+        dtype = schema[column]
+        leaf = _leaf(dtype)
+        want_depth = 0 if layout.wide else depth
+        numeric = leaf.is_integer() if layout.kind in ("counts", "topk") else leaf.is_numeric()
+        if _depth(dtype) != want_depth or not (numeric or leaf == pl.Null):
+            what = "integers" if layout.kind in ("counts", "topk") else "numbers"
+            shape = {0: "a number", 1: f"a list of {what}", 2: f"a list of lists of {what}"}
+            return f"column {column!r} must hold {shape[want_depth]} per row, not {dtype}"
+    return None
 
 
 def _listing(names: list[str]) -> str:
@@ -77,34 +216,116 @@ def batches(
     info: FileInfo,
     locate: Locate,
 ) -> Iterator[Batch]:
-    """Turn one chunk of table rows into probability batches, validating every row.
+    """Turn one chunk of table rows into canonical batches, validating every row.
 
     ``locate`` turns a row index of the file (0-based) into a place such as
     ``f.parquet row 17`` or ``f.jsonl:18`` for error messages.
     """
-    info.rows += frame.height
-    frame = _with_step(frame.with_row_index(ROW, offset=row_offset), layout, path)
+    problem = type_problem(frame.schema, layout)
+    if problem is not None:
+        raise InputError(f"{path}: {problem}")
+    frame = _as_lists(frame).with_row_index(ROW, offset=row_offset)
+    if layout.kind == "counts":
+        info.rows += frame.height
+    if layout.nested:
+        frame = _explode(frame, layout, options, info, locate)
+    if layout.kind != "counts":
+        info.rows += frame.height
+    frame = _required(frame, "layer", options, info, locate)
+    frame = _with_step(frame, layout, path, options, info, locate)
     frame = _drop_masked(frame, info, path)
     frame = _select(frame, options)
     if frame.height == 0:
         return
-    payload = frame[layout.payload]
-    missing = payload.is_null()
-    if missing.any():
-        row = int(frame.filter(missing)[ROW][0])
-        if not options.skip_bad_rows:
-            raise InputError(f"{locate(row)}: missing {layout.payload!r} value")
-        info.skipped_rows += int(missing.sum())
-        frame = frame.filter(~missing)
+    if layout.wide:
+        frame = frame.with_columns(pl.concat_list(layout.wide).alias(WIDE))
+    if layout.kind == "expert_counts":
+        yield from _expert_count_batches(frame, layout, options, info, locate)
+        return
+    frame = _required(frame, layout.payload, options, info, locate)
+    if frame.height == 0:
+        return
     for width, part in _by_width(frame, layout.payload, path):
-        yield from _probability_batch(part, width, layout, options, info, locate)
+        if width == 0:
+            raise InputError(f"{locate(int(part[ROW][0]))}: empty {layout.payload!r} row")
+        if layout.kind in ("probs", "logits"):
+            yield from _probability_batch(part, width, layout, options, info, locate)
+        elif layout.kind == "counts":
+            yield from _count_batch(part, width, layout, options, info, locate)
+        else:
+            yield from _topk_batches(part, width, layout, options, info, locate)
 
 
-def _with_step(frame: pl.DataFrame, layout: Layout, path: Path) -> pl.DataFrame:
+def _as_lists(frame: pl.DataFrame) -> pl.DataFrame:
+    """Fixed-size lists (Parquet's FixedSizeList) as lists, so one code path checks both."""
+    arrays = {
+        name: _list_type(dtype)
+        for name, dtype in frame.schema.items()
+        if _depth(dtype) and _list_type(dtype) != dtype
+    }
+    return frame.with_columns(pl.col(n).cast(d) for n, d in arrays.items()) if arrays else frame
+
+
+def _list_type(dtype: DType) -> DType:
+    if isinstance(dtype, (pl.List, pl.Array)):
+        return pl.List(_list_type(dtype.inner))
+    return dtype
+
+
+def _skip(
+    frame: pl.DataFrame,
+    bad: pl.Series,
+    message: str,
+    options: Options,
+    info: FileInfo,
+    locate: Locate,
+) -> pl.DataFrame:
+    """Raise naming the first bad row, or drop the bad rows and count them (--skip-bad-rows)."""
+    bad = bad.fill_null(True)
+    if not bad.any():
+        return frame
+    if not options.skip_bad_rows:
+        row = int(frame.filter(bad)[ROW][0])
+        raise InputError(f"{locate(row)}: {message} (use --skip-bad-rows to drop such rows)")
+    info.skipped_rows += int(bad.sum())
+    return frame.filter(~bad)
+
+
+def _required(
+    frame: pl.DataFrame, column: str, options: Options, info: FileInfo, locate: Locate
+) -> pl.DataFrame:
+    return _skip(frame, frame[column].is_null(), f"missing {column!r} value", options, info, locate)
+
+
+def _explode(
+    frame: pl.DataFrame, layout: Layout, options: Options, info: FileInfo, locate: Locate
+) -> pl.DataFrame:
+    """One row per token of a batched row; ``token`` and ``mask`` lists go along."""
+    frame = _required(frame, layout.payload, options, info, locate)
+    lengths = frame[layout.payload].list.len()
+    along = [c for c in ("token", "mask") if c in frame.columns and _depth(frame.schema[c]) == 1]
+    for column in along:
+        differs = frame[column].list.len() != lengths
+        message = f"{column!r} list and {layout.payload!r} have different lengths"
+        frame = _skip(frame, differs, message, options, info, locate)
+    if layout.kind in ("counts",):
+        return frame.explode(layout.payload)
+    if "token" not in along:
+        frame = frame.with_columns(pl.int_ranges(pl.col(layout.payload).list.len()).alias("token"))
+        along.append("token")
+    return frame.explode([layout.payload, *along])
+
+
+def _with_step(
+    frame: pl.DataFrame,
+    layout: Layout,
+    path: Path,
+    options: Options,
+    info: FileInfo,
+    locate: Locate,
+) -> pl.DataFrame:
     if layout.step is not None:
-        if frame[layout.step].null_count():
-            row = int(frame.filter(pl.col(layout.step).is_null())[ROW][0])
-            raise InputError(f"{path} row {row}: missing {layout.step!r} value")
+        frame = _required(frame, layout.step, options, info, locate)
         return frame.with_columns(pl.col(layout.step).cast(pl.Int64).alias("step"))
     return frame.with_columns(pl.lit(step_from_name(path), dtype=pl.Int64).alias("step"))
 
@@ -141,16 +362,33 @@ def _by_width(frame: pl.DataFrame, column: str, path: Path) -> Iterator[tuple[in
     if not isinstance(dtype, pl.List):
         raise InputError(f"{path}: column {column!r} must hold lists of numbers, not {dtype}")
     widths = frame.select(pl.col(column).list.len().alias("_w"), "layer")
-    per_layer = widths.group_by("layer").agg(pl.col("_w").unique().sort())
-    clash = per_layer.filter(pl.col("_w").list.len() > 1)
-    if clash.height:
-        layer, found = clash.row(0)
-        raise InputError(
-            f"{path}: layer {layer} has rows with {found[0]} and {found[1]} experts "
-            "(all rows of a layer must have the same expert count)"
-        )
+    _one_width_per_layer(widths, "_w", path, "rows with")
     for width in sorted(widths["_w"].unique().to_list()):
         yield int(width), frame.filter(widths["_w"] == width)
+
+
+def _one_width_per_layer(widths: pl.DataFrame, column: str, path: Path, what: str) -> None:
+    per_layer = widths.group_by("layer").agg(pl.col(column).unique().sort())
+    clash = per_layer.filter(pl.col(column).list.len() > 1)
+    if clash.height:
+        layer, found = clash.sort("layer").row(0)
+        raise InputError(
+            f"{path}: layer {layer} has {what} {found[0]} and {found[1]} experts "
+            "(all rows of a layer must have the same expert count)"
+        )
+
+
+def _keys(frame: pl.DataFrame) -> list[pl.Expr]:
+    """The canonical key columns: step, layer, and token/dataset when present."""
+    return [
+        pl.col("step").cast(pl.Int64),
+        pl.col("layer").cast(pl.Int32),
+        *[
+            pl.col(name).cast(dtype)
+            for name, dtype in (("token", pl.Int64), ("dataset", pl.String))
+            if name in frame.columns
+        ],
+    ]
 
 
 def _probability_batch(
@@ -161,28 +399,137 @@ def _probability_batch(
     info: FileInfo,
     locate: Locate,
 ) -> Iterator[Batch]:
-    if width == 0:
-        raise InputError(f"{locate(int(frame[ROW][0]))}: empty {layout.payload!r} row")
     column = frame[layout.payload]
-    if isinstance(column.dtype, pl.List):
-        column = column.list.to_array(width)
-    if not column.dtype.inner.is_numeric():  # type: ignore[attr-defined]
-        raise InputError(f"{info.path}: column {layout.payload!r} must hold numbers")
-    matrix = column.cast(pl.Array(pl.Float32, width)).to_numpy()
+    if column.explode().null_count() > column.null_count():
+        nulls = column.list.eval(pl.element().is_null()).list.any()
+        frame = _skip(frame, nulls, f"null value in {layout.payload!r}", options, info, locate)
+        column = column.filter(~nulls)
+    matrix = column.list.to_array(width).cast(pl.Array(pl.Float32, width)).to_numpy()
+    kind: Literal["probs", "logits"] = "probs" if layout.kind == "probs" else "logits"
     rows = frame[ROW].to_numpy()
-    result = to_probabilities(matrix, layout.kind, options, lambda i: locate(int(rows[i])))
+    result = to_probabilities(matrix, kind, options, lambda i: locate(int(rows[i])))
     info.skipped_rows += result.skipped
     if result.skipped:
         frame = frame.filter(pl.Series(result.keep))
-    canonical = frame.select(
-        pl.col("step").cast(pl.Int64),
-        pl.col("layer").cast(pl.Int32),
-        *[
-            pl.col(name).cast(dtype)
-            for name, dtype in (("token", pl.Int64), ("dataset", pl.String))
-            if name in frame.columns
-        ],
-    ).with_columns(pl.Series("probs", result.probs))
+    canonical = frame.select(_keys(frame)).with_columns(pl.Series("probs", result.probs))
     if result.logit_lse is not None:
         canonical = canonical.with_columns(pl.Series("logit_lse", result.logit_lse))
     yield Batch("probs", canonical, width)
+
+
+def _count_batch(
+    frame: pl.DataFrame,
+    width: int,
+    layout: Layout,
+    options: Options,
+    info: FileInfo,
+    locate: Locate,
+) -> Iterator[Batch]:
+    counts = pl.col(layout.payload)
+    bad = frame.select(
+        counts.list.eval(pl.element().is_null() | (pl.element() < 0)).list.any()
+    ).to_series()
+    message = f"null or negative count in {layout.payload!r}"
+    frame = _skip(frame, bad, message, options, info, locate)
+    if frame.height == 0:
+        return
+    canonical = frame.select(
+        *[k for k in _keys(frame) if k.meta.output_name() != "token"],
+        counts.list.to_array(width).cast(pl.Array(pl.Int64, width)).alias("counts"),
+    )
+    yield Batch("counts", canonical, width)
+
+
+def _experts(
+    frame: pl.DataFrame, layout: Layout, options: Options, info: FileInfo, locate: Locate
+) -> pl.DataFrame:
+    """Add ``__e``, the expert count E of each row: the data's column, else --num-experts."""
+    if layout.experts is not None:
+        frame = _required(frame, layout.experts, options, info, locate)
+        bad = frame[layout.experts] < 1
+        frame = _skip(frame, bad, f"{layout.experts!r} must be positive", options, info, locate)
+        return frame.with_columns(pl.col(layout.experts).cast(pl.Int64).alias("__e"))
+    if options.num_experts is not None:
+        return frame.with_columns(pl.lit(options.num_experts, dtype=pl.Int64).alias("__e"))
+    if layout.kind == "expert_counts":
+        return frame.with_columns(pl.col("expert").max().over("layer").add(1).alias("__e"))
+    raise InputError(
+        f"{info.path}: expert ids do not say how many experts there are: "
+        "pass --num-experts E (or add a 'num_experts' column)"
+    )
+
+
+def _topk_batches(
+    frame: pl.DataFrame,
+    width: int,
+    layout: Layout,
+    options: Options,
+    info: FileInfo,
+    locate: Locate,
+) -> Iterator[Batch]:
+    frame = _experts(frame, layout, options, info, locate)
+    ids = pl.col(ID_COLUMN)
+    outside = frame.select(
+        ids.list.eval(pl.element().is_null() | (pl.element() < 0)).list.any()
+        | (ids.list.max() >= pl.col("__e"))
+    ).to_series()
+    frame = _skip(
+        frame,
+        outside,
+        "expert id outside [0, E) (or a fill value such as -1)",
+        options,
+        info,
+        locate,
+    )
+    repeated = frame.select(ids.list.n_unique() < ids.list.len()).to_series()
+    frame = _skip(frame, repeated, "an expert id repeated within one token", options, info, locate)
+    if WEIGHT_COLUMN in frame.columns:
+        weights = pl.col(WEIGHT_COLUMN)
+        bad = frame.select(
+            (weights.list.len() != ids.list.len())
+            | weights.list.eval(~pl.element().cast(pl.Float64).is_finite()).list.any()
+        ).to_series()
+        message = f"{WEIGHT_COLUMN!r} must hold k finite numbers, like {ID_COLUMN!r}"
+        frame = _skip(frame, bad, message, options, info, locate)
+    if frame.height == 0:
+        return
+    _one_width_per_layer(frame.select("layer", "__e"), "__e", Path(info.path), "rows saying")
+    for n_experts in sorted(frame["__e"].unique().to_list()):
+        part = frame.filter(pl.col("__e") == n_experts)
+        canonical = part.select(
+            *_keys(part), ids.list.to_array(width).cast(pl.Array(pl.Int32, width)).alias(ID_COLUMN)
+        )
+        yield Batch("topk", canonical, int(n_experts), top_k=width)
+
+
+def _expert_count_batches(
+    frame: pl.DataFrame, layout: Layout, options: Options, info: FileInfo, locate: Locate
+) -> Iterator[Batch]:
+    """Long ``expert``/``count`` rows -> one counts row per (step, layer[, dataset])."""
+    for column in ("expert", "count"):
+        frame = _required(frame, column, options, info, locate)
+    negative = frame["count"] < 0
+    frame = _skip(frame, negative, "negative 'count'", options, info, locate)
+    frame = _experts(frame, layout, options, info, locate)
+    outside = (frame["expert"] < 0) | (frame["expert"] >= frame["__e"])
+    frame = _skip(frame, outside, "expert id outside [0, E)", options, info, locate)
+    if frame.height == 0:
+        return
+    _one_width_per_layer(frame.select("layer", "__e"), "__e", Path(info.path), "rows saying")
+    keys = ["step", "layer", *(["dataset"] if "dataset" in frame.columns else [])]
+    for n_experts in sorted(frame["__e"].unique().to_list()):
+        part = frame.filter(pl.col("__e") == n_experts)
+        groups = part.select(keys).unique(maintain_order=True).with_row_index("__g")
+        gid = part.join(groups, on=keys, how="left", nulls_equal=True, maintain_order="left")
+        flat = gid["__g"].to_numpy().astype(np.int64) * n_experts + part["expert"].to_numpy()
+        summed = np.bincount(
+            flat, weights=part["count"].to_numpy(), minlength=groups.height * n_experts
+        )
+        matrix = summed.astype(np.int64).reshape(groups.height, n_experts)
+        canonical = groups.drop("__g").select(
+            [k for k in _keys(groups) if k.meta.output_name() != "token"]
+        )
+        canonical = canonical.with_columns(
+            pl.Series("counts", matrix).cast(pl.Array(pl.Int64, int(n_experts)))
+        )
+        yield Batch("counts", canonical, int(n_experts))

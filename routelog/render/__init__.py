@@ -24,6 +24,15 @@ class Format(str, enum.Enum):
     markdown = "markdown"
 
 
+PIPE_WIDTH = 120
+"""Width when stdout is not a terminal (a file, a pipe, CI logs) and COLUMNS is not set."""
+
+
+def _pipe_width() -> int:
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else PIPE_WIDTH
+
+
 def make_console(stream: IO[str] | None = None, *, width: int | None = None) -> Console:
     """A rich console for ``stream``: colour only on a terminal and without ``NO_COLOR``."""
     from rich.console import Console
@@ -33,7 +42,7 @@ def make_console(stream: IO[str] | None = None, *, width: int | None = None) -> 
     color = terminal and "NO_COLOR" not in os.environ
     return Console(
         file=out,
-        width=width if width is not None else (None if terminal else 100),
+        width=width if width is not None else (None if terminal else _pipe_width()),
         color_system="auto" if color else None,
         no_color=not color,
         force_terminal=terminal,

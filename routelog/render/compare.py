@@ -103,8 +103,8 @@ def _title(comparison: Comparison) -> list[str]:
     return lines
 
 
-def print_comparison(comparison: Comparison, console: Console) -> None:
-    """Header, side-by-side table, what was left out, and findings."""
+def print_comparison(comparison: Comparison, console: Console, *, plot: bool = False) -> None:
+    """Header, side-by-side table, what was left out, findings, and (``plot``) charts."""
     for line in _title(comparison):
         console.print(line)
     console.print(_table(comparison))
@@ -113,6 +113,36 @@ def print_comparison(comparison: Comparison, console: Console) -> None:
         console.print(f"left out: {item.run} {where} ({item.what}): {item.reason}", style="dim")
     for finding in comparison.findings:
         console.print(f"[yellow]{finding.severity}[/yellow] {finding.code}: {finding.message}")
+    if plot:
+        for chart in charts(comparison, console):
+            console.print()
+            console.print(chart)
+
+
+def charts(comparison: Comparison, console: Console) -> list[Text]:
+    """Per compared layer: each group's token entropy over steps, overlaid (marker = group)."""
+    import polars as pl
+    from rich.text import Text
+
+    from routelog.render.plot import Series, line_chart
+
+    color = console.color_system is not None
+    names = [group.name for group in comparison.groups]
+    out = []
+    for layer in comparison.table["layer"].unique().sort().to_list():
+        rows = comparison.metrics.filter(pl.col("layer") == layer).sort("step")
+        series = [
+            Series(
+                name,
+                rows.filter(pl.col("run") == name)["step"].to_list(),
+                rows.filter(pl.col("run") == name)["token_entropy_norm"].to_list(),
+            )
+            for name in names
+        ]
+        title = f"layer {layer}: token entropy (normalised) over steps"
+        text = line_chart(series, title=title, width=console.width, color=color)
+        out.append(Text.from_ansi(text) if color else Text(text))
+    return out
 
 
 def _cells(comparison: Comparison) -> list[list[tuple[str, int]]]:

@@ -187,7 +187,7 @@ def test_unknown_extension_and_missing_path(tmp_path: Path) -> None:
         ({"probs": [[0.5, 0.5]]}, "no 'layer' column"),
         ({"layer": [0]}, "no payload column"),
         ({"layer": [0], "probs": [[0.5, 0.5]], "logits": [[0.0, 0.0]]}, "ambiguous payload"),
-        ({"layer": [0], "probs": ["a"]}, "must hold lists of numbers"),
+        ({"layer": [0], "probs": ["a"]}, "must hold a list of numbers per row"),
     ],
 )
 def test_missing_or_wrong_columns(tmp_path: Path, columns: dict[str, object], problem: str) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,3 +130,39 @@ def test_left_out_in_table_and_json(write_parquet_run: WriteRun) -> None:
     assert result.exit_code == 0, result.output
     left_out = json.loads(result.output)["left_out"]
     assert {"run": "b", "layer": 1, "what": "layer", "reason": left_out[0]["reason"]} in left_out
+
+
+def test_plot_overlays_runs_per_layer() -> None:
+    result = runner.invoke(
+        app, ["compare", HEALTHY, COLLAPSE, "-k", "2", "--layers", "2-3", "--plot"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "layer 2: token entropy (normalised) over steps" in result.output
+    assert "layer 3: token entropy (normalised) over steps" in result.output
+    assert "layer 0: token entropy" not in result.output
+    assert result.output.count("0 healthy   1 collapse") == 2
+
+
+def test_config_sets_the_shift_threshold(tmp_path: Path) -> None:
+    config = tmp_path / "routelog.toml"
+    config.write_text("top_k = 2\n[thresholds]\nshift_jsd = 0.39\n", encoding="utf-8")
+    result = runner.invoke(
+        app, ["compare", SHIFT, "--by", "dataset", "--config", str(config), "-f", "json"]
+    )
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    assert [f["layer"] for f in document["findings"]] == [3]
+    assert document["runs"][0]["top_k"] == 2
+    flag = ["--shift-threshold", "0.2"]
+    result = runner.invoke(
+        app, ["compare", SHIFT, "--by", "dataset", "--config", str(config), "-f", "json", *flag]
+    )
+    assert [f["layer"] for f in json.loads(result.output)["findings"]] == [2, 3]
+
+
+def test_bad_config_key_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "routelog.toml"
+    config.write_text("[thresholds]\nshift_jsd = 2.0\n", encoding="utf-8")
+    result = runner.invoke(app, ["compare", SHIFT, "--by", "dataset", "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    assert "shift_jsd" in result.output

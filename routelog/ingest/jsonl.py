@@ -1,0 +1,296 @@
+"""JSONL input (``.jsonl``, ``.ndjson``, optionally ``.gz``): blocks of lines -> table layouts.
+
+The decompressed text is read in blocks of whole lines (bounded memory) and each block is
+parsed by Polars' vectorized ndjson reader, then handed to :mod:`routelog.ingest.table`, so
+JSONL and Parquet share every layout. Python's ``json`` module only runs when a block fails
+to parse or has a column of the wrong type: it finds the bad line and names it ``file:LINE``
+(1-based), or, with ``--skip-bad-rows``, blanks it out and counts it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import math
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+
+from routelog.errors import InputError
+from routelog.ingest import Batch, FileInfo, table
+
+if TYPE_CHECKING:
+    from routelog.ingest.payload import Locate
+    from routelog.options import Options
+
+BLOCK_BYTES = 1 << 24
+"""Decompressed bytes read at a time (cut back to the last whole line)."""
+
+WHITESPACE = np.array([ord(c) for c in " \t\r\n"], dtype=np.uint8)
+
+INTEGER_KEYS = frozenset({*table.STEP_COLUMNS, "layer", *table.EXPERT_COLUMNS, "expert", "count"})
+FLOAT_PAYLOADS = frozenset(table.PAYLOAD_COLUMNS)
+COUNT_PAYLOADS = frozenset({*table.COUNT_COLUMNS, table.ID_COLUMN})
+
+
+def scan(path: Path, options: Options, info: FileInfo) -> Iterator[Batch]:
+    """Read a JSONL file block by block into canonical batches."""
+    layout: table.Layout | None = None
+    row_offset = 0
+    for block, first_line in _blocks(path):
+        parsed = _parse(block, first_line, path, layout, options, info)
+        if parsed is None:
+            continue
+        frame, block = parsed
+        if layout is None:
+            layout = table.detect_layout(frame.schema, path)
+            info.layout = layout.name
+            info.payload = layout.payload_name
+            problem = table.type_problem(frame.schema, layout)
+            if problem is not None:  # the first block decided the layout; re-check its lines
+                parsed = _parse(block, first_line, path, layout, options, info, force=True)
+                if parsed is None:
+                    continue
+                frame, block = parsed
+        yield from table.batches(
+            _with_columns(frame, layout),
+            layout,
+            path,
+            row_offset=row_offset,
+            options=options,
+            info=info,
+            locate=_locator(path, block, first_line, row_offset),
+        )
+        row_offset += frame.height
+    if layout is None:
+        raise InputError(f"{path}: no JSON lines (the file holds only blank lines)")
+
+
+def _locator(path: Path, block: bytes, first_line: int, offset: int) -> Locate:
+    """Row index of the file -> ``file:LINE``; line numbers are only counted when asked for."""
+    numbers: list[np.ndarray] = []
+
+    def locate(row: int) -> str:
+        if not numbers:
+            numbers.append(_line_numbers(block, first_line))
+        return f"{path}:{numbers[0][row - offset]}"
+
+    return locate
+
+
+def _with_columns(frame: pl.DataFrame, layout: table.Layout) -> pl.DataFrame:
+    """A block may lack a column that every line left out: add it as nulls, checked later."""
+    needed = ["layer", layout.payload, *([layout.step] if layout.step else []), *layout.wide]
+    if layout.kind == "expert_counts":
+        needed += ["expert", "count"]
+    missing = [c for c in dict.fromkeys(needed) if c not in frame.columns and c != table.WIDE]
+    return frame.with_columns(pl.lit(None).alias(c) for c in missing) if missing else frame
+
+
+def _blocks(path: Path) -> Iterator[tuple[bytes, int]]:
+    """Blocks of whole lines of the decompressed text, with the number of each first line."""
+    compressed = path.name.lower().endswith(".gz")
+    line = 1
+    carry = b""
+    try:
+        with _open(path, compressed) as stream:
+            while True:
+                chunk = stream.read(BLOCK_BYTES)
+                if not chunk:
+                    if carry:
+                        yield carry, line
+                    return
+                data = carry + chunk
+                cut = data.rfind(b"\n")
+                if cut < 0:
+                    carry = data
+                    continue
+                block, carry = data[: cut + 1], data[cut + 1 :]
+                yield block, line
+                line += block.count(b"\n")
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise InputError(f"{path}: not a valid gzip file, or truncated ({exc})") from exc
+
+
+def _open(path: Path, compressed: bool) -> gzip.GzipFile | io.BufferedReader:
+    return gzip.open(path, "rb") if compressed else path.open("rb")
+
+
+def _line_numbers(block: bytes, first_line: int) -> np.ndarray:
+    """1-based numbers of the lines of ``block`` that are not blank (Polars skips blank ones)."""
+    data = np.frombuffer(block, dtype=np.uint8)
+    ends = np.flatnonzero(data == ord("\n"))
+    if not block.endswith(b"\n"):
+        ends = np.append(ends, len(data))
+    starts = np.r_[0, ends[:-1] + 1]
+    visible = np.r_[0, np.cumsum(~np.isin(data, WHITESPACE), dtype=np.int32)]
+    numbers: np.ndarray = first_line + np.flatnonzero(visible[ends] > visible[starts])
+    return numbers
+
+
+def _parse(
+    block: bytes,
+    first_line: int,
+    path: Path,
+    layout: table.Layout | None,
+    options: Options,
+    info: FileInfo,
+    *,
+    force: bool = False,
+) -> tuple[pl.DataFrame, bytes] | None:
+    """Parse one block; find, then raise on or blank out, bad lines (returns the block used)."""
+    if not block.strip():
+        return None
+    problem = None
+    if not force:
+        frame, problem = _read(block, layout)
+        if frame is not None and problem is None:
+            return _checked(frame, block)
+    block = _drop_bad_lines(block, first_line, path, layout, options, info, problem)
+    frame, problem = _read(block, layout)
+    if frame is None or problem is not None:
+        last = first_line + block.count(b"\n")
+        raise InputError(f"{path}:{first_line}-{last}: cannot read these lines ({problem})")
+    return _checked(frame, block)
+
+
+def _read(block: bytes, layout: table.Layout | None) -> tuple[pl.DataFrame | None, str | None]:
+    try:
+        frame = pl.read_ndjson(io.BytesIO(block), infer_schema_length=None)
+    except pl.exceptions.PolarsError as exc:
+        return None, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if layout is not None and frame.height:
+        return frame, table.type_problem(_with_columns(frame, layout).schema, layout)
+    return frame, None
+
+
+def _checked(frame: pl.DataFrame, block: bytes) -> tuple[pl.DataFrame, bytes] | None:
+    return (frame, block) if frame.height else None
+
+
+def _drop_bad_lines(
+    block: bytes,
+    first_line: int,
+    path: Path,
+    layout: table.Layout | None,
+    options: Options,
+    info: FileInfo,
+    problem: str | None,
+) -> bytes:
+    """Check each line with ``json``: raise on the first bad one, or blank them all out."""
+    lines = block.split(b"\n")
+    depths: dict[str, int] = {}
+    if layout is not None and not layout.wide and layout.kind != "expert_counts":
+        depths[layout.payload] = 1 + int(layout.nested)
+    bad: list[tuple[int, str]] = []
+    for index, text in enumerate(lines):
+        if not text.strip():
+            continue
+        found = line_problem(text, depths)
+        if found is not None:
+            bad.append((index, found))
+    if not bad:
+        last = first_line + len(lines) - 1
+        raise InputError(f"{path}:{first_line}-{last}: cannot read these lines ({problem})")
+    if not options.skip_bad_rows:
+        index, found = bad[0]
+        raise InputError(
+            f"{path}:{first_line + index}: {found} (use --skip-bad-rows to drop such lines)"
+        )
+    info.skipped_rows += len(bad)
+    for index, _ in bad:
+        lines[index] = b""
+    return b"\n".join(lines)
+
+
+def line_problem(text: bytes, depths: dict[str, int]) -> str | None:
+    """What is wrong with one JSONL line, or None; ``depths`` holds the nesting seen so far.
+
+    Examples
+    --------
+    >>> line_problem(b'{"step": 1, "layer": 0, "probs": [0.5, 0.5]}', {})
+    >>> line_problem(b'{"step": 1, "layer": "x", "probs": [1.0]}', {})
+    "'layer' must be an integer, not 'x'"
+    """
+    try:
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError) as exc:
+        message = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        return f"not valid JSON ({message})"
+    if not isinstance(value, dict):
+        return f"not a JSON object (a line holds {type(value).__name__})"
+    for key, item in value.items():
+        found = _value_problem(key, item, depths)
+        if found is not None:
+            return found
+    return None
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} overflows a float")
+    return number
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _value_problem(key: str, value: Any, depths: dict[str, int]) -> str | None:
+    if value is None:
+        return None
+    if key in INTEGER_KEYS and not _is_int(value):
+        return f"{key!r} must be an integer, not {_short(value)}"
+    if key == "dataset" and not isinstance(value, str):
+        return f"'dataset' must be a string, not {_short(value)}"
+    if key in ("token", "mask"):
+        ok = _is_int if key == "token" else (lambda v: isinstance(v, (bool, int)))
+        if not (ok(value) or (isinstance(value, list) and all(map(ok, value)))):
+            return f"{key!r} must be {'an integer' if key == 'token' else 'a boolean'} or a list"
+    if table.WIDE_COLUMN.match(key) and not _is_number(value):
+        return f"{key!r} must be a number, not {_short(value)}"
+    if key == table.WEIGHT_COLUMN:
+        return _list_problem(key, value, _is_number, depths, allowed=(1,))
+    if key in FLOAT_PAYLOADS:
+        return _list_problem(key, value, _is_number, depths, allowed=(1, 2))
+    if key in COUNT_PAYLOADS:
+        allowed = (1,) if key == table.ID_COLUMN else (1, 2)
+        return _list_problem(key, value, _is_int, depths, allowed=allowed)
+    return None
+
+
+def _list_problem(
+    key: str, value: Any, ok: Any, depths: dict[str, int], *, allowed: tuple[int, ...]
+) -> str | None:
+    """A list of numbers (depth 1) or of lists of numbers (depth 2), nested like earlier lines."""
+    what = "integers" if ok is _is_int else "numbers"
+    if not isinstance(value, list):
+        return f"{key!r} must be a list of {what}, not {_short(value)}"
+    nested = bool(value) and all(isinstance(v, list) for v in value)
+    items = [x for v in value for x in v] if nested else value
+    depth = 2 if nested else 1
+    if depth not in allowed or not all(x is None or ok(x) for x in items):
+        return f"{key!r} must be a list of {what}" + (" or of such lists" if 2 in allowed else "")
+    expected = depths.setdefault(key, depth)
+    if depth != expected:
+        return f"{key!r} is {'batched' if depth == 2 else 'per-token'}, unlike earlier lines"
+    return None
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 30 else text[:27] + "..."

@@ -1,0 +1,93 @@
+"""The ``inspect`` output: what ingestion detected in each file, one row per file."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from routelog import __version__
+from routelog.render.report import fmt
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from routelog.ingest import FileInfo
+
+
+def file_record(info: FileInfo) -> dict[str, Any]:
+    """One file's entry in ``inspect --format json``."""
+    record = asdict(info)
+    steps = record.pop("steps")
+    summary = {"first": steps[0] if steps else None, "last": steps[-1] if steps else None}
+    order = ["path", "format", "layout", "payload", "steps", "layers", "n_experts", "top_k"]
+    record["steps"] = {**summary, "count": len(steps)}
+    return {key: record[key] for key in order} | {k: v for k, v in record.items() if k not in order}
+
+
+def inspect_document(infos: list[FileInfo]) -> dict[str, Any]:
+    """The JSON document of ``inspect --format json``."""
+    return {"routelog_version": __version__, "files": [file_record(i) for i in infos]}
+
+
+def span(values: list[int]) -> str:
+    """A sorted list of integers, compactly: ``0–200 (3)``; ``0–3`` when it has no gaps.
+
+    Examples
+    --------
+    >>> span([0, 100, 200]), span([0, 1, 2, 3]), span([7]), span([])
+    ('0–200 (3)', '0–3', '7', '–')
+    """
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return str(values[0])
+    if values[-1] - values[0] + 1 == len(values):
+        return f"{values[0]}–{values[-1]}"
+    return f"{values[0]}–{values[-1]} ({len(values)})"
+
+
+def print_inspect(infos: list[FileInfo], console: Console) -> None:
+    """One aligned row per file; warnings listed under the table."""
+    import os.path
+
+    from rich.table import Table
+
+    paths = [info.path for info in infos]
+    absolute = [Path(p).resolve() for p in paths]
+    base = os.path.commonpath([a.parent for a in absolute]) if paths else ""
+    relative = len(paths) > 1 and base != os.sep
+    shown = [
+        str(a.relative_to(base)) if relative else p for a, p in zip(absolute, paths, strict=True)
+    ]
+    table = Table(
+        box=None, pad_edge=False, header_style="bold", show_edge=False, padding=(0, 1, 0, 0)
+    )
+    longest = max((len(name) for name in shown), default=4)
+    table.add_column("file", overflow="fold", min_width=min(longest, 20))
+    table.add_column("format", no_wrap=True)
+    table.add_column("layout", min_width=17)  # wraps only "tokens-per-expert counts"
+    table.add_column("payload", no_wrap=True)
+    for name in ("steps", "layers", "E", "k", "rows", "masked", "skipped"):
+        table.add_column(name, justify="right", no_wrap=True)
+    if relative:
+        table.caption = f"files under {base}"
+        table.caption_justify = "left"
+    for info, name in zip(infos, shown, strict=True):
+        table.add_row(
+            name,
+            info.format,
+            info.layout,
+            info.payload,
+            span(info.steps),
+            span(info.layers),
+            fmt(info.n_experts),
+            fmt(info.top_k),
+            fmt(info.rows),
+            fmt(info.masked_rows),
+            fmt(info.skipped_rows),
+        )
+    console.print(table)
+    for info in infos:
+        for warning in info.warnings:
+            console.print(f"{info.path}: {warning}", style="yellow", markup=False)

@@ -1,0 +1,113 @@
+"""The same routing data written in every format gives the same metrics (issue 3's done-when).
+
+One set of router logits is written as .pt (with real torch), per-token JSONL, batched JSONL,
+Parquet with list columns and Parquet with wide columns; the metrics must agree. Counts and
+top-k ids of the same routing give the same count-based metrics.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+import routelog
+
+E, K, T, LAYERS, STEPS = 8, 2, 64, 3, (0, 50, 100)
+COUNT_METRICS = ["assign_entropy", "assign_entropy_norm", "max_load_share", "max_vio", "load_cv"]
+COUNT_METRICS += ["dead_experts"]
+
+
+@pytest.fixture(scope="module")
+def logits() -> dict[int, np.ndarray]:
+    """step -> [L, T, E] float32 router logits."""
+    rng = np.random.default_rng(11)
+    return {s: (rng.normal(size=(LAYERS, T, E)) * (1 + s / 50)).astype(np.float32) for s in STEPS}
+
+
+def _metrics(path: Path) -> pl.DataFrame:
+    return routelog.analyze([f"run={path}"], top_k=K).metrics.sort("step", "layer")
+
+
+def _write_pt(root: Path, logits: dict[int, np.ndarray]) -> Path:
+    torch = pytest.importorskip("torch")
+    root.mkdir()
+    for step, block in logits.items():
+        tensors = tuple(torch.from_numpy(block[layer].copy()) for layer in range(LAYERS))
+        torch.save({"step": step, "router_logits": tensors}, root / f"step_{step:06d}.pt")
+    return root
+
+
+def _token_rows(logits: dict[int, np.ndarray]) -> list[dict[str, object]]:
+    return [
+        {"step": s, "layer": layer, "token": t, "logits": block[layer, t].tolist()}
+        for s, block in logits.items()
+        for layer in range(LAYERS)
+        for t in range(T)
+    ]
+
+
+def _write_jsonl(path: Path, lines: list[dict[str, object]], *, compress: bool = False) -> Path:
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    if compress:
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path.write_text(text)
+    return path
+
+
+def test_every_format_gives_the_same_metrics(tmp_path: Path, logits: dict[int, np.ndarray]) -> None:
+    reference = _metrics(_write_pt(tmp_path / "pt", logits))
+    rows = _token_rows(logits)
+    per_token = _write_jsonl(tmp_path / "tokens.jsonl", rows)
+    per_token_gz = _write_jsonl(tmp_path / "tokens.jsonl.gz", rows, compress=True)
+    batched = _write_jsonl(
+        tmp_path / "batched.ndjson",
+        [
+            {"step": s, "layer": layer, "logits": block[layer].tolist()}
+            for s, block in logits.items()
+            for layer in range(LAYERS)
+        ],
+    )
+    frame = pl.DataFrame(rows).with_columns(pl.col("logits").cast(pl.List(pl.Float32)))
+    listed = tmp_path / "list.parquet"
+    frame.write_parquet(listed)
+    wide = tmp_path / "wide.parquet"
+    matrix = np.stack(frame["logits"].to_list())
+    frame.drop("logits").with_columns(
+        [pl.Series(f"logit_{i}", matrix[:, i]) for i in range(E)]
+    ).write_parquet(wide)
+    for path in (per_token, per_token_gz, batched, listed, wide):
+        try:
+            assert_frame_equal(_metrics(path), reference, check_exact=False, rel_tol=1e-5)
+        except AssertionError as exc:
+            raise AssertionError(f"{path.name} differs from the .pt run: {exc}") from exc
+
+
+def test_counts_and_ids_give_the_count_metrics(
+    tmp_path: Path, logits: dict[int, np.ndarray]
+) -> None:
+    reference = _metrics(_write_pt(tmp_path / "pt", logits)).select("step", "layer", *COUNT_METRICS)
+    ids_rows, count_rows = [], []
+    for s, block in logits.items():
+        for layer in range(LAYERS):
+            ids = np.argsort(-block[layer], axis=1, kind="stable")[:, :K]  # independent top-k
+            counts = np.bincount(ids.ravel(), minlength=E)
+            count_rows.append({"iter": s, "layer": layer, "tokens_per_expert": counts.tolist()})
+            ids_rows += [
+                {"step": s, "layer": layer, "topk_ids": row.tolist(), "num_experts": E}
+                for row in ids
+            ]
+    for path in (
+        _write_jsonl(tmp_path / "tpe.jsonl", count_rows),
+        _write_jsonl(tmp_path / "ids.jsonl", ids_rows),
+    ):
+        got = routelog.analyze([path]).metrics.sort("step", "layer")
+        assert_frame_equal(
+            got.select("step", "layer", *COUNT_METRICS), reference, check_exact=False, rel_tol=1e-9
+        )

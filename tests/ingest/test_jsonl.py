@@ -1,0 +1,347 @@
+"""JSONL: per-token, batched and Megatron count lines; gz; blocks; bad lines named file:LINE."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from polars.testing import assert_frame_equal
+from typer.testing import CliRunner
+
+import routelog
+from routelog.cli import app
+from routelog.ingest import FileInfo, jsonl, scan
+from routelog.options import Options
+from tests.conftest import WriteRun, dirichlet
+
+runner = CliRunner()
+E, K, T = 5, 2, 30
+COUNT_METRICS = ["assign_entropy", "max_load_share", "max_vio", "load_cv", "dead_experts"]
+
+
+@pytest.fixture
+def data() -> dict[int, dict[int, np.ndarray]]:
+    rng = np.random.default_rng(11)
+    return {
+        step: {layer: dirichlet(rng, T, E, alpha=0.4).astype(np.float32) for layer in range(2)}
+        for step in (0, 100, 200)
+    }
+
+
+def write_lines(path: Path, lines: list[dict[str, object]] | list[str]) -> Path:
+    text = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
+    if path.name.endswith(".gz"):
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path.write_text(text)
+    return path
+
+
+def per_token(
+    data: dict[int, dict[int, np.ndarray]], key: str = "probs"
+) -> list[dict[str, object]]:
+    return [
+        {"step": s, "layer": layer, "token": t, key: row.tolist()}
+        for s, layers in data.items()
+        for layer, m in layers.items()
+        for t, row in enumerate(np.log(m) if key == "logits" else m)
+    ]
+
+
+def metrics(path: Path, **options: object) -> pl.DataFrame:
+    return routelog.analyze([f"run={path}"], **options).metrics.sort("step", "layer")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["run.jsonl", "run.ndjson", "run.jsonl.gz", "run.ndjson.gz"])
+def test_per_token_lines_match_parquet(
+    data: dict[int, dict[int, np.ndarray]], write_parquet_run: WriteRun, tmp_path: Path, name: str
+) -> None:
+    reference = metrics(write_parquet_run(data), top_k=K)
+    path = write_lines(tmp_path / name, per_token(data))
+    assert_frame_equal(metrics(path, top_k=K), reference)
+
+
+def test_batched_logit_lines_match_parquet(
+    data: dict[int, dict[int, np.ndarray]], write_parquet_run: WriteRun, tmp_path: Path
+) -> None:
+    logits = {s: {layer: np.log(m) for layer, m in layers.items()} for s, layers in data.items()}
+    reference = metrics(write_parquet_run(logits, payload="logits"), top_k=K)
+    lines = [
+        {"step": s, "layer": layer, "logits": m[:half].tolist()}
+        for s, layers in logits.items()
+        for layer, full in layers.items()
+        for m, half in ((full, T // 3), (full[T // 3 :], T))
+    ]
+    # without token lists, tokens are positions within a line: two lines per layer collide,
+    # which only matters for token-level metrics (null then); the statistics are the same
+    batched = metrics(write_lines(tmp_path / "b.jsonl", lines), top_k=K)
+    assert batched["saturation"].null_count() == batched.height
+    token_level = ["flip_rate", "saturation"]
+    assert_frame_equal(batched.drop(token_level), reference.drop(token_level))
+
+
+def test_batched_lines_explode_to_per_token_rows(tmp_path: Path) -> None:
+    path = write_lines(
+        tmp_path / "b.jsonl",
+        [{"step": 3, "layer": 1, "probs": [[1, 0], [0.5, 0.5], [0, 1]], "mask": [1, 0, 1]}],
+    )
+    info = FileInfo(str(path), "jsonl")
+    (batch,) = scan(path, Options(), info)
+    assert batch.frame["token"].to_list() == [0, 2]
+    assert batch.frame["probs"].to_list() == [[1.0, 0.0], [0.0, 1.0]]
+    assert (info.layout, info.rows, info.masked_rows) == ("batched lines", 3, 1)
+
+
+def counts(data: dict[int, dict[int, np.ndarray]]) -> dict[tuple[int, int], np.ndarray]:
+    return {
+        (s, layer): np.bincount(np.argsort(-m, axis=1, kind="stable")[:, :K].ravel(), minlength=E)
+        for s, layers in data.items()
+        for layer, m in layers.items()
+    }
+
+
+def test_megatron_tpe_lines_give_the_count_metrics(
+    data: dict[int, dict[int, np.ndarray]], write_parquet_run: WriteRun, tmp_path: Path
+) -> None:
+    reference = metrics(write_parquet_run(data), top_k=K)
+    rng = np.random.default_rng(0)
+    lines = []
+    for (step, layer), total in counts(data).items():
+        first = rng.integers(0, total + 1)  # two micro-batches that add up to the total
+        lines.append(
+            {"iter": step, "layer": layer, "tpe": [first.tolist(), (total - first).tolist()]}
+        )
+    got = metrics(write_lines(tmp_path / "tpe.jsonl", lines))
+    assert_frame_equal(
+        got.select("step", "layer", *COUNT_METRICS),
+        reference.select("step", "layer", *COUNT_METRICS),
+    )
+    assert got["token_entropy"].null_count() == got.height
+    flat = [
+        {"iter": s, "layer": layer, "tokens_per_expert": c.tolist()}
+        for (s, layer), c in counts(data).items()
+    ]
+    got = metrics(write_lines(tmp_path / "flat.jsonl", flat))
+    assert_frame_equal(
+        got.select("step", "layer", *COUNT_METRICS),
+        reference.select("step", "layer", *COUNT_METRICS),
+    )
+
+
+def test_count_only_report_says_why(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "tpe.jsonl", [{"iter": 5, "layer": 0, "tpe": [[3, 1, 0, 0]]}])
+    result = runner.invoke(app, ["analyze", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "counts only" in result.output
+    assert "need router probabilities and are not computed" in " ".join(result.output.split())
+
+
+def test_blocks_across_boundaries_give_the_same_frames(
+    data: dict[int, dict[int, np.ndarray]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_lines(tmp_path / "run.jsonl.gz", per_token(data, "logits"))
+    whole = metrics(path, top_k=K)
+    monkeypatch.setattr(
+        jsonl, "BLOCK_BYTES", 97
+    )  # shorter than one line: blocks grow to whole lines
+    assert_frame_equal(metrics(path, top_k=K), whole)
+    monkeypatch.setattr(jsonl, "BLOCK_BYTES", 4000)
+    assert_frame_equal(metrics(path, top_k=K), whole)
+
+
+@pytest.mark.parametrize("block", [50, 1 << 20])
+def test_bad_line_number_counts_blank_lines_and_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int
+) -> None:
+    monkeypatch.setattr(jsonl, "BLOCK_BYTES", block)
+    good = '{"step": 1, "layer": 0, "probs": [0.5, 0.5]}'
+    bad = '{"step": 1, "layer": 0, "probs": [0.5, 0.7]}'  # parses, but does not sum to 1
+    path = write_lines(tmp_path / "f.jsonl", [good, "", good, "   ", good, bad, good])
+    result = runner.invoke(app, ["analyze", str(path)])
+    assert result.exit_code == 2, result.output
+    assert f"{path}:6: probabilities do not sum to 1" in result.output
+
+
+BAD_LINES = [
+    ('{"step": 1, "layer": 0, "probs": [0.5, 0.5', "not valid JSON"),
+    ('{"step": 1, "layer": "x", "probs": [0.5, 0.5]}', "'layer' must be an integer"),
+    ('{"step": 1, "layer": 0, "probs": "0.5"}', "'probs' must be a list of numbers"),
+    ('{"step": 1, "layer": 0, "probs": [0.5, NaN]}', "not valid JSON (NaN is not a JSON number)"),
+    ('{"step": 1, "layer": 0, "probs": [[0.5, 0.5]]}', "'probs' is batched, unlike earlier lines"),
+    ("[1, 2]", "not a JSON object"),
+    ('{"step": 1, "layer": 0.5, "probs": [0.5, 0.5]}', "'layer' must be an integer"),
+]
+
+
+@pytest.mark.parametrize(("line", "message"), BAD_LINES)
+def test_broken_line_in_the_middle(tmp_path: Path, line: str, message: str) -> None:
+    good = '{"step": 1, "layer": 0, "probs": [0.5, 0.5]}'
+    path = write_lines(tmp_path / "f.jsonl", [good, good, line, good])
+    result = runner.invoke(app, ["analyze", str(path)])
+    assert result.exit_code == 2, result.output
+    assert f"routelog: error: {path}:3: {message}" in result.output
+    result = runner.invoke(app, ["analyze", str(path), "--skip-bad-rows", "-f", "json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    assert document["runs"][0]["skipped_rows"] == 1
+    assert document["metrics"][0]["n_tokens"] == 3
+
+
+def test_truncated_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "f.jsonl.gz"
+    text = '{"step": 1, "layer": 0, "probs": [0.5, 0.5]}\n{"step": 1, "layer": 0, "pro'
+    path.write_bytes(gzip.compress(text.encode()))
+    result = runner.invoke(app, ["analyze", str(path)])
+    assert result.exit_code == 2, result.output
+    assert f"{path}:2: not valid JSON" in result.output
+
+
+def test_truncated_gzip(tmp_path: Path) -> None:
+    path = tmp_path / "f.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"step": 1, "layer": 0, "probs": [1.0]}\n' * 50)[:40])
+    result = runner.invoke(app, ["analyze", str(path)])
+    assert result.exit_code == 2, result.output
+    assert f"{path}: not a valid gzip file, or truncated" in result.output
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("step_1.jsonl", "", "file is empty"),
+        ("step_1.jsonl", "\n\n  \n", "no JSON lines"),
+        (
+            "f.jsonl",
+            '{"layer": 0, "probs": [1.0]}\n',
+            "no 'step' column, and no step in the file name",
+        ),
+        ("step_1.json", '{"layer": 0, "probs": [1.0]}\n', "unknown file type"),
+        (
+            "step_1.jsonl",
+            '{"layer": 0, "probs": [1.0, 0.0]}\n{"layer": 0, "probs": [0.2, 0.3, 0.5]}\n',
+            "layer 0 has rows with 2 and 3 experts",
+        ),
+        ("step_1.jsonl", '{"layer": 0, "topk_ids": [0, 1]}\n', "pass --num-experts E"),
+    ],
+)
+def test_bad_files(tmp_path: Path, name: str, content: str, message: str) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    result = runner.invoke(app, ["analyze", str(path)])
+    assert result.exit_code == 2, result.output
+    assert f"routelog: error: {path}" in result.output
+    assert message in result.output
+
+
+@pytest.mark.parametrize(("ids", "line"), [([[0, 1], [2, 8]], 2), ([[-1, 1], [2, 3]], 1)])
+def test_ids_outside_range_name_the_line(tmp_path: Path, ids: list[list[int]], line: int) -> None:
+    lines = [{"step": 1, "layer": 0, "topk_ids": i, "num_experts": 8} for i in ids]
+    path = write_lines(tmp_path / "ids.jsonl", lines)
+    result = runner.invoke(app, ["analyze", str(path)])
+    assert result.exit_code == 2, result.output
+    assert f"{path}:{line}: expert id outside [0, E)" in result.output
+
+
+def test_sigmoid_score(tmp_path: Path) -> None:
+    logits = np.array([[2.0, -1.0, 0.5], [0.0, 0.0, 3.0]])
+    path = write_lines(tmp_path / "step_1.jsonl", [{"layer": 0, "logits": logits.tolist()}])
+    got = metrics(path, score="sigmoid")
+    scores = 1 / (1 + np.exp(-logits))
+    probs = scores / scores.sum(axis=1, keepdims=True)
+    expected = -(probs * np.log(probs)).sum(axis=1).mean()
+    assert got["token_entropy"][0] == pytest.approx(expected, rel=1e-5)
+    result = runner.invoke(app, ["analyze", str(path), "--score", "sigmoid", "-f", "json"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["analyze", str(path), "--score", "tanh"])
+    assert result.exit_code == 2, result.output
+    assert "--score must be softmax or sigmoid" in result.output
+
+
+def reference_frame(lines: list[dict[str, object]]) -> pl.DataFrame:
+    """What the lines mean, built line by line with json.loads, independently of Polars."""
+    rows = []
+    for text in lines:
+        line = json.loads(json.dumps(text))
+        payload = line["probs"]
+        tokens = payload if isinstance(payload[0], list) else [payload]
+        for position, probs in enumerate(tokens):
+            token = line.get("token", position)
+            rows.append(
+                {"step": line["step"], "layer": line["layer"], "token": token, "probs": probs}
+            )
+    frame = pl.DataFrame(
+        rows,
+        schema={
+            "step": pl.Int64,
+            "layer": pl.Int32,
+            "token": pl.Int64,
+            "probs": pl.List(pl.Float64),
+        },
+    )
+    return frame.with_columns(pl.col("probs").cast(pl.List(pl.Float32)))
+
+
+probability_row = st.integers(1, 6).flatmap(
+    lambda e: st.lists(st.integers(1, 1000), min_size=e, max_size=e).map(
+        lambda w: [float(np.float32(x / sum(w))) for x in w]
+    )
+)
+
+
+@st.composite
+def jsonl_files(draw: st.DrawFn) -> list[dict[str, object]]:
+    e = draw(st.integers(1, 5))
+    row = st.lists(st.integers(1, 99), min_size=e, max_size=e).map(
+        lambda w: [float(np.float32(x / sum(w))) for x in w]
+    )
+    batched = draw(st.booleans())
+    lines = []
+    for index in range(draw(st.integers(1, 12))):
+        line: dict[str, object] = {
+            "step": draw(st.integers(0, 3)),
+            "layer": draw(st.integers(0, 2)),
+        }
+        if batched:
+            line["probs"] = draw(st.lists(row, min_size=1, max_size=4))
+        else:
+            line["probs"] = draw(row)
+            line["token"] = index
+        lines.append(line)
+    return lines
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(lines=jsonl_files(), block=st.integers(16, 400))
+def test_parser_matches_json_loads(
+    lines: list[dict[str, object]], block: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jsonl, "BLOCK_BYTES", block)
+    path = write_lines(tmp_path / "p.jsonl", lines)
+    info = FileInfo(str(path), "jsonl")
+    frames = [
+        b.frame.select("step", "layer", "token", pl.col("probs").arr.to_list())
+        for b in scan(path, Options(), info)
+    ]
+    got = pl.concat(frames).sort("step", "layer", "token", maintain_order=True)
+    expected = reference_frame(lines).sort("step", "layer", "token", maintain_order=True)
+    assert_frame_equal(got, expected, check_exact=False, rel_tol=1e-6)
+    assert info.rows == expected.height
+
+
+def test_megatron_sample_is_count_only() -> None:
+    from tests.conftest import SAMPLES
+
+    result = runner.invoke(app, ["analyze", str(SAMPLES / "megatron-tpe"), "-f", "json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    assert document["runs"][0]["payloads"] == ["counts"]
+    latest = [m for m in document["metrics"] if m["step"] == 1100]
+    assert [m["token_entropy"] for m in latest] == [None] * 4
+    assert max(latest, key=lambda m: m["max_load_share"])["layer"] == 3
