@@ -40,11 +40,6 @@ RULES = (
 )
 """Every diagnosis rule, in the order the README documents them."""
 
-OPT_IN_RULES = ("early_saturation",)
-"""Rules that run only when the configuration's ``rules`` names them."""
-
-DEFAULT_RULES = tuple(r for r in RULES if r not in OPT_IN_RULES)
-
 DEFAULT = "default"
 CONFIG_FILE = "routelog.toml"
 PYPROJECT = "pyproject.toml"
@@ -123,7 +118,7 @@ class Config:
 
     top_k: int = 1
     dead_fraction: float = 0.1
-    rules: tuple[str, ...] = DEFAULT_RULES
+    rules: tuple[str, ...] = RULES
     thresholds: Thresholds = field(default_factory=Thresholds)
     check: dict[str, Any] = field(default_factory=dict, compare=False)
     path: Path | None = None

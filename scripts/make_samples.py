@@ -67,7 +67,7 @@ def write_run(root: Path, name: str, rng: np.random.Generator) -> None:
     out.mkdir(parents=True, exist_ok=True)
     z = rng.normal(size=(LAYERS, TOKENS, EXPERTS))
     for step in STEPS:
-        z = z + rng.normal(scale=0.3 * np.exp(-step / 300), size=z.shape)
+        z = z + rng.normal(scale=0.3 * np.exp(-step / 600), size=z.shape)
         frames = []
         for layer in range(LAYERS):
             if name == "collapse":

@@ -51,8 +51,8 @@ def test_table_side_by_side() -> None:
         "agree@1",
         "overlap@k",
     ]
-    collapsed = next(line for line in lines if line.strip().startswith("collapse  0.107"))
-    assert "-0.601 ✗" in collapsed
+    collapsed = next(line for line in lines if line.strip().startswith("collapse  0.106"))
+    assert "-0.580 ✗" in collapsed
     assert "6/8 +6 ✗" in collapsed
     assert "0.567" in collapsed
     assert "✗ towards collapse" in result.output

@@ -77,7 +77,7 @@ def test_markdown_snapshot() -> None:
     result = runner.invoke(app, ["analyze", str(SAMPLES / "collapse"), "-k", "2", "-f", "markdown"])
     assert result.exit_code == 0, result.output
     assert "| **fail** | `collapse` | layers 2*, 3* · steps 500–1100 |" in result.output
-    assert "| 2 | 0.107 | 0.282 | 0.333 | 0.500 | 6/8 | fail |" in result.output
+    assert "| 2 | 0.106 | 0.284 | 0.333 | 0.500 | 6/8 | fail |" in result.output
     check_snapshot("collapse.md", result.output)
 
 
