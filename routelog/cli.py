@@ -196,8 +196,9 @@ def inspect(
     output: Output = None,
     debug: Debug = False,
 ) -> None:
-    """What routelog detects in each log file (format, layout, payload, steps, layers, E, k,
-    rows), without computing metrics.
+    """What routelog detects in each log file, without computing metrics.
+
+    Per file: format, layout, payload kind, steps, layers, E, k, rows, masked and skipped rows.
 
     Example: routelog inspect sample_logs/healthy --format json
     """
