@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from routelog import ingest, kernels
+from routelog import ingest, kernels, tokens
 from routelog.config import Config
 from routelog.errors import InputError, UsageError
 from routelog.findings import Finding
@@ -200,12 +200,34 @@ def load_runs(
 
 
 def metrics_of(runs: Iterable[Run], options: Options) -> pl.DataFrame:
-    """Metrics per run x step x layer, summed over datasets."""
+    """Metrics per run x step x layer, summed over datasets, with token-level metrics."""
     import polars as pl
 
+    runs = list(runs)
     stats = [r.stats.with_columns(pl.lit(None, pl.String).alias("dataset")) for r in runs]
     merged = kernels.merge(stats)
-    return kernels.finish(merged, options.dead_fraction).drop("dataset")
+    metrics = kernels.finish(merged, options.dead_fraction).drop("dataset")
+    return _with_token_metrics(metrics, runs)
+
+
+def metrics_by_dataset(runs: Iterable[Run], options: Options) -> pl.DataFrame:
+    """Metrics per run x step x layer x dataset (null ``dataset``: rows that name none)."""
+    return kernels.finish(kernels.merge([r.stats for r in runs]), options.dead_fraction)
+
+
+def _with_token_metrics(metrics: pl.DataFrame, runs: list[Run]) -> pl.DataFrame:
+    """Join ``flip_rate`` and ``saturation`` (null where the same tokens are not known)."""
+    import polars as pl
+
+    empty = pl.DataFrame(schema={"run": pl.String(), **tokens.TOKEN_METRICS_SCHEMA})
+    parts = [
+        tokens.token_metrics(r.selections).select(pl.lit(r.name).alias("run"), pl.all())
+        for r in runs
+        if r.selections is not None
+    ]
+    found = pl.concat(parts) if parts else empty
+    joined = metrics.join(found, on=["run", "step", "layer"], how="left", maintain_order="left")
+    return joined.select(*[c for c in joined.columns if c != "load_share"], "load_share")
 
 
 def inspect_file(path: Path, options: Options) -> ingest.FileInfo:

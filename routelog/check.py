@@ -17,7 +17,8 @@ Nothing here prints: :mod:`routelog.render.check` does.
 Examples
 --------
 >>> import polars as pl
->>> from routelog.config import Bound, CheckSettings
+>>> from routelog.compare import Align, align_steps
+from routelog.config import Bound, CheckSettings
 >>> metrics = pl.DataFrame({"run": ["r", "r"], "step": [0, 0], "layer": [0, 1],
 ...     "token_entropy_norm": [0.5, 0.1]})
 >>> settings = CheckSettings(bounds=(Bound("min", "token_entropy_norm", 0.2),))
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from routelog.compare import Align, align_steps
 from routelog.config import Bound, CheckSettings
 from routelog.errors import UsageError
 from routelog.kernels import METRIC_RANGES, TOWARDS_COLLAPSE
@@ -149,6 +151,7 @@ def check(
     settings: CheckSettings | None = None,
     *,
     baseline: Analysis | None = None,
+    align: Align = "exact",
     window: int | None = None,
     strict: bool = False,
 ) -> CheckResult:
@@ -160,6 +163,7 @@ def check(
         analysis.findings,
         settings,
         baseline=None if baseline is None else baseline.metrics,
+        align=align,
         window=window,
         strict=strict,
         enabled=enabled,
@@ -172,6 +176,7 @@ def evaluate(
     settings: CheckSettings,
     *,
     baseline: pl.DataFrame | None = None,
+    align: Align = "exact",
     window: int | None = None,
     strict: bool = False,
     enabled: tuple[str, ...] | None = None,
@@ -187,7 +192,7 @@ def evaluate(
     if settings.bounds:
         result.rules += _threshold_rules(metrics, settings.bounds, window)
     if baseline is not None and settings.max_regression:
-        rules, notes = _regression_rules(metrics, baseline, settings.max_regression)
+        rules, notes = _regression_rules(metrics, baseline, settings.max_regression, align)
         result.rules += rules
         result.notes += notes
     return result
@@ -336,40 +341,44 @@ def _num(value: float) -> str:
 # --- regression against a baseline ----------------------------------------------------------
 
 
-def aligned(metrics: pl.DataFrame, baseline: pl.DataFrame, names: list[str]) -> pl.DataFrame:
-    """Each (run, layer) of ``metrics`` next to the baseline's layer, at the latest step
-    that both the run and the baseline logged.
+def aligned(
+    metrics: pl.DataFrame, baseline: pl.DataFrame, names: list[str], align: Align = "exact"
+) -> pl.DataFrame:
+    """Each (run, layer) of ``metrics`` next to the baseline's layer, at the steps
+    :func:`routelog.compare.align_steps` pairs: the latest step both logged, or with
+    ``align="nearest"`` the baseline's latest step and the run's latest one at or before it.
 
-    Columns: run, layer, step, the metrics, ``baseline``, and each metric as
-    ``baseline_<metric>``. Layers the baseline lacks, or with another expert count, are left
-    out (:func:`left_out` names them). Raises ``UsageError`` when a run shares no step with
-    the baseline.
+    Columns: run, layer, step, the metrics, ``baseline``, ``baseline_step``, and each metric
+    as ``baseline_<metric>``. Layers the baseline lacks, or with another expert count, are
+    left out. Raises ``UsageError`` when a run cannot be aligned with the baseline.
     """
     base_name = baseline["run"][0]
-    base_steps = set(baseline["step"].unique().to_list())
+    columns = ["run", "step", "layer", "n_experts", *names]
     parts = []
     for run in metrics["run"].unique(maintain_order=True).to_list():
-        rows = metrics.filter(pl.col("run") == run)
-        common = base_steps & set(rows["step"].unique().to_list())
-        if not common:
+        rows = metrics.filter(pl.col("run") == run).select(columns)
+        label = base_name if base_name != run else f"{base_name} (baseline)"
+        both = pl.concat([baseline.select(columns).with_columns(run=pl.lit(label)), rows])
+        try:
+            base_group, run_group = align_steps(both, [label, run], None, align, what="run")
+        except UsageError:
+            if align == "nearest":
+                raise
             raise UsageError(
                 f"run {run!r} (steps {_steps(rows)}) shares no logged step with the baseline "
-                f"{base_name!r} (steps {_steps(baseline)})"
-            )
-        parts.append(rows.filter(pl.col("step") == max(common)))
-    base = baseline.select(
-        "step",
-        "layer",
-        "n_experts",
-        pl.col("run").alias("baseline"),
-        *[pl.col(n).alias(f"baseline_{n}") for n in names],
-    )
-    return (
-        pl.concat(parts)
-        .select("run", "layer", "step", "n_experts", *names)
-        .join(base, on=["step", "layer", "n_experts"], how="inner")
-        .sort(KEYS)
-    )
+                f"{base_name!r} (steps {_steps(baseline)}): pair the baseline's latest step "
+                "with each run's latest earlier one with --align nearest"
+            ) from None
+        base = baseline.filter(pl.col("step") == base_group.step).select(
+            "layer",
+            "n_experts",
+            pl.lit(base_name).alias("baseline"),
+            pl.col("step").alias("baseline_step"),
+            *[pl.col(n).alias(f"baseline_{n}") for n in names],
+        )
+        here = rows.filter(pl.col("step") == run_group.step)
+        parts.append(here.join(base, on=["layer", "n_experts"], how="inner"))
+    return pl.concat(parts).sort(KEYS)
 
 
 def _steps(frame: pl.DataFrame) -> str:
@@ -378,12 +387,12 @@ def _steps(frame: pl.DataFrame) -> str:
 
 
 def _regression_rules(
-    metrics: pl.DataFrame, baseline: pl.DataFrame, tolerances: dict[str, float]
+    metrics: pl.DataFrame, baseline: pl.DataFrame, tolerances: dict[str, float], align: Align
 ) -> tuple[list[RuleResult], list[str]]:
     if baseline["run"].n_unique() != 1:
         raise UsageError("--baseline must be one run")
     names = list(tolerances)
-    pairs = aligned(metrics, baseline, names)
+    pairs = aligned(metrics, baseline, names, align)
     compared = set(pairs.select(KEYS).rows())
     notes = [
         f"run {run} layer {layer}: not compared with the baseline (the baseline lacks the "
@@ -417,8 +426,9 @@ def _regression_result(metric: str, tolerance: float, row: dict[str, Any]) -> Ru
     direction = "fell" if value < base else "rose" if value > base else "stayed"
     worse = "towards collapse" if moved > 0 else "away from collapse"
     message = (
-        f"{where}: {metric} {direction} from {_num(base)} (baseline {row['baseline']}) to "
-        f"{_num(value)} at step {row['step']}"
+        f"{where}: {metric} {direction} from {_num(base)} (baseline {row['baseline']}"
+        + ("" if row["baseline_step"] == row["step"] else f" at step {row['baseline_step']}")
+        + f") to {_num(value)} at step {row['step']}"
         + (
             f", {_num(abs(value - base))} {worse}; "
             f"{'within' if passed else 'more than'} the tolerance {_num(tolerance)}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import functools
 import os
 import sys
@@ -281,6 +282,124 @@ def config_command(
             raise UsageError(f"routelog config: --format must be table or json, not {fmt.value}")
 
 
+class By(str, enum.Enum):
+    """What ``compare`` puts side by side."""
+
+    run = "run"
+    dataset = "dataset"
+
+
+class AlignOpt(str, enum.Enum):
+    """How ``compare`` pairs steps."""
+
+    exact = "exact"
+    nearest = "nearest"
+
+
+@app.command()
+def compare(
+    paths: Annotated[
+        list[str],
+        typer.Argument(help="Runs, the baseline first (PATH or NAME=PATH); one with --by dataset."),
+    ],
+    by: Annotated[By, typer.Option(help="Compare runs, or the datasets of one run.")] = By.run,
+    base: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="With --by dataset: the baseline dataset (default: the first)."),
+    ] = None,
+    step: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="Compare at this step (default: the latest step every run logged)."),
+    ] = None,
+    align: Annotated[
+        AlignOpt,
+        typer.Option(help="nearest: pair with each run's latest logged step at or before."),
+    ] = AlignOpt.exact,
+    shift_threshold: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            help="With --by dataset: JSD above which a layer has shifted (default: "
+            "thresholds.shift_jsd of the configuration, 0.1)."
+        ),
+    ] = None,
+    top_k: TopK = None,
+    layers: Layers = None,
+    steps: Steps = None,
+    skip_bad_rows: SkipBadRows = False,
+    temperature: Temperature = None,
+    fmt: FormatOpt = Format.table,
+    output: Output = None,
+    config: ConfigOpt = None,
+    plot: Annotated[
+        bool, typer.Option("--plot", help="Chart each run's token entropy, one chart per layer.")
+    ] = False,
+    width: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option("--width", min=40, help="Width of the report in columns."),
+    ] = None,
+    debug: Debug = False,
+) -> None:
+    """Routing of runs (or of one run's datasets) side by side, with deltas from the first.
+
+    Example: routelog compare base=sample_logs/healthy sample_logs/collapse --top-k 2
+    """
+    with _errors(debug):
+        from routelog import api
+        from routelog import compare as core
+        from routelog.config import load_config
+        from routelog.errors import UsageError
+        from routelog.render import compare as view
+        from routelog.render import data, make_console
+
+        settings = load_config(config)
+        options = api.make_options(
+            top_k=top_k,
+            layers=layers,
+            steps=steps,
+            skip_bad_rows=skip_bad_rows,
+            temperature=temperature,
+            default_top_k=settings.top_k,
+            dead_fraction=settings.dead_fraction,
+        )
+        if by is By.dataset:
+            if len(paths) != 1:
+                raise UsageError(f"--by dataset compares the datasets of one run, got {len(paths)}")
+            (run,) = api.load_runs(paths, options)
+            result = core.compare_datasets(
+                run,
+                options,
+                base=base,
+                step=step,
+                align=align.value,
+                threshold=(
+                    shift_threshold
+                    if shift_threshold is not None
+                    else settings.thresholds.shift_jsd
+                ),
+            )
+        else:
+            if base is not None:
+                raise UsageError(
+                    "--base names a dataset (with --by dataset); the first run is the baseline"
+                )
+            result = core.compare_runs(
+                api.load_runs(paths, options), options, step=step, align=align.value
+            )
+
+        def write(stream: object) -> None:
+            if fmt is Format.json:
+                stream.write(data.to_json(view.comparison_document(result)))  # type: ignore[attr-defined]
+            elif fmt is Format.csv:
+                stream.write(data.to_csv(result.table))  # type: ignore[attr-defined]
+            elif fmt is Format.markdown:
+                stream.write(view.to_markdown(result))  # type: ignore[attr-defined]
+            else:
+                console = make_console(stream, width=width)  # type: ignore[arg-type]
+                view.print_comparison(result, console, plot=plot)
+
+        _emit(output, write)
+
+
 @app.command()
 def check(
     paths: Annotated[
@@ -292,6 +411,13 @@ def check(
         Optional[str],  # noqa: UP045
         typer.Option(help="A known-good run for the max_regression rules."),
     ] = None,
+    align: Annotated[
+        AlignOpt,
+        typer.Option(
+            help="With --baseline: nearest pairs the baseline's latest step with each run's "
+            "latest step at or before it (default: the latest step both logged)."
+        ),
+    ] = AlignOpt.exact,
     minimum: Annotated[
         Optional[list[str]],  # noqa: UP045
         typer.Option("--min", help="METRIC=VALUE: fail a layer below VALUE (repeatable)."),
@@ -384,7 +510,9 @@ def check(
         base = read([baseline]) if baseline is not None else None
         if base is None and settings.max_regression:
             raise UsageError("max_regression needs a baseline run: pass --baseline PATH")
-        result = run_check(analysis, settings, baseline=base, window=window, strict=strict)
+        result = run_check(
+            analysis, settings, baseline=base, align=align.value, window=window, strict=strict
+        )
 
         if fmt is Format.json:
             sys.stdout.write(data.to_json(render_check.check_document(result)))

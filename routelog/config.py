@@ -36,8 +36,14 @@ RULES = (
     "persistent_skew",
     "instability",
     "forecast",
+    "early_saturation",
 )
 """Every diagnosis rule, in the order the README documents them."""
+
+OPT_IN_RULES = ("early_saturation",)
+"""Rules that run only when the configuration's ``rules`` names them."""
+
+DEFAULT_RULES = tuple(r for r in RULES if r not in OPT_IN_RULES)
 
 DEFAULT = "default"
 CONFIG_FILE = "routelog.toml"
@@ -71,6 +77,9 @@ class Thresholds:
     forecast_window: int = 5
     forecast_horizon: float = 0.5
     forecast_min_r2: float = 0.5
+    saturation: float = 0.9
+    saturation_within: float = 0.3
+    shift_jsd: float = 0.1
 
 
 # key -> (lowest, highest) allowed, both inclusive; None leaves a side open.
@@ -98,6 +107,9 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "forecast_window": (5, None),
     "forecast_horizon": (0.0, None),
     "forecast_min_r2": (0.0, 1.0),
+    "saturation": (0.0, 1.0),
+    "saturation_within": (0.0, 1.0),
+    "shift_jsd": (0.0, 1.0),
 }
 
 
@@ -180,7 +192,7 @@ class Config:
 
     top_k: int = 1
     dead_fraction: float = 0.1
-    rules: tuple[str, ...] = RULES
+    rules: tuple[str, ...] = DEFAULT_RULES
     thresholds: Thresholds = field(default_factory=Thresholds)
     check: CheckSettings = field(default_factory=CheckSettings, compare=False)
     path: Path | None = None

@@ -255,6 +255,14 @@ def _premature_specialization(frame: pl.DataFrame, t: Thresholds) -> pl.DataFram
     )
 
 
+def _early_saturation(frame: pl.DataFrame, t: Thresholds) -> pl.DataFrame:
+    if "saturation" not in frame.columns:  # token positions unknown: no saturation series
+        return frame.head(0)
+    hit = (_step_fraction() <= t.saturation_within) & (pl.col("saturation") > t.saturation)
+    spans = _latest_span(frame, hit)
+    return _with_verdict(spans, "saturation", pl.col("saturation"), t.saturation)
+
+
 def _persistent_skew(frame: pl.DataFrame, t: Thresholds) -> pl.DataFrame:
     spans = _latest_span(frame, pl.col("max_vio") > t.skew_max_vio, t.skew_min_steps)
     spans = spans.filter(pl.col("n_steps") >= t.skew_min_steps)
@@ -392,6 +400,14 @@ def _premature_message(row: _Row, t: Thresholds) -> str:
     )
 
 
+def _early_saturation_message(row: _Row, t: Thresholds) -> str:
+    return (
+        f"Layer {row['layer']}'s top-k choices already overlap {row['saturation']:.0%} with "
+        f"the final step's {_span(row)}, in the first {t.saturation_within:.0%} of the run: "
+        "the router stopped exploring early."
+    )
+
+
 def _persistent_skew_message(row: _Row, t: Thresholds) -> str:
     return (
         f"Layer {row['layer']}'s busiest expert gets {row['max_vio'] + 1:.1f} times the mean "
@@ -428,6 +444,7 @@ _RULES: dict[str, tuple[Rule, Message]] = {
     "persistent_skew": (_persistent_skew, _persistent_skew_message),
     "instability": (_instability, _instability_message),
     "forecast": (_forecast, _forecast_message),
+    "early_saturation": (_early_saturation, _early_saturation_message),
 }
 
 

@@ -431,3 +431,25 @@ def _finish_block(block: pl.DataFrame, dead_fraction: float, keys: list[str]) ->
         pl.when(pl.col("n_tokens") == 0).then(None).otherwise(pl.col("n_tokens")).alias("n_tokens")
     )
     return out.select(*keys, *METRICS, "load_share")
+
+
+def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Jensen-Shannon divergence in bits along the last axis, in [0, 1].
+
+    JSD(p, q) = H2(m) - (H2(p) + H2(q)) / 2 with m = (p + q) / 2 and H2 the entropy in bits;
+    0 for equal distributions, 1 for disjoint supports. (scipy's ``jensenshannon`` returns
+    the distance, the square root of this.)
+
+    Examples
+    --------
+    >>> float(js_divergence(np.array([1.0, 0.0]), np.array([0.0, 1.0])))
+    1.0
+    >>> float(js_divergence(np.array([0.5, 0.5]), np.array([0.5, 0.5])))
+    0.0
+    """
+    p = np.asarray(p, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    m = (p + q) / 2
+    divergence: np.ndarray = (entropy(m) - (entropy(p) + entropy(q)) / 2) / np.log(2)
+    clipped: np.ndarray = np.clip(divergence, 0.0, 1.0)
+    return clipped

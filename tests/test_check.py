@@ -257,6 +257,29 @@ def test_regression_compares_the_latest_common_step() -> None:
     assert "fell from 0.900 (baseline good) to 0.200 at step 30" in result.rules[0].message
 
 
+def test_regression_nearest_alignment() -> None:
+    run = metrics_frame({"token_entropy_norm": np.array([[0.9], [0.9], [0.2], [0.2]])})
+    base = metrics_frame({"token_entropy_norm": np.array([[0.9], [0.9], [0.9]])}, run="good")
+    base = base.with_columns(pl.col("step") + 5)  # steps 5, 15, 25: none shared with 0-30
+    settings = CheckSettings(max_regression={"token_entropy_norm": 0.1})
+    with pytest.raises(UsageError, match="--align nearest"):
+        evaluate(run, [], settings, baseline=base, enabled=())
+    result = evaluate(run, [], settings, baseline=base, align="nearest", enabled=())
+    (rule,) = result.rules
+    assert rule.step == 20  # the run's latest step at or before the baseline's 25
+    assert not rule.passed
+    assert "(baseline good at step 25) to 0.200 at step 20" in rule.message
+
+
+def test_regression_against_a_baseline_of_the_same_name() -> None:
+    run = metrics_frame({"token_entropy_norm": np.array([[0.5], [0.3]])})
+    base = metrics_frame({"token_entropy_norm": np.array([[0.5], [0.5]])})
+    settings = CheckSettings(max_regression={"token_entropy_norm": 0.1})
+    (rule,) = evaluate(run, [], settings, baseline=base, enabled=()).rules
+    assert not rule.passed
+    assert rule.threshold == pytest.approx(0.4)
+
+
 def test_regression_without_a_common_step_or_layer() -> None:
     run = metrics_frame({"token_entropy_norm": np.full((2, 2), 0.5)})
     base = metrics_frame({"token_entropy_norm": np.full((2, 1), 0.5)}, run="good")

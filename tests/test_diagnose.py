@@ -259,6 +259,37 @@ def test_sample_healthy_run_has_no_findings() -> None:
     assert routelog.analyze([str(SAMPLES / "healthy")], top_k=2).findings == []
 
 
+def test_sample_healthy_run_saturates_early_when_the_rule_is_on() -> None:
+    """early_saturation is opt-in: the samples' token preferences settle by step 300 (their
+    drift decays as exp(-s/300)), where top-k choices overlap the final step's by 91-93%."""
+    config = Config(rules=RULES)
+    findings = routelog.analyze([str(SAMPLES / "healthy")], top_k=2, config=config).findings
+    assert {f.code for f in findings} == {"early_saturation"}
+    assert all(0.9 < (f.value or 0) < 0.95 and f.last_step == 300 for f in findings)
+
+
+def _saturation(values: list[float]) -> pl.DataFrame:
+    return frame([0, 100, 200, 300, 400, 1000]).with_columns(pl.Series("saturation", values))
+
+
+def test_early_saturation_within_the_first_30_percent() -> None:
+    (finding,) = run_rule(_saturation([0.5, 0.7, 0.95, 0.96, 0.97, 1.0]), "early_saturation")
+    assert (finding.code, finding.severity, finding.layer) == ("early_saturation", "warn", 0)
+    assert (finding.first_step, finding.last_step, finding.active) == (200, 300, False)
+    assert finding.value == pytest.approx(0.96)
+    assert "in the first 30% of the run" in finding.message
+
+
+def test_early_saturation_quiet_when_late_at_threshold_or_unknown() -> None:
+    assert run_rule(_saturation([0.5, 0.6, 0.7, 0.8, 0.95, 1.0]), "early_saturation") == []
+    assert run_rule(_saturation([0.5, 0.9, 0.9, 0.9, 0.95, 1.0]), "early_saturation") == []
+    assert run_rule(frame(STEPS), "early_saturation") == []
+    later = run_rule(
+        _saturation([0.5, 0.6, 0.7, 0.8, 0.95, 1.0]), "early_saturation", saturation_within=0.4
+    )
+    assert [f.first_step for f in later] == [400]
+
+
 def test_sample_drift_forecast_names_a_step_before_the_crossing() -> None:
     # Seen from step 700, every layer is still above 0.15 and falling steadily: the
     # forecast must warn now, naming a future step at which the fit crosses 0.15.

@@ -148,13 +148,13 @@ def where(group: list[Finding]) -> str:
     return ", ".join(f"layer {m} ({_span(f)})" for m, f in zip(marks, group, strict=True))
 
 
-def findings_lines(findings: list[Finding]) -> list[str]:
+def findings_lines(findings: list[Finding]) -> list[Any]:
     """The findings panel as rich markup lines: one header, then two lines per group."""
     if not findings:
         return ["[green]no findings[/green]: every rule passed on every layer"]
     fails = sum(f.severity == "fail" for f in findings)
     warns = len(findings) - fails
-    lines = [
+    lines: list[Any] = [
         f"[bold]findings[/bold]: {fails} fail, {warns} warn (* = still holds at the latest step)"
     ]
     for severity, code, group in finding_groups(findings):
@@ -162,14 +162,16 @@ def findings_lines(findings: list[Finding]) -> list[str]:
         lines.append(
             f"  [{style}]{severity.upper():<4}[/{style}]  [bold]{code}[/bold]  {where(group)}"
         )
-        lines.append(f"        [dim]{_escape(group[0].message)}[/dim]")
+        lines.append(_indented(group[0].message))
     return lines
 
 
-def _escape(text: str) -> str:
-    from rich.markup import escape
+def _indented(message: str) -> Any:
+    """A finding's message, wrapped under its header with a hanging indent."""
+    from rich.padding import Padding
+    from rich.text import Text
 
-    return escape(text)
+    return Padding(Text(message, style="dim"), (0, 0, 0, 8))
 
 
 def _header(summary: dict[str, Any], metrics: pl.DataFrame) -> str:
@@ -272,13 +274,11 @@ def _heatmap(metrics: pl.DataFrame, dead_fraction: float, *, values: bool) -> An
         .select("layer", "step", "n_experts", "top_k", "load_share")
     )
     width = int(latest["n_experts"].max() or 0)  # type: ignore[arg-type]
+    cell = 6 if values else 3
     table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold", padding=(0, 0))
-    table.add_column("expert ", justify="right")
+    table.add_column("expert ", justify="right", no_wrap=True)
     for expert in range(width):
-        label = str(expert) if values or width <= 10 else str(expert % 10)
-        table.add_column(
-            label, justify="right" if values else "center", min_width=6 if values else 1
-        )
+        table.add_column(str(expert), justify="center", width=cell, no_wrap=True)
     for row in latest.iter_rows(named=True):
         shares = row["load_share"] or []
         cells = [
@@ -299,17 +299,18 @@ def _heatmap(metrics: pl.DataFrame, dead_fraction: float, *, values: bool) -> An
 
 
 def _share_cell(share: float, n_experts: int, top_k: int | None, dead: float, values: bool) -> str:
+    """One heatmap cell: a block scaled 0..1/k (or the number), coloured by meaning."""
     fair = 1.0 / n_experts
     ceiling = 1.0 / (top_k or 1)
     if share < dead * fair:
-        style, text = "on red", DEAD_GLYPH
+        style, glyph = "white on red", DEAD_GLYPH
     else:
         index = min(int(share / ceiling * (len(SPARK) - 1) + 0.5), len(SPARK) - 1)
         style = "bold black on yellow" if share > 2 * fair else "black on green"
-        text = SPARK[index]
-    if values:
-        mark = "" if share >= dead * fair else DEAD_GLYPH
-        text = f"{mark}{share:.2f}".rjust(6)
+        glyph = SPARK[index]
+    text = f"{share:.2f}".center(6) if values else f" {glyph} "
+    if values and share < dead * fair:
+        text = f"{DEAD_GLYPH}{share:.2f}".center(6)
     return f"[{style}]{text}[/{style}]"
 
 
