@@ -562,3 +562,14 @@ def test_suggested_config_fails_the_real_collapsing_run(tmp_path: Path) -> None:
     result = invoke(str(REAL_LOGS / "collapse"), "--top-k", "2", "--config", str(path))
     assert result.exit_code == ExitCode.CHECK_FAILED, result.output
     assert "FAIL  min_token_entropy_norm" in result.output
+
+
+def test_config_command_lists_the_check_table(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path, '[check]\nmax_dead_experts = 0\n[check.layers."2"]\nmin_mutual_info = 0.1\n'
+    )
+    result = runner.invoke(app, ["config", "--config", str(path), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    settings = {s["key"]: s for s in json.loads(result.output)["settings"]}
+    assert settings["check.max_dead_experts"]["value"] == 0
+    assert settings['check.layers."2".min_mutual_info']["source"] == str(path)
