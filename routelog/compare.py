@@ -36,14 +36,6 @@ SHIFT_THRESHOLD = 0.1
 COMPARED = ["token_entropy_norm", "load_entropy_norm", "max_load_share", "dead_experts"]
 """Metrics shown per run, each with its difference from the baseline."""
 
-TOWARDS_COLLAPSE = {
-    "token_entropy_norm": -1,
-    "load_entropy_norm": -1,
-    "max_load_share": 1,
-    "dead_experts": 1,
-}
-"""The sign of a change towards routing collapse, per compared metric."""
-
 COLUMNS = [
     "layer",
     "step",
@@ -125,7 +117,7 @@ def compare_runs(
     metrics = api.metrics_of(runs, options)
     names = [r.name for r in runs]
     selections = {r.name: r.selections for r in runs}
-    groups = _align(metrics, names, step, align, what="run")
+    groups = align_steps(metrics, names, step, align, what="run")
     table, left_out = _compare(metrics, groups, selections)
     return Comparison("run", names[0], align, runs, groups, table, metrics, left_out)
 
@@ -160,7 +152,7 @@ def compare_datasets(
                 f"--base {base!r} is not a dataset of {run.path} (datasets: {', '.join(names)})"
             )
         names = [base, *[n for n in names if n != base]]
-    groups = _align(metrics, names, step, align, what="dataset")
+    groups = align_steps(metrics, names, step, align, what="dataset")
     table, left_out = _compare(metrics, groups, {})
     left_out.append(
         LeftOut(run.name, None, "agreement_top1, overlap_topk", "datasets route different tokens")
@@ -170,10 +162,11 @@ def compare_datasets(
     return comparison
 
 
-def _align(
+def align_steps(
     metrics: pl.DataFrame, names: list[str], step: int | None, align: Align, *, what: str
 ) -> list[Group]:
-    """The step compared in each group; errors name every group's step range."""
+    """The step compared in each group (``routelog check --baseline`` aligns with it too);
+    errors name every group's step range."""
     logged = {
         name: sorted(metrics.filter(pl.col("run") == name)["step"].unique().to_list())
         for name in names

@@ -22,9 +22,9 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from routelog.errors import ConfigError
+from routelog.errors import ConfigError, UsageError
 
 RULES = (
     "collapse",
@@ -109,18 +109,87 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
 
 
 @dataclass(frozen=True)
+class Bound:
+    """A threshold of ``routelog check``: ``metric`` at or above (``min``) or at or below
+    (``max``) ``value``, in the given layers (None: every layer)."""
+
+    kind: Literal["min", "max"]
+    metric: str
+    value: float
+    layers: frozenset[int] | None = None
+    key: str = ""
+    """Where it was set, for messages: ``min_token_entropy_norm``, ``layers."0-3".min_...``."""
+
+    @property
+    def rule(self) -> str:
+        return f"{self.kind}_{self.metric}"
+
+    def applies_to(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    """The ``[check]`` table: findings that fail, thresholds, regression tolerances.
+
+    ``fail_on`` None means: every ``fail`` finding fails the check. ``bounds`` holds the
+    global thresholds (``layers`` None) and the per-layer-range ones; a layer takes the value
+    of its range over the global one. ``max_regression`` maps a metric to how far it may move
+    towards collapse from the baseline run.
+    """
+
+    fail_on: tuple[str, ...] | None = None
+    bounds: tuple[Bound, ...] = ()
+    max_regression: dict[str, float] = field(default_factory=dict)
+
+    def with_flags(
+        self,
+        *,
+        minimum: list[str] | None = None,
+        maximum: list[str] | None = None,
+        max_regression: list[str] | None = None,
+    ) -> CheckSettings:
+        """These settings with ``--min``/``--max``/``--max-regression METRIC=VALUE`` flags.
+
+        A flag replaces the global value of its key; per-layer-range values still apply to
+        their layers.
+        """
+        bounds = list(self.bounds)
+        for kind, flags in (("min", minimum or []), ("max", maximum or [])):
+            for text in flags:
+                metric, value = _flag(f"--{kind}", text)
+                bound = _bound(kind, metric, value, None, f"--{kind} {text}", UsageError)  # type: ignore[arg-type]
+                bounds = [b for b in bounds if not (b.layers is None and b.rule == bound.rule)]
+                bounds.append(bound)
+        regression = dict(self.max_regression)
+        for text in max_regression or []:
+            metric, value = _flag("--max-regression", text)
+            regression[metric] = _tolerance(f"--max-regression {text}", metric, value, UsageError)
+        return replace(self, bounds=tuple(bounds), max_regression=regression)
+
+    def items(self) -> list[tuple[str, Any]]:
+        """``check.<key>`` and value pairs, for ``routelog config``."""
+        rows: list[tuple[str, Any]] = []
+        if self.fail_on is not None:
+            rows.append(("check.fail_on", list(self.fail_on)))
+        rows += [(f"check.{b.key}", b.value) for b in self.bounds]
+        rows += [(f"check.max_regression.{m}", t) for m, t in self.max_regression.items()]
+        return rows
+
+
+@dataclass(frozen=True)
 class Config:
     """The effective configuration; ``sources`` maps each key to where its value came from.
 
     ``top_k`` is the k used when the data does not state its own (``--top-k`` overrides
-    both). ``check`` keeps the raw ``[check]`` sub-table for ``routelog check``.
+    both). ``check`` holds the validated ``[check]`` sub-table for ``routelog check``.
     """
 
     top_k: int = 1
     dead_fraction: float = 0.1
     rules: tuple[str, ...] = RULES
     thresholds: Thresholds = field(default_factory=Thresholds)
-    check: dict[str, Any] = field(default_factory=dict, compare=False)
+    check: CheckSettings = field(default_factory=CheckSettings, compare=False)
     path: Path | None = None
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -146,6 +215,7 @@ class Config:
         for spec in fields(Thresholds):
             key = f"thresholds.{spec.name}"
             rows.append((key, getattr(self.thresholds, spec.name), self.source(key)))
+        rows += [(key, value, self.source("check")) for key, value in self.check.items()]
         return rows
 
 
@@ -165,9 +235,13 @@ def _load_toml(path: Path) -> dict[str, Any]:
 
 
 def _table_of(path: Path) -> dict[str, Any] | None:
-    """The routelog table of a file: ``[tool.routelog]`` of a pyproject, else the top level."""
+    """The routelog table of a file: ``[tool.routelog]`` of a pyproject, else the top level.
+
+    Another file holding nothing but a ``[tool.routelog]`` table (what ``routelog check
+    --suggest`` prints, saved to a file) is read like a pyproject.
+    """
     document = _load_toml(path)
-    if path.name != PYPROJECT:
+    if path.name != PYPROJECT and set(document) != {"tool"}:
         return document
     tool = document.get("tool", {})
     table = tool.get("routelog") if isinstance(tool, dict) else None
@@ -215,15 +289,138 @@ def from_table(table: dict[str, Any], path: Path) -> Config:
     top = {k: v for k, v in table.items() if k not in ("thresholds", "check")}
     values = _check_top_level(top, where, prefix)
     thresholds = _check_thresholds(thresholds_table, where, prefix)
+    settings = _check_check(check, f"{where}: {prefix}check.")
+    rules = values.get("rules", RULES)
+    disabled = [code for code in settings.fail_on or () if code not in rules]
+    if disabled:
+        raise ConfigError(
+            f"{where}: {prefix}check.fail_on names {disabled[0]!r}, which rules disables"
+        )
     sources = dict.fromkeys(values, where)
     sources.update({f"thresholds.{key}": where for key in thresholds_table})
+    if check:
+        sources["check"] = where
     return Config(
         **values,
         thresholds=replace(Thresholds(), **thresholds),
-        check=dict(check),
+        check=settings,
         path=path,
         sources=sources,
     )
+
+
+# --- the [check] table -----------------------------------------------------------------------
+
+
+def _check_check(table: dict[str, Any], name: str) -> CheckSettings:
+    """Validate ``[check]``; ``name`` is the file and key prefix for messages."""
+    fail_on: tuple[str, ...] | None = None
+    bounds: list[Bound] = []
+    regression: dict[str, float] = {}
+    for key, value in table.items():
+        if key == "fail_on":
+            fail_on = _rules(f"{name}fail_on", value)
+        elif key == "layers":
+            bounds += _layer_bounds(value, name)
+        elif key == "max_regression":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name}max_regression must be a table, not {value!r}")
+            for metric, tolerance in value.items():
+                key_name = f"{name}max_regression.{metric}"
+                regression[metric] = _tolerance(key_name, metric, tolerance, ConfigError)
+        elif key.startswith(("min_", "max_")):
+            bounds.append(_bound_key(key, value, None, name, key))
+        else:
+            raise ConfigError(
+                f"{name.rstrip('.')}: unknown key {key!r} (known: fail_on, min_<metric>, "
+                "max_<metric>, layers, max_regression)"
+            )
+    return CheckSettings(fail_on, tuple(bounds), regression)
+
+
+def _layer_bounds(value: Any, name: str) -> list[Bound]:
+    from routelog.options import parse_layers
+
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}layers must be a table of layer ranges, not {value!r}")
+    bounds: list[Bound] = []
+    for span, table in value.items():
+        where = f'{name}layers."{span}"'
+        try:
+            layers = parse_layers(span)
+        except UsageError:
+            layers = None
+        if layers is None:
+            raise ConfigError(f"{where}: cannot read the layer range (expected e.g. 0-3 or 0,5)")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where} must be a table, not {table!r}")
+        for key, threshold in table.items():
+            if not key.startswith(("min_", "max_")):
+                raise ConfigError(
+                    f"{where}: unknown key {key!r} (known: min_<metric>, max_<metric>)"
+                )
+            bound = _bound_key(key, threshold, layers, f"{where}.", f'layers."{span}".{key}')
+            for other in bounds:
+                shared = other.layers & layers if other.layers is not None else set()
+                if other.rule == bound.rule and shared:
+                    raise ConfigError(
+                        f"{where}.{key}: layer {min(shared)} is also in {other.key}; "
+                        "a layer takes one threshold per key"
+                    )
+            bounds.append(bound)
+    return bounds
+
+
+def _bound_key(key: str, value: Any, layers: frozenset[int] | None, name: str, label: str) -> Bound:
+    kind, _, metric = key.partition("_")
+    return _bound(kind, metric, value, layers, f"{name}{key}", ConfigError, label)  # type: ignore[arg-type]
+
+
+def _bound(
+    kind: Literal["min", "max"],
+    metric: str,
+    value: Any,
+    layers: frozenset[int] | None,
+    name: str,
+    error: type[ConfigError | UsageError],
+    label: str | None = None,
+) -> Bound:
+    """A threshold, refused when its metric is unknown or the metric can never reach it."""
+    from routelog.kernels import METRIC_RANGES
+
+    _known_metric(name, metric, error)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise error(f"{name} must be a number, got {value!r}")
+    lo, hi = METRIC_RANGES[metric]
+    if value < lo or (hi is not None and value > hi):
+        span = f"in [{lo:g}, {hi:g}]" if hi is not None else f">= {lo:g}"
+        raise error(f"{name}: impossible threshold {value!r}: {metric} is always {span}")
+    return Bound(kind, metric, float(value), layers, label if label is not None else name)
+
+
+def _tolerance(name: str, metric: str, value: Any, error: type[ConfigError | UsageError]) -> float:
+    _known_metric(name, metric, error)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise error(f"{name} must be a non-negative number, got {value!r}")
+    return float(value)
+
+
+def _known_metric(name: str, metric: str, error: type[ConfigError | UsageError]) -> None:
+    from routelog.kernels import TOWARDS_COLLAPSE
+
+    if metric not in TOWARDS_COLLAPSE:
+        raise error(f"{name}: unknown metric {metric!r} (known: {', '.join(TOWARDS_COLLAPSE)})")
+
+
+def _flag(option: str, text: str) -> tuple[str, float]:
+    """``METRIC=VALUE`` of a command-line flag."""
+    metric, sep, value = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return metric.strip(), float(value)
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: expected METRIC=NUMBER") from None
 
 
 def _check_top_level(values: dict[str, Any], where: str, prefix: str = "") -> dict[str, Any]:

@@ -78,6 +78,39 @@ PROBABILITY_METRICS = [
 ]
 """Metrics that need probabilities; null for count-only or top-k-id-only data."""
 
+TOWARDS_COLLAPSE = {
+    "token_entropy": -1,
+    "token_entropy_norm": -1,
+    "load_entropy": -1,
+    "load_entropy_norm": -1,
+    "assign_entropy": -1,
+    "assign_entropy_norm": -1,
+    "mutual_info": -1,
+    "max_load_share": 1,
+    "max_vio": 1,
+    "load_cv": 1,
+    "dead_experts": 1,
+    "aux_loss": 1,
+    "top1_prob": 1,
+    "z_loss": 1,
+}
+"""The sign of a change towards routing collapse, per metric (-1: lower is worse).
+
+Entropies and mutual information fall as routing concentrates; load share, imbalance, dead
+experts, the balancing loss, top-1 confidence and z-loss rise. The metrics a threshold or a
+regression tolerance can name (``n_tokens``, ``n_experts`` and ``top_k`` describe the data).
+"""
+
+METRIC_RANGES: dict[str, tuple[float, float | None]] = {
+    **dict.fromkeys(TOWARDS_COLLAPSE, (0.0, None)),
+    "token_entropy_norm": (0.0, 1.0),
+    "load_entropy_norm": (0.0, 1.0),
+    "assign_entropy_norm": (0.0, 1.0),
+    "max_load_share": (0.0, 1.0),
+    "top1_prob": (0.0, 1.0),
+}
+"""Values each metric can take whatever E and k (the README's range column, E-free)."""
+
 
 @dataclass
 class Reduced:

@@ -50,10 +50,10 @@ def test_routelog_toml_wins_in_the_same_directory(tmp_path: Path) -> None:
 
 def test_explicit_config_file_and_check_table(tmp_path: Path) -> None:
     path = tmp_path / "custom.toml"
-    path.write_text('rules = ["collapse"]\n[check]\nfail_on = "warn"\n')
+    path.write_text('rules = ["collapse"]\n[check]\nfail_on = ["collapse"]\n')
     config = load_config(path)
     assert config.rules == ("collapse",)
-    assert config.check == {"fail_on": "warn"}
+    assert config.check.fail_on == ("collapse",)
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from routelog import __version__
-from routelog.compare import COMPARED, TOWARDS_COLLAPSE
+from routelog.compare import COMPARED
+from routelog.kernels import TOWARDS_COLLAPSE
 from routelog.render.data import records
 from routelog.render.report import fmt
 
