@@ -29,6 +29,26 @@ def marker_for(index: int) -> str:
     return MARKERS[index % len(MARKERS)]
 
 
+def step_ticks(lo: float, hi: float, most: int) -> list[float]:
+    """At most ``most`` round tick positions (1, 2 or 5 times a power of ten) in [lo, hi].
+
+    Examples
+    --------
+    >>> step_ticks(100, 300, 8)
+    [100, 150, 200, 250, 300]
+    """
+    import math
+
+    if hi <= lo:
+        return [float(lo)]
+    raw = (hi - lo) / max(most - 1, 1)
+    power = 10 ** math.floor(math.log10(raw))
+    spacing = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    first = math.ceil(lo / spacing) * spacing
+    count = int((hi - first) // spacing) + 1
+    return [round(first + i * spacing, 10) for i in range(count)]
+
+
 def line_chart(
     series: Sequence[Series],
     *,
@@ -47,6 +67,7 @@ def line_chart(
 
     fig = plt.figure
     fig.clear()
+    fig.theme("simple" if color else "colorless")  # no canvas background: the terminal's own
     plt.terminal.limit(False, False)
     fig.plot_size(max(width, MIN_WIDTH), height)
     xs = [float(x) for s in series for x in s.x]
@@ -69,6 +90,9 @@ def line_chart(
             rule.lines()
             fig.draw(rule)
             legend.append(f"{marker} {label} ({y:g})")
+    if xs:
+        ticks = step_ticks(min(xs), max(xs), max(2, max(width, MIN_WIDTH) // 12))
+        fig.ruler("x").ticks(ticks, [f"{t:g}" for t in ticks])
     if ylim is not None:
         fig.ruler("y").lim(*ylim)
     fig.legend(False)

@@ -288,7 +288,7 @@ def _heatmap(metrics: pl.DataFrame, dead_fraction: float, *, values: bool) -> An
         table.add_row(f"layer {row['layer']} ", *cells, *[""] * (width - len(cells)))
     caption = (
         f"{DEAD_GLYPH} dead (< {dead_fraction:g} of the fair share 1/E); blocks scale from 0 "
-        "to 1/k (every token); bold = more than twice the fair share"
+        "to 1/k (every token); bold yellow = more than twice the fair share"
         + ("" if values else "; --values prints the numbers")
     )
     return Group(
@@ -303,10 +303,10 @@ def _share_cell(share: float, n_experts: int, top_k: int | None, dead: float, va
     fair = 1.0 / n_experts
     ceiling = 1.0 / (top_k or 1)
     if share < dead * fair:
-        style, glyph = "white on red", DEAD_GLYPH
+        style, glyph = "bold red", DEAD_GLYPH
     else:
         index = min(int(share / ceiling * (len(SPARK) - 1) + 0.5), len(SPARK) - 1)
-        style = "bold black on yellow" if share > 2 * fair else "black on green"
+        style = "bold yellow" if share > 2 * fair else "green"
         glyph = SPARK[index]
     text = f"{share:.2f}".center(6) if values else f" {glyph} "
     if values and share < dead * fair:
