@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from routelog import ingest, kernels
+from routelog import ingest, kernels, tokens
+from routelog.config import Config
 from routelog.errors import InputError, UsageError
+from routelog.findings import Finding
 from routelog.options import Options, StepRange, parse_layers, parse_steps
 
 if TYPE_CHECKING:
@@ -29,6 +31,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+Progress = Callable[[Path, int, int], None]
+"""Called after each file is read: ``(path, files done, files in the run)``."""
 
 PREFETCH = 2
 """Chunks decoded ahead of the one being reduced: overlaps I/O and decoding with the kernels
@@ -61,6 +66,7 @@ class FileResult:
     info: ingest.FileInfo
     stats: pl.DataFrame
     selections: pl.DataFrame | None
+    top_k_assumed: bool = False
 
 
 @dataclass
@@ -73,6 +79,8 @@ class Run:
     ignored_files: list[str]
     stats: pl.DataFrame
     selections: pl.DataFrame | None
+    top_k_assumed: bool = False
+    """k came from the configured default: neither --top-k nor the data stated it."""
 
     def summary(self) -> dict[str, Any]:
         """The run's entry in the JSON ``runs`` list."""
@@ -87,6 +95,7 @@ class Run:
             "skipped_rows": sum(f.skipped_rows for f in self.files),
             "top_k": top_k[0] if len(top_k) == 1 else top_k,
             "payloads": sorted({f.payload for f in self.files if f.payload}),
+            "top_k_assumed": self.top_k_assumed,
             "ignored_files": self.ignored_files,
             "warnings": warnings,
         }
@@ -99,7 +108,8 @@ class Analysis:
     runs: list[Run]
     metrics: pl.DataFrame
     options: Options
-    findings: list[Any] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    config: Config = field(default_factory=Config)
 
 
 def default_jobs() -> int:
@@ -121,8 +131,12 @@ def read_file(path: Path, options: Options, *, prefetch: int = PREFETCH) -> File
     info = ingest.FileInfo(path=str(path), format=ingest.format_of(path) or "?")
     parts: list[pl.DataFrame] = []
     selections: list[pl.DataFrame] = []
+    assumed = False
     with _prefetched(ingest.scan(path, options, info), prefetch) as batches:
         for batch in batches:
+            assumed = assumed or (
+                batch.kind == "probs" and options.top_k is None and not batch.top_k
+            )
             reduced = _reduce(batch, options)
             parts.append(reduced.stats)
             if reduced.selections is not None:
@@ -135,7 +149,7 @@ def read_file(path: Path, options: Options, *, prefetch: int = PREFETCH) -> File
     info.n_experts = widths[0] if len(widths) == 1 else info.n_experts
     ks = stats["top_k"].drop_nulls().unique().to_list()
     info.top_k = ks[0] if len(ks) == 1 else info.top_k
-    return FileResult(info, stats, pl.concat(selections) if selections else None)
+    return FileResult(info, stats, pl.concat(selections) if selections else None, assumed)
 
 
 _DONE = object()
@@ -195,16 +209,31 @@ def _prefetched(items: Iterator[T], depth: int) -> Iterator[Iterator[T]]:
         producer.join()
 
 
-def _parallel(work: Callable[[T], R], items: Sequence[T], jobs: int) -> list[R]:
+def _parallel(
+    work: Callable[[T], R],
+    items: Sequence[T],
+    jobs: int,
+    on_done: Callable[[int], None] | None = None,
+) -> list[R]:
     """``[work(item) for item in items]`` on up to ``jobs`` threads, in order.
 
-    The first failing item (in order) raises; items not yet started are cancelled.
+    ``on_done(position)`` runs in the calling thread as each result arrives, in order. The
+    first failing item (in order) raises; items not yet started are cancelled.
     """
+    results: list[R] = []
     if jobs <= 1 or len(items) <= 1:
-        return [work(item) for item in items]
+        for item in items:
+            results.append(work(item))
+            if on_done is not None:
+                on_done(len(results) - 1)
+        return results
     pool = ThreadPoolExecutor(max_workers=min(jobs, len(items)), thread_name_prefix="routelog")
     try:
-        return list(pool.map(work, items))
+        for result in pool.map(work, items):
+            results.append(result)
+            if on_done is not None:
+                on_done(len(results) - 1)
+        return results
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -217,9 +246,13 @@ def _read_through(path: Path, options: Options, cache: Cache | None, prefetch: i
 
     entry = cache.load(path, options)
     if entry is not None:
-        return FileResult(entry.info, entry.stats, entry.selections)
+        return FileResult(entry.info, entry.stats, entry.selections, entry.top_k_assumed)
     result = read_file(path, options, prefetch=prefetch)
-    cache.store(path, options, Entry(result.info, result.stats, result.selections))
+    cache.store(
+        path,
+        options,
+        Entry(result.info, result.stats, result.selections, result.top_k_assumed),
+    )
     return result
 
 
@@ -244,10 +277,16 @@ def _check_experts(stats: pl.DataFrame, seen: dict[int, tuple[int, str]], path: 
 
 
 def load_run(
-    spec: RunSpec, options: Options, *, jobs: int | None = None, cache: Cache | None = None
+    spec: RunSpec,
+    options: Options,
+    progress: Progress | None = None,
+    *,
+    jobs: int | None = None,
+    cache: Cache | None = None,
 ) -> Run:
     """Read every log file of a run and merge their statistics.
 
+    ``progress`` (optional) is called after each file, for a progress bar in the CLI.
     ``jobs`` files are read at once (default: one per core; 1 reads serially, without a
     background decoding thread); ``cache`` answers for files it holds unchanged.
     """
@@ -264,7 +303,14 @@ def load_run(
     order = sorted(
         range(len(files)), key=lambda i: cache is not None and cache.holds(files[i], options)
     )
-    done = _parallel(lambda i: _read_through(files[i], options, cache, prefetch), order, workers)
+
+    def report(position: int) -> None:
+        if progress is not None:
+            progress(files[order[position]], position + 1, len(files))
+
+    done = _parallel(
+        lambda i: _read_through(files[i], options, cache, prefetch), order, workers, report
+    )
     results = [result for _, result in sorted(zip(order, done, strict=True), key=lambda x: x[0])]
     seen: dict[int, tuple[int, str]] = {}
     for result in results:
@@ -285,6 +331,7 @@ def load_run(
             if selections
             else None
         ),
+        top_k_assumed=any(r.top_k_assumed for r in results),
     )
 
 
@@ -297,6 +344,7 @@ def _selection_hint(options: Options) -> str:
 def load_runs(
     paths: Sequence[str | Path | RunSpec],
     options: Options,
+    progress: Progress | None = None,
     *,
     jobs: int | None = None,
     cache: Cache | None = None,
@@ -309,16 +357,38 @@ def load_runs(
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate is not None:
         raise UsageError(f"two runs are named {duplicate!r}: name them with NAME=PATH")
-    return [load_run(spec, options, jobs=jobs, cache=cache) for spec in specs]
+    return [load_run(spec, options, progress, jobs=jobs, cache=cache) for spec in specs]
 
 
 def metrics_of(runs: Iterable[Run], options: Options) -> pl.DataFrame:
-    """Metrics per run x step x layer, summed over datasets."""
+    """Metrics per run x step x layer, summed over datasets, with token-level metrics."""
     import polars as pl
 
+    runs = list(runs)
     stats = [r.stats.with_columns(pl.lit(None, pl.String).alias("dataset")) for r in runs]
     merged = kernels.merge(stats)
-    return kernels.finish(merged, options.dead_fraction).drop("dataset")
+    metrics = kernels.finish(merged, options.dead_fraction).drop("dataset")
+    return _with_token_metrics(metrics, runs)
+
+
+def metrics_by_dataset(runs: Iterable[Run], options: Options) -> pl.DataFrame:
+    """Metrics per run x step x layer x dataset (null ``dataset``: rows that name none)."""
+    return kernels.finish(kernels.merge([r.stats for r in runs]), options.dead_fraction)
+
+
+def _with_token_metrics(metrics: pl.DataFrame, runs: list[Run]) -> pl.DataFrame:
+    """Join ``flip_rate`` and ``saturation`` (null where the same tokens are not known)."""
+    import polars as pl
+
+    empty = pl.DataFrame(schema={"run": pl.String(), **tokens.TOKEN_METRICS_SCHEMA})
+    parts = [
+        tokens.token_metrics(r.selections).select(pl.lit(r.name).alias("run"), pl.all())
+        for r in runs
+        if r.selections is not None
+    ]
+    found = pl.concat(parts) if parts else empty
+    joined = metrics.join(found, on=["run", "step", "layer"], how="left", maintain_order="left")
+    return joined.select(*[c for c in joined.columns if c != "load_share"], "load_share")
 
 
 def inspect_file(path: Path, options: Options) -> ingest.FileInfo:
@@ -395,6 +465,8 @@ def analyze(
     paths: Sequence[str | Path],
     *,
     options: Options | None = None,
+    config: Config | None = None,
+    progress: Progress | None = None,
     jobs: int | None = None,
     cache: Cache | None = None,
     **option_values: Any,
@@ -402,10 +474,22 @@ def analyze(
     """Analyze runs: each path is a run (file or directory, ``NAME=PATH`` allowed).
 
     Keyword arguments are those of :func:`make_options` (``top_k``, ``layers="0,3-5"``,
-    ``steps="100:500"``, ``skip_bad_rows``, ``temperature``, ``score``, ``dead_fraction``),
-    and ``jobs`` (files read at once; default one per core) and ``cache`` (a
-    ``routelog.cache.Cache``; default none, so the Python API writes nothing).
+    ``steps="100:500"``, ``skip_bad_rows``, ``temperature``, ``score``, ``dead_fraction``).
+    ``config`` holds the diagnosis thresholds and enabled rules (default: built-in values;
+    :func:`routelog.config.load_config` reads them from a file). ``jobs``: files read at once
+    (default one per core); ``cache``: a ``routelog.cache.Cache`` (default none, so the
+    Python API writes nothing).
     """
+    from routelog.diagnose import diagnose
+
+    config = config if config is not None else Config()
     opts = options if options is not None else make_options(**option_values)
-    runs = load_runs(paths, opts, jobs=jobs, cache=cache)
-    return Analysis(runs=runs, metrics=metrics_of(runs, opts), options=opts)
+    runs = load_runs(paths, opts, progress, jobs=jobs, cache=cache)
+    metrics = metrics_of(runs, opts)
+    return Analysis(
+        runs=runs,
+        metrics=metrics,
+        options=opts,
+        findings=diagnose(metrics, config),
+        config=config,
+    )

@@ -5,7 +5,7 @@ absolute path, size and modification time (ns), routelog's ``KERNEL_VERSION`` an
 ``Options`` field except those applied after merging (``dead_fraction``). On disk an entry is
 three files in the cache directory, named after a hash of the path and options::
 
-    <hash>.json                  {"format", "key", "info", "data"}
+    <hash>.json                  {"format", "key", "info", "data", "selections", "top_k_assumed"}
     <hash>-<data>.stats.parquet  the statistics frame (``kernels.STATS_SCHEMA``)
     <hash>-<data>.sel.parquet    the per-token selections, when the file has token positions
                                  (top-k ids as flat columns topk_0.., which decode faster)
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from routelog.options import Options
 
 ENV_VAR = "ROUTELOG_CACHE_DIR"
-ENTRY_FORMAT = 1
+ENTRY_FORMAT = 2
 """Layout of one entry on disk; bump it when the files of an entry change shape."""
 AFTER_MERGE = frozenset({"dead_fraction"})
 """Options applied in ``kernels.finish``: they do not change a file's statistics."""
@@ -65,6 +65,7 @@ class Entry:
     info: FileInfo
     stats: pl.DataFrame
     selections: pl.DataFrame | None
+    top_k_assumed: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,9 @@ class Cache:
             if document.get("key") != key:
                 return None
             info = _info_from(document["info"])
+            assumed = document["top_k_assumed"]
+            if not isinstance(assumed, bool):
+                return None
             data = document["data"]
             if not isinstance(data, str) or not data.isalnum():
                 return None
@@ -127,7 +131,7 @@ class Cache:
         except (OSError, ValueError, KeyError, TypeError):
             return None
         info.path = str(path)
-        return Entry(info, stats, selections)
+        return Entry(info, stats, selections, assumed)
 
     def store(self, path: Path, options: Options, entry: Entry) -> None:
         """Write an entry for ``path``; a cache that cannot be written is skipped, not an error."""
@@ -154,6 +158,7 @@ class Cache:
                 "info": dataclasses.asdict(entry.info),
                 "data": data,
                 "selections": entry.selections is not None,
+                "top_k_assumed": entry.top_k_assumed,
             }
             text = json.dumps(document, indent=1)
             _write_atomic(

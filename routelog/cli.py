@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import enum
+import functools
 import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from routelog import __version__
 from routelog.errors import ExitCode, RoutelogError
 from routelog.render import Format
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from routelog.api import Analysis
+    from routelog.check import CheckResult
 
 app = typer.Typer(
     name="routelog",
@@ -58,6 +66,13 @@ NumExperts = Annotated[
 ]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Output format.")]
+ConfigOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option(
+        "--config",
+        help="Configuration file (default: routelog.toml or pyproject.toml, searched upwards).",
+    ),
+]
 Output = Annotated[
     Optional[Path],  # noqa: UP045
     typer.Option("--output", "-o", help="Write to FILE instead of standard output."),
@@ -131,6 +146,47 @@ def _emit(output: Path | None, write: Callable[[object], None]) -> None:
         write(stream)
 
 
+def _analysis(
+    paths: list[str],
+    *,
+    config: Path | None,
+    top_k: int | None,
+    layers: str | None,
+    steps: str | None,
+    skip_bad_rows: bool,
+    temperature: float | None,
+    score: str,
+    num_experts: int | None,
+    jobs: int | None = None,
+    no_cache: bool = False,
+    cache_dir: Path | None = None,
+) -> Analysis:
+    """Read the configuration, build the options and analyze ``paths``, with a progress bar:
+    the shared work of ``analyze`` and ``check``."""
+    from routelog import api
+    from routelog.cache import Cache
+    from routelog.config import load_config
+    from routelog.render.progress import FileProgress
+
+    settings = load_config(config)
+    options = api.make_options(
+        top_k=top_k,
+        layers=layers,
+        steps=steps,
+        skip_bad_rows=skip_bad_rows,
+        temperature=temperature,
+        score=score,
+        num_experts=num_experts,
+        default_top_k=settings.top_k,
+        dead_fraction=settings.dead_fraction,
+    )
+    cache = None if no_cache else Cache.at(cache_dir)
+    with FileProgress() as progress:
+        return api.analyze(
+            paths, options=options, config=settings, progress=progress, jobs=jobs, cache=cache
+        )
+
+
 @app.command()
 def analyze(
     paths: Annotated[
@@ -145,21 +201,32 @@ def analyze(
     num_experts: NumExperts = None,
     fmt: FormatOpt = Format.table,
     output: Output = None,
+    config: ConfigOpt = None,
+    plot: Annotated[
+        bool, typer.Option("--plot", help="Chart token and load entropy over steps.")
+    ] = False,
+    values: Annotated[
+        bool, typer.Option("--values", help="Print load shares in the heatmap.")
+    ] = False,
+    width: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option("--width", min=40, help="Width of the report in columns."),
+    ] = None,
     jobs: Jobs = None,
     no_cache: NoCache = False,
     cache_dir: CacheDir = None,
     debug: Debug = False,
 ) -> None:
-    """Per-layer, per-step routing entropy and load of one or more runs.
+    """Per-layer, per-step routing entropy and load of one or more runs, and a diagnosis.
 
-    Example: routelog analyze sample_logs/collapse --top-k 2 --format json
+    Example: routelog analyze sample_logs/collapse --top-k 2 --plot
     """
     with _errors(debug):
-        from routelog import api
-        from routelog.cache import Cache
-        from routelog.render import data, make_console, report
+        from routelog.render import data, make_console, markdown, report
 
-        options = api.make_options(
+        result = _analysis(
+            paths,
+            config=config,
             top_k=top_k,
             layers=layers,
             steps=steps,
@@ -167,17 +234,21 @@ def analyze(
             temperature=temperature,
             score=score,
             num_experts=num_experts,
+            jobs=jobs,
+            no_cache=no_cache,
+            cache_dir=cache_dir,
         )
-        cache = None if no_cache else Cache.at(cache_dir)
-        result = api.analyze(paths, options=options, jobs=jobs, cache=cache)
 
         def write(stream: object) -> None:
             if fmt is Format.json:
                 stream.write(data.to_json(report.analysis_document(result)))  # type: ignore[attr-defined]
             elif fmt is Format.csv:
                 stream.write(data.to_csv(result.metrics))  # type: ignore[attr-defined]
+            elif fmt is Format.markdown:
+                stream.write(markdown.analysis_markdown(result))  # type: ignore[attr-defined]
             else:
-                report.print_report(result, make_console(stream))  # type: ignore[arg-type]
+                console = make_console(stream, width=width)  # type: ignore[arg-type]
+                report.print_report(result, console, plot=plot, values=values)
 
         _emit(output, write)
 
@@ -191,8 +262,9 @@ def inspect(
     output: Output = None,
     debug: Debug = False,
 ) -> None:
-    """What routelog detects in each log file (format, layout, payload, steps, layers, E, k,
-    rows), without computing metrics.
+    """What routelog detects in each log file, without computing metrics.
+
+    Per file: format, layout, payload kind, steps, layers, E, k, rows, masked and skipped rows.
 
     Example: routelog inspect sample_logs/healthy --format json
     """
@@ -215,6 +287,318 @@ def inspect(
                 render_inspect.print_inspect(infos, make_console(stream))  # type: ignore[arg-type]
 
         _emit(output, write)
+
+
+@app.command("config")
+def config_command(
+    config: ConfigOpt = None,
+    fmt: FormatOpt = Format.table,
+    debug: Debug = False,
+) -> None:
+    """Print the effective configuration and where each value came from.
+
+    Example: routelog config --config routelog.toml --format json
+    """
+    with _errors(debug):
+        from routelog.config import load_config
+        from routelog.errors import UsageError
+        from routelog.render import data, make_console
+        from routelog.render.settings import config_document, print_config
+
+        settings = load_config(config)
+        if fmt is Format.json:
+            sys.stdout.write(data.to_json(config_document(settings)))
+        elif fmt is Format.table:
+            print_config(settings, make_console(sys.stdout))
+        else:
+            raise UsageError(f"routelog config: --format must be table or json, not {fmt.value}")
+
+
+class By(str, enum.Enum):
+    """What ``compare`` puts side by side."""
+
+    run = "run"
+    dataset = "dataset"
+
+
+class AlignOpt(str, enum.Enum):
+    """How ``compare`` pairs steps."""
+
+    exact = "exact"
+    nearest = "nearest"
+
+
+@app.command()
+def compare(
+    paths: Annotated[
+        list[str],
+        typer.Argument(help="Runs, the baseline first (PATH or NAME=PATH); one with --by dataset."),
+    ],
+    by: Annotated[By, typer.Option(help="Compare runs, or the datasets of one run.")] = By.run,
+    base: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="With --by dataset: the baseline dataset (default: the first)."),
+    ] = None,
+    step: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="Compare at this step (default: the latest step every run logged)."),
+    ] = None,
+    align: Annotated[
+        AlignOpt,
+        typer.Option(help="nearest: pair with each run's latest logged step at or before."),
+    ] = AlignOpt.exact,
+    shift_threshold: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            help="With --by dataset: JSD above which a layer has shifted (default: "
+            "thresholds.shift_jsd of the configuration, 0.1)."
+        ),
+    ] = None,
+    top_k: TopK = None,
+    layers: Layers = None,
+    steps: Steps = None,
+    skip_bad_rows: SkipBadRows = False,
+    temperature: Temperature = None,
+    fmt: FormatOpt = Format.table,
+    output: Output = None,
+    config: ConfigOpt = None,
+    plot: Annotated[
+        bool, typer.Option("--plot", help="Chart each run's token entropy, one chart per layer.")
+    ] = False,
+    width: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option("--width", min=40, help="Width of the report in columns."),
+    ] = None,
+    debug: Debug = False,
+) -> None:
+    """Routing of runs (or of one run's datasets) side by side, with deltas from the first.
+
+    Example: routelog compare base=sample_logs/healthy sample_logs/collapse --top-k 2
+    """
+    with _errors(debug):
+        from routelog import api
+        from routelog import compare as core
+        from routelog.config import load_config
+        from routelog.errors import UsageError
+        from routelog.render import compare as view
+        from routelog.render import data, make_console
+
+        settings = load_config(config)
+        options = api.make_options(
+            top_k=top_k,
+            layers=layers,
+            steps=steps,
+            skip_bad_rows=skip_bad_rows,
+            temperature=temperature,
+            default_top_k=settings.top_k,
+            dead_fraction=settings.dead_fraction,
+        )
+        if by is By.dataset:
+            if len(paths) != 1:
+                raise UsageError(f"--by dataset compares the datasets of one run, got {len(paths)}")
+            (run,) = api.load_runs(paths, options)
+            result = core.compare_datasets(
+                run,
+                options,
+                base=base,
+                step=step,
+                align=align.value,
+                threshold=(
+                    shift_threshold
+                    if shift_threshold is not None
+                    else settings.thresholds.shift_jsd
+                ),
+            )
+        else:
+            if base is not None:
+                raise UsageError(
+                    "--base names a dataset (with --by dataset); the first run is the baseline"
+                )
+            result = core.compare_runs(
+                api.load_runs(paths, options), options, step=step, align=align.value
+            )
+
+        def write(stream: object) -> None:
+            if fmt is Format.json:
+                stream.write(data.to_json(view.comparison_document(result)))  # type: ignore[attr-defined]
+            elif fmt is Format.csv:
+                stream.write(data.to_csv(result.table))  # type: ignore[attr-defined]
+            elif fmt is Format.markdown:
+                stream.write(view.to_markdown(result))  # type: ignore[attr-defined]
+            else:
+                console = make_console(stream, width=width)  # type: ignore[arg-type]
+                view.print_comparison(result, console, plot=plot)
+
+        _emit(output, write)
+
+
+@app.command()
+def check(
+    paths: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Argument(help="Runs to check: log files or directories, PATH or NAME=PATH."),
+    ] = None,
+    config: ConfigOpt = None,
+    baseline: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="A known-good run for the max_regression rules."),
+    ] = None,
+    align: Annotated[
+        AlignOpt,
+        typer.Option(
+            help="With --baseline: nearest pairs the baseline's latest step with each run's "
+            "latest step at or before it (default: the latest step both logged)."
+        ),
+    ] = AlignOpt.exact,
+    minimum: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--min", help="METRIC=VALUE: fail a layer below VALUE (repeatable)."),
+    ] = None,
+    maximum: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--max", help="METRIC=VALUE: fail a layer above VALUE (repeatable)."),
+    ] = None,
+    max_regression: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(
+            "--max-regression",
+            help="METRIC=TOL: fail a layer whose METRIC moved towards collapse by more than "
+            "TOL from --baseline (repeatable).",
+        ),
+    ] = None,
+    window: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="Check each metric's mean over the last N logged steps."),
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Also fail on findings no longer active.")
+    ] = False,
+    junit: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--junit", help="Write a JUnit XML report to FILE."),
+    ] = None,
+    github: Annotated[
+        bool,
+        typer.Option(
+            "--github",
+            help="GitHub Actions annotations on stdout, and a summary to $GITHUB_STEP_SUMMARY.",
+        ),
+    ] = False,
+    suggest: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--suggest",
+            metavar="BASELINE",
+            help="Print thresholds a margin outside this healthy run's values, as TOML.",
+        ),
+    ] = None,
+    top_k: TopK = None,
+    layers: Layers = None,
+    steps: Steps = None,
+    skip_bad_rows: SkipBadRows = False,
+    temperature: Temperature = None,
+    score: Score = "softmax",
+    num_experts: NumExperts = None,
+    fmt: FormatOpt = Format.table,
+    debug: Debug = False,
+) -> None:
+    """Gate CI on routing health: exit 0 when every rule passes, 1 when one fails, 2 on bad
+    input or configuration. Rules: fail findings, thresholds, regression from a baseline.
+
+    Example: routelog check sample_logs/collapse --top-k 2 --min token_entropy_norm=0.2
+    """
+    with _errors(debug):
+        from routelog.check import check as run_check
+        from routelog.errors import UsageError
+        from routelog.render import check as render_check
+        from routelog.render import data, make_console
+
+        if window is not None and window < 1:
+            raise UsageError(f"--window must be at least 1, got {window}")
+        read = functools.partial(
+            _analysis,
+            config=config,
+            top_k=top_k,
+            layers=layers,
+            steps=steps,
+            skip_bad_rows=skip_bad_rows,
+            temperature=temperature,
+            score=score,
+            num_experts=num_experts,
+        )
+        if suggest is not None:
+            if paths:
+                raise UsageError("--suggest reads the healthy run only: give no PATH with it")
+            _print_suggestion(read([suggest]), window)
+            return
+        if not paths:
+            raise UsageError("no run given: routelog check PATH... (or --suggest BASELINE)")
+        if github and fmt is not Format.table:
+            raise UsageError("--github writes annotations to stdout: use it with --format table")
+        analysis = read(paths)
+        settings = analysis.config.check.with_flags(
+            minimum=minimum, maximum=maximum, max_regression=max_regression
+        )
+        base = read([baseline]) if baseline is not None else None
+        if base is None and settings.max_regression:
+            raise UsageError("max_regression needs a baseline run: pass --baseline PATH")
+        result = run_check(
+            analysis, settings, baseline=base, align=align.value, window=window, strict=strict
+        )
+
+        if fmt is Format.json:
+            sys.stdout.write(data.to_json(render_check.check_document(result)))
+        elif fmt is Format.csv:
+            sys.stdout.write(data.to_csv(_rule_frame(result)))
+        elif fmt is Format.markdown:
+            sys.stdout.write(render_check.markdown_summary(result))
+        else:
+            render_check.print_check(result, make_console(sys.stdout))
+        if junit is not None:
+            _write(junit, render_check.junit_xml(result), "--junit")
+        if github:
+            sys.stdout.write(render_check.github_annotations(result))
+            summary = os.environ.get("GITHUB_STEP_SUMMARY")
+            if summary:
+                text = render_check.markdown_summary(result).encode()
+                _write(Path(summary), text, "GITHUB_STEP_SUMMARY", append=True)
+        if not result.passed:
+            raise typer.Exit(ExitCode.CHECK_FAILED)
+
+
+def _print_suggestion(analysis: Analysis, window: int | None) -> None:
+    from routelog.check import suggest
+    from routelog.render.check import suggestion_toml
+
+    run = analysis.runs[0]
+    sys.stdout.write(
+        suggestion_toml(
+            suggest(analysis.metrics, window),
+            run=run.name,
+            step=int(analysis.metrics["step"].max()),  # type: ignore[arg-type]
+            top_k=sorted(set(run.stats["top_k"].drop_nulls().to_list())),
+            window=window,
+        )
+    )
+
+
+def _rule_frame(result: CheckResult) -> pl.DataFrame:
+    import polars as pl
+
+    rules = [r.to_dict() for r in result.rules]
+    schema = {"value": pl.Float64, "threshold": pl.Float64}
+    return pl.DataFrame(rules, schema_overrides=schema, infer_schema_length=None)
+
+
+def _write(path: Path, content: bytes, what: str, *, append: bool = False) -> None:
+    """Write (or append to) a report file; ``what`` names it in the error."""
+    from routelog.errors import UsageError
+
+    try:
+        with path.open("ab" if append else "wb") as stream:
+            stream.write(content)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write the {what} file: {exc.strerror}") from None
 
 
 cache_app = typer.Typer(

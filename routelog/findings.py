@@ -15,6 +15,7 @@ class Finding:
 
     ``active`` is true when the condition still holds at the run's latest step; ``value``
     is the metric at ``last_step``; ``message`` is one plain sentence for a person.
+    Rules of other stages (``compare``) add their own codes through the same type.
     """
 
     code: str
@@ -28,6 +29,8 @@ class Finding:
     value: float | None
     threshold: float | None
     message: str
+    predicted_step: int | None = None
+    """``forecast`` only: the step at which the trend crosses its threshold."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

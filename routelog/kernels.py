@@ -81,6 +81,39 @@ PROBABILITY_METRICS = [
 ]
 """Metrics that need probabilities; null for count-only or top-k-id-only data."""
 
+TOWARDS_COLLAPSE = {
+    "token_entropy": -1,
+    "token_entropy_norm": -1,
+    "load_entropy": -1,
+    "load_entropy_norm": -1,
+    "assign_entropy": -1,
+    "assign_entropy_norm": -1,
+    "mutual_info": -1,
+    "max_load_share": 1,
+    "max_vio": 1,
+    "load_cv": 1,
+    "dead_experts": 1,
+    "aux_loss": 1,
+    "top1_prob": 1,
+    "z_loss": 1,
+}
+"""The sign of a change towards routing collapse, per metric (-1: lower is worse).
+
+Entropies and mutual information fall as routing concentrates; load share, imbalance, dead
+experts, the balancing loss, top-1 confidence and z-loss rise. The metrics a threshold or a
+regression tolerance can name (``n_tokens``, ``n_experts`` and ``top_k`` describe the data).
+"""
+
+METRIC_RANGES: dict[str, tuple[float, float | None]] = {
+    **dict.fromkeys(TOWARDS_COLLAPSE, (0.0, None)),
+    "token_entropy_norm": (0.0, 1.0),
+    "load_entropy_norm": (0.0, 1.0),
+    "assign_entropy_norm": (0.0, 1.0),
+    "max_load_share": (0.0, 1.0),
+    "top1_prob": (0.0, 1.0),
+}
+"""Values each metric can take whatever E and k (the README's range column, E-free)."""
+
 
 @dataclass
 class Reduced:
@@ -418,3 +451,25 @@ def _finish_block(block: pl.DataFrame, dead_fraction: float, keys: list[str]) ->
         pl.when(pl.col("n_tokens") == 0).then(None).otherwise(pl.col("n_tokens")).alias("n_tokens")
     )
     return out.select(*keys, *METRICS, "load_share")
+
+
+def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Jensen-Shannon divergence in bits along the last axis, in [0, 1].
+
+    JSD(p, q) = H2(m) - (H2(p) + H2(q)) / 2 with m = (p + q) / 2 and H2 the entropy in bits;
+    0 for equal distributions, 1 for disjoint supports. (scipy's ``jensenshannon`` returns
+    the distance, the square root of this.)
+
+    Examples
+    --------
+    >>> float(js_divergence(np.array([1.0, 0.0]), np.array([0.0, 1.0])))
+    1.0
+    >>> float(js_divergence(np.array([0.5, 0.5]), np.array([0.5, 0.5])))
+    0.0
+    """
+    p = np.asarray(p, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    m = (p + q) / 2
+    divergence: np.ndarray = (entropy(m) - (entropy(p) + entropy(q)) / 2) / np.log(2)
+    clipped: np.ndarray = np.clip(divergence, 0.0, 1.0)
+    return clipped

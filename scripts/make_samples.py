@@ -15,6 +15,9 @@ to 0.75 in a healthy layer, and drops to near 0 within a step or two in a collap
 - megatron-tpe/ Megatron-LM style tokens-per-expert counts (JSONL, one line per iteration and
             layer, 4 micro-batches of 1024 routed slots each): balanced load, except layer 3
             whose router drifts onto experts 0 and 1 from iteration 600 (count-only report).
+- shift/    logits with a `dataset` column: 256 `text` and 256 `code` tokens per layer at
+            steps 0, 100, 200. In layers 2 and 3 the `code` tokens lean on experts 5 and 6
+            (a distribution shift, `compare --by dataset`); layers 0 and 1 route both alike.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ def write_run(root: Path, name: str, rng: np.random.Generator) -> None:
     out.mkdir(parents=True, exist_ok=True)
     z = rng.normal(size=(LAYERS, TOKENS, EXPERTS))
     for step in STEPS:
-        z = z + rng.normal(scale=0.3 * np.exp(-step / 300), size=z.shape)
+        z = z + rng.normal(scale=0.3 * np.exp(-step / 600), size=z.shape)
         frames = []
         for layer in range(LAYERS):
             if name == "collapse":
@@ -105,11 +108,45 @@ def write_megatron_tpe(root: Path) -> None:
     (out / "tokens_per_expert.jsonl").write_text("\n".join(lines) + "\n")
 
 
+SHIFT_SEED = 20261124
+SHIFT_STEPS = [0, 100, 200]
+SHIFT_TOKENS = 256
+
+
+def write_shift_run(root: Path) -> None:
+    """Two datasets, the second shifted towards experts 5 and 6 in layers 2 and 3."""
+    rng = np.random.default_rng(SHIFT_SEED)
+    out = root / "shift"
+    out.mkdir(parents=True, exist_ok=True)
+    z = {dataset: rng.normal(size=(LAYERS, SHIFT_TOKENS, EXPERTS)) for dataset in ("text", "code")}
+    for step in SHIFT_STEPS:
+        frames = []
+        for layer in range(LAYERS):
+            for dataset, prefs in z.items():
+                bias = np.zeros(EXPERTS)
+                if dataset == "code" and layer >= 2:
+                    bias[5], bias[6] = 2.5, 2.0
+                logits = _logits(rng, prefs[layer], healthy_beta(step, layer), bias)
+                frames.append(
+                    pl.DataFrame(
+                        {
+                            "step": np.full(SHIFT_TOKENS, step, dtype=np.int64),
+                            "layer": np.full(SHIFT_TOKENS, layer, dtype=np.int32),
+                            "dataset": [dataset] * SHIFT_TOKENS,
+                            "token": np.arange(SHIFT_TOKENS, dtype=np.int64),
+                            "logits": logits,
+                        }
+                    )
+                )
+        pl.concat(frames).write_parquet(out / f"step_{step:06d}.parquet", compression="zstd")
+
+
 def main(root: Path) -> None:
     rng = np.random.default_rng(SEED)
     for name in ("healthy", "collapse", "drift"):
         write_run(root, name, rng)
     write_megatron_tpe(root)
+    write_shift_run(root)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
+from scipy.spatial.distance import jensenshannon
 from scipy.stats import entropy as scipy_entropy
 
 from routelog import kernels
@@ -194,6 +195,28 @@ def test_merge_of_chunks_equals_whole(
 def test_entropy_zero_log_zero() -> None:
     assert kernels.entropy(np.array([1.0, 0.0])) == 0.0
     assert kernels.entropy_rows(np.array([[1.0, 0.0]], dtype=np.float32))[0] == 0.0
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), e=st.integers(2, 64), zeros=st.integers(0, 3))
+def test_js_divergence_matches_scipy(seed: int, e: int, zeros: int) -> None:
+    rng = np.random.default_rng(seed)
+    p, q = rng.dirichlet(np.ones(e)), rng.dirichlet(np.ones(e))
+    p[rng.integers(0, e, size=min(zeros, e - 1))] = 0.0  # empty experts: 0 log 0 = 0
+    p /= p.sum()
+    # scipy returns the distance, the square root of the divergence
+    expected = jensenshannon(p, q, base=2) ** 2
+    assert float(kernels.js_divergence(p, q)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_js_divergence_rows_and_bounds() -> None:
+    p = np.array([[1.0, 0.0, 0.0], [0.2, 0.3, 0.5], [0.5, 0.5, 0.0]])
+    q = np.array([[0.0, 1.0, 0.0], [0.2, 0.3, 0.5], [0.0, 0.5, 0.5]])
+    result = kernels.js_divergence(p, q)
+    expected = [jensenshannon(a, b, base=2) ** 2 for a, b in zip(p, q, strict=True)]
+    assert result.tolist() == pytest.approx(expected, abs=1e-12)
+    assert result[0] == 1.0
+    assert result[1] == 0.0
 
 
 def _probs(rng: np.random.Generator, n: int, e: int) -> np.ndarray:

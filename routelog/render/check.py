@@ -1,0 +1,211 @@
+"""``routelog check`` output: the summary, JSON, JUnit XML, GitHub annotations, the TOML
+that ``--suggest`` prints.
+
+Readable without colour: every rule says ``PASS`` or ``FAIL`` as a word.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from routelog.check import CheckResult, RuleResult, RuleSummary, Suggestion
+
+STATUS_STYLE = {"PASS": "green", "FAIL": "bold red"}
+JUNIT_SUITE = "routelog check"
+TITLE = "routelog check"
+
+
+def check_document(result: CheckResult) -> dict[str, Any]:
+    """``{"passed": bool, "rules": [{"rule", "metric", "run", "layer", "value", "threshold",
+    "passed", "message"}]}``."""
+    return result.to_dict()
+
+
+def _status(passed: bool) -> str:
+    return "PASS" if passed else "FAIL"
+
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.3f}"
+
+
+def _compared(worst: RuleResult) -> str:
+    """``token_entropy_norm 0.031 < 0.200``: the value against its limit."""
+    if worst.value is None:
+        return ""
+    if worst.threshold is None:
+        return f"{worst.metric} {_num(worst.value)}"
+    value, threshold = worst.value, worst.threshold
+    op = "<" if value < threshold else ">" if value > threshold else "="
+    return f"{worst.metric} {_num(value)} {op} {_num(threshold)}"
+
+
+def _worst_text(summary: RuleSummary) -> str:
+    worst = summary.worst
+    if worst is None:
+        return "no layer affected"
+    label = "worst" if summary.passed else "fails"
+    return f"{label}: {worst.run} layer {worst.layer}  {_compared(worst)}".rstrip()
+
+
+def final_line(result: CheckResult) -> str:
+    """``PASS: 4 rules`` or ``FAIL: 1 of 4 rules failed (2 layer checks)``."""
+    summaries = result.summaries()
+    failed = [s for s in summaries if not s.passed]
+    rules = f"{len(summaries)} rule{'s' if len(summaries) != 1 else ''}"
+    if not failed:
+        return f"PASS: {rules} passed ({len(result.rules)} layer checks)"
+    checks = len(result.failures)
+    return (
+        f"FAIL: {len(failed)} of {rules} failed "
+        f"({checks} layer check{'s' if checks != 1 else ''} of {len(result.rules)})"
+    )
+
+
+def print_check(result: CheckResult, console: Console) -> None:
+    """Each rule with PASS or FAIL, failing layers and the worst layer; the failures'
+    messages; notes; a last line with the verdict."""
+    from rich.markup import escape
+
+    summaries = result.summaries()
+    if not summaries:
+        console.print("no rules to check")
+    rule_width = max((len(s.rule) for s in summaries), default=0)
+    count_width = max((len(_failed_count(s)) for s in summaries), default=0)
+    for summary in summaries:
+        status = _status(summary.passed)
+        style = STATUS_STYLE[status]
+        line = (
+            f"{summary.rule:<{rule_width}}  {_failed_count(summary):>{count_width}}  "
+            f"{_worst_text(summary)}"
+        )
+        console.print(f"[{style}]{status}[/{style}]  {escape(line)}", soft_wrap=True)
+    if result.failures:
+        console.print()
+        for failure in result.failures:
+            text = f"{failure.rule}: {failure.message}"
+            console.print(f"  [bold red]FAIL[/bold red] {escape(text)}", soft_wrap=True)
+    for note in result.notes:
+        console.print(f"note: {escape(note)}", style="dim", soft_wrap=True)
+    status = _status(result.passed)
+    console.print(escape(final_line(result)), style=STATUS_STYLE[status])
+
+
+def _failed_count(summary: RuleSummary) -> str:
+    return f"{summary.failed}/{summary.total} layers failed"
+
+
+# --- JUnit -----------------------------------------------------------------------------------
+
+
+def junit_xml(result: CheckResult) -> bytes:
+    """One testsuite; one testcase per rule and layer (``classname`` the rule, ``name`` the
+    run and layer); a ``<failure message=...>`` for each failing one."""
+    suite = ET.Element(
+        "testsuite",
+        name=JUNIT_SUITE,
+        tests=str(len(result.rules)),
+        failures=str(len(result.failures)),
+        errors="0",
+        skipped="0",
+    )
+    for rule in result.rules:
+        case = ET.SubElement(
+            suite,
+            "testcase",
+            classname=f"routelog.check.{rule.rule}",
+            name=f"{rule.rule} [{rule.run} layer {rule.layer}]",
+        )
+        if not rule.passed:
+            failure = ET.SubElement(case, "failure", message=rule.message, type=rule.rule)
+            failure.text = rule.message
+        else:
+            out = ET.SubElement(case, "system-out")
+            out.text = rule.message
+    suites = ET.Element("testsuites", name=JUNIT_SUITE)
+    suites.append(suite)
+    ET.indent(suites)
+    document: bytes = ET.tostring(suites, encoding="utf-8", xml_declaration=True)
+    return document + b"\n"
+
+
+# --- GitHub Actions --------------------------------------------------------------------------
+
+
+def escape_data(text: str) -> str:
+    """A workflow command's message: ``%``, carriage return and newline are escaped."""
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def escape_property(text: str) -> str:
+    """A workflow command's property value: also ``:`` and ``,``."""
+    return escape_data(text).replace(":", "%3A").replace(",", "%2C")
+
+
+def github_annotations(result: CheckResult) -> str:
+    """One ``::error title=...::message`` line per failing rule and layer."""
+    lines = []
+    for failure in result.failures:
+        title = f"{TITLE}: {failure.rule} ({failure.run} layer {failure.layer})"
+        lines.append(f"::error title={escape_property(title)}::{escape_data(failure.message)}")
+    return "".join(f"{line}\n" for line in lines)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_summary(result: CheckResult) -> str:
+    """The step summary (``GITHUB_STEP_SUMMARY``) and ``--format markdown``: verdict, a
+    table of rules, the failures."""
+    lines = [f"## {TITLE}: {_status(result.passed)}", ""]
+    lines += ["| status | rule | failed layers | worst layer |", "|---|---|---|---|"]
+    for summary in result.summaries():
+        status = _status(summary.passed)
+        mark = f"**{status}**" if not summary.passed else status
+        lines.append(
+            f"| {mark} | `{summary.rule}` | {summary.failed}/{summary.total} | "
+            f"{_cell(_worst_text(summary))} |"
+        )
+    if result.failures:
+        lines += ["", "### Failures", ""]
+        lines += [f"- `{f.rule}`: {_cell(f.message)}" for f in result.failures]
+    if result.notes:
+        lines += ["", *[f"> {_cell(note)}" for note in result.notes]]
+    lines += ["", final_line(result), ""]
+    return "\n".join(lines)
+
+
+# --- --suggest -------------------------------------------------------------------------------
+
+
+def suggestion_toml(
+    suggestions: list[Suggestion], *, run: str, step: int, top_k: list[int], window: int | None
+) -> str:
+    """A ``[tool.routelog.check]`` table, each threshold with what was observed."""
+    from routelog.check import MARGIN_ABS, MARGIN_REL
+
+    at = f"latest step {step}" if window is None else f"mean of the last {window} logged steps"
+    k = ", ".join(map(str, top_k))
+    lines = [
+        f"# routelog check thresholds suggested from the healthy run {run!r} ({at}).",
+        f"# Margin: min_ thresholds = lowest value over layers - max({MARGIN_ABS:g}, "
+        f"{MARGIN_REL:.0%} of it), floored at 0;",
+        f"# max_ thresholds = highest value + max({MARGIN_ABS:g}, {MARGIN_REL:.0%} of it), "
+        "capped at the metric's maximum;",
+        "# max_dead_experts = the highest count (no margin). Rounded outwards to 3 decimals.",
+        f"# Measured with k = {k}: check with the same --top-k (or top_k in [tool.routelog]).",
+        "# Fail findings (collapse, rigidity) fail the check too; list codes in fail_on to",
+        "# fail on warnings, and add [tool.routelog.check.max_regression] for --baseline.",
+        "[tool.routelog.check]",
+    ]
+    for s in suggestions:
+        value = f"{s.value:.0f}" if s.key == "max_dead_experts" else f"{s.value:.3f}"
+        lines.append(f"{s.key} = {value}  # observed {_num(s.observed)} (layer {s.layer})")
+    return "\n".join(lines) + "\n"

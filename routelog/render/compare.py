@@ -1,0 +1,232 @@
+"""The ``compare`` report: one table row per layer and run, deltas marked by direction.
+
+A change towards collapse (entropy down, max share or dead experts up) is red and marked
+``✗``; a change away from it is green and marked ``✓``; so the table reads without colour.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from routelog import __version__
+from routelog.compare import COMPARED
+from routelog.kernels import TOWARDS_COLLAPSE
+from routelog.render.data import records
+from routelog.render.report import fmt
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.text import Text
+
+    from routelog.compare import Comparison
+
+NEGLIGIBLE = 0.005
+"""Deltas of normalised metrics smaller than this are shown without a direction mark."""
+
+HEADERS = {
+    "token_entropy_norm": "H_token",
+    "load_entropy_norm": "H_load",
+    "max_load_share": "max share",
+    "dead_experts": "dead",
+}
+
+CAPTION = (
+    "Δ = run - baseline: ✗ towards collapse, ✓ away from it; entropies normalised by ln E; "
+    "JSD: expert load f vs the baseline (bits, 0–1); agree@1, overlap@k: the same tokens' "
+    "top-1 and top-k choices"
+)
+
+
+def comparison_document(comparison: Comparison) -> dict[str, Any]:
+    """The JSON document of ``compare --format json``."""
+    return {
+        "routelog_version": __version__,
+        "by": comparison.by,
+        "baseline": comparison.baseline,
+        "align": comparison.align,
+        "runs": [run.summary() for run in comparison.runs],
+        "groups": [group.to_dict() for group in comparison.groups],
+        "comparisons": records(comparison.table),
+        "left_out": [item.to_dict() for item in comparison.left_out],
+        "findings": [finding.to_dict() for finding in comparison.findings],
+    }
+
+
+def direction(metric: str, delta: float | int | None) -> int:
+    """+1 towards collapse, -1 away from it, 0 for no (or a negligible) change.
+
+    Examples
+    --------
+    >>> direction("token_entropy_norm", -0.2), direction("dead_experts", -1)
+    (1, -1)
+    """
+    if delta is None:
+        return 0
+    limit = 0 if metric == "dead_experts" else NEGLIGIBLE
+    signed = delta * TOWARDS_COLLAPSE[metric]
+    return 1 if signed > limit else -1 if signed < -limit else 0
+
+
+def delta_text(metric: str, delta: float | int | None) -> str:
+    """A signed delta with its mark: ``-0.601 ✗``, ``+2 ✗``, ``+0.020 ✓``, ``+0.001``.
+
+    Examples
+    --------
+    >>> delta_text("max_load_share", 0.356), delta_text("dead_experts", 0)
+    ('+0.356 ✗', '+0')
+    """
+    if delta is None:
+        return ""
+    number = f"{delta:+d}" if isinstance(delta, int) else f"{delta:+.3f}"
+    mark = {1: " ✗", -1: " ✓", 0: ""}[direction(metric, delta)]
+    return number + mark
+
+
+def _title(comparison: Comparison) -> list[str]:
+    what = "dataset" if comparison.by == "dataset" else "run"
+    lines = []
+    if comparison.by == "dataset":
+        lines.append(f"[bold]{comparison.runs[0].name}[/bold]: datasets compared")
+    for group in comparison.groups:
+        span = (
+            f"steps {group.steps[0]}–{group.steps[-1]} ({len(group.steps)} logged)"
+            if len(group.steps) > 1
+            else f"step {group.steps[0]}"
+        )
+        role = "baseline" if group.name == comparison.baseline else what
+        lines.append(f"{role} [bold]{group.name}[/bold]  {span} · compared at step {group.step}")
+    how = (
+        "each at its latest logged step at or before the baseline's"
+        if comparison.align == "nearest"
+        else "the same step in every " + what
+    )
+    lines.append(f"[dim]aligned: {how}[/dim]")
+    return lines
+
+
+def print_comparison(comparison: Comparison, console: Console, *, plot: bool = False) -> None:
+    """Header, side-by-side table, what was left out, findings, and (``plot``) charts."""
+    for line in _title(comparison):
+        console.print(line)
+    console.print(_table(comparison))
+    for item in comparison.left_out:
+        where = "every layer" if item.layer is None else f"layer {item.layer}"
+        console.print(f"left out: {item.run} {where} ({item.what}): {item.reason}", style="dim")
+    for finding in comparison.findings:
+        console.print(f"[yellow]{finding.severity}[/yellow] {finding.code}: {finding.message}")
+    if plot:
+        for chart in charts(comparison, console):
+            console.print()
+            console.print(chart)
+
+
+def charts(comparison: Comparison, console: Console) -> list[Text]:
+    """Per compared layer: each group's token entropy over steps, overlaid (marker = group)."""
+    import polars as pl
+    from rich.text import Text
+
+    from routelog.render.plot import Series, line_chart
+
+    color = console.color_system is not None
+    names = [group.name for group in comparison.groups]
+    out = []
+    for layer in comparison.table["layer"].unique().sort().to_list():
+        rows = comparison.metrics.filter(pl.col("layer") == layer).sort("step")
+        series = [
+            Series(
+                name,
+                rows.filter(pl.col("run") == name)["step"].to_list(),
+                rows.filter(pl.col("run") == name)["token_entropy_norm"].to_list(),
+            )
+            for name in names
+        ]
+        title = f"layer {layer}: token entropy (normalised) over steps"
+        text = line_chart(series, title=title, width=console.width, color=color)
+        out.append(Text.from_ansi(text) if color else Text(text))
+    return out
+
+
+def _cells(comparison: Comparison) -> list[list[tuple[str, int]]]:
+    """Each row's cells as (text, direction), in the order of :data:`_COLUMN_NAMES`."""
+    out = []
+    for row in comparison.table.iter_rows(named=True):
+        cells: list[tuple[str, int]] = [(str(row["layer"]), 0), (row["run"], 0)]
+        for metric in COMPARED:
+            value = row[metric]
+            shown = f"{fmt(value)}/{row['n_experts']}" if metric == "dead_experts" else fmt(value)
+            delta = row[f"delta_{metric}"]
+            cells.append((shown, 0))
+            cells.append((delta_text(metric, delta), direction(metric, delta)))
+        base = row["run"] == row["baseline"]
+        for name in ("jsd", "agreement_top1", "overlap_topk"):
+            cells.append(("" if base else fmt(row[name]), 0))
+        out.append(cells)
+    return out
+
+
+_COLUMN_NAMES = [
+    "layer",
+    "run",
+    *[name for metric in COMPARED for name in (HEADERS[metric], "Δ")],
+    "JSD",
+    "agree@1",
+    "overlap@k",
+]
+
+
+def _table(comparison: Comparison) -> Any:
+    """Value and delta share a cell (``0.107 -0.601 ✗``) so that the table fits 100 columns."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False, padding=(0, 1))
+    table.add_column("layer", justify="right")
+    table.add_column(comparison.by, no_wrap=True)
+    for metric in COMPARED:
+        table.add_column(HEADERS[metric], no_wrap=True)
+    for name in ("JSD", "agree@1", "overlap@k"):
+        table.add_column(name, justify="right")
+    previous = None
+    for cells in _cells(comparison):
+        layer = cells[0][0]
+        row: list[Text | str] = ["" if layer == previous else layer, cells[1][0]]
+        previous = layer
+        for index in range(len(COMPARED)):
+            (value, _), (delta, sign) = cells[2 + 2 * index], cells[3 + 2 * index]
+            text = Text(value)
+            if delta:
+                text.append(" " + delta, style={1: "red", -1: "green", 0: ""}[sign])
+            row.append(text)
+        row.extend(text for text, _ in cells[2 + 2 * len(COMPARED) :])
+        table.add_row(*row)
+    table.caption = CAPTION
+    table.caption_justify = "left"
+    return table
+
+
+def to_markdown(comparison: Comparison) -> str:
+    """A GitHub-flavoured Markdown report (for a pull request)."""
+    lines = [line.replace("[bold]", "**").replace("[/bold]", "**") for line in _title(comparison)]
+    lines = [line.replace("[dim]", "").replace("[/dim]", "") + "  " for line in lines]
+    lines.append("")
+    names = [comparison.by if name == "run" else name for name in _COLUMN_NAMES]
+    lines.append("| " + " | ".join(names) + " |")
+    lines.append("|" + "|".join("---" if n == "run" else "---:" for n in _COLUMN_NAMES) + "|")
+    for cells in _cells(comparison):
+        lines.append("| " + " | ".join(text for text, _ in cells) + " |")
+    lines.append("")
+    lines.append(CAPTION + ".")
+    if comparison.left_out:
+        lines.append("")
+        lines.append("Left out:")
+        lines.append("")
+        for item in comparison.left_out:
+            where = "every layer" if item.layer is None else f"layer {item.layer}"
+            lines.append(f"- {item.run} {where} ({item.what}): {item.reason}")
+    if comparison.findings:
+        lines.append("")
+        lines.append("Findings:")
+        lines.append("")
+        for finding in comparison.findings:
+            lines.append(f"- **{finding.severity}** `{finding.code}`: {finding.message}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,63 @@
+"""``analyze --format markdown``: findings and the per-layer table, for an issue or a PR."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import polars as pl
+
+from routelog.render.report import finding_groups, fmt, layer_status, where
+
+if TYPE_CHECKING:
+    from routelog.api import Analysis
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def analysis_markdown(analysis: Analysis) -> str:
+    """One section per run: a findings table, then the per-layer table at the latest step."""
+    out: list[str] = []
+    for run in analysis.runs:
+        metrics = analysis.metrics.filter(pl.col("run") == run.name)
+        findings = [f for f in analysis.findings if f.run == run.name]
+        steps = metrics["step"].unique().sort().to_list()
+        summary = run.summary()
+        out += [
+            f"### routelog: {run.name}",
+            "",
+            f"Steps {steps[0]}–{steps[-1]} ({len(steps)} logged), "
+            f"{metrics['layer'].n_unique()} layers, k={summary['top_k']}"
+            + (" (assumed)" if summary["top_k_assumed"] else "")
+            + ".",
+            "",
+        ]
+        if findings:
+            out += ["| severity | finding | where (* = still holds) | what to look at |"]
+            out += ["|---|---|---|---|"]
+            for severity, code, group in finding_groups(findings):
+                out.append(
+                    f"| **{severity}** | `{code}` | {_cell(where(group))} | "
+                    f"{_cell(group[0].message)} |"
+                )
+        else:
+            out.append("No findings: every rule passed on every layer.")
+        if len(steps) < 2:
+            out += ["", "Only one logged step: trends need at least two steps."]
+        out += [
+            "",
+            "| layer | H_token | H_load | H_assign | max share | dead | status | codes |",
+            "|---:|---:|---:|---:|---:|---:|---|---|",
+        ]
+        latest = metrics.group_by("layer").agg(pl.all().sort_by("step").last()).sort("layer")
+        for row in latest.iter_rows(named=True):
+            status, codes = layer_status(findings, row["layer"])
+            out.append(
+                f"| {row['layer']} | {fmt(row['token_entropy_norm'])} | "
+                f"{fmt(row['load_entropy_norm'])} | {fmt(row['assign_entropy_norm'])} | "
+                f"{fmt(row['max_load_share'])} | {fmt(row['dead_experts'])}/{row['n_experts']} | "
+                f"{status} | {_cell(', '.join(codes))} |"
+            )
+        out.append("")
+    return "\n".join(out)

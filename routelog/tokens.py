@@ -1,0 +1,161 @@
+"""Token-level kernels: how two sets of per-token top-k choices relate.
+
+They need the same tokens routed twice (two runs, or two steps of one run) and work on the
+``(T, k)`` expert-id arrays of :class:`routelog.kernels.Reduced` selections, row t of both
+arrays being the same token. Ids within a row are distinct and sorted largest first, so
+column 0 is the top-1 expert. No loop over tokens: numpy over whole arrays.
+
+Definitions (S_t, S'_t: token t's top-k expert sets; a_t, a'_t: its top-1 experts)::
+
+    agreement_top1 = mean_t [a_t == a'_t]
+    overlap_topk   = mean_t |S_t ∩ S'_t| / k
+    flip_rate(s)   = 1 - agreement_top1(step s, previous logged step)
+    saturation(s)  = overlap_topk(step s, the run's final step)     (OLMoE's router saturation)
+
+When the two arrays have different k, both are cut to the smaller k (their first columns
+are the top choices, so this compares the top-min(k) sets).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+TOKEN_KEYS = ["dataset", "token"]
+"""What identifies a routed token within one (step, layer): its dataset and position."""
+
+TOKEN_METRICS_SCHEMA: dict[str, pl.DataType] = {
+    "step": pl.Int64(),
+    "layer": pl.Int32(),
+    "flip_rate": pl.Float64(),
+    "saturation": pl.Float64(),
+}
+"""Extra metric columns of ``analyze``, null when the same tokens are not routed every step."""
+
+
+def _common_k(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    k = min(a.shape[-1], b.shape[-1])
+    return a[..., :k], b[..., :k], k
+
+
+def agreement_top1(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Fraction of tokens whose top-1 expert is the same, over the second-to-last axis.
+
+    ``a`` and ``b`` are ``(..., T, k)`` id arrays; the result has shape ``(...)``.
+
+    Examples
+    --------
+    >>> agreement_top1(np.array([[0, 1], [2, 3]]), np.array([[0, 2], [3, 2]]))
+    array(0.5)
+    """
+    same: np.ndarray = (a[..., 0] == b[..., 0]).mean(axis=-1)
+    return same
+
+
+def overlap_topk(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Mean over tokens of |S_t ∩ S'_t| / k, over the second-to-last axis.
+
+    Ids within a row are distinct, so the number of equal (i, j) pairs of a row is the size
+    of the intersection: a (T, k, k) comparison, k is small.
+
+    Examples
+    --------
+    >>> overlap_topk(np.array([[0, 1], [2, 3]]), np.array([[1, 0], [3, 4]]))
+    array(0.75)
+    """
+    a, b, k = _common_k(a, b)
+    shared = (a[..., :, None] == b[..., None, :]).sum(axis=(-1, -2))
+    overlap: np.ndarray = shared.mean(axis=-1) / k
+    return overlap
+
+
+def step_series(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``flip_rate`` and ``saturation`` per step of a ``(S, T, k)`` array, steps in order.
+
+    ``flip_rate`` is NaN at the first step (nothing to compare with); ``saturation`` of the
+    final step is 1 by definition.
+
+    Examples
+    --------
+    >>> ids = np.array([[[0, 1], [2, 3]], [[1, 0], [2, 3]], [[1, 0], [2, 4]]])
+    >>> flips, saturation = step_series(ids)
+    >>> flips.tolist(), saturation.tolist()
+    ([nan, 0.5, 0.0], [0.5, 0.75, 1.0])
+    """
+    flips = np.full(ids.shape[0], np.nan)
+    if ids.shape[0] > 1:
+        flips[1:] = 1.0 - agreement_top1(ids[1:], ids[:-1])
+    saturation = overlap_topk(ids, ids[-1:])
+    return flips, saturation
+
+
+def same_tokens(a: pl.DataFrame, b: pl.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
+    """Two selections' ``topk`` arrays, row-aligned on (dataset, token), or None.
+
+    None unless both frames hold exactly the same tokens, each once (the same probe batch
+    routed twice). Inputs are the selections of one (step, layer) each.
+    """
+    if a.height == 0 or a.height != b.height:
+        return None
+    left = a.sort(TOKEN_KEYS, nulls_last=True)
+    right = b.sort(TOKEN_KEYS, nulls_last=True)
+    keys = left.select(TOKEN_KEYS)
+    if not keys.is_unique().all() or not keys.equals(right.select(TOKEN_KEYS)):
+        return None
+    return _ids(left), _ids(right)
+
+
+def _ids(selections: pl.DataFrame) -> np.ndarray:
+    ids: np.ndarray = selections["topk"].to_numpy()
+    return ids
+
+
+def token_metrics(selections: pl.DataFrame) -> pl.DataFrame:
+    """``flip_rate`` and ``saturation`` per (step, layer) of one run's selections.
+
+    A layer gets values only when every logged step routed the same tokens, each once;
+    its rows are left out otherwise (the caller's join makes them null).
+
+    Examples
+    --------
+    >>> sel = pl.DataFrame({"step": [0, 0, 1, 1], "layer": [0, 0, 0, 0],
+    ...     "dataset": [None, None, None, None], "token": [0, 1, 0, 1],
+    ...     "topk": [[0], [1], [0], [2]]}, schema_overrides={"dataset": pl.String})
+    >>> token_metrics(sel)
+    shape: (2, 4)
+    ┌──────┬───────┬───────────┬────────────┐
+    │ step ┆ layer ┆ flip_rate ┆ saturation │
+    │ ---  ┆ ---   ┆ ---       ┆ ---        │
+    │ i64  ┆ i32   ┆ f64       ┆ f64        │
+    ╞══════╪═══════╪═══════════╪════════════╡
+    │ 0    ┆ 0     ┆ null      ┆ 0.5        │
+    │ 1    ┆ 0     ┆ 0.5       ┆ 1.0        │
+    └──────┴───────┴───────────┴────────────┘
+    """
+    parts = []
+    for layer_rows in selections.sort("layer", "step", *TOKEN_KEYS, nulls_last=True).partition_by(
+        "layer", maintain_order=True
+    ):
+        steps = layer_rows["step"].unique(maintain_order=True)
+        n_tokens = layer_rows.height // len(steps)
+        if n_tokens * len(steps) != layer_rows.height:
+            continue
+        keys = layer_rows.select(TOKEN_KEYS)
+        first = keys.head(n_tokens)
+        if not first.is_unique().all() or not keys.equals(pl.concat([first] * len(steps))):
+            continue
+        ids = _ids(layer_rows)
+        flips, saturation = step_series(ids.reshape(len(steps), n_tokens, ids.shape[-1]))
+        parts.append(
+            pl.DataFrame(
+                {
+                    "step": steps,
+                    "layer": [layer_rows["layer"][0]] * len(steps),
+                    "flip_rate": flips,
+                    "saturation": saturation,
+                }
+            ).with_columns(pl.col("flip_rate").fill_nan(None))
+        )
+    if not parts:
+        return pl.DataFrame(schema=TOKEN_METRICS_SCHEMA)
+    return pl.concat(parts).cast(TOKEN_METRICS_SCHEMA)  # type: ignore[arg-type]

@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from routelog import tokens
+
+
+def _random_ids(rng: np.random.Generator, n: int, e: int, k: int) -> np.ndarray:
+    """Distinct expert ids per row (a random permutation's first k)."""
+    return np.argsort(rng.random((n, e)), axis=1)[:, :k].astype(np.int32)
+
+
+def _by_hand(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """agreement and overlap with Python sets, row by row (the independent reference)."""
+    k = min(a.shape[1], b.shape[1])
+    agree = np.mean([x[0] == y[0] for x, y in zip(a, b, strict=True)])
+    overlap = np.mean(
+        [len(set(x[:k].tolist()) & set(y[:k].tolist())) / k for x, y in zip(a, b, strict=True)]
+    )
+    return float(agree), float(overlap)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 40),
+    e=st.integers(2, 10),
+    data=st.data(),
+)
+def test_agreement_and_overlap_match_sets(seed: int, n: int, e: int, data: st.DataObject) -> None:
+    k = data.draw(st.integers(1, e))
+    k2 = data.draw(st.integers(1, e))
+    rng = np.random.default_rng(seed)
+    a, b = _random_ids(rng, n, e, k), _random_ids(rng, n, e, k2)
+    agree, overlap = _by_hand(a, b)
+    assert float(tokens.agreement_top1(a, b)) == pytest.approx(agree)
+    assert float(tokens.overlap_topk(a, b)) == pytest.approx(overlap)
+
+
+def test_identical_and_disjoint_choices() -> None:
+    a = np.array([[0, 1], [2, 3], [4, 5]])
+    assert float(tokens.agreement_top1(a, a)) == 1.0
+    assert float(tokens.overlap_topk(a, a)) == 1.0
+    assert float(tokens.overlap_topk(a, (a + 6) % 12)) == 0.0
+    # the same set in another order: top-1 differs, the top-2 sets are equal
+    assert float(tokens.agreement_top1(a, a[:, ::-1])) == 0.0
+    assert float(tokens.overlap_topk(a, a[:, ::-1])) == 1.0
+
+
+def test_step_series_known_answer() -> None:
+    rng = np.random.default_rng(0)
+    final = _random_ids(rng, 100, 8, 2)
+    first = final.copy()
+    first[:40, 0] = (final[:40, 0] + 4) % 8  # 40 tokens end on another top-1
+    first[:40, 1] = (final[:40, 1] + 4) % 8  # ...and another second choice
+    flips, saturation = tokens.step_series(np.stack([first, final, final]))
+    assert np.isnan(flips[0])
+    assert flips[1:].tolist() == pytest.approx([0.4, 0.0])
+    by_hand = _by_hand(first, final)[1]
+    assert saturation.tolist() == pytest.approx([by_hand, 1.0, 1.0])
+
+
+def _selections(
+    step_ids: dict[int, np.ndarray], token_order: np.ndarray | None = None
+) -> pl.DataFrame:
+    frames = []
+    for step, ids in step_ids.items():
+        order = token_order if token_order is not None else np.arange(len(ids))
+        frames.append(
+            pl.DataFrame(
+                {
+                    "step": np.full(len(ids), step, dtype=np.int64),
+                    "layer": np.zeros(len(ids), dtype=np.int32),
+                    "dataset": pl.Series([None] * len(ids), dtype=pl.String),
+                    "token": order.astype(np.int64),
+                }
+            ).with_columns(pl.Series("topk", ids[order]))
+        )
+    return pl.concat(frames)
+
+
+def test_token_metrics_aligns_tokens_by_position() -> None:
+    rng = np.random.default_rng(1)
+    a, b = _random_ids(rng, 50, 8, 2), _random_ids(rng, 50, 8, 2)
+    shuffled = rng.permutation(50)
+    frame = pl.concat([_selections({0: a}, shuffled), _selections({10: b})])
+    result = tokens.token_metrics(frame)
+    agree, overlap = _by_hand(a, b)
+    assert result["step"].to_list() == [0, 10]
+    assert result["flip_rate"].to_list() == [None, pytest.approx(1 - agree)]
+    assert result["saturation"].to_list() == pytest.approx([overlap, 1.0])
+
+
+def test_token_metrics_need_the_same_tokens_every_step() -> None:
+    rng = np.random.default_rng(2)
+    a = _random_ids(rng, 20, 8, 2)
+    frame = pl.concat([_selections({0: a}), _selections({10: a[:15]})])
+    assert tokens.token_metrics(frame).height == 0
+    repeated = pl.concat([_selections({0: a}), _selections({0: a})])
+    assert tokens.token_metrics(repeated).height == 0
+
+
+def test_same_tokens_rejects_other_tokens() -> None:
+    rng = np.random.default_rng(3)
+    a = _selections({0: _random_ids(rng, 10, 8, 2)})
+    assert tokens.same_tokens(a, a) is not None
+    assert tokens.same_tokens(a, a.with_columns(pl.col("token") + 1)) is None
+    assert tokens.same_tokens(a, a.head(5)) is None
