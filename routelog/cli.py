@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import enum
-import functools
 import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -20,8 +20,11 @@ from routelog.render import Format
 if TYPE_CHECKING:
     import polars as pl
 
-    from routelog.api import Analysis
+    from routelog.api import Analysis, Run
+    from routelog.cache import Cache
     from routelog.check import CheckResult
+    from routelog.config import Config
+    from routelog.options import Options
 
 app = typer.Typer(
     name="routelog",
@@ -146,45 +149,67 @@ def _emit(output: Path | None, write: Callable[[object], None]) -> None:
         write(stream)
 
 
-def _analysis(
-    paths: list[str],
-    *,
-    config: Path | None,
-    top_k: int | None,
-    layers: str | None,
-    steps: str | None,
-    skip_bad_rows: bool,
-    temperature: float | None,
-    score: str,
-    num_experts: int | None,
-    jobs: int | None = None,
-    no_cache: bool = False,
-    cache_dir: Path | None = None,
-) -> Analysis:
-    """Read the configuration, build the options and analyze ``paths``, with a progress bar:
-    the shared work of ``analyze`` and ``check``."""
-    from routelog import api
-    from routelog.cache import Cache
-    from routelog.config import load_config
-    from routelog.render.progress import FileProgress
+@dataclass(frozen=True)
+class _Reading:
+    """The input flags that analyze, compare and check share, as one value."""
 
-    settings = load_config(config)
-    options = api.make_options(
-        top_k=top_k,
-        layers=layers,
-        steps=steps,
-        skip_bad_rows=skip_bad_rows,
-        temperature=temperature,
-        score=score,
-        num_experts=num_experts,
-        default_top_k=settings.top_k,
-        dead_fraction=settings.dead_fraction,
-    )
-    cache = None if no_cache else Cache.at(cache_dir)
-    with FileProgress() as progress:
-        return api.analyze(
-            paths, options=options, config=settings, progress=progress, jobs=jobs, cache=cache
+    config: Path | None = None
+    top_k: int | None = None
+    layers: str | None = None
+    steps: str | None = None
+    skip_bad_rows: bool = False
+    temperature: float | None = None
+    score: str = "softmax"
+    num_experts: int | None = None
+    jobs: int | None = None
+    no_cache: bool = False
+    cache_dir: Path | None = None
+
+    def prepare(self) -> tuple[Config, Options, Cache | None]:
+        """The configuration, the reading options built from it and the flags, the cache."""
+        from routelog import api
+        from routelog.cache import Cache
+        from routelog.config import load_config
+
+        settings = load_config(self.config)
+        options = api.make_options(
+            top_k=self.top_k,
+            layers=self.layers,
+            steps=self.steps,
+            skip_bad_rows=self.skip_bad_rows,
+            temperature=self.temperature,
+            score=self.score,
+            num_experts=self.num_experts,
+            default_top_k=settings.top_k,
+            dead_fraction=settings.dead_fraction,
         )
+        return settings, options, None if self.no_cache else Cache.at(self.cache_dir)
+
+    def runs(self, paths: list[str]) -> tuple[Config, Options, list[Run]]:
+        """Read ``paths`` as runs, with a progress bar on stderr."""
+        from routelog import api
+        from routelog.render.progress import FileProgress
+
+        settings, options, cache = self.prepare()
+        with FileProgress() as progress:
+            runs = api.load_runs(paths, options, progress, jobs=self.jobs, cache=cache)
+        return settings, options, runs
+
+    def analysis(self, paths: list[str]) -> Analysis:
+        """Analyze ``paths``: metrics and findings, with a progress bar on stderr."""
+        from routelog import api
+        from routelog.render.progress import FileProgress
+
+        settings, options, cache = self.prepare()
+        with FileProgress() as progress:
+            return api.analyze(
+                paths,
+                options=options,
+                config=settings,
+                progress=progress,
+                jobs=self.jobs,
+                cache=cache,
+            )
 
 
 @app.command()
@@ -224,20 +249,19 @@ def analyze(
     with _errors(debug):
         from routelog.render import data, make_console, markdown, report
 
-        result = _analysis(
-            paths,
-            config=config,
-            top_k=top_k,
-            layers=layers,
-            steps=steps,
-            skip_bad_rows=skip_bad_rows,
-            temperature=temperature,
-            score=score,
-            num_experts=num_experts,
-            jobs=jobs,
-            no_cache=no_cache,
-            cache_dir=cache_dir,
-        )
+        result = _Reading(
+            config,
+            top_k,
+            layers,
+            steps,
+            skip_bad_rows,
+            temperature,
+            score,
+            num_experts,
+            jobs,
+            no_cache,
+            cache_dir,
+        ).analysis(paths)
 
         def write(stream: object) -> None:
             if fmt is Format.json:
@@ -359,6 +383,11 @@ def compare(
     steps: Steps = None,
     skip_bad_rows: SkipBadRows = False,
     temperature: Temperature = None,
+    score: Score = "softmax",
+    num_experts: NumExperts = None,
+    jobs: Jobs = None,
+    no_cache: NoCache = False,
+    cache_dir: CacheDir = None,
     fmt: FormatOpt = Format.table,
     output: Output = None,
     config: ConfigOpt = None,
@@ -376,27 +405,32 @@ def compare(
     Example: routelog compare base=sample_logs/healthy sample_logs/collapse --top-k 2
     """
     with _errors(debug):
-        from routelog import api
         from routelog import compare as core
-        from routelog.config import load_config
         from routelog.errors import UsageError
         from routelog.render import compare as view
         from routelog.render import data, make_console
 
-        settings = load_config(config)
-        options = api.make_options(
-            top_k=top_k,
-            layers=layers,
-            steps=steps,
-            skip_bad_rows=skip_bad_rows,
-            temperature=temperature,
-            default_top_k=settings.top_k,
-            dead_fraction=settings.dead_fraction,
-        )
+        if by is By.dataset and len(paths) != 1:
+            raise UsageError(f"--by dataset compares the datasets of one run, got {len(paths)}")
+        if by is By.run and base is not None:
+            raise UsageError(
+                "--base names a dataset (with --by dataset); the first run is the baseline"
+            )
+        settings, options, runs = _Reading(
+            config,
+            top_k,
+            layers,
+            steps,
+            skip_bad_rows,
+            temperature,
+            score,
+            num_experts,
+            jobs,
+            no_cache,
+            cache_dir,
+        ).runs(paths)
         if by is By.dataset:
-            if len(paths) != 1:
-                raise UsageError(f"--by dataset compares the datasets of one run, got {len(paths)}")
-            (run,) = api.load_runs(paths, options)
+            (run,) = runs
             result = core.compare_datasets(
                 run,
                 options,
@@ -410,13 +444,7 @@ def compare(
                 ),
             )
         else:
-            if base is not None:
-                raise UsageError(
-                    "--base names a dataset (with --by dataset); the first run is the baseline"
-                )
-            result = core.compare_runs(
-                api.load_runs(paths, options), options, step=step, align=align.value
-            )
+            result = core.compare_runs(runs, options, step=step, align=align.value)
 
         def write(stream: object) -> None:
             if fmt is Format.json:
@@ -499,6 +527,9 @@ def check(
     temperature: Temperature = None,
     score: Score = "softmax",
     num_experts: NumExperts = None,
+    jobs: Jobs = None,
+    no_cache: NoCache = False,
+    cache_dir: CacheDir = None,
     fmt: FormatOpt = Format.table,
     debug: Debug = False,
 ) -> None:
@@ -515,17 +546,19 @@ def check(
 
         if window is not None and window < 1:
             raise UsageError(f"--window must be at least 1, got {window}")
-        read = functools.partial(
-            _analysis,
-            config=config,
-            top_k=top_k,
-            layers=layers,
-            steps=steps,
-            skip_bad_rows=skip_bad_rows,
-            temperature=temperature,
-            score=score,
-            num_experts=num_experts,
-        )
+        read = _Reading(
+            config,
+            top_k,
+            layers,
+            steps,
+            skip_bad_rows,
+            temperature,
+            score,
+            num_experts,
+            jobs,
+            no_cache,
+            cache_dir,
+        ).analysis
         if suggest is not None:
             if paths:
                 raise UsageError("--suggest reads the healthy run only: give no PATH with it")

@@ -130,7 +130,13 @@ def discover(path: Path) -> RunFiles:
 
 
 def scan(path: Path, options: Options, info: FileInfo) -> Iterator[Batch]:
-    """Read one file into canonical batches, whatever its format."""
-    if path.stat().st_size == 0:
-        raise InputError(f"{path}: file is empty")
-    yield from _scanner(path)(path, options, info)
+    """Read one file into canonical batches, whatever its format.
+
+    An operating-system error (the file vanished or is unreadable) is an ``InputError`` too.
+    """
+    try:
+        if path.stat().st_size == 0:
+            raise InputError(f"{path}: file is empty")
+        yield from _scanner(path)(path, options, info)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from exc

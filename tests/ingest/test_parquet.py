@@ -231,3 +231,13 @@ def test_temperature_scales_logits(tmp_path: Path) -> None:
     hot = routelog.analyze([path], temperature=2.0).metrics["token_entropy"][0]
     p = np.exp([0.0, 1.0]) / np.exp([0.0, 1.0]).sum()
     assert hot == pytest.approx(-(p * np.log(p)).sum(), rel=1e-5)
+
+
+def test_file_that_vanished_is_an_input_error(tmp_path: Path) -> None:
+    """A file listed, then deleted before it is read (a run directory being cleaned)."""
+    from routelog import ingest
+    from routelog.options import Options
+
+    gone = tmp_path / "step_2.parquet"
+    with pytest.raises(InputError, match="step_2.parquet: cannot read \\(No such file"):
+        list(ingest.scan(gone, Options(), ingest.FileInfo(str(gone), "parquet")))
