@@ -239,5 +239,5 @@ def test_file_that_vanished_is_an_input_error(tmp_path: Path) -> None:
     from routelog.options import Options
 
     gone = tmp_path / "step_2.parquet"
-    with pytest.raises(InputError, match="step_2.parquet: cannot read \\(No such file"):
+    with pytest.raises(InputError, match=r"step_2\.parquet: cannot read \(No such file"):
         list(ingest.scan(gone, Options(), ingest.FileInfo(str(gone), "parquet")))
