@@ -56,7 +56,8 @@ def overlap_topk(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Mean over tokens of |S_t ∩ S'_t| / k, over the second-to-last axis.
 
     Ids within a row are distinct, so the number of equal (i, j) pairs of a row is the size
-    of the intersection: a (T, k, k) comparison, k is small.
+    of the intersection. The pairs are counted column pair by column pair (k is small), over
+    whole columns: the sum equals that of a (T, k, k) comparison without building it.
 
     Examples
     --------
@@ -64,8 +65,10 @@ def overlap_topk(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     array(0.75)
     """
     a, b, k = _common_k(a, b)
-    shared = (a[..., :, None] == b[..., None, :]).sum(axis=(-1, -2))
-    overlap: np.ndarray = shared.mean(axis=-1) / k
+    shared = sum(
+        np.count_nonzero(a[..., i] == b[..., j], axis=-1) for i in range(k) for j in range(k)
+    )
+    overlap: np.ndarray = np.asarray(shared / a.shape[-2] / k)
     return overlap
 
 
@@ -116,6 +119,12 @@ def token_metrics(selections: pl.DataFrame) -> pl.DataFrame:
     A layer gets values only when every logged step routed the same tokens, each once;
     its rows are left out otherwise (the caller's join makes them null).
 
+    Rows arrive as ingest wrote them: in runs of one (step, layer), each file's tokens in the
+    file's order, which is usually the same at every step. Then the steps of a layer line up
+    as they are, and only their keys are compared (integer arrays); a layer whose steps list
+    their tokens in different orders is sorted on its own. Both give the same values, as
+    each value is a mean of per-token integers, exact in any order.
+
     Examples
     --------
     >>> sel = pl.DataFrame({"step": [0, 0, 1, 1], "layer": [0, 0, 0, 0],
@@ -132,6 +141,69 @@ def token_metrics(selections: pl.DataFrame) -> pl.DataFrame:
     │ 1    ┆ 0     ┆ 0.5       ┆ 1.0        │
     └──────┴───────┴───────────┴────────────┘
     """
+    if selections.height == 0:
+        return pl.DataFrame(schema=TOKEN_METRICS_SCHEMA)
+    if any(selections[name].null_count() for name in ("step", "layer", "token")):
+        return _sorted_token_metrics(selections)
+    blocks = _blocks(selections)
+    if blocks is None:
+        # Some (step, layer) is split: gather each one's rows, keeping their order.
+        selections = selections.sort("step", "layer", maintain_order=True)
+        blocks = _blocks(selections)
+        assert blocks is not None
+    step, layer, start, stop = blocks
+    token = selections["token"].to_numpy()
+    dataset = selections["dataset"]
+    named = dataset.null_count() < selections.height
+    ids = _ids(selections)
+    parts: list[pl.DataFrame] = []
+    for this_layer in np.unique(layer):
+        mine = np.flatnonzero(layer == this_layer)
+        mine = mine[np.argsort(step[mine], kind="stable")]
+        n_tokens = int(stop[mine[0]] - start[mine[0]])
+        if np.any(stop[mine] - start[mine] != n_tokens):
+            continue  # not the same number of tokens every step
+        first = int(start[mine[0]])
+        keys = token[first : first + n_tokens]
+        in_order = all(
+            np.array_equal(token[s : s + n_tokens], keys)
+            and (not named or dataset.slice(s, n_tokens).equals(dataset.slice(first, n_tokens)))
+            for s in start[mine[1:]].tolist()
+        )
+        if not in_order:
+            rows = pl.concat([selections.slice(int(s), n_tokens) for s in start[mine]])
+            parts.append(_sorted_token_metrics(rows))
+            continue
+        if named:
+            unique = bool(selections.slice(first, n_tokens).select(TOKEN_KEYS).is_unique().all())
+        else:
+            unique = bool(np.all(keys[1:] > keys[:-1])) or np.unique(keys).size == n_tokens
+        if not unique:
+            continue
+        stacked = np.stack([ids[s : s + n_tokens] for s in start[mine].tolist()])
+        parts.append(_layer_frame(step[mine], this_layer, stacked))
+    return _concat(parts)
+
+
+def _blocks(
+    selections: pl.DataFrame,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """(step, layer, start, stop) of each run of rows of one (step, layer), or None when a
+    (step, layer) has rows in more than one run."""
+    step = selections["step"].to_numpy()
+    layer = selections["layer"].to_numpy()
+    change = np.flatnonzero((step[1:] != step[:-1]) | (layer[1:] != layer[:-1])) + 1
+    start = np.concatenate([[0], change])
+    stop = np.concatenate([change, [selections.height]])
+    order = np.lexsort((step[start], layer[start]))
+    by_pair = np.stack([layer[start][order], step[start][order]])
+    if np.any(np.all(by_pair[:, 1:] == by_pair[:, :-1], axis=0)):
+        return None
+    return step[start], layer[start], start, stop
+
+
+def _sorted_token_metrics(selections: pl.DataFrame) -> pl.DataFrame:
+    """``token_metrics`` by sorting every layer's rows by step and token, then comparing."""
     parts = []
     for layer_rows in selections.sort("layer", "step", *TOKEN_KEYS, nulls_last=True).partition_by(
         "layer", maintain_order=True
@@ -145,17 +217,25 @@ def token_metrics(selections: pl.DataFrame) -> pl.DataFrame:
         if not first.is_unique().all() or not keys.equals(pl.concat([first] * len(steps))):
             continue
         ids = _ids(layer_rows)
-        flips, saturation = step_series(ids.reshape(len(steps), n_tokens, ids.shape[-1]))
-        parts.append(
-            pl.DataFrame(
-                {
-                    "step": steps,
-                    "layer": [layer_rows["layer"][0]] * len(steps),
-                    "flip_rate": flips,
-                    "saturation": saturation,
-                }
-            ).with_columns(pl.col("flip_rate").fill_nan(None))
-        )
+        stacked = ids.reshape(len(steps), n_tokens, ids.shape[-1])
+        parts.append(_layer_frame(steps.to_numpy(), layer_rows["layer"][0], stacked))
+    return _concat(parts)
+
+
+def _layer_frame(steps: np.ndarray, layer: object, ids: np.ndarray) -> pl.DataFrame:
+    """One layer's rows from its ``(S, T, k)`` ids, steps in order."""
+    flips, saturation = step_series(ids)
+    return pl.DataFrame(
+        {
+            "step": steps,
+            "layer": [layer] * len(steps),
+            "flip_rate": flips,
+            "saturation": saturation,
+        }
+    ).with_columns(pl.col("flip_rate").fill_nan(None))
+
+
+def _concat(parts: list[pl.DataFrame]) -> pl.DataFrame:
     if not parts:
         return pl.DataFrame(schema=TOKEN_METRICS_SCHEMA)
-    return pl.concat(parts).cast(TOKEN_METRICS_SCHEMA)  # type: ignore[arg-type]
+    return pl.concat([p.cast(TOKEN_METRICS_SCHEMA) for p in parts])  # type: ignore[arg-type]
