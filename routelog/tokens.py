@@ -145,61 +145,93 @@ def token_metrics(selections: pl.DataFrame) -> pl.DataFrame:
         return pl.DataFrame(schema=TOKEN_METRICS_SCHEMA)
     if any(selections[name].null_count() for name in ("step", "layer", "token")):
         return _sorted_token_metrics(selections)
-    blocks = _blocks(selections)
-    if blocks is None:
-        # Some (step, layer) is split: gather each one's rows, keeping their order.
-        selections = selections.sort("step", "layer", maintain_order=True)
-        blocks = _blocks(selections)
-        assert blocks is not None
-    step, layer, start, stop = blocks
+    step = selections["step"].to_numpy()
+    layer = selections["layer"].to_numpy()
     token = selections["token"].to_numpy()
     dataset = selections["dataset"]
     named = dataset.null_count() < selections.height
-    ids = _ids(selections)
+    order = None
+    start, stop = _runs(step, layer)
+    if _pairs_repeat(step[start], layer[start]):
+        # A (step, layer) in several runs (several files of one step, or rows token by
+        # token): gather each one's rows by a stable integer sort, keeping their order.
+        # Layers where a (step, layer) has more rows than token positions repeat a token:
+        # they are left out before sorting.
+        keep = np.ones(len(step), dtype=bool)
+        if not named:
+            crowded = _crowded_layers(step[start], layer[start], stop - start, token)
+            if np.isin(layer[start], crowded).all():
+                return _concat([])
+            if crowded.size:
+                keep = ~np.isin(layer, crowded)
+        order = np.flatnonzero(keep)[np.lexsort((step[keep], layer[keep]))]
+        step, layer, token = step[order], layer[order], token[order]
+        dataset = dataset.gather(order) if named else dataset
+        start, stop = _runs(step, layer)
+    ids = _ids(selections) if order is None else _ids(selections)[order]
     parts: list[pl.DataFrame] = []
-    for this_layer in np.unique(layer):
-        mine = np.flatnonzero(layer == this_layer)
-        mine = mine[np.argsort(step[mine], kind="stable")]
-        n_tokens = int(stop[mine[0]] - start[mine[0]])
+    for this_layer in np.unique(layer[start]):
+        mine = np.flatnonzero(layer[start] == this_layer)
+        mine = mine[np.argsort(step[start[mine]], kind="stable")]
+        first, n_tokens = int(start[mine[0]]), int(stop[mine[0]] - start[mine[0]])
         if np.any(stop[mine] - start[mine] != n_tokens):
             continue  # not the same number of tokens every step
-        first = int(start[mine[0]])
         keys = token[first : first + n_tokens]
+        firsts = dataset.slice(first, n_tokens)
         in_order = all(
             np.array_equal(token[s : s + n_tokens], keys)
-            and (not named or dataset.slice(s, n_tokens).equals(dataset.slice(first, n_tokens)))
+            and (not named or dataset.slice(s, n_tokens).equals(firsts))
             for s in start[mine[1:]].tolist()
         )
         if not in_order:
-            rows = pl.concat([selections.slice(int(s), n_tokens) for s in start[mine]])
-            parts.append(_sorted_token_metrics(rows))
+            rows = np.concatenate([np.arange(s, s + n_tokens) for s in start[mine].tolist()])
+            taken = order[rows] if order is not None else rows
+            parts.append(_sorted_token_metrics(selections[taken]))
             continue
-        if named:
-            unique = bool(selections.slice(first, n_tokens).select(TOKEN_KEYS).is_unique().all())
-        else:
-            unique = bool(np.all(keys[1:] > keys[:-1])) or np.unique(keys).size == n_tokens
-        if not unique:
+        if not _unique(keys, firsts if named else None):
             continue
         stacked = np.stack([ids[s : s + n_tokens] for s in start[mine].tolist()])
-        parts.append(_layer_frame(step[mine], this_layer, stacked))
+        parts.append(_layer_frame(step[start[mine]], this_layer, stacked))
     return _concat(parts)
 
 
-def _blocks(
-    selections: pl.DataFrame,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-    """(step, layer, start, stop) of each run of rows of one (step, layer), or None when a
-    (step, layer) has rows in more than one run."""
-    step = selections["step"].to_numpy()
-    layer = selections["layer"].to_numpy()
+def _runs(step: np.ndarray, layer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and stop of each run of consecutive rows of one (step, layer)."""
     change = np.flatnonzero((step[1:] != step[:-1]) | (layer[1:] != layer[:-1])) + 1
-    start = np.concatenate([[0], change])
-    stop = np.concatenate([change, [selections.height]])
-    order = np.lexsort((step[start], layer[start]))
-    by_pair = np.stack([layer[start][order], step[start][order]])
-    if np.any(np.all(by_pair[:, 1:] == by_pair[:, :-1], axis=0)):
-        return None
-    return step[start], layer[start], start, stop
+    return np.concatenate([[0], change]), np.concatenate([change, [len(step)]])
+
+
+def _pairs_repeat(step: np.ndarray, layer: np.ndarray) -> bool:
+    """Whether some (step, layer) pair occurs more than once."""
+    order = np.lexsort((step, layer))
+    step, layer = step[order], layer[order]
+    return bool(np.any((step[1:] == step[:-1]) & (layer[1:] == layer[:-1])))
+
+
+def _crowded_layers(
+    step: np.ndarray, layer: np.ndarray, rows: np.ndarray, token: np.ndarray
+) -> np.ndarray:
+    """Layers with a (step, layer) of more rows than ``token`` has distinct positions;
+    ``step``, ``layer``, ``rows`` describe runs of rows, a (step, layer) maybe in several."""
+    pairs, which = np.unique(np.stack([layer, step]), axis=1, return_inverse=True)
+    per_pair = np.bincount(which.ravel(), weights=rows)
+    positions = int(token.max() - token.min()) + 1
+    crowded: np.ndarray = np.unique(pairs[0][per_pair > positions])
+    return crowded
+
+
+def _unique(token: np.ndarray, dataset: pl.Series | None) -> bool:
+    """Whether no (dataset, token) occurs twice (``dataset`` None: all null)."""
+    if dataset is not None:
+        return bool(pl.DataFrame([dataset, pl.Series("token", token)]).is_unique().all())
+    if np.all(token[1:] > token[:-1]):
+        return True
+    low, span = token.min(), int(token.max() - token.min()) + 1
+    if span < len(token):
+        return False  # more tokens than positions
+    if span <= 4 * len(token):
+        return bool(np.bincount(token - low, minlength=span).max() <= 1)
+    return bool(np.unique(token).size == len(token))
 
 
 def _sorted_token_metrics(selections: pl.DataFrame) -> pl.DataFrame:

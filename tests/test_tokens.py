@@ -195,3 +195,26 @@ def test_token_metrics_in_order_match_by_hand(monkeypatch: pytest.MonkeyPatch) -
         assert mine["flip_rate"].to_list() == [None, *[pytest.approx(f) for f in flips]]
         overlaps = [_by_hand(ids, by_step[-1])[1] for ids in by_step]
         assert mine["saturation"].to_list() == pytest.approx(overlaps)
+
+
+def test_token_metrics_shards_of_one_step_and_repeated_positions() -> None:
+    """Two files of one step: layer 0 logs the same positions twice (left out), layer 1
+    splits its positions between the files (kept)."""
+    rng = np.random.default_rng(6)
+    n = 30
+
+    def part(layer: int, first: int) -> pl.DataFrame:
+        return pl.DataFrame(
+            {
+                "step": np.zeros(n, dtype=np.int64),
+                "layer": np.full(n, layer, dtype=np.int32),
+                "dataset": pl.Series([None] * n, dtype=pl.String),
+                "token": np.arange(first, first + n, dtype=np.int64),
+            }
+        ).with_columns(pl.Series("topk", _random_ids(rng, n, 8, 2)))
+
+    frame = pl.concat([part(0, 0), part(1, 0), part(0, 0), part(1, n)])
+    result = tokens.token_metrics(frame)
+    assert result["layer"].to_list() == [1]
+    assert result["saturation"].to_list() == [1.0]
+    assert_frame_equal(result, tokens._sorted_token_metrics(frame))
