@@ -145,41 +145,53 @@ def token_metrics(selections: pl.DataFrame) -> pl.DataFrame:
         return pl.DataFrame(schema=TOKEN_METRICS_SCHEMA)
     if any(selections[name].null_count() for name in ("step", "layer", "token")):
         return _sorted_token_metrics(selections)
-    step = selections["step"].to_numpy()
-    layer = selections["layer"].to_numpy()
-    token = selections["token"].to_numpy()
     dataset = selections["dataset"]
     named = dataset.null_count() < selections.height
+    start, stop = _runs(selections)
+    run_step = selections["step"].gather(start).to_numpy()
+    run_layer = selections["layer"].gather(start).to_numpy()
     order = None
-    start, stop = _runs(step, layer)
-    if _pairs_repeat(step[start], layer[start]):
+    token: np.ndarray | pl.Series = selections["token"]
+    ids: np.ndarray | pl.Series = selections["topk"]
+    if _pairs_repeat(run_step, run_layer):
         # A (step, layer) in several runs (several files of one step, or rows token by
         # token): gather each one's rows by a stable integer sort, keeping their order.
         # Layers where a (step, layer) has more rows than token positions repeat a token:
         # they are left out before sorting.
+        step, layer = selections["step"].to_numpy(), selections["layer"].to_numpy()
         keep = np.ones(len(step), dtype=bool)
         if not named:
-            crowded = _crowded_layers(step[start], layer[start], stop - start, token)
-            if np.isin(layer[start], crowded).all():
+            positions = selections.select(pl.col("token").max() - pl.col("token").min() + 1)
+            crowded = _crowded_layers(run_step, run_layer, stop - start, int(positions.item()))
+            if np.isin(run_layer, crowded).all():
                 return _concat([])
             if crowded.size:
                 keep = ~np.isin(layer, crowded)
         order = np.flatnonzero(keep)[np.lexsort((step[keep], layer[keep]))]
-        step, layer, token = step[order], layer[order], token[order]
-        dataset = dataset.gather(order) if named else dataset
-        start, stop = _runs(step, layer)
-    ids = _ids(selections) if order is None else _ids(selections)[order]
+        sorted_rows = selections[order]
+        dataset = sorted_rows["dataset"]
+        start, stop = _runs(sorted_rows)
+        run_step = sorted_rows["step"].gather(start).to_numpy()
+        run_layer = sorted_rows["layer"].gather(start).to_numpy()
+        token, ids = sorted_rows["token"].to_numpy(), _ids(sorted_rows)
+
+    def rows_of(column: np.ndarray | pl.Series, s: int, n: int) -> np.ndarray:
+        if isinstance(column, np.ndarray):
+            return column[s : s + n]
+        part: np.ndarray = column.slice(s, n).to_numpy()
+        return part
+
     parts: list[pl.DataFrame] = []
-    for this_layer in np.unique(layer[start]):
-        mine = np.flatnonzero(layer[start] == this_layer)
-        mine = mine[np.argsort(step[start[mine]], kind="stable")]
+    for this_layer in np.unique(run_layer):
+        mine = np.flatnonzero(run_layer == this_layer)
+        mine = mine[np.argsort(run_step[mine], kind="stable")]
         first, n_tokens = int(start[mine[0]]), int(stop[mine[0]] - start[mine[0]])
         if np.any(stop[mine] - start[mine] != n_tokens):
             continue  # not the same number of tokens every step
-        keys = token[first : first + n_tokens]
+        keys = rows_of(token, first, n_tokens)
         firsts = dataset.slice(first, n_tokens)
         in_order = all(
-            np.array_equal(token[s : s + n_tokens], keys)
+            np.array_equal(rows_of(token, s, n_tokens), keys)
             and (not named or dataset.slice(s, n_tokens).equals(firsts))
             for s in start[mine[1:]].tolist()
         )
@@ -190,15 +202,18 @@ def token_metrics(selections: pl.DataFrame) -> pl.DataFrame:
             continue
         if not _unique(keys, firsts if named else None):
             continue
-        stacked = np.stack([ids[s : s + n_tokens] for s in start[mine].tolist()])
-        parts.append(_layer_frame(step[start[mine]], this_layer, stacked))
+        stacked = np.stack([rows_of(ids, s, n_tokens) for s in start[mine].tolist()])
+        parts.append(_layer_frame(run_step[mine], this_layer, stacked))
     return _concat(parts)
 
 
-def _runs(step: np.ndarray, layer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _runs(selections: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Start and stop of each run of consecutive rows of one (step, layer)."""
-    change = np.flatnonzero((step[1:] != step[:-1]) | (layer[1:] != layer[:-1])) + 1
-    return np.concatenate([[0], change]), np.concatenate([change, [len(step)]])
+    changed = (pl.col("step") != pl.col("step").shift()) | (
+        pl.col("layer") != pl.col("layer").shift()
+    )
+    start = selections.select(changed.fill_null(True).arg_true()).to_series().to_numpy()
+    return start, np.append(start[1:], selections.height)
 
 
 def _pairs_repeat(step: np.ndarray, layer: np.ndarray) -> bool:
@@ -209,13 +224,12 @@ def _pairs_repeat(step: np.ndarray, layer: np.ndarray) -> bool:
 
 
 def _crowded_layers(
-    step: np.ndarray, layer: np.ndarray, rows: np.ndarray, token: np.ndarray
+    step: np.ndarray, layer: np.ndarray, rows: np.ndarray, positions: int
 ) -> np.ndarray:
-    """Layers with a (step, layer) of more rows than ``token`` has distinct positions;
+    """Layers with a (step, layer) of more rows than there are token ``positions``;
     ``step``, ``layer``, ``rows`` describe runs of rows, a (step, layer) maybe in several."""
     pairs, which = np.unique(np.stack([layer, step]), axis=1, return_inverse=True)
     per_pair = np.bincount(which.ravel(), weights=rows)
-    positions = int(token.max() - token.min()) + 1
     crowded: np.ndarray = np.unique(pairs[0][per_pair > positions])
     return crowded
 

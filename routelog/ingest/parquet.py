@@ -14,7 +14,7 @@ from routelog.ingest import Batch, FileInfo, table
 if TYPE_CHECKING:
     from routelog.options import Options
 
-BATCH_ROWS = 1 << 15
+BATCH_ROWS = 1 << 16
 """Rows decoded at a time: bounds memory to about BATCH_ROWS x E x 4 bytes per batch."""
 READ_BUFFER = 1 << 20
 """Bytes read from the file at a time. pyarrow's default (pre-buffering, decoding ahead on
