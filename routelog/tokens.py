@@ -56,7 +56,8 @@ def overlap_topk(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Mean over tokens of |S_t ∩ S'_t| / k, over the second-to-last axis.
 
     Ids within a row are distinct, so the number of equal (i, j) pairs of a row is the size
-    of the intersection: a (T, k, k) comparison, k is small.
+    of the intersection. The pairs are counted column pair by column pair (k is small), over
+    whole columns: the sum equals that of a (T, k, k) comparison without building it.
 
     Examples
     --------
@@ -64,8 +65,10 @@ def overlap_topk(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     array(0.75)
     """
     a, b, k = _common_k(a, b)
-    shared = (a[..., :, None] == b[..., None, :]).sum(axis=(-1, -2))
-    overlap: np.ndarray = shared.mean(axis=-1) / k
+    shared = sum(
+        np.count_nonzero(a[..., i] == b[..., j], axis=-1) for i in range(k) for j in range(k)
+    )
+    overlap: np.ndarray = np.asarray(shared / a.shape[-2] / k)
     return overlap
 
 
@@ -116,6 +119,12 @@ def token_metrics(selections: pl.DataFrame) -> pl.DataFrame:
     A layer gets values only when every logged step routed the same tokens, each once;
     its rows are left out otherwise (the caller's join makes them null).
 
+    Rows arrive as ingest wrote them: in runs of one (step, layer), each file's tokens in the
+    file's order, which is usually the same at every step. Then the steps of a layer line up
+    as they are, and only their keys are compared (integer arrays); a layer whose steps list
+    their tokens in different orders is sorted on its own. Both give the same values, as
+    each value is a mean of per-token integers, exact in any order.
+
     Examples
     --------
     >>> sel = pl.DataFrame({"step": [0, 0, 1, 1], "layer": [0, 0, 0, 0],
@@ -132,6 +141,115 @@ def token_metrics(selections: pl.DataFrame) -> pl.DataFrame:
     │ 1    ┆ 0     ┆ 0.5       ┆ 1.0        │
     └──────┴───────┴───────────┴────────────┘
     """
+    if selections.height == 0:
+        return pl.DataFrame(schema=TOKEN_METRICS_SCHEMA)
+    if any(selections[name].null_count() for name in ("step", "layer", "token")):
+        return _sorted_token_metrics(selections)
+    dataset = selections["dataset"]
+    named = dataset.null_count() < selections.height
+    start, stop = _runs(selections)
+    run_step = selections["step"].gather(start).to_numpy()
+    run_layer = selections["layer"].gather(start).to_numpy()
+    order = None
+    token: np.ndarray | pl.Series = selections["token"]
+    ids: np.ndarray | pl.Series = selections["topk"]
+    if _pairs_repeat(run_step, run_layer):
+        # A (step, layer) in several runs (several files of one step, or rows token by
+        # token): gather each one's rows by a stable integer sort, keeping their order.
+        # Layers where a (step, layer) has more rows than token positions repeat a token:
+        # they are left out before sorting.
+        step, layer = selections["step"].to_numpy(), selections["layer"].to_numpy()
+        keep = np.ones(len(step), dtype=bool)
+        if not named:
+            positions = selections.select(pl.col("token").max() - pl.col("token").min() + 1)
+            crowded = _crowded_layers(run_step, run_layer, stop - start, int(positions.item()))
+            if np.isin(run_layer, crowded).all():
+                return _concat([])
+            if crowded.size:
+                keep = ~np.isin(layer, crowded)
+        order = np.flatnonzero(keep)[np.lexsort((step[keep], layer[keep]))]
+        sorted_rows = selections[order]
+        dataset = sorted_rows["dataset"]
+        start, stop = _runs(sorted_rows)
+        run_step = sorted_rows["step"].gather(start).to_numpy()
+        run_layer = sorted_rows["layer"].gather(start).to_numpy()
+        token, ids = sorted_rows["token"].to_numpy(), _ids(sorted_rows)
+
+    def rows_of(column: np.ndarray | pl.Series, s: int, n: int) -> np.ndarray:
+        if isinstance(column, np.ndarray):
+            return column[s : s + n]
+        part: np.ndarray = column.slice(s, n).to_numpy()
+        return part
+
+    parts: list[pl.DataFrame] = []
+    for this_layer in np.unique(run_layer):
+        mine = np.flatnonzero(run_layer == this_layer)
+        mine = mine[np.argsort(run_step[mine], kind="stable")]
+        first, n_tokens = int(start[mine[0]]), int(stop[mine[0]] - start[mine[0]])
+        if np.any(stop[mine] - start[mine] != n_tokens):
+            continue  # not the same number of tokens every step
+        keys = rows_of(token, first, n_tokens)
+        firsts = dataset.slice(first, n_tokens)
+        in_order = all(
+            np.array_equal(rows_of(token, s, n_tokens), keys)
+            and (not named or dataset.slice(s, n_tokens).equals(firsts))
+            for s in start[mine[1:]].tolist()
+        )
+        if not in_order:
+            rows = np.concatenate([np.arange(s, s + n_tokens) for s in start[mine].tolist()])
+            taken = order[rows] if order is not None else rows
+            parts.append(_sorted_token_metrics(selections[taken]))
+            continue
+        if not _unique(keys, firsts if named else None):
+            continue
+        stacked = np.stack([rows_of(ids, s, n_tokens) for s in start[mine].tolist()])
+        parts.append(_layer_frame(run_step[mine], this_layer, stacked))
+    return _concat(parts)
+
+
+def _runs(selections: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Start and stop of each run of consecutive rows of one (step, layer)."""
+    changed = (pl.col("step") != pl.col("step").shift()) | (
+        pl.col("layer") != pl.col("layer").shift()
+    )
+    start = selections.select(changed.fill_null(True).arg_true()).to_series().to_numpy()
+    return start, np.append(start[1:], selections.height)
+
+
+def _pairs_repeat(step: np.ndarray, layer: np.ndarray) -> bool:
+    """Whether some (step, layer) pair occurs more than once."""
+    order = np.lexsort((step, layer))
+    step, layer = step[order], layer[order]
+    return bool(np.any((step[1:] == step[:-1]) & (layer[1:] == layer[:-1])))
+
+
+def _crowded_layers(
+    step: np.ndarray, layer: np.ndarray, rows: np.ndarray, positions: int
+) -> np.ndarray:
+    """Layers with a (step, layer) of more rows than there are token ``positions``;
+    ``step``, ``layer``, ``rows`` describe runs of rows, a (step, layer) maybe in several."""
+    pairs, which = np.unique(np.stack([layer, step]), axis=1, return_inverse=True)
+    per_pair = np.bincount(which.ravel(), weights=rows)
+    crowded: np.ndarray = np.unique(pairs[0][per_pair > positions])
+    return crowded
+
+
+def _unique(token: np.ndarray, dataset: pl.Series | None) -> bool:
+    """Whether no (dataset, token) occurs twice (``dataset`` None: all null)."""
+    if dataset is not None:
+        return bool(pl.DataFrame([dataset, pl.Series("token", token)]).is_unique().all())
+    if np.all(token[1:] > token[:-1]):
+        return True
+    low, span = token.min(), int(token.max() - token.min()) + 1
+    if span < len(token):
+        return False  # more tokens than positions
+    if span <= 4 * len(token):
+        return bool(np.bincount(token - low, minlength=span).max() <= 1)
+    return bool(np.unique(token).size == len(token))
+
+
+def _sorted_token_metrics(selections: pl.DataFrame) -> pl.DataFrame:
+    """``token_metrics`` by sorting every layer's rows by step and token, then comparing."""
     parts = []
     for layer_rows in selections.sort("layer", "step", *TOKEN_KEYS, nulls_last=True).partition_by(
         "layer", maintain_order=True
@@ -145,17 +263,25 @@ def token_metrics(selections: pl.DataFrame) -> pl.DataFrame:
         if not first.is_unique().all() or not keys.equals(pl.concat([first] * len(steps))):
             continue
         ids = _ids(layer_rows)
-        flips, saturation = step_series(ids.reshape(len(steps), n_tokens, ids.shape[-1]))
-        parts.append(
-            pl.DataFrame(
-                {
-                    "step": steps,
-                    "layer": [layer_rows["layer"][0]] * len(steps),
-                    "flip_rate": flips,
-                    "saturation": saturation,
-                }
-            ).with_columns(pl.col("flip_rate").fill_nan(None))
-        )
+        stacked = ids.reshape(len(steps), n_tokens, ids.shape[-1])
+        parts.append(_layer_frame(steps.to_numpy(), layer_rows["layer"][0], stacked))
+    return _concat(parts)
+
+
+def _layer_frame(steps: np.ndarray, layer: object, ids: np.ndarray) -> pl.DataFrame:
+    """One layer's rows from its ``(S, T, k)`` ids, steps in order."""
+    flips, saturation = step_series(ids)
+    return pl.DataFrame(
+        {
+            "step": steps,
+            "layer": [layer] * len(steps),
+            "flip_rate": flips,
+            "saturation": saturation,
+        }
+    ).with_columns(pl.col("flip_rate").fill_nan(None))
+
+
+def _concat(parts: list[pl.DataFrame]) -> pl.DataFrame:
     if not parts:
         return pl.DataFrame(schema=TOKEN_METRICS_SCHEMA)
-    return pl.concat(parts).cast(TOKEN_METRICS_SCHEMA)  # type: ignore[arg-type]
+    return pl.concat([p.cast(TOKEN_METRICS_SCHEMA) for p in parts])  # type: ignore[arg-type]

@@ -5,6 +5,7 @@ import polars as pl
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from polars.testing import assert_frame_equal
 
 from routelog import tokens
 
@@ -110,3 +111,110 @@ def test_same_tokens_rejects_other_tokens() -> None:
     assert tokens.same_tokens(a, a) is not None
     assert tokens.same_tokens(a, a.with_columns(pl.col("token") + 1)) is None
     assert tokens.same_tokens(a, a.head(5)) is None
+
+
+def _run_selections(
+    rng: np.random.Generator, steps: int, layers: int, n: int, named: bool, token_major: bool
+) -> pl.DataFrame:
+    """Selections as ingest writes them: per step, per layer, tokens in one fixed order."""
+    datasets = np.array(["code", "web"])[rng.integers(0, 2, n)] if named else None
+    order = rng.permutation(n)
+    frames = []
+    for step in range(steps):
+        for layer in range(layers):
+            frames.append(
+                pl.DataFrame(
+                    {
+                        "step": np.full(n, step * 10, dtype=np.int64),
+                        "layer": np.full(n, layer, dtype=np.int32),
+                        "dataset": pl.Series(
+                            datasets[order] if datasets is not None else [None] * n,
+                            dtype=pl.String,
+                        ),
+                        "token": order.astype(np.int64),
+                    }
+                ).with_columns(pl.Series("topk", _random_ids(rng, n, 8, 2)))
+            )
+    frame = pl.concat(frames)
+    if token_major:  # rows token by token, every layer of a token in turn
+        frame = frame.sort("step", "token", "dataset", "layer")
+    return frame
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    steps=st.integers(1, 4),
+    layers=st.integers(1, 3),
+    n=st.integers(1, 30),
+    named=st.booleans(),
+    token_major=st.booleans(),
+    damage=st.sampled_from(["none", "reorder", "drop", "repeat"]),
+)
+def test_token_metrics_in_order_equal_shuffled_and_sorted(
+    seed: int, steps: int, layers: int, n: int, named: bool, token_major: bool, damage: str
+) -> None:
+    """The in-order fast path, a row shuffle (the sorting path) and the sorting path itself
+    give identical frames, also for reordered, missing and repeated tokens."""
+    rng = np.random.default_rng(seed)
+    frame = _run_selections(rng, steps, layers, n, named, token_major)
+    last = frame.filter(pl.col("step") == frame["step"].max(), pl.col("layer") == 0)
+    if damage == "reorder":  # the last step lists layer 0's tokens in another order
+        rest = frame.filter((pl.col("step") != frame["step"].max()) | (pl.col("layer") != 0))
+        frame = pl.concat([rest, last.sample(fraction=1.0, shuffle=True, seed=seed)])
+    elif damage == "drop":
+        frame = frame.filter(~pl.int_range(pl.len()).is_in([frame.height - 1]))
+    elif damage == "repeat":
+        frame = pl.concat([frame, last.head(1)])
+    shuffled = frame.sample(fraction=1.0, shuffle=True, seed=seed + 1)
+    fast = tokens.token_metrics(frame)
+    assert_frame_equal(fast, tokens.token_metrics(shuffled))
+    assert_frame_equal(fast, tokens._sorted_token_metrics(frame))
+    if damage in ("none", "reorder"):
+        assert fast.height == steps * layers
+    if damage == "repeat":  # layer 0 has a token twice at the last step
+        assert 0 not in fast["layer"].to_list()
+
+
+def test_token_metrics_in_order_match_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(5)
+    frame = _run_selections(rng, steps=3, layers=2, n=40, named=True, token_major=False)
+
+    def no_sorting(selections: pl.DataFrame) -> pl.DataFrame:
+        raise AssertionError("rows in order must not be sorted")
+
+    monkeypatch.setattr(tokens, "_sorted_token_metrics", no_sorting)
+    result = tokens.token_metrics(frame)
+    for layer in (0, 1):
+        by_step = [
+            frame.filter(pl.col("step") == s, pl.col("layer") == layer)["topk"].to_numpy()
+            for s in (0, 10, 20)
+        ]
+        mine = result.filter(pl.col("layer") == layer)
+        flips = [1 - _by_hand(by_step[i], by_step[i - 1])[0] for i in (1, 2)]
+        assert mine["flip_rate"].to_list() == [None, *[pytest.approx(f) for f in flips]]
+        overlaps = [_by_hand(ids, by_step[-1])[1] for ids in by_step]
+        assert mine["saturation"].to_list() == pytest.approx(overlaps)
+
+
+def test_token_metrics_shards_of_one_step_and_repeated_positions() -> None:
+    """Two files of one step: layer 0 logs the same positions twice (left out), layer 1
+    splits its positions between the files (kept)."""
+    rng = np.random.default_rng(6)
+    n = 30
+
+    def part(layer: int, first: int) -> pl.DataFrame:
+        return pl.DataFrame(
+            {
+                "step": np.zeros(n, dtype=np.int64),
+                "layer": np.full(n, layer, dtype=np.int32),
+                "dataset": pl.Series([None] * n, dtype=pl.String),
+                "token": np.arange(first, first + n, dtype=np.int64),
+            }
+        ).with_columns(pl.Series("topk", _random_ids(rng, n, 8, 2)))
+
+    frame = pl.concat([part(0, 0), part(1, 0), part(0, 0), part(1, n)])
+    result = tokens.token_metrics(frame)
+    assert result["layer"].to_list() == [1]
+    assert result["saturation"].to_list() == [1.0]
+    assert_frame_equal(result, tokens._sorted_token_metrics(frame))
