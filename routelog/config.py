@@ -200,11 +200,6 @@ class Config:
     def enabled(self, rule: str) -> bool:
         return rule in self.rules
 
-    def with_option(self, key: str, value: Any, option: str) -> Config:
-        """This configuration with a top-level value set by a command-line option."""
-        checked = _check_top_level({key: value}, f"option {option}")
-        return replace(self, **checked, sources={**self.sources, key: f"option {option}"})
-
     def items(self) -> list[tuple[str, Any, str]]:
         """Every key with its effective value and source, for ``routelog config``."""
         rows: list[tuple[str, Any, str]] = [

@@ -59,12 +59,6 @@ def diagnose(metrics: pl.DataFrame, config: Config | None = None) -> list[Findin
     return sort_findings(findings)
 
 
-def single_step_runs(metrics: pl.DataFrame) -> list[str]:
-    """Runs with one logged step, for which the trend rules did not run."""
-    counts = metrics.group_by("run").agg(pl.col("step").n_unique().alias("n"))
-    return sorted(counts.filter(pl.col("n") < 2)["run"].to_list())
-
-
 def _prepare(metrics: pl.DataFrame) -> pl.DataFrame:
     return metrics.sort(*KEYS, "step").with_columns(
         pl.col("step").min().over("run").alias("_run_first"),
