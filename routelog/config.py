@@ -246,7 +246,11 @@ def _table_of(path: Path) -> dict[str, Any] | None:
 
 
 def find_config(start: Path | None = None) -> Path | None:
-    """The configuration file for ``start`` (default: the current directory) or above it."""
+    """The configuration file for ``start`` (default: the current directory) or above it.
+
+    The search stops at the root of the git repository ``start`` is in (a directory holding
+    ``.git``), so a stray file above a project never configures it.
+    """
     here = (start if start is not None else Path.cwd()).resolve()
     for directory in (here, *here.parents):
         candidate = directory / CONFIG_FILE
@@ -255,6 +259,8 @@ def find_config(start: Path | None = None) -> Path | None:
         pyproject = directory / PYPROJECT
         if pyproject.is_file() and _table_of(pyproject) is not None:
             return pyproject
+        if (directory / ".git").exists():
+            return None
     return None
 
 

@@ -35,6 +35,14 @@ def isolated_cache(
     return directory
 
 
+@pytest.fixture(autouse=True)
+def _isolated_project(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Each test runs in its own project (a directory with ``.git``), so no configuration file
+    above the checkout (a user's ~/routelog.toml, say) can change what the suite sees."""
+    (tmp_path / ".git").mkdir(exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+
+
 WriteRun = Callable[..., Path]
 
 

@@ -118,3 +118,15 @@ def test_config_feeds_analyze(tmp_path: Path) -> None:
     document = json.loads(result.output)
     assert document["runs"][0]["top_k"] == 2
     assert {f["code"] for f in document["findings"]} == {"rigidity"}
+
+
+def test_search_stops_at_the_repository_root(tmp_path: Path) -> None:
+    """A configuration above the git repository does not configure the project in it."""
+    outer = tmp_path / "outer"
+    project = outer / "project"
+    (project / ".git").mkdir(parents=True)
+    (project / "runs").mkdir()
+    (outer / "routelog.toml").write_text("top_k = 3\n")
+    assert find_config(project / "runs") is None
+    (project / "routelog.toml").write_text("top_k = 2\n")
+    assert find_config(project / "runs") == (project / "routelog.toml").resolve()
