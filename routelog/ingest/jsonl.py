@@ -23,6 +23,7 @@ import polars as pl
 
 from routelog.errors import InputError
 from routelog.ingest import Batch, FileInfo, table
+from routelog.ingest.payload import PAYLOAD_KINDS
 
 if TYPE_CHECKING:
     from routelog.ingest.payload import Locate
@@ -34,7 +35,7 @@ BLOCK_BYTES = 1 << 24
 WHITESPACE = np.array([ord(c) for c in " \t\r\n"], dtype=np.uint8)
 
 INTEGER_KEYS = frozenset({*table.STEP_COLUMNS, "layer", *table.EXPERT_COLUMNS, "expert", "count"})
-FLOAT_PAYLOADS = frozenset(table.PAYLOAD_COLUMNS)
+FLOAT_PAYLOADS = frozenset(PAYLOAD_KINDS)
 COUNT_PAYLOADS = frozenset({*table.COUNT_COLUMNS, table.ID_COLUMN})
 
 

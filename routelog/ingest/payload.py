@@ -20,6 +20,13 @@ if TYPE_CHECKING:
     from routelog.options import Options
 
 SUM_TOLERANCE = 1e-3
+PAYLOAD_KINDS: dict[str, Literal["probs", "logits"]] = {
+    "probs": "probs",
+    "router_probs": "probs",
+    "logits": "logits",
+    "router_logits": "logits",
+}
+"""Names a probability or logit payload goes by (a column, a JSON key, a .pt dict key)."""
 STEP_PATTERN = re.compile(r"(?:global_step|step|iter)[_\-]?(\d+)", re.IGNORECASE)
 
 Locate = Callable[[int], str]

@@ -28,6 +28,7 @@ import polars as pl
 from routelog.errors import InputError
 from routelog.ingest import Batch, FileInfo, _torchfile
 from routelog.ingest.payload import (
+    PAYLOAD_KINDS,
     Locate,
     looks_like_probabilities,
     step_from_name,
@@ -37,12 +38,6 @@ from routelog.ingest.payload import (
 if TYPE_CHECKING:
     from routelog.options import Options
 
-PAYLOAD_KEYS: dict[str, Literal["probs", "logits"]] = {
-    "router_logits": "logits",
-    "router_probs": "probs",
-    "probs": "probs",
-    "logits": "logits",
-}
 META_KEYS = ("step", "attention_mask", "top_k")
 BATCH_ROWS = 1 << 17
 """Rows converted at a time: bounds memory to about BATCH_ROWS x E x 8 bytes per batch."""
@@ -96,13 +91,13 @@ def _payload(content: Any, path: Path) -> _Payload:
     if not isinstance(content, dict):
         layers, layout = _layers(content, path, top_level=True)
         return _Payload(layers, "router_logits", "logits", layout)
-    keys = [k for k in PAYLOAD_KEYS if k in content]
+    keys = [k for k in PAYLOAD_KINDS if k in content]
     if len(keys) > 1:
         raise InputError(f"{path}: ambiguous payload, both {keys[0]!r} and {keys[1]!r}")
     meta = {k: content.get(k) for k in META_KEYS}
     if keys:
         layers, layout = _layers(content[keys[0]], path, top_level=True)
-        return _Payload(layers, keys[0], PAYLOAD_KEYS[keys[0]], f"{keys[0]}: {layout}", **meta)
+        return _Payload(layers, keys[0], PAYLOAD_KINDS[keys[0]], f"{keys[0]}: {layout}", **meta)
     rest = {k: v for k, v in content.items() if k not in META_KEYS}
     if not rest or not all(isinstance(v, np.ndarray) for v in rest.values()):
         raise InputError(f"{path}: {EXPECTED}; found {_describe(content)}")

@@ -36,18 +36,12 @@ import polars as pl
 
 from routelog.errors import InputError
 from routelog.ingest import Batch, FileInfo
-from routelog.ingest.payload import Locate, step_from_name, to_probabilities
+from routelog.ingest.payload import PAYLOAD_KINDS, Locate, step_from_name, to_probabilities
 
 if TYPE_CHECKING:
     from routelog.options import Options
 
 STEP_COLUMNS = ("step", "iter", "iteration", "global_step")
-PAYLOAD_COLUMNS: dict[str, Literal["probs", "logits"]] = {
-    "probs": "probs",
-    "router_probs": "probs",
-    "logits": "logits",
-    "router_logits": "logits",
-}
 COUNT_COLUMNS = ("tokens_per_expert", "expert_counts", "tpe")
 ID_COLUMN = "topk_ids"
 WEIGHT_COLUMN = "topk_weights"
@@ -99,7 +93,7 @@ def detect_layout(schema: Mapping[str, pl.DataType], path: Path) -> Layout:
     experts = next((c for c in EXPERT_COLUMNS if c in columns), None)
     wide = _wide_columns(columns, path)
     found = [
-        *[c for c in PAYLOAD_COLUMNS if c in columns],
+        *[c for c in PAYLOAD_KINDS if c in columns],
         *[c for c in COUNT_COLUMNS if c in columns],
         *([ID_COLUMN] if ID_COLUMN in columns else []),
         *(["expert/count"] if {"expert", "count"} <= set(columns) else []),
@@ -107,7 +101,7 @@ def detect_layout(schema: Mapping[str, pl.DataType], path: Path) -> Layout:
     ]
     if not found:
         expected = [
-            *PAYLOAD_COLUMNS,
+            *PAYLOAD_KINDS,
             *COUNT_COLUMNS,
             ID_COLUMN,
             "expert+count",
@@ -121,10 +115,10 @@ def detect_layout(schema: Mapping[str, pl.DataType], path: Path) -> Layout:
     if len(found) > 1:
         raise InputError(f"{path}: ambiguous payload, both {found[0]!r} and {found[1]!r}")
     payload = found[0]
-    if payload in PAYLOAD_COLUMNS:
+    if payload in PAYLOAD_KINDS:
         nested = _depth(schema[payload]) >= 2
         name = "batched lines" if nested else "per-token rows"
-        return Layout(name, PAYLOAD_COLUMNS[payload], step, payload, nested=nested)
+        return Layout(name, PAYLOAD_KINDS[payload], step, payload, nested=nested)
     if payload in COUNT_COLUMNS:
         nested = _depth(schema[payload]) >= 2
         return Layout("tokens-per-expert counts", "counts", step, payload, nested=nested)
