@@ -143,12 +143,13 @@ def read_file(path: Path, options: Options, *, prefetch: int = PREFETCH) -> File
                 selections.append(reduced.selections)
     stats = kernels.merge(parts)
     _check_experts(stats, {}, path)
-    info.steps = sorted(stats["step"].unique().to_list())
-    info.layers = sorted(stats["layer"].unique().to_list())
-    widths = stats["n_experts"].unique().to_list()
-    info.n_experts = widths[0] if len(widths) == 1 else info.n_experts
-    ks = stats["top_k"].drop_nulls().unique().to_list()
-    info.top_k = ks[0] if len(ks) == 1 else info.top_k
+    _describe(
+        info,
+        steps=set(stats["step"].to_list()),
+        layers=set(stats["layer"].to_list()),
+        widths=set(stats["n_experts"].to_list()),
+        ks=set(stats["top_k"].drop_nulls().to_list()),
+    )
     return FileResult(info, stats, pl.concat(selections) if selections else None, assumed)
 
 
@@ -408,12 +409,19 @@ def inspect_file(path: Path, options: Options) -> ingest.FileInfo:
         widths.add(batch.n_experts)
         if batch.top_k is not None:
             ks.add(batch.top_k)
+    _describe(info, steps=steps, layers=layers, widths=widths, ks=ks)
+    return info
+
+
+def _describe(
+    info: ingest.FileInfo, *, steps: set[int], layers: set[int], widths: set[int], ks: set[int]
+) -> None:
+    """Fill a file's steps, layers, E and k (E and k only when a single value holds)."""
     info.steps, info.layers = sorted(steps), sorted(layers)
     if len(widths) > 1:
         info.warn(f"layers differ in expert count: E = {', '.join(map(str, sorted(widths)))}")
-    info.n_experts = widths.pop() if len(widths) == 1 else None
-    info.top_k = ks.pop() if len(ks) == 1 else None
-    return info
+    info.n_experts = next(iter(widths)) if len(widths) == 1 else None
+    info.top_k = next(iter(ks)) if len(ks) == 1 else None
 
 
 def inspect(
