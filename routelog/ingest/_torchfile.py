@@ -71,6 +71,11 @@ def load(path: Path) -> Any:
         head = stream.read(len(LEGACY_MAGIC))
     if head == LEGACY_MAGIC:
         return _load_legacy(path)
+    if head.startswith(b"PK\x03\x04"):
+        raise InputError(
+            f"{path}: truncated or corrupt zip archive (a torch.save file still being "
+            "written, or cut short by a copy?)"
+        )
     raise InputError(f"{path}: not a PyTorch file (neither a torch.save zip archive nor legacy)")
 
 

@@ -475,6 +475,15 @@ def test_not_a_zip(tmp_path: Path) -> None:
     _fails(path, "not a PyTorch file")
 
 
+def test_truncated_zip(tmp_path: Path) -> None:
+    torch = _torch()
+    whole = tmp_path / "whole.pt"
+    torch.save({"step": 1, "router_logits": (torch.zeros(64, 8),)}, whole)
+    path = tmp_path / "step_1.pt"
+    path.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    _fails(path, "truncated or corrupt zip archive")
+
+
 def test_zip_without_data_pkl(tmp_path: Path) -> None:
     path = tmp_path / "step_1.pt"
     with zipfile.ZipFile(path, "w") as archive:
