@@ -9,6 +9,8 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING, Any
 
+from routelog.render.markdown import cell
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -157,10 +159,6 @@ def github_annotations(result: CheckResult) -> str:
     return "".join(f"{line}\n" for line in lines)
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
 def markdown_summary(result: CheckResult) -> str:
     """The step summary (``GITHUB_STEP_SUMMARY``) and ``--format markdown``: verdict, a
     table of rules, the failures."""
@@ -171,13 +169,13 @@ def markdown_summary(result: CheckResult) -> str:
         mark = f"**{status}**" if not summary.passed else status
         lines.append(
             f"| {mark} | `{summary.rule}` | {summary.failed}/{summary.total} | "
-            f"{_cell(_worst_text(summary))} |"
+            f"{cell(_worst_text(summary))} |"
         )
     if result.failures:
         lines += ["", "### Failures", ""]
-        lines += [f"- `{f.rule}`: {_cell(f.message)}" for f in result.failures]
+        lines += [f"- `{f.rule}`: {cell(f.message)}" for f in result.failures]
     if result.notes:
-        lines += ["", *[f"> {_cell(note)}" for note in result.notes]]
+        lines += ["", *[f"> {cell(note)}" for note in result.notes]]
     lines += ["", final_line(result), ""]
     return "\n".join(lines)
 

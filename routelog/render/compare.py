@@ -12,6 +12,7 @@ from routelog import __version__
 from routelog.compare import COMPARED
 from routelog.kernels import TOWARDS_COLLAPSE
 from routelog.render.data import records
+from routelog.render.markdown import cell
 from routelog.render.report import fmt
 
 if TYPE_CHECKING:
@@ -213,7 +214,7 @@ def to_markdown(comparison: Comparison) -> str:
     lines.append("| " + " | ".join(names) + " |")
     lines.append("|" + "|".join("---" if n == "run" else "---:" for n in _COLUMN_NAMES) + "|")
     for cells in _cells(comparison):
-        lines.append("| " + " | ".join(text for text, _ in cells) + " |")
+        lines.append("| " + " | ".join(cell(text) for text, _ in cells) + " |")
     lines.append("")
     lines.append(CAPTION + ".")
     if comparison.left_out:

@@ -12,7 +12,8 @@ if TYPE_CHECKING:
     from routelog.api import Analysis
 
 
-def _cell(text: str) -> str:
+def cell(text: str) -> str:
+    """Text made safe for one Markdown table cell (no pipe, no line break)."""
     return text.replace("|", "\\|").replace("\n", " ")
 
 
@@ -38,8 +39,8 @@ def analysis_markdown(analysis: Analysis) -> str:
             out += ["|---|---|---|---|"]
             for severity, code, group in finding_groups(findings):
                 out.append(
-                    f"| **{severity}** | `{code}` | {_cell(where(group))} | "
-                    f"{_cell(group[0].message)} |"
+                    f"| **{severity}** | `{code}` | {cell(where(group))} | "
+                    f"{cell(group[0].message)} |"
                 )
         else:
             out.append("No findings: every rule passed on every layer.")
@@ -57,7 +58,7 @@ def analysis_markdown(analysis: Analysis) -> str:
                 f"| {row['layer']} | {fmt(row['token_entropy_norm'])} | "
                 f"{fmt(row['load_entropy_norm'])} | {fmt(row['assign_entropy_norm'])} | "
                 f"{fmt(row['max_load_share'])} | {fmt(row['dead_experts'])}/{row['n_experts']} | "
-                f"{status} | {_cell(', '.join(codes))} |"
+                f"{status} | {cell(', '.join(codes))} |"
             )
         out.append("")
     return "\n".join(out)
