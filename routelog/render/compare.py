@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from routelog.compare import Comparison
 
-NEGLIGIBLE = 0.005
+NEGLIGIBLE = 0.01
 """Deltas of normalised metrics smaller than this are shown without a direction mark."""
 
 HEADERS = {
@@ -32,7 +32,7 @@ HEADERS = {
 }
 
 CAPTION = (
-    "Δ = run - baseline: ✗ towards collapse, ✓ away from it; entropies normalised by ln E; "
+    "Δ = {by} - baseline: ✗ towards collapse, ✓ away from it; entropies normalised by ln E; "
     "JSD: expert load f vs the baseline (bits, 0–1); agree@1, overlap@k: the same tokens' "
     "top-1 and top-k choices"
 )
@@ -200,7 +200,7 @@ def _table(comparison: Comparison) -> Any:
             row.append(text)
         row.extend(text for text, _ in cells[2 + 2 * len(COMPARED) :])
         table.add_row(*row)
-    table.caption = CAPTION
+    table.caption = CAPTION.format(by=comparison.by)
     table.caption_justify = "left"
     return table
 
@@ -216,7 +216,7 @@ def to_markdown(comparison: Comparison) -> str:
     for cells in _cells(comparison):
         lines.append("| " + " | ".join(cell(text) for text, _ in cells) + " |")
     lines.append("")
-    lines.append(CAPTION + ".")
+    lines.append(CAPTION.format(by=comparison.by) + ".")
     if comparison.left_out:
         lines.append("")
         lines.append("Left out:")
