@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # torch is a test-only dependency (real .pt files in tests); never a runtime one.
 TORCH  ?= torch==2.13.0
+# extras the test suite installs: each optional world (torch, cloud, dask, ...) is tested.
+TEST_EXTRAS := dev
 
 .DEFAULT_GOAL := help
 
@@ -14,7 +16,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[$(TEST_EXTRAS)]'
 	$(BIN)/python -m pip install --quiet '$(TORCH)'
 	@touch $(STAMP)
 
