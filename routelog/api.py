@@ -284,12 +284,14 @@ def load_run(
     *,
     jobs: int | None = None,
     cache: Cache | None = None,
+    accept: Callable[[Path], bool] | None = None,
 ) -> Run:
     """Read every log file of a run and merge their statistics.
 
     ``progress`` (optional) is called after each file, for a progress bar in the CLI.
     ``jobs`` files are read at once (default: one per core; 1 reads serially, without a
-    background decoding thread); ``cache`` answers for files it holds unchanged.
+    background decoding thread); ``cache`` answers for files it holds unchanged; ``accept``
+    (optional) keeps only the files it returns true for (``watch``: the complete ones).
     """
     import polars as pl
 
@@ -298,7 +300,7 @@ def load_run(
     if workers < 1:
         raise UsageError(f"--jobs must be at least 1, got {workers}")
     prefetch = PREFETCH if workers > 1 else 0
-    files = found.files
+    files = found.files if accept is None else [f for f in found.files if accept(f)]
     # Files the cache cannot answer go first, so that reading them overlaps loading the
     # others instead of waiting behind them (the stable sort keeps the first bad file first).
     order = sorted(
@@ -349,8 +351,10 @@ def load_runs(
     *,
     jobs: int | None = None,
     cache: Cache | None = None,
+    accept: Callable[[Path], bool] | None = None,
 ) -> list[Run]:
-    """Read several runs; their names must be unique (``jobs``, ``cache``: see ``load_run``)."""
+    """Read several runs; their names must be unique (``jobs``, ``cache``, ``accept``: see
+    ``load_run``)."""
     specs = [p if isinstance(p, RunSpec) else RunSpec.parse(str(p)) for p in paths]
     if not specs:
         raise UsageError("no run given")
@@ -358,7 +362,9 @@ def load_runs(
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate is not None:
         raise UsageError(f"two runs are named {duplicate!r}: name them with NAME=PATH")
-    return [load_run(spec, options, progress, jobs=jobs, cache=cache) for spec in specs]
+    return [
+        load_run(spec, options, progress, jobs=jobs, cache=cache, accept=accept) for spec in specs
+    ]
 
 
 def metrics_of(runs: Iterable[Run], options: Options) -> pl.DataFrame:
@@ -470,13 +476,14 @@ def make_options(
 
 
 def analyze(
-    paths: Sequence[str | Path],
+    paths: Sequence[str | Path | RunSpec],
     *,
     options: Options | None = None,
     config: Config | None = None,
     progress: Progress | None = None,
     jobs: int | None = None,
     cache: Cache | None = None,
+    accept: Callable[[Path], bool] | None = None,
     **option_values: Any,
 ) -> Analysis:
     """Analyze runs: each path is a run (file or directory, ``NAME=PATH`` allowed).
@@ -486,13 +493,13 @@ def analyze(
     ``config`` holds the diagnosis thresholds and enabled rules (default: built-in values;
     :func:`routelog.config.load_config` reads them from a file). ``jobs``: files read at once
     (default one per core); ``cache``: a ``routelog.cache.Cache`` (default none, so the
-    Python API writes nothing).
+    Python API writes nothing); ``accept``: keep only the files it returns true for.
     """
     from routelog.diagnose import diagnose
 
     config = config if config is not None else Config()
     opts = options if options is not None else make_options(**option_values)
-    runs = load_runs(paths, opts, progress, jobs=jobs, cache=cache)
+    runs = load_runs(paths, opts, progress, jobs=jobs, cache=cache, accept=accept)
     metrics = metrics_of(runs, opts)
     return Analysis(
         runs=runs,

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from routelog.cache import Cache
     from routelog.check import CheckResult
     from routelog.config import Config
+    from routelog.findings import Finding
     from routelog.options import Options
 
 app = typer.Typer(
@@ -247,8 +248,6 @@ def analyze(
     Example: routelog analyze sample_logs/collapse --top-k 2 --plot
     """
     with _errors(debug):
-        from routelog.render import data, make_console, markdown, report
-
         result = _Reading(
             config,
             top_k,
@@ -263,18 +262,149 @@ def analyze(
             cache_dir,
         ).analysis(paths)
 
-        def write(stream: object) -> None:
-            if fmt is Format.json:
-                stream.write(data.to_json(report.analysis_document(result)))  # type: ignore[attr-defined]
-            elif fmt is Format.csv:
-                stream.write(data.to_csv(result.metrics))  # type: ignore[attr-defined]
-            elif fmt is Format.markdown:
-                stream.write(markdown.analysis_markdown(result))  # type: ignore[attr-defined]
-            else:
-                console = make_console(stream, width=width)  # type: ignore[arg-type]
-                report.print_report(result, console, plot=plot, values=values)
+        _emit(output, _analysis_writer(result, fmt, width=width, plot=plot, values=values))
 
-        _emit(output, write)
+
+def _analysis_writer(
+    result: Analysis, fmt: Format, *, width: int | None, plot: bool = False, values: bool = False
+) -> Callable[[object], None]:
+    """Write an analysis in ``fmt`` to a stream (``analyze``, and ``watch``'s final report)."""
+    from routelog.render import data, make_console, markdown, report
+
+    def write(stream: object) -> None:
+        if fmt is Format.json:
+            stream.write(data.to_json(report.analysis_document(result)))  # type: ignore[attr-defined]
+        elif fmt is Format.csv:
+            stream.write(data.to_csv(result.metrics))  # type: ignore[attr-defined]
+        elif fmt is Format.markdown:
+            stream.write(markdown.analysis_markdown(result))  # type: ignore[attr-defined]
+        else:
+            console = make_console(stream, width=width)  # type: ignore[arg-type]
+            report.print_report(result, console, plot=plot, values=values)
+
+    return write
+
+
+class FailOn(str, enum.Enum):
+    """The finding severity at which ``watch`` stops."""
+
+    warn = "warn"
+    fail = "fail"
+
+
+@app.command()
+def watch(
+    paths: Annotated[
+        list[str],
+        typer.Argument(help="Runs being written: directories or files, PATH or NAME=PATH."),
+    ],
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.1, help="Seconds between two looks at the runs.")
+    ] = 10.0,
+    fail_on: Annotated[
+        Optional[FailOn],  # noqa: UP045
+        typer.Option(
+            "--fail-on", help="Exit 1 at the first finding this severe (warn: any finding)."
+        ),
+    ] = None,
+    top_k: TopK = None,
+    layers: Layers = None,
+    steps: Steps = None,
+    skip_bad_rows: SkipBadRows = False,
+    temperature: Temperature = None,
+    score: Score = "softmax",
+    num_experts: NumExperts = None,
+    fmt: Annotated[
+        Format, typer.Option("--format", "-f", help="Format of the final report.")
+    ] = Format.table,
+    output: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--output", "-o", help="Write the final report to FILE."),
+    ] = None,
+    config: ConfigOpt = None,
+    width: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option("--width", min=40, help="Width of the report in columns."),
+    ] = None,
+    jobs: Jobs = None,
+    no_cache: NoCache = False,
+    cache_dir: CacheDir = None,
+    debug: Debug = False,
+) -> None:
+    """Follow runs while they are written: re-analyse as step files appear or grow.
+
+    On a terminal the report is redrawn in place; otherwise each new finding is printed
+    once, as one line, with a status line per new step. Files still being written are left
+    for a later look. Ctrl-C stops with the final report (exit 0); --fail-on stops with
+    exit 1 at the first such finding.
+
+    Example: routelog watch runs/exp1 --interval 30 --fail-on fail
+    """
+    with _errors(debug):
+        import time
+
+        from routelog.api import RunSpec
+        from routelog.render import make_console
+        from routelog.render import watch as view
+        from routelog.watch import Watcher
+
+        settings, options, cache = _Reading(
+            config,
+            top_k,
+            layers,
+            steps,
+            skip_bad_rows,
+            temperature,
+            score,
+            num_experts,
+            jobs,
+            no_cache,
+            cache_dir,
+        ).prepare()
+        watcher = Watcher(
+            [RunSpec.parse(p) for p in paths], options, settings, cache=cache, jobs=jobs
+        )
+        console = make_console(sys.stdout, width=width)
+        display: view.Display = (
+            view.LiveDisplay(console, interval)
+            if console.is_terminal
+            else view.LineDisplay(console)
+        )
+        code = ExitCode.OK
+        try:
+            with display:
+                while True:
+                    round_ = watcher.poll()
+                    display.show(round_)
+                    hit = _first_at(round_.new_findings, fail_on)
+                    if hit is not None and fail_on is not None:
+                        typer.echo(view.fail_line(hit, fail_on.value), err=True)
+                        code = ExitCode.CHECK_FAILED
+                        break
+                    time.sleep(interval)
+        except KeyboardInterrupt:
+            pass
+        _final_report(watcher.last, fmt, output, width)
+        raise typer.Exit(code)
+
+
+def _first_at(findings: list[Finding], level: FailOn | None) -> Finding | None:
+    """The first finding at least as severe as ``level`` (none without a level)."""
+    from routelog.watch import at_least
+
+    if level is None:
+        return None
+    return next((f for f in findings if at_least(f, level.value)), None)
+
+
+def _final_report(
+    result: Analysis | None, fmt: Format, output: Path | None, width: int | None
+) -> None:
+    """``watch``'s last analysis, written like ``analyze`` writes it."""
+    if result is None:
+        typer.echo("routelog: watch: no complete log file was seen", err=True)
+        return
+    _emit(output, _analysis_writer(result, fmt, width=width))
 
 
 @app.command()

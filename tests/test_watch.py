@@ -1,0 +1,248 @@
+"""watch: files still being written wait, each step and finding is reported once, the CLI."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import pty
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from polars.testing import assert_frame_equal
+
+from routelog import api
+from routelog.api import RunSpec
+from routelog.config import Config
+from routelog.watch import Completeness, Watcher
+from tests.conftest import SAMPLES
+
+COLLAPSE = SAMPLES / "collapse"
+STEPS = [int(p.stem.split("_")[1]) for p in sorted(COLLAPSE.glob("*.parquet"))]
+
+
+def _write_slowly(source: Path, target: Path, pause: float) -> None:
+    """Write a file the way a trainer does: the first half, a pause, then the rest."""
+    data = source.read_bytes()
+    with target.open("wb") as stream:
+        stream.write(data[: len(data) // 2])
+        stream.flush()
+        time.sleep(pause)
+        stream.write(data[len(data) // 2 :])
+
+
+def _writer(target: Path, pause: float = 0.05) -> threading.Thread:
+    def write() -> None:
+        target.mkdir(parents=True, exist_ok=True)
+        for source in sorted(COLLAPSE.glob("*.parquet")):
+            _write_slowly(source, target / source.name, pause)
+            time.sleep(pause)
+
+    return threading.Thread(target=write, daemon=True)
+
+
+def test_parquet_is_complete_only_with_its_footer(tmp_path: Path) -> None:
+    data = (COLLAPSE / "step_000000.parquet").read_bytes()
+    target = tmp_path / "step_000000.parquet"
+    complete = Completeness()
+    for cut in (0, 4, 11, len(data) // 2, len(data) - 1):
+        target.write_bytes(data[:cut])
+        assert not complete(target), cut
+    target.write_bytes(data)
+    assert complete(target)
+
+
+def test_pt_is_complete_only_with_the_zip_directory(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    whole = tmp_path / "whole.pt"
+    torch.save({"step": 1, "router_logits": (torch.zeros(4, 8),)}, whole)
+    data = whole.read_bytes()
+    target = tmp_path / "step_000001.pt"
+    complete = Completeness()
+    for cut in (0, 100, len(data) // 2, len(data) - 22):
+        target.write_bytes(data[:cut])
+        assert not complete(target), cut
+    target.write_bytes(data)
+    assert complete(target)
+
+
+def test_jsonl_waits_for_its_last_line(tmp_path: Path) -> None:
+    data = (SAMPLES / "megatron-tpe" / "tokens_per_expert.jsonl").read_bytes()
+    first_line = data.index(b"\n") + 1
+    target = tmp_path / "tpe.jsonl"
+    complete = Completeness()
+    target.write_bytes(data[: first_line + 5])
+    assert not complete(target)
+    target.write_bytes(data[:first_line])
+    assert complete(target)
+
+
+def test_other_files_are_complete_once_unchanged_for_a_round(tmp_path: Path) -> None:
+    target = tmp_path / "tpe.jsonl.gz"
+    target.write_bytes(gzip.compress(b'{"step": 1}\n'))
+    complete = Completeness()
+    assert not complete(target)
+    assert complete(target)
+    with target.open("ab") as stream:
+        stream.write(gzip.compress(b'{"step": 2}\n'))
+    assert not complete(target)
+    assert complete(target)
+
+
+def test_each_step_and_finding_is_reported_once_while_a_writer_appends(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    watcher = Watcher([RunSpec("run", run)], api.make_options(top_k=2), Config(), jobs=1)
+    first = watcher.poll()
+    assert (first.analysis, first.waiting) == (None, ["run"])
+    writer = _writer(run)
+    writer.start()
+    rounds = []
+    while writer.is_alive():
+        rounds.append(watcher.poll())  # never an error, whatever is half-written
+        time.sleep(0.01)
+    rounds.append(watcher.poll())
+    seen = [step for r in rounds for step in r.new_steps.get("run", [])]
+    assert seen == STEPS
+    assert any(r.pending for r in rounds)  # half-written files were met, and waited for
+    reported = [f for r in rounds for f in r.new_findings]
+    keys = [(f.layer, f.code, f.first_step) for f in reported]
+    assert len(keys) == len(set(keys))
+    final = api.analyze([run], top_k=2, jobs=1)
+    assert rounds[-1].analysis is not None
+    assert_frame_equal(rounds[-1].analysis.metrics, final.metrics)
+    assert {(f.layer, f.code, f.first_step) for f in final.findings} <= set(keys)
+
+
+def _routelog(
+    *args: str, env: dict[str, str] | None = None, **kwargs: object
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "routelog", *args],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **(env or {})},
+        **kwargs,  # type: ignore[call-overload]
+    )
+
+
+def _lines_until(process: subprocess.Popen[bytes], needle: str, timeout: float) -> list[str]:
+    """Lines of the process's stdout up to and including the first containing ``needle``."""
+    assert process.stdout is not None
+    fd = process.stdout.fileno()
+    data = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.2)[0]:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            data += chunk
+            lines = data.decode().splitlines(keepends=True)
+            if any(needle in line for line in lines):
+                return lines
+    raise AssertionError(f"no {needle!r} within {timeout} s in: {data.decode()}")
+
+
+def test_cli_follows_a_run_and_ends_with_the_analyze_report(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    final = tmp_path / "final.json"
+    watch = _routelog(
+        "watch", str(run), "-k", "2", "--interval", "0.2", "--no-cache",
+        "--format", "json", "-o", str(final),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    writer = _writer(run)
+    writer.start()
+    lines = _lines_until(watch, f"step {STEPS[-1]}  ", timeout=60)
+    writer.join()
+    watch.send_signal(signal.SIGINT)
+    out, err = watch.communicate(timeout=30)
+    assert watch.returncode == 0, err
+    lines += out.decode().splitlines(keepends=True)
+    for step in STEPS:
+        assert sum(f"  run  step {step}  " in line for line in lines) == 1, (step, lines)
+    assert any("FAIL collapse" in line and "layer 2" in line for line in lines)
+    analyzed = subprocess.run(
+        [sys.executable, "-m", "routelog", "analyze", str(run), "-k", "2", "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(final.read_text()) == json.loads(analyzed.stdout)
+
+
+@pytest.mark.parametrize(("level", "code"), [("fail", "collapse"), ("warn", None)])
+def test_fail_on_exits_1_at_the_first_such_finding(
+    tmp_path: Path, level: str, code: str | None
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(COLLAPSE, run)
+    watch = _routelog(
+        "watch", str(run), "-k", "2", "--interval", "0.2", "--fail-on", level,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    out, err = (text.decode() for text in watch.communicate(timeout=60))
+    assert watch.returncode == 1, err
+    assert err.count("\n") == 1
+    assert f"stopping (--fail-on {level})" in err
+    if code is not None:
+        assert f"FAIL {code}" in err
+    assert "findings:" in out  # the final report
+
+
+def test_fail_on_does_not_stop_a_healthy_run(tmp_path: Path) -> None:
+    watch = _routelog(
+        "watch", str(SAMPLES / "healthy"), "-k", "2", "--interval", "0.2", "--fail-on", "warn",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    _lines_until(watch, "step 1100  ", timeout=60)
+    watch.send_signal(signal.SIGINT)
+    out, err = (text.decode() for text in watch.communicate(timeout=30))
+    assert watch.returncode == 0, err
+    assert "WARN" not in out
+    assert "FAIL" not in out
+    assert "steps 0–1100" in out  # the final report
+
+
+def test_terminal_report_is_redrawn_in_place(tmp_path: Path) -> None:
+    main, child = pty.openpty()
+    watch = _routelog(
+        "watch", str(COLLAPSE), "-k", "2", "--interval", "0.2", "--width", "120",
+        stdin=subprocess.DEVNULL, stdout=child, stderr=child, env={"TERM": "xterm"},
+    )  # fmt: skip
+    os.close(child)
+    screen = b""
+    deadline = time.monotonic() + 60
+    while b"newest step" not in screen and time.monotonic() < deadline:
+        ready, _, _ = select.select([main], [], [], 0.2)
+        if ready:
+            screen += os.read(main, 65536)
+    assert b"routelog watch" in screen
+    assert b"newest step" in screen
+    assert b"\x1b[" in screen  # drawn with cursor control, not appended
+    watch.send_signal(signal.SIGINT)
+    while watch.poll() is None or select.select([main], [], [], 0.2)[0]:
+        try:
+            screen += os.read(main, 65536)
+        except OSError:
+            break
+    os.close(main)
+    assert watch.wait(timeout=30) == 0
+    assert b"findings:" in screen.split(b"newest step")[-1]  # the final report follows
+
+
+def test_a_file_of_unknown_type_is_an_error(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    watch = _routelog(
+        "watch", str(notes), "--interval", "0.2", stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    err = watch.communicate(timeout=60)[1].decode()
+    assert watch.returncode == 2
+    assert err.count("\n") == 1
+    assert f"{notes}: unknown file type" in err
