@@ -6,7 +6,7 @@ import enum
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from routelog.cache import Cache
     from routelog.check import CheckResult
     from routelog.config import Config
+    from routelog.executor import Executor
     from routelog.options import Options
 
 app = typer.Typer(
@@ -87,6 +88,16 @@ Jobs = Annotated[
 ]
 NoCache = Annotated[
     bool, typer.Option("--no-cache", help="Neither read nor write the per-file statistics cache.")
+]
+Scheduler = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--scheduler",
+        metavar="tcp://HOST:PORT|local:N",
+        help="Read files on a Dask cluster: a scheduler address, or local:N worker processes "
+        "(default: $DASK_SCHEDULER_ADDRESS, else the configuration's scheduler, else threads "
+        "here). Needs routelog[dask].",
+    ),
 ]
 CacheDir = Annotated[
     Optional[Path],  # noqa: UP045
@@ -164,6 +175,7 @@ class _Reading:
     jobs: int | None = None
     no_cache: bool = False
     cache_dir: Path | None = None
+    scheduler: str | None = None
 
     def prepare(self) -> tuple[Config, Options, Cache | None]:
         """The configuration, the reading options built from it and the flags, the cache."""
@@ -191,9 +203,17 @@ class _Reading:
         from routelog.render.progress import FileProgress
 
         settings, options, cache = self.prepare()
-        with FileProgress() as progress:
-            runs = api.load_runs(paths, options, progress, jobs=self.jobs, cache=cache)
+        with self.executor(settings) as executor, FileProgress() as progress:
+            runs = api.load_runs(paths, options, progress, cache=cache, executor=executor)
         return settings, options, runs
+
+    def executor(self, settings: Config) -> AbstractContextManager[Executor]:
+        """Where files are read: a Dask cluster, or threads here."""
+        from routelog import api
+        from routelog.executor import open_executor, scheduler_from
+
+        jobs = self.jobs if self.jobs is not None else api.default_jobs()
+        return open_executor(scheduler_from(self.scheduler, settings.scheduler), jobs)
 
     def analysis(self, paths: list[str]) -> Analysis:
         """Analyze ``paths``: metrics and findings, with a progress bar on stderr."""
@@ -201,14 +221,14 @@ class _Reading:
         from routelog.render.progress import FileProgress
 
         settings, options, cache = self.prepare()
-        with FileProgress() as progress:
+        with self.executor(settings) as executor, FileProgress() as progress:
             return api.analyze(
                 paths,
                 options=options,
                 config=settings,
                 progress=progress,
-                jobs=self.jobs,
                 cache=cache,
+                executor=executor,
             )
 
 
@@ -240,6 +260,7 @@ def analyze(
     jobs: Jobs = None,
     no_cache: NoCache = False,
     cache_dir: CacheDir = None,
+    scheduler: Scheduler = None,
     debug: Debug = False,
 ) -> None:
     """Per-layer, per-step routing entropy and load of one or more runs, and a diagnosis.
@@ -261,6 +282,7 @@ def analyze(
             jobs,
             no_cache,
             cache_dir,
+            scheduler,
         ).analysis(paths)
 
         def write(stream: object) -> None:
@@ -388,6 +410,7 @@ def compare(
     jobs: Jobs = None,
     no_cache: NoCache = False,
     cache_dir: CacheDir = None,
+    scheduler: Scheduler = None,
     fmt: FormatOpt = Format.table,
     output: Output = None,
     config: ConfigOpt = None,
@@ -428,6 +451,7 @@ def compare(
             jobs,
             no_cache,
             cache_dir,
+            scheduler,
         ).runs(paths)
         if by is By.dataset:
             (run,) = runs
@@ -530,6 +554,7 @@ def check(
     jobs: Jobs = None,
     no_cache: NoCache = False,
     cache_dir: CacheDir = None,
+    scheduler: Scheduler = None,
     fmt: FormatOpt = Format.table,
     debug: Debug = False,
 ) -> None:
@@ -558,6 +583,7 @@ def check(
             jobs,
             no_cache,
             cache_dir,
+            scheduler,
         ).analysis
         if suggest is not None:
             if paths:
