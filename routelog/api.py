@@ -12,15 +12,16 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from routelog import ingest, kernels, tokens
 from routelog.config import Config
-from routelog.errors import InputError, UsageError
+from routelog.errors import InputError, RoutelogError, UsageError
+from routelog.executor import Done, Executor, Threads, relocated
 from routelog.findings import Finding
 from routelog.options import Options, StepRange, parse_layers, parse_steps
 
@@ -210,35 +211,6 @@ def _prefetched(items: Iterator[T], depth: int) -> Iterator[Iterator[T]]:
         producer.join()
 
 
-def _parallel(
-    work: Callable[[T], R],
-    items: Sequence[T],
-    jobs: int,
-    on_done: Callable[[int], None] | None = None,
-) -> list[R]:
-    """``[work(item) for item in items]`` on up to ``jobs`` threads, in order.
-
-    ``on_done(position)`` runs in the calling thread as each result arrives, in order. The
-    first failing item (in order) raises; items not yet started are cancelled.
-    """
-    results: list[R] = []
-    if jobs <= 1 or len(items) <= 1:
-        for item in items:
-            results.append(work(item))
-            if on_done is not None:
-                on_done(len(results) - 1)
-        return results
-    pool = ThreadPoolExecutor(max_workers=min(jobs, len(items)), thread_name_prefix="routelog")
-    try:
-        for result in pool.map(work, items):
-            results.append(result)
-            if on_done is not None:
-                on_done(len(results) - 1)
-        return results
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 def _read_through(path: Path, options: Options, cache: Cache | None, prefetch: int) -> FileResult:
     """``read_file``, answered from the cache when it holds this file unchanged."""
     if cache is None:
@@ -254,6 +226,69 @@ def _read_through(path: Path, options: Options, cache: Cache | None, prefetch: i
         options,
         Entry(result.info, result.stats, result.selections, result.top_k_assumed),
     )
+    return result
+
+
+def _read_here(
+    files: list[Path], options: Options, cache: Cache | None, runner: Executor, report: Done
+) -> list[FileResult]:
+    """Read files on this machine's threads, each answered by the cache when it can be."""
+    prefetch = PREFETCH if runner.workers > 1 else 0
+    # Files the cache cannot answer go first, so that reading them overlaps loading the
+    # others instead of waiting behind them (the stable sort keeps the first bad file first).
+    order = sorted(
+        range(len(files)), key=lambda i: cache is not None and cache.holds(files[i], options)
+    )
+    done = runner.map(
+        lambda i: _read_through(files[i], options, cache, prefetch),
+        order,
+        lambda position, finished: report(order[position], finished),
+    )
+    return [result for _, result in sorted(zip(order, done, strict=True), key=lambda x: x[0])]
+
+
+def _read_remotely(
+    files: list[Path], options: Options, cache: Cache | None, runner: Executor, report: Done
+) -> list[FileResult]:
+    """Read files on a cluster's workers; the cache, which is this machine's, is consulted
+    and filled here, so only the files it cannot answer travel."""
+    from routelog.cache import Entry
+
+    results: dict[int, FileResult] = {}
+    for index, path in enumerate(files):
+        entry = cache.load(path, options) if cache is not None else None
+        if entry is not None:
+            results[index] = FileResult(
+                entry.info, entry.stats, entry.selections, entry.top_k_assumed
+            )
+            report(index, len(results))
+    misses = [i for i in range(len(files)) if i not in results]
+    answered = len(results)
+    work = partial(_read_on_worker, options=options)
+    jobs = [(str(files[i].resolve()), str(files[i])) for i in misses]
+    computed = runner.map(
+        work, jobs, lambda position, finished: report(misses[position], answered + finished)
+    )
+    for index, result in zip(misses, computed, strict=True):
+        results[index] = result
+        if cache is not None:
+            cache.store(
+                files[index],
+                options,
+                Entry(result.info, result.stats, result.selections, result.top_k_assumed),
+            )
+    return [results[i] for i in range(len(files))]
+
+
+def _read_on_worker(job: tuple[str, str], options: Options) -> FileResult:
+    """``read_file`` in a worker process: by absolute path (a worker has its own working
+    directory), reporting the file as the user named it, in its result and in its errors."""
+    absolute, shown = job
+    try:
+        result = read_file(Path(absolute), options)
+    except RoutelogError as error:
+        raise relocated(error, absolute, shown) from None
+    result.info.path = shown
     return result
 
 
@@ -284,37 +319,32 @@ def load_run(
     *,
     jobs: int | None = None,
     cache: Cache | None = None,
+    executor: Executor | None = None,
     accept: Callable[[Path], bool] | None = None,
 ) -> Run:
     """Read every log file of a run and merge their statistics.
 
     ``progress`` (optional) is called after each file, for a progress bar in the CLI.
     ``jobs`` files are read at once (default: one per core; 1 reads serially, without a
-    background decoding thread); ``cache`` answers for files it holds unchanged; ``accept``
-    (optional) keeps only the files it returns true for (``watch``: the complete ones).
+    background decoding thread); ``cache`` answers for files it holds unchanged;
+    ``executor`` (optional, see ``routelog.executor``) runs the reading elsewhere, e.g. on
+    a Dask cluster, instead of ``jobs`` threads; ``accept`` (optional) keeps only the files
+    it returns true for (``watch``: the complete ones).
     """
     import polars as pl
 
     found = ingest.discover(spec.path)
-    workers = default_jobs() if jobs is None else jobs
-    if workers < 1:
-        raise UsageError(f"--jobs must be at least 1, got {workers}")
-    prefetch = PREFETCH if workers > 1 else 0
+    runner = executor if executor is not None else Threads(default_jobs() if jobs is None else jobs)
     files = found.files if accept is None else [f for f in found.files if accept(f)]
-    # Files the cache cannot answer go first, so that reading them overlaps loading the
-    # others instead of waiting behind them (the stable sort keeps the first bad file first).
-    order = sorted(
-        range(len(files)), key=lambda i: cache is not None and cache.holds(files[i], options)
-    )
 
-    def report(position: int) -> None:
+    def report(index: int, finished: int) -> None:
         if progress is not None:
-            progress(files[order[position]], position + 1, len(files))
+            progress(files[index], finished, len(files))
 
-    done = _parallel(
-        lambda i: _read_through(files[i], options, cache, prefetch), order, workers, report
-    )
-    results = [result for _, result in sorted(zip(order, done, strict=True), key=lambda x: x[0])]
+    if runner.remote:
+        results = _read_remotely(files, options, cache, runner, report)
+    else:
+        results = _read_here(files, options, cache, runner, report)
     seen: dict[int, tuple[int, str]] = {}
     for result in results:
         _check_experts(result.stats, seen, Path(result.info.path))
@@ -351,9 +381,11 @@ def load_runs(
     *,
     jobs: int | None = None,
     cache: Cache | None = None,
+    executor: Executor | None = None,
     accept: Callable[[Path], bool] | None = None,
 ) -> list[Run]:
-    """Read several runs; their names must be unique (``jobs``, ``cache``, ``accept``: see
+    """Read several runs; their names must be unique (``jobs``, ``cache``, ``executor``,
+    ``accept``: see
     ``load_run``)."""
     specs = [p if isinstance(p, RunSpec) else RunSpec.parse(str(p)) for p in paths]
     if not specs:
@@ -363,7 +395,8 @@ def load_runs(
     if duplicate is not None:
         raise UsageError(f"two runs are named {duplicate!r}: name them with NAME=PATH")
     return [
-        load_run(spec, options, progress, jobs=jobs, cache=cache, accept=accept) for spec in specs
+        load_run(spec, options, progress, jobs=jobs, cache=cache, executor=executor, accept=accept)
+        for spec in specs
     ]
 
 
@@ -483,6 +516,7 @@ def analyze(
     progress: Progress | None = None,
     jobs: int | None = None,
     cache: Cache | None = None,
+    executor: Executor | None = None,
     accept: Callable[[Path], bool] | None = None,
     **option_values: Any,
 ) -> Analysis:
@@ -493,13 +527,17 @@ def analyze(
     ``config`` holds the diagnosis thresholds and enabled rules (default: built-in values;
     :func:`routelog.config.load_config` reads them from a file). ``jobs``: files read at once
     (default one per core); ``cache``: a ``routelog.cache.Cache`` (default none, so the
-    Python API writes nothing); ``accept``: keep only the files it returns true for.
+    Python API writes nothing); ``executor``: where files are read (default: ``jobs``
+    threads; ``routelog.executor.open_executor("local:4", 1)`` gives a Dask cluster);
+    ``accept``: keep only the files it returns true for.
     """
     from routelog.diagnose import diagnose
 
     config = config if config is not None else Config()
     opts = options if options is not None else make_options(**option_values)
-    runs = load_runs(paths, opts, progress, jobs=jobs, cache=cache, accept=accept)
+    runs = load_runs(
+        paths, opts, progress, jobs=jobs, cache=cache, executor=executor, accept=accept
+    )
     metrics = metrics_of(runs, opts)
     return Analysis(
         runs=runs,

@@ -6,7 +6,7 @@ import enum
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from routelog.cache import Cache
     from routelog.check import CheckResult
     from routelog.config import Config
+    from routelog.executor import Executor
     from routelog.findings import Finding
     from routelog.options import Options
 
@@ -88,6 +89,16 @@ Jobs = Annotated[
 ]
 NoCache = Annotated[
     bool, typer.Option("--no-cache", help="Neither read nor write the per-file statistics cache.")
+]
+Scheduler = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--scheduler",
+        metavar="tcp://HOST:PORT|local:N",
+        help="Read files on a Dask cluster: a scheduler address, or local:N worker processes "
+        "(default: $DASK_SCHEDULER_ADDRESS, else the configuration's scheduler, else threads "
+        "here). Needs routelog[dask].",
+    ),
 ]
 CacheDir = Annotated[
     Optional[Path],  # noqa: UP045
@@ -165,6 +176,7 @@ class _Reading:
     jobs: int | None = None
     no_cache: bool = False
     cache_dir: Path | None = None
+    scheduler: str | None = None
 
     def prepare(self) -> tuple[Config, Options, Cache | None]:
         """The configuration, the reading options built from it and the flags, the cache."""
@@ -192,9 +204,17 @@ class _Reading:
         from routelog.render.progress import FileProgress
 
         settings, options, cache = self.prepare()
-        with FileProgress() as progress:
-            runs = api.load_runs(paths, options, progress, jobs=self.jobs, cache=cache)
+        with self.executor(settings) as executor, FileProgress() as progress:
+            runs = api.load_runs(paths, options, progress, cache=cache, executor=executor)
         return settings, options, runs
+
+    def executor(self, settings: Config) -> AbstractContextManager[Executor]:
+        """Where files are read: a Dask cluster, or threads here."""
+        from routelog import api
+        from routelog.executor import open_executor, scheduler_from
+
+        jobs = self.jobs if self.jobs is not None else api.default_jobs()
+        return open_executor(scheduler_from(self.scheduler, settings.scheduler), jobs)
 
     def analysis(self, paths: list[str]) -> Analysis:
         """Analyze ``paths``: metrics and findings, with a progress bar on stderr."""
@@ -202,14 +222,14 @@ class _Reading:
         from routelog.render.progress import FileProgress
 
         settings, options, cache = self.prepare()
-        with FileProgress() as progress:
+        with self.executor(settings) as executor, FileProgress() as progress:
             return api.analyze(
                 paths,
                 options=options,
                 config=settings,
                 progress=progress,
-                jobs=self.jobs,
                 cache=cache,
+                executor=executor,
             )
 
 
@@ -241,6 +261,7 @@ def analyze(
     jobs: Jobs = None,
     no_cache: NoCache = False,
     cache_dir: CacheDir = None,
+    scheduler: Scheduler = None,
     debug: Debug = False,
 ) -> None:
     """Per-layer, per-step routing entropy and load of one or more runs, and a diagnosis.
@@ -260,6 +281,7 @@ def analyze(
             jobs,
             no_cache,
             cache_dir,
+            scheduler,
         ).analysis(paths)
 
         _emit(output, _analysis_writer(result, fmt, width=width, plot=plot, values=values))
@@ -329,6 +351,7 @@ def watch(
     jobs: Jobs = None,
     no_cache: NoCache = False,
     cache_dir: CacheDir = None,
+    scheduler: Scheduler = None,
     debug: Debug = False,
 ) -> None:
     """Follow runs while they are written: re-analyse as step files appear or grow.
@@ -348,7 +371,7 @@ def watch(
         from routelog.render import watch as view
         from routelog.watch import Watcher
 
-        settings, options, cache = _Reading(
+        reading = _Reading(
             config,
             top_k,
             layers,
@@ -360,19 +383,22 @@ def watch(
             jobs,
             no_cache,
             cache_dir,
-        ).prepare()
-        watcher = Watcher(
-            [RunSpec.parse(p) for p in paths], options, settings, cache=cache, jobs=jobs
+            scheduler,
         )
+        settings, options, cache = reading.prepare()
         console = make_console(sys.stdout, width=width)
         display: view.Display = (
             view.LiveDisplay(console, interval)
-            if console.is_terminal
+            if console.is_terminal and not console.is_dumb_terminal
             else view.LineDisplay(console)
         )
         code = ExitCode.OK
+        watcher: Watcher | None = None
         try:
-            with display:
+            with reading.executor(settings) as executor, display:
+                watcher = Watcher(
+                    [RunSpec.parse(p) for p in paths], options, settings, cache, executor
+                )
                 while True:
                     round_ = watcher.poll()
                     display.show(round_)
@@ -384,7 +410,7 @@ def watch(
                     time.sleep(interval)
         except KeyboardInterrupt:
             pass
-        _final_report(watcher.last, fmt, output, width)
+        _final_report(watcher.last if watcher is not None else None, fmt, output, width)
         raise typer.Exit(code)
 
 
@@ -518,6 +544,7 @@ def compare(
     jobs: Jobs = None,
     no_cache: NoCache = False,
     cache_dir: CacheDir = None,
+    scheduler: Scheduler = None,
     fmt: FormatOpt = Format.table,
     output: Output = None,
     config: ConfigOpt = None,
@@ -558,6 +585,7 @@ def compare(
             jobs,
             no_cache,
             cache_dir,
+            scheduler,
         ).runs(paths)
         if by is By.dataset:
             (run,) = runs
@@ -660,6 +688,7 @@ def check(
     jobs: Jobs = None,
     no_cache: NoCache = False,
     cache_dir: CacheDir = None,
+    scheduler: Scheduler = None,
     fmt: FormatOpt = Format.table,
     debug: Debug = False,
 ) -> None:
@@ -688,6 +717,7 @@ def check(
             jobs,
             no_cache,
             cache_dir,
+            scheduler,
         ).analysis
         if suggest is not None:
             if paths:

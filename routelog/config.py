@@ -188,6 +188,8 @@ class Config:
     top_k: int = 1
     dead_fraction: float = 0.1
     rules: tuple[str, ...] = RULES
+    scheduler: str | None = None
+    """Dask scheduler for the per-file reduction (``tcp://HOST:PORT`` or ``local:N``)."""
     thresholds: Thresholds = field(default_factory=Thresholds)
     check: CheckSettings = field(default_factory=CheckSettings, compare=False)
     path: Path | None = None
@@ -206,6 +208,7 @@ class Config:
             ("top_k", self.top_k, self.source("top_k")),
             ("dead_fraction", self.dead_fraction, self.source("dead_fraction")),
             ("rules", list(self.rules), self.source("rules")),
+            ("scheduler", self.scheduler, self.source("scheduler")),
         ]
         for spec in fields(Thresholds):
             key = f"thresholds.{spec.name}"
@@ -437,13 +440,22 @@ def _check_top_level(values: dict[str, Any], where: str, prefix: str = "") -> di
             out[key] = fraction
         elif key == "rules":
             out[key] = _rules(name, value)
+        elif key == "scheduler":
+            from routelog.executor import check_scheduler
+
+            if not isinstance(value, str):
+                raise ConfigError(f"{name} must be a string, not {value!r}")
+            try:
+                out[key] = check_scheduler(value, name)
+            except UsageError as exc:
+                raise ConfigError(str(exc)) from None
         else:
             raise ConfigError(f"{where}: unknown key {prefix}{key!r} (known: {_known_top()})")
     return out
 
 
 def _known_top() -> str:
-    return "top_k, dead_fraction, rules, thresholds, check"
+    return "top_k, dead_fraction, rules, scheduler, thresholds, check"
 
 
 def _rules(name: str, value: Any) -> tuple[str, ...]:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from routelog.api import Analysis, RunSpec
     from routelog.cache import Cache
     from routelog.config import Config
+    from routelog.executor import Executor
     from routelog.options import Options
 
 PARQUET_MAGIC = b"PAR1"
@@ -137,15 +138,14 @@ class Watcher:
         specs: Sequence[RunSpec],
         options: Options,
         config: Config,
-        *,
         cache: Cache | None = None,
-        jobs: int | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self.specs = list(specs)
         self.options = options
         self.config = config
         self.cache = cache
-        self.jobs = jobs
+        self.executor = executor
         self.complete = Completeness()
         self.steps: dict[str, set[int]] = {}
         self.reported: set[tuple[str, int | None, str, int | None]] = set()
@@ -175,7 +175,7 @@ class Watcher:
             options=self.options,
             config=self.config,
             cache=self.cache,
-            jobs=self.jobs,
+            executor=self.executor,
             accept=complete.__contains__,
         )
         self.last = analysis

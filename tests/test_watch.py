@@ -21,6 +21,7 @@ from polars.testing import assert_frame_equal
 from routelog import api
 from routelog.api import RunSpec
 from routelog.config import Config
+from routelog.executor import Threads
 from routelog.watch import Completeness, Watcher
 from tests.conftest import SAMPLES
 
@@ -98,7 +99,7 @@ def test_other_files_are_complete_once_unchanged_for_a_round(tmp_path: Path) -> 
 
 def test_each_step_and_finding_is_reported_once_while_a_writer_appends(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    watcher = Watcher([RunSpec("run", run)], api.make_options(top_k=2), Config(), jobs=1)
+    watcher = Watcher([RunSpec("run", run)], api.make_options(top_k=2), Config(), None, Threads(1))
     first = watcher.poll()
     assert (first.analysis, first.waiting) == (None, ["run"])
     writer = _writer(run)

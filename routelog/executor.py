@@ -1,0 +1,181 @@
+"""Where the per-file reduction runs: threads on this machine, or the workers of a Dask cluster.
+
+The unit of work is :func:`routelog.api.read_file`, a pure function of (file, options) that
+returns the file's mergeable statistics and token selections. Whether it runs in a thread
+here or in a Dask worker is decided here and nowhere else, so the two paths cannot drift:
+both call the same function on the same files, and the client merges, diagnoses and renders
+the results exactly as it does locally.
+
+``--scheduler`` takes ``tcp://HOST:PORT`` (an existing cluster's scheduler; workers read the
+files themselves, so they must see the same paths), or ``local:N`` (a ``LocalCluster`` of N
+worker processes on this machine). Without it, ``DASK_SCHEDULER_ADDRESS`` and then the
+configuration's ``scheduler`` key are consulted; with none of them, files are read by threads.
+Dask is an extra: ``pip install 'routelog[dask]'``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, Protocol, TypeVar
+
+from routelog.errors import RoutelogError, UsageError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
+DASK_EXTRA = "pip install 'routelog[dask]'"
+_LOCAL = re.compile(r"^local:(\d+)$")
+_ADDRESS = re.compile(r"^(tcp|tls|inproc|ucx|ws|wss)://\S+$")
+
+Done = Callable[[int, int], None]
+"""Called in the calling thread as each item finishes: ``(item index, items finished)``."""
+
+
+class Executor(Protocol):
+    """Runs one function over many items and returns the results in the items' order."""
+
+    remote: bool
+    """Whether work runs in other processes (which read files by absolute path)."""
+
+    workers: int
+
+    def map(self, work: Callable[[T], R], items: Sequence[T], on_done: Done | None) -> list[R]:
+        """``[work(item) for item in items]``; the first failing item, in order, raises."""
+        ...
+
+
+class Threads:
+    """Threads of this process: numpy, pyarrow and polars release the GIL while they work."""
+
+    remote = False
+
+    def __init__(self, jobs: int) -> None:
+        if jobs < 1:
+            raise UsageError(f"--jobs must be at least 1, got {jobs}")
+        self.workers = jobs
+
+    def map(self, work: Callable[[T], R], items: Sequence[T], on_done: Done | None) -> list[R]:
+        results: list[R] = []
+        if self.workers <= 1 or len(items) <= 1:
+            for index, item in enumerate(items):
+                results.append(work(item))
+                if on_done is not None:
+                    on_done(index, index + 1)
+            return results
+        pool = ThreadPoolExecutor(
+            max_workers=min(self.workers, len(items)), thread_name_prefix="routelog"
+        )
+        try:
+            for result in pool.map(work, items):
+                results.append(result)
+                if on_done is not None:
+                    on_done(len(results) - 1, len(results))
+            return results
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Cluster:
+    """The workers of a Dask cluster, through a connected ``distributed.Client``.
+
+    A worker that dies mid-analysis loses its tasks to the scheduler, which runs them again
+    on another worker (Dask's own recovery); an error raised by ``work`` comes back as the
+    same exception, raised here for the first failing item in order, as ``Threads`` does.
+    """
+
+    remote = True
+
+    def __init__(self, client: Any) -> None:  # a distributed.Client
+        self.client = client
+        self.workers = max(1, len(client.scheduler_info().get("workers", {})))
+
+    def map(self, work: Callable[[T], R], items: Sequence[T], on_done: Done | None) -> list[R]:
+        as_completed = _dask().as_completed
+        if not items:
+            return []
+        futures = self.client.map(work, list(items), pure=False)
+        index = {future.key: i for i, future in enumerate(futures)}
+        try:
+            for finished, future in enumerate(as_completed(futures), start=1):
+                if future.status == "error":
+                    break  # raised below, in order
+                if on_done is not None:
+                    on_done(index[future.key], finished)
+            return [future.result() for future in futures]
+        finally:
+            self.client.cancel([f for f in futures if not f.done()])
+
+
+def scheduler_from(option: str | None, configured: str | None) -> str | None:
+    """The scheduler to use: ``--scheduler``, else ``$DASK_SCHEDULER_ADDRESS``, else the
+    configuration's ``scheduler``; None means threads on this machine."""
+    for value in (option, os.environ.get(SCHEDULER_ENV), configured):
+        if value:
+            return value.strip()
+    return None
+
+
+def check_scheduler(value: str, where: str = "--scheduler") -> str:
+    """Validate a scheduler spec without connecting (``local:N`` or an address)."""
+    local = _LOCAL.match(value)
+    if local is not None:
+        if not 1 <= int(local.group(1)) <= 1024:
+            raise UsageError(f"{where}: local:N needs 1 to 1024 workers, got {value!r}")
+        return value
+    if _ADDRESS.match(value) is None:
+        raise UsageError(
+            f"{where}: expected tcp://HOST:PORT or local:N (N worker processes), not {value!r}"
+        )
+    return value
+
+
+@contextmanager
+def open_executor(scheduler: str | None, jobs: int) -> Iterator[Executor]:
+    """An executor for ``scheduler`` (None: ``jobs`` threads), closed on exit."""
+    if scheduler is None:
+        yield Threads(jobs)
+        return
+    check_scheduler(scheduler)
+    distributed = _dask()
+    local = _LOCAL.match(scheduler)
+    if local is not None:
+        cluster = distributed.LocalCluster(
+            n_workers=int(local.group(1)),
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            silence_logs=50,
+        )
+        try:
+            with distributed.Client(cluster) as client:
+                yield Cluster(client)
+        finally:
+            cluster.close()
+        return
+    try:
+        client = distributed.Client(scheduler)  # waits distributed.comm.timeouts.connect
+    except OSError as exc:
+        raise UsageError(f"--scheduler {scheduler}: cannot connect ({exc})") from None
+    with client:
+        yield Cluster(client)
+
+
+def _dask() -> Any:
+    try:
+        import distributed
+    except ImportError:
+        raise UsageError(f"--scheduler needs Dask: {DASK_EXTRA}") from None
+    return distributed
+
+
+def relocated(error: RoutelogError, absolute: str, shown: str) -> RoutelogError:
+    """``error`` as it reads locally: the file named as the user named it, not by the
+    absolute path a worker had to use."""
+    if absolute == shown or absolute not in str(error):
+        return error
+    return type(error)(str(error).replace(absolute, shown))

@@ -1,0 +1,241 @@
+"""Where files are read: threads here, a Dask LocalCluster, or `dask scheduler`/`dask worker`
+processes on 127.0.0.1; results identical byte for byte, errors the same, dead workers
+survived."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from routelog import api
+from routelog.cli import app
+from routelog.executor import Cluster, Threads, check_scheduler, scheduler_from
+from routelog.render import data, report
+from tests.conftest import SAMPLES
+
+distributed = pytest.importorskip("distributed")
+dask = pytest.importorskip("dask")
+
+runner = CliRunner()
+COLLAPSE = SAMPLES / "collapse"
+BIN = Path(sys.executable).parent
+
+
+def _json(paths: list[str | Path], executor: object | None = None) -> str:
+    result = api.analyze(paths, top_k=2, executor=executor)  # type: ignore[arg-type]
+    return data.to_json(report.analysis_document(result))
+
+
+@pytest.fixture(scope="module")
+def many_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """48 step files (the collapse sample four times over, at distinct steps)."""
+    root = tmp_path_factory.mktemp("many") / "run"
+    root.mkdir()
+    for copy in range(4):
+        for source in sorted(COLLAPSE.glob("*.parquet")):
+            step = int(source.stem.split("_")[1]) + copy * 10_000
+            shutil.copy(source, root / f"step_{step:06d}.parquet")
+    return root
+
+
+@pytest.fixture(scope="module")
+def local_cluster() -> Iterator[Cluster]:
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    )
+    with distributed.Client(cluster) as client:
+        yield Cluster(client)
+    cluster.close()
+
+
+def test_a_local_cluster_gives_identical_json(many_files: Path, local_cluster: Cluster) -> None:
+    assert local_cluster.workers == 2
+    assert _json([many_files], local_cluster) == _json([many_files], Threads(1))
+    assert _json([COLLAPSE], local_cluster) == _json([COLLAPSE], Threads(2))
+
+
+def test_a_bad_file_is_the_same_error_as_locally(tmp_path: Path, local_cluster: Cluster) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(COLLAPSE, run)
+    (run / "step_000150.parquet").write_bytes(b"not parquet at all")
+    os.chdir(tmp_path)
+    errors = []
+    for executor in (Threads(2), local_cluster):
+        with pytest.raises(Exception) as caught:  # noqa: PT011 (the type is compared below)
+            api.analyze(["run"], top_k=2, executor=executor)
+        errors.append((type(caught.value), str(caught.value)))
+    assert errors[0] == errors[1]
+    assert errors[0][1].startswith("run/step_000150.parquet: not a valid Parquet file")
+
+
+def test_cli_local_scheduler_matches_threads(tmp_path: Path) -> None:
+    args = ["analyze", str(COLLAPSE), "-k", "2", "--format", "json", "--no-cache"]
+    plain = runner.invoke(app, args)
+    dask = runner.invoke(app, [*args, "--scheduler", "local:1"])
+    assert plain.exit_code == 0, plain.output
+    assert dask.exit_code == 0, dask.output
+    assert dask.stdout == plain.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for_workers(address: str, count: int, timeout: float = 60) -> None:
+    with distributed.Client(address, timeout="30s") as client:
+        client.wait_for_workers(count, timeout=timeout)
+
+
+@pytest.fixture
+def dask_processes(tmp_path: Path) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
+    """`dask scheduler` and two `dask worker` processes (no nanny, so a kill is final)."""
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": tmp_path}
+    scheduler = subprocess.Popen(
+        [BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
+         "--no-dashboard"],
+        **quiet,  # type: ignore[call-overload]
+    )  # fmt: skip
+    workers = [
+        subprocess.Popen(
+            [
+                BIN / "dask",
+                "worker",
+                address,
+                "--nthreads",
+                "1",
+                "--no-nanny",
+                "--no-dashboard",
+                "--name",
+                f"w{i}",
+            ],
+            **quiet,  # type: ignore[call-overload]
+        )
+        for i in range(2)
+    ]
+    processes = [scheduler, *workers]
+    try:
+        _wait_for_workers(address, 2)
+        yield address, workers
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait(timeout=30)
+
+
+def test_scheduler_and_worker_processes_give_identical_json(
+    dask_processes: tuple[str, list[subprocess.Popen[bytes]]], many_files: Path
+) -> None:
+    address, _ = dask_processes
+    args = ["analyze", str(many_files), "-k", "2", "--format", "json", "--no-cache"]
+    plain = runner.invoke(app, args)
+    cluster = runner.invoke(app, [*args, "--scheduler", address])
+    assert cluster.exit_code == 0, cluster.output
+    assert cluster.stdout == plain.stdout
+
+
+def test_a_worker_that_dies_mid_analysis_is_survived(
+    dask_processes: tuple[str, list[subprocess.Popen[bytes]]], many_files: Path
+) -> None:
+    address, workers = dask_processes
+    expected = _json([many_files], Threads(2))
+    killed: list[int] = []
+
+    def kill_one(path: Path, done: int, total: int) -> None:
+        if not killed:
+            workers[0].send_signal(signal.SIGKILL)
+            killed.append(done)
+
+    with distributed.Client(address) as client:
+        executor = Cluster(client)
+        result = api.analyze([many_files], top_k=2, executor=executor, progress=kill_one)
+        assert killed
+        assert killed[0] < 48  # killed before the analysis had finished
+        got = data.to_json(report.analysis_document(result))
+    assert workers[0].wait(timeout=30) == -signal.SIGKILL
+    assert got == expected
+
+
+def test_progress_counts_files_finished_on_the_cluster(
+    many_files: Path, local_cluster: Cluster
+) -> None:
+    seen: list[tuple[str, int, int]] = []
+    api.analyze(
+        [many_files],
+        top_k=2,
+        executor=local_cluster,
+        progress=lambda p, d, t: seen.append((p.name, d, t)),
+    )
+    assert [done for _, done, _ in seen] == list(range(1, 49))
+    assert {total for _, _, total in seen} == {48}
+    assert len({name for name, _, _ in seen}) == 48
+
+
+@pytest.mark.parametrize("where", ["environment", "configuration"])
+def test_scheduler_from_the_environment_and_the_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    unreachable = "tcp://127.0.0.1:9"
+    if where == "environment":
+        monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", unreachable)
+    else:
+        (tmp_path / "routelog.toml").write_text(f'scheduler = "{unreachable}"\n')
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        result = runner.invoke(app, ["analyze", str(COLLAPSE), "-k", "2"])
+    assert result.exit_code == 2, result.output
+    assert f"--scheduler {unreachable}: cannot connect" in result.stderr
+
+
+def test_scheduler_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    assert scheduler_from(None, None) is None
+    assert scheduler_from(None, "local:2") == "local:2"
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "tcp://a:1")
+    assert scheduler_from(None, "local:2") == "tcp://a:1"
+    assert scheduler_from("local:3", "local:2") == "local:3"
+
+
+@pytest.mark.parametrize("value", ["local:0", "local:x", "8786", "http://host:8786", "local:5000"])
+def test_a_bad_scheduler_is_a_usage_error(value: str) -> None:
+    result = runner.invoke(app, ["analyze", str(COLLAPSE), "--scheduler", value])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1
+    assert "--scheduler" in result.stderr
+    with pytest.raises(Exception, match="scheduler"):
+        check_scheduler(value)
+
+
+def test_a_bad_scheduler_in_the_configuration_names_the_key(tmp_path: Path) -> None:
+    (tmp_path / "routelog.toml").write_text('scheduler = "8786"\n')
+    result = runner.invoke(app, ["analyze", str(COLLAPSE)])
+    assert result.exit_code == 2, result.output
+    assert "routelog.toml: scheduler: expected tcp://HOST:PORT or local:N" in result.stderr
+
+
+def test_without_dask_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    result = runner.invoke(app, ["analyze", str(COLLAPSE), "--scheduler", "local:1"])
+    assert result.exit_code == 2, result.output
+    assert "pip install 'routelog[dask]'" in result.stderr
+
+
+def test_plain_analysis_imports_no_dask() -> None:
+    code = (
+        "import sys; from typer.testing import CliRunner; from routelog.cli import app; "
+        f"r = CliRunner().invoke(app, ['analyze', {str(COLLAPSE)!r}, '-k', '2']); "
+        "assert r.exit_code == 0, r.output; "
+        "assert 'distributed' not in sys.modules and 'dask' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
