@@ -4,7 +4,8 @@
     Polars (the decode floor); (b) vs a hand-written numpy script (``bench/reference.py``);
 (c) re-analysis of a 20-file directory after one file is added (cache) vs a full analysis;
 (d) peak RSS analyzing a log 4x larger than another; (e) a .pt file vs ``torch.load`` plus
-the same computation; (f) ``routelog --version`` wall time.
+the same computation; (f) ``routelog --version`` wall time; (g) a Megatron-LM router trace
+with its bf16 logits sidecar vs the same logits in Parquet, in seconds per byte read.
 
 Timings (a)-(c) run in this process through the CLI entry point (``app([...])``), so the
 interpreter's start-up is excluded there and measured on its own in (f). Runs of the things
@@ -32,6 +33,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import megatron  # noqa: E402
 import synth  # noqa: E402
 
 TARGETS = {
@@ -41,6 +43,7 @@ TARGETS = {
     "d": ("<", 0.25),
     "e": ("<=", 1.2),
     "f": ("<", 0.3),
+    "g": ("<=", 1.0),
 }
 
 # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across
@@ -239,6 +242,41 @@ def bench_f(repeat: int) -> dict[str, Any]:
     return {"f": {"ratio": median, "seconds": {"routelog --version": median}}}
 
 
+def bench_g(data: Path, tokens: int, experts: int, top_k: int, repeat: int) -> dict[str, Any]:
+    """Seconds per byte of payload: Megatron trace + sidecar over Parquet (same logits)."""
+    root = megatron.write_pair(
+        data / f"megatron_t{tokens}_e{experts}_k{top_k}",
+        tokens=tokens,
+        experts=experts,
+        top_k=top_k,
+    )
+    sizes = megatron.payload_bytes(root)
+    times = _median_times(
+        {
+            "routelog analyze (megatron trace + sidecar)": _cli(
+                "analyze", str(root / "trace"), "-f", "json", "--no-cache"
+            ),
+            "routelog analyze (parquet)": _cli(
+                "analyze", str(root / "log.parquet"), "-f", "json", "-k", str(top_k), "--no-cache"
+            ),
+        },
+        repeat,
+    )
+    trace, parquet = times.values()
+    per_byte = {
+        "megatron s/GB": trace / sizes["megatron trace + sidecar"] * 1e9,
+        "parquet s/GB": parquet / sizes["parquet"] * 1e9,
+    }
+    return {
+        "g": {
+            "ratio": per_byte["megatron s/GB"] / per_byte["parquet s/GB"],
+            "seconds": times | per_byte,
+            "payload_bytes": sizes,
+            "per_token_ratio": trace / parquet,
+        }
+    }
+
+
 def _verdict(name: str, entry: dict[str, Any]) -> str:
     if "skipped" in entry:
         return "skipped"
@@ -255,6 +293,7 @@ def _table(results: dict[str, Any]) -> str:
         "d": "peak RSS growth for 4x data",
         "e": ".pt vs torch.load + script",
         "f": "routelog --version (s)",
+        "g": "megatron trace vs parquet, per byte",
     }
     lines = [f"{'':2} {'measure':42} {'value':>8} {'target':>8}  verdict"]
     for name, entry in results.items():
@@ -278,7 +317,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5, help="timed rounds per measure")
     parser.add_argument("--quick", action="store_true", help="200k tokens, 3 rounds")
-    parser.add_argument("--only", default="abcdef", help="measures to run, e.g. ab")
+    parser.add_argument("--only", default="abcdefg", help="measures to run, e.g. ab")
     parser.add_argument("--data", type=Path, default=HERE / "data")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     args = parser.parse_args()
@@ -304,6 +343,7 @@ def main() -> None:
         ),
         ("e", lambda: bench_e(args.data, args.tokens, args.experts, args.top_k, args.repeat)),
         ("f", lambda: bench_f(args.repeat)),
+        ("g", lambda: bench_g(args.data, args.tokens, args.experts, args.top_k, args.repeat)),
     ]
     for names, measure in steps:
         if set(names) & set(args.only):

@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
 BLOCK_BYTES = 1 << 24
 """Bytes of the trace read at a time (cut back to the last whole line)."""
+BATCH_TOKENS = 1 << 16
+"""Tokens whose logits are decoded at a time (whole records): bounds memory to about
+BATCH_TOKENS x E x 8 bytes, whatever the size of a block of the trace."""
 
 SCHEMA: dict[str, Any] = {
     "step": pl.Int64,
@@ -426,8 +429,13 @@ def _logit_batches(frame: pl.DataFrame, context: _Context) -> Iterator[Batch]:
     )
     for k in sorted(frame["topk"].unique().to_list()):
         part = _checked_ids(frame.filter(pl.col("topk") == k), k, context)
-        if part.height:
-            yield _logit_batch(part, k, sidecar, context)
+        if part.height == 0:
+            continue
+        lengths = part["top_indices"].list.len().to_numpy()
+        group = (np.cumsum(lengths) - lengths) // BATCH_TOKENS
+        grouped = part.with_columns(pl.Series("__batch", group))
+        for chunk in grouped.partition_by("__batch", maintain_order=True):
+            yield _logit_batch(chunk, k, sidecar, context)
 
 
 def _logit_batch(frame: pl.DataFrame, k: int, sidecar: np.ndarray, context: _Context) -> Batch:
@@ -438,7 +446,8 @@ def _logit_batch(frame: pl.DataFrame, k: int, sidecar: np.ndarray, context: _Con
     bits = np.concatenate(
         [sidecar[s : s + n * n_experts] for s, n in zip(starts, counts, strict=True)]
     )
-    logits = (bits.astype(np.uint32) << 16).view(np.float32).reshape(-1, n_experts)
+    wide = np.left_shift(bits, 16, dtype=np.uint32)  # bfloat16 is a float32's high half
+    logits = wide.view(np.float32).reshape(-1, n_experts)
     record = np.repeat(np.arange(frame.height), counts)
     lines = frame["__line"].to_numpy()
     offsets = np.r_[0, np.cumsum(counts)]
@@ -465,8 +474,11 @@ def _compare_selection(logits: np.ndarray, ids: np.ndarray, context: _Context) -
     """Count tokens whose recorded experts are not a top-k of their logits (ties allowed)."""
     if len(ids) == 0:
         return
-    chosen = np.take_along_axis(logits, ids, axis=1).min(axis=1)
-    others = logits.copy()
-    np.put_along_axis(others, ids, -np.inf, axis=1)
+    values = np.take_along_axis(logits, ids, axis=1)
+    lowest = values.min(axis=1, keepdims=True)
+    # valid iff no expert outside the chosen ones beats the lowest chosen logit: every logit
+    # above it must be a chosen one
+    above = (logits > lowest).sum(axis=1)
+    chosen_above = (values > lowest).sum(axis=1)
     context.compared += len(ids)
-    context.mismatched += int((others.max(axis=1) > chosen).sum())
+    context.mismatched += int((above > chosen_above).sum())

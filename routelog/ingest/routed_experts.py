@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 CHUNK_TOKENS = 1 << 15
 """Tokens converted at a time: bounds memory to about CHUNK_TOKENS x layers x k x 8 bytes."""
-LAYOUT = "routed-expert ids [T, L, k]"
+LAYOUT = "routed-expert ids"
 
 
 def depends(path: Path) -> list[Path]:

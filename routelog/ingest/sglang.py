@@ -78,7 +78,7 @@ def scan(path: Path, options: Options, info: FileInfo) -> Iterator[Batch]:
 def _stat(
     path: Path, counts: Any, top_k: int | None, options: Options, info: FileInfo
 ) -> Iterator[Batch]:
-    info.layout = "expert distribution (stat)"
+    info.layout = "stat dump"
     info.payload = "counts"
     if not (isinstance(counts, np.ndarray) and counts.ndim == 3 and counts.dtype.kind in "iu"):
         raise InputError(f"{path}: 'logical_count' must be an integer tensor [S, L, E]")
@@ -134,7 +134,7 @@ def _records(
             f"{path}: 'last_physical_to_logical_map' names logical experts outside [0, {n_experts})"
         )
     per_token = any("topk_ids_of_layer" in r for r in records)
-    info.layout = f"expert distribution ({'per_token' if per_token else 'per_pass'})"
+    info.layout = "per-token dump" if per_token else "per-pass dump"
     info.payload = "top-k ids" if per_token else "counts"
     top_k = config.top_k if config is not None else None
     routed = np.zeros(len(mapping), dtype=bool)

@@ -136,6 +136,8 @@ def test_trace_without_logits_gives_count_metrics(tmp_path: Path) -> None:
         assert row["assign_entropy"] == pytest.approx(entropy(counts / counts.sum()), rel=1e-6)
         assert row["token_entropy"] is None
     assert result.runs[0].files[0].payload == "top-k ids"
+    names = {Path(p).name for p in result.runs[0].sidecar_files}
+    assert {f"router_state_rank{r}.pt" for r in RANKS} <= names  # never read as logs
 
 
 def test_expert_count_from_config_or_option(tmp_path: Path) -> None:
@@ -227,3 +229,16 @@ def test_cache_notices_a_changed_sidecar(tmp_path: Path) -> None:
     second = runner.invoke(app, ["analyze", str(tmp_path / "trace"), "-f", "json"])
     assert second.exit_code == 0, second.output
     assert json.loads(second.output)["metrics"][0]["n_experts"] == 16
+
+
+def test_selection_that_is_not_the_top_k_of_the_logits_is_reported(tmp_path: Path) -> None:
+    logits = write_trace(tmp_path / "trace", mtp=False)
+    lowest = np.argsort(logits[(0, 0)][:T], axis=1, kind="stable")[:, :K]
+    _rewrite(tmp_path / "trace" / "router_trace_rank0.jsonl", 1, {"top_indices": lowest.tolist()})
+    result = routelog.analyze([str(tmp_path / "trace")])
+    warnings = result.runs[0].files[0].warnings
+    total = len(STEPS) * len(LAYERS) * T
+    assert f"top_indices differ from the top-k of the logits for {T} of {total} tokens" in (
+        " ".join(warnings)
+    )
+    assert result.runs[0].files[1].warnings == []

@@ -64,7 +64,7 @@ def test_npy_per_step_with_config(tmp_path: Path) -> None:
     assert metrics.select("step", "layer").rows() == [(s, la) for s in (0, 10) for la in (1, 2, 4)]
     _check(list(metrics.iter_rows(named=True)), arrays)
     info = result.runs[0].files[0]
-    assert (info.format, info.layout) == ("numpy", "routed-expert ids [T, L, k]")
+    assert (info.format, info.layout) == ("numpy", "routed-expert ids")
     assert "dense layers 0, 3 left out (not MoE in config.json)" in info.warnings
 
 

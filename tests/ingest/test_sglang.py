@@ -88,7 +88,7 @@ def test_stat_dumps_number_steps_by_time_stamp(tmp_path: Path) -> None:
         assert row["assign_entropy"] == pytest.approx(entropy(counts), rel=1e-9)
     info = result.runs[0].files[0]
     assert info.format == "sglang"
-    assert info.layout == "expert distribution (stat)"
+    assert info.layout == "stat dump"
     assert info.rows == 4  # the buffer's non-zero passes
     assert "layer 0 routed no tokens (dense layers): left out" in info.warnings
     assert routelog.analyze([str(tmp_path / "dumps")], steps="1").metrics[
@@ -145,10 +145,10 @@ def test_physical_experts_are_mapped_to_logical(tmp_path: Path, per_token: bool)
         assert row["top_k"] == K
         assert row["load_share"] == pytest.approx((counts / counts.sum()).tolist())
         assert row["assign_entropy"] == pytest.approx(entropy(counts), rel=1e-9)
-    mode = "per_token" if per_token else "per_pass"
+    mode = "per-token" if per_token else "per-pass"
     rows = sum(f.rows for f in result.runs[0].files)
     assert rows == (2 * 2 * T if per_token else 2 * 2)  # tokens, or passes, of both ranks
-    assert {f.layout for f in result.runs[0].files} == {f"expert distribution ({mode})"}
+    assert {f.layout for f in result.runs[0].files} == {f"{mode} dump"}
     assert [Path(p).name for p in result.runs[0].sidecar_files] == ["config.json"]
 
 
