@@ -87,15 +87,22 @@ FORMATS: dict[str, tuple[str, str]] = {
 }
 
 
-LAYOUTS: tuple[tuple[re.Pattern[str], str, str], ...] = (
-    (re.compile(r"^router_trace_rank\d+\.jsonl$"), "megatron", "megatron_trace"),
-    (re.compile(r"^expert_distribution_recorder_\d+(\.\d+)?(_\d+)?\.pt$"), "sglang", "sglang"),
-    (re.compile(r"^rank\d+\.safetensors$"), "trtllm", "trtllm"),
-    (re.compile(r"\.(npy|npz)$", re.IGNORECASE), "numpy", "routed_experts"),
+LAYOUTS: tuple[tuple[re.Pattern[str], str, str, bool], ...] = (
+    (re.compile(r"^router_trace_rank\d+\.jsonl$"), "megatron", "megatron_trace", False),
+    (
+        re.compile(r"^expert_distribution_recorder_\d+(\.\d+)?(_\d+)?\.pt$"),
+        "sglang",
+        "sglang",
+        False,
+    ),
+    (re.compile(r"^rank\d+\.safetensors$"), "trtllm", "trtllm", False),
+    (re.compile(r"\.(npy|npz)$", re.IGNORECASE), "numpy", "routed_experts", True),
 )
-"""File-name pattern -> (format name, module) for framework layouts; checked before suffixes:
-Megatron-LM router traces, SGLang expert-distribution dumps, TensorRT-LLM expert statistics,
-routed-expert id arrays (vLLM, SGLang)."""
+"""File-name pattern -> (format name, module, sniff) for framework layouts, checked before
+suffixes: Megatron-LM router traces, SGLang expert-distribution dumps, TensorRT-LLM expert
+statistics, routed-expert id arrays (vLLM, SGLang). With ``sniff``, a name is not enough in a
+directory walk: the module's ``recognise(path)`` looks at the content (an ``.npy`` of
+embeddings beside the logs is not a routing log)."""
 
 SIDECARS = re.compile(
     r"^(logits_rank\d+\.bin|hidden_states_rank\d+\.bin|router_state_rank\d+\.pt"
@@ -106,13 +113,20 @@ SIDECARS = re.compile(
 never as logs of their own."""
 
 
-def _module_of(path: Path) -> tuple[str, str] | None:
-    """(format name, module) for a log file; None for a sidecar or an unknown file."""
+def _module_of(path: Path, *, sniff: bool = False) -> tuple[str, str] | None:
+    """(format name, module) for a log file; None for a sidecar or an unknown file.
+
+    ``sniff``: also look into files whose name alone does not decide (see ``LAYOUTS``).
+    """
     name = path.name
     if SIDECARS.match(name):
         return None
-    for pattern, fmt, module in LAYOUTS:
+    for pattern, fmt, module, by_content in LAYOUTS:
         if pattern.search(name):
+            if sniff and by_content:
+                recognise = importlib.import_module(f"routelog.ingest.{module}").recognise
+                if not recognise(path):
+                    return None
             return fmt, module
     lower = name.lower()
     for suffix in sorted(FORMATS, key=len, reverse=True):
@@ -184,7 +198,7 @@ def discover(path: Path) -> RunFiles:
     for child in sorted(p for p in path.rglob("*") if p.is_file()):
         if any(part.startswith(".") for part in child.relative_to(path).parts):
             continue
-        if format_of(child):
+        if _module_of(child, sniff=True):
             files.append(child)
         else:
             (sidecars if is_sidecar(child) else ignored).append(child)

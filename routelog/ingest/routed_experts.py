@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -36,6 +36,31 @@ if TYPE_CHECKING:
 CHUNK_TOKENS = 1 << 15
 """Tokens converted at a time: bounds memory to about CHUNK_TOKENS x layers x k x 8 bytes."""
 LAYOUT = "routed-expert ids"
+
+
+def recognise(path: Path) -> bool:
+    """Whether a file found in a run directory holds routed-expert ids: its (first) array's
+    header says [tokens, layers, k] integers. Only the header is read."""
+    try:
+        if path.suffix.lower() == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                if not archive.files:
+                    return False
+                with archive.zip.open(f"{archive.files[0]}.npy") as member:
+                    return _is_ids(member)
+        with path.open("rb") as stream:
+            return _is_ids(stream)
+    except (ValueError, OSError, EOFError, KeyError):
+        return False
+
+
+def _is_ids(stream: Any) -> bool:
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+    else:
+        shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    return len(shape) == 3 and dtype.kind in "iu"
 
 
 def depends(path: Path) -> list[Path]:

@@ -112,3 +112,17 @@ def test_bad_ids(tmp_path: Path) -> None:
     result = runner.invoke(app, ["analyze", str(tmp_path / "step_1.npy")])
     assert result.exit_code == 2, result.output
     assert "not a readable numpy file" in result.output
+
+
+def test_other_numpy_files_in_a_run_are_not_logs(tmp_path: Path) -> None:
+    _config(tmp_path)
+    ids = _routing(np.random.default_rng(8))
+    np.save(tmp_path / "step_5.npy", ids)
+    np.save(tmp_path / "embeddings.npy", np.zeros((4, 16), dtype=np.float32))
+    np.savez(tmp_path / "stats.npz", loss=np.zeros(3))
+    result = routelog.analyze([str(tmp_path)])
+    assert [Path(f.path).name for f in result.runs[0].files] == ["step_5.npy"]
+    assert sorted(Path(p).name for p in result.runs[0].ignored_files) == [
+        "embeddings.npy",
+        "stats.npz",
+    ]
