@@ -263,14 +263,15 @@ def bench_g(data: Path, tokens: int, experts: int, top_k: int, repeat: int) -> d
         repeat,
     )
     trace, parquet = times.values()
-    per_byte = {
-        "megatron s/GB": trace / sizes["megatron trace + sidecar"] * 1e9,
-        "parquet s/GB": parquet / sizes["parquet"] * 1e9,
+    per_gb = {
+        "megatron trace + sidecar": trace / sizes["megatron trace + sidecar"] * 1e9,
+        "parquet": parquet / sizes["parquet"] * 1e9,
     }
     return {
         "g": {
-            "ratio": per_byte["megatron s/GB"] / per_byte["parquet s/GB"],
-            "seconds": times | per_byte,
+            "ratio": per_gb["megatron trace + sidecar"] / per_gb["parquet"],
+            "seconds": times,
+            "seconds_per_gb": per_gb,
             "payload_bytes": sizes,
             "per_token_ratio": trace / parquet,
         }

@@ -410,7 +410,8 @@ def _logit_batches(frame: pl.DataFrame, context: _Context) -> Iterator[Batch]:
     frame = _reject(
         frame,
         frame["logit_shape"].list.get(1) != n_experts,
-        f"'logit_shape' has a different E than other records ({n_experts})",
+        f"'logit_shape' does not have E={n_experts} columns"
+        + (" (--num-experts)" if context.options.num_experts is not None else " (as before)"),
         context,
     )
     nbytes = frame["logit_shape"].list.get(0) * n_experts * 2

@@ -242,3 +242,12 @@ def test_selection_that_is_not_the_top_k_of_the_logits_is_reported(tmp_path: Pat
         " ".join(warnings)
     )
     assert result.runs[0].files[1].warnings == []
+
+
+def test_a_sidecar_is_not_a_log(tmp_path: Path) -> None:
+    write_trace(tmp_path / "trace")
+    output = _bad(tmp_path / "trace" / "logits_rank0.bin")
+    assert "logits_rank0.bin: a sidecar file, read together with the routing log" in output
+    trace = tmp_path / "trace" / "router_trace_rank0.jsonl"
+    output = _bad(trace, "--num-experts", "16")
+    assert f"{trace}:1: 'logit_shape' does not have E=16 columns (--num-experts)" in output
