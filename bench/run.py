@@ -7,7 +7,8 @@
 the same computation; (f) ``routelog --version`` wall time; (g) a 40-file directory on a Dask
 ``LocalCluster`` of 2 worker processes vs 1 (scaling); (h) the Dask path with 1 worker vs the
 plain local path with ``--jobs 1`` (overhead). Clusters are started before timing: (g) and
-(h) measure analysis, not cluster start-up.
+(h) measure analysis, not cluster start-up; (j) a Megatron-LM router trace with its bf16
+logits sidecar vs the same logits in Parquet, in seconds per byte read.
 
 Timings (a)-(c) run in this process through the CLI entry point (``app([...])``), so the
 interpreter's start-up is excluded there and measured on its own in (f). Runs of the things
@@ -35,6 +36,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import megatron  # noqa: E402
 import synth  # noqa: E402
 
 TARGETS = {
@@ -46,6 +48,7 @@ TARGETS = {
     "f": ("<", 0.3),
     "g": (">=", 1.7),
     "h": ("<=", 1.15),
+    "j": ("<=", 1.0),
 }
 
 # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across
@@ -290,6 +293,42 @@ def bench_g_h(data: Path, tokens: int, experts: int, top_k: int, repeat: int) ->
     }
 
 
+def bench_j(data: Path, tokens: int, experts: int, top_k: int, repeat: int) -> dict[str, Any]:
+    """Seconds per byte of payload: Megatron trace + sidecar over Parquet (same logits)."""
+    root = megatron.write_pair(
+        data / f"megatron_t{tokens}_e{experts}_k{top_k}",
+        tokens=tokens,
+        experts=experts,
+        top_k=top_k,
+    )
+    sizes = megatron.payload_bytes(root)
+    times = _median_times(
+        {
+            "routelog analyze (megatron trace + sidecar)": _cli(
+                "analyze", str(root / "trace"), "-f", "json", "--no-cache"
+            ),
+            "routelog analyze (parquet)": _cli(
+                "analyze", str(root / "log.parquet"), "-f", "json", "-k", str(top_k), "--no-cache"
+            ),
+        },
+        repeat,
+    )
+    trace, parquet = times.values()
+    per_gb = {
+        "megatron trace + sidecar": trace / sizes["megatron trace + sidecar"] * 1e9,
+        "parquet": parquet / sizes["parquet"] * 1e9,
+    }
+    return {
+        "j": {
+            "ratio": per_gb["megatron trace + sidecar"] / per_gb["parquet"],
+            "seconds": times,
+            "seconds_per_gb": per_gb,
+            "payload_bytes": sizes,
+            "per_token_ratio": trace / parquet,
+        }
+    }
+
+
 def _verdict(name: str, entry: dict[str, Any]) -> str:
     if "skipped" in entry:
         return "skipped"
@@ -310,6 +349,7 @@ def _table(results: dict[str, Any]) -> str:
         "f": "routelog --version (s)",
         "g": "dask local:1 vs local:2, 40 files (speed-up)",
         "h": "dask local:1 vs plain --jobs 1",
+        "j": "megatron trace vs parquet, per byte",
     }
     lines = [f"{'':2} {'measure':42} {'value':>8} {'target':>8}  verdict"]
     for name, entry in results.items():
@@ -333,7 +373,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5, help="timed rounds per measure")
     parser.add_argument("--quick", action="store_true", help="200k tokens, 3 rounds")
-    parser.add_argument("--only", default="abcdefgh", help="measures to run, e.g. ab")
+    parser.add_argument("--only", default="abcdefghj", help="measures to run, e.g. ab")
     parser.add_argument("--data", type=Path, default=HERE / "data")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     args = parser.parse_args()
@@ -360,6 +400,7 @@ def main() -> None:
         ("e", lambda: bench_e(args.data, args.tokens, args.experts, args.top_k, args.repeat)),
         ("f", lambda: bench_f(args.repeat)),
         ("gh", lambda: bench_g_h(args.data, args.tokens, args.experts, args.top_k, args.repeat)),
+        ("j", lambda: bench_j(args.data, args.tokens, args.experts, args.top_k, args.repeat)),
     ]
     for names, measure in steps:
         if set(names) & set(args.only):

@@ -82,6 +82,8 @@ class Run:
     selections: pl.DataFrame | None
     top_k_assumed: bool = False
     """k came from the configured default: neither --top-k nor the data stated it."""
+    sidecar_files: list[str] = field(default_factory=list)
+    """Files a framework wrote beside its logs (logits, meta_info.json, config.json, ...)."""
 
     def summary(self) -> dict[str, Any]:
         """The run's entry in the JSON ``runs`` list."""
@@ -98,6 +100,7 @@ class Run:
             "payloads": sorted({f.payload for f in self.files if f.payload}),
             "top_k_assumed": self.top_k_assumed,
             "ignored_files": self.ignored_files,
+            "sidecar_files": self.sidecar_files,
             "warnings": warnings,
         }
 
@@ -358,6 +361,7 @@ def load_run(
         path=str(spec.path),
         files=[r.info for r in results],
         ignored_files=[str(p) for p in found.ignored],
+        sidecar_files=[str(p) for p in found.sidecars],
         stats=stats,
         selections=(
             pl.concat(selections).with_columns(pl.lit(spec.name).alias("run"))

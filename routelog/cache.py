@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from routelog import ingest
 from routelog.ingest import FileInfo
 
 if TYPE_CHECKING:
@@ -217,10 +218,17 @@ def _key(path: Path, options: Options) -> dict[str, Any] | None:
         for f in dataclasses.fields(options)
         if f.name not in AFTER_MERGE
     }
+    try:  # sidecars and config.json the reading depends on: a change to one is a change
+        depends = [
+            [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in ingest.depends(path)
+        ]
+    except OSError:
+        return None
     return {
         "path": str(absolute),
         "size": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
+        "depends": depends,
         "kernel_version": kernels.KERNEL_VERSION,
         "routelog_version": __version__,
         "options": reduction,

@@ -1,7 +1,12 @@
 """Ingest: files -> canonical batches. The only stage that knows a file format.
 
 Every format module exposes ``scan(path, options, info) -> Iterator[Batch]`` and is
-registered in ``FORMATS`` by file suffix. A batch holds one of three canonical payloads:
+registered in one table: ``LAYOUTS`` (framework dumps, recognised by their file name) first,
+then ``FORMATS`` by file suffix. A module may also expose ``depends(path) -> list[Path]``,
+the other files its reading of ``path`` depends on (sidecars, a model's ``config.json``),
+so that the cache notices when they change. Files that frameworks write beside their logs
+(``SIDECARS``) are neither logs nor junk: runs list them as sidecars. A batch holds one of
+three canonical payloads:
 
 ``probs``
     one row per routed token: ``step: i64, layer: i32, probs: Array(Float32, E)``, optional
@@ -19,6 +24,7 @@ without being counted there.
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,24 +87,92 @@ FORMATS: dict[str, tuple[str, str]] = {
 }
 
 
-def format_of(path: Path) -> str | None:
-    """The format name for a file, by suffix (``.jsonl.gz`` counts as one suffix)."""
-    name = path.name.lower()
+LAYOUTS: tuple[tuple[re.Pattern[str], str, str, bool], ...] = (
+    (re.compile(r"^router_trace_rank\d+\.jsonl$"), "megatron", "megatron_trace", False),
+    (
+        re.compile(r"^expert_distribution_recorder_\d+(\.\d+)?(_\d+)?\.pt$"),
+        "sglang",
+        "sglang",
+        False,
+    ),
+    (re.compile(r"^rank\d+\.safetensors$"), "trtllm", "trtllm", False),
+    (re.compile(r"\.(npy|npz)$", re.IGNORECASE), "numpy", "routed_experts", True),
+)
+"""File-name pattern -> (format name, module, sniff) for framework layouts, checked before
+suffixes: Megatron-LM router traces, SGLang expert-distribution dumps, TensorRT-LLM expert
+statistics, routed-expert id arrays (vLLM, SGLang). With ``sniff``, a name is not enough in a
+directory walk: the module's ``recognise(path)`` looks at the content (an ``.npy`` of
+embeddings beside the logs is not a routing log)."""
+
+SIDECARS = re.compile(
+    r"^(logits_rank\d+\.bin|hidden_states_rank\d+\.bin|router_state_rank\d+\.pt"
+    r"|meta_info\.json|config\.json)$"
+)
+"""Files frameworks write beside their routing logs: read by the reader that needs them
+(Megatron logits and router state, TensorRT-LLM's meta_info.json, a model's config.json),
+never as logs of their own."""
+
+
+def _module_of(path: Path, *, sniff: bool = False) -> tuple[str, str] | None:
+    """(format name, module) for a log file; None for a sidecar or an unknown file.
+
+    ``sniff``: also look into files whose name alone does not decide (see ``LAYOUTS``).
+    """
+    name = path.name
+    if SIDECARS.match(name):
+        return None
+    for pattern, fmt, module, by_content in LAYOUTS:
+        if pattern.search(name):
+            if sniff and by_content:
+                recognise = importlib.import_module(f"routelog.ingest.{module}").recognise
+                if not recognise(path):
+                    return None
+            return fmt, module
+    lower = name.lower()
     for suffix in sorted(FORMATS, key=len, reverse=True):
-        if name.endswith(suffix):
-            return FORMATS[suffix][0]
+        if lower.endswith(suffix):
+            return FORMATS[suffix]
     return None
 
 
+def format_of(path: Path) -> str | None:
+    """The format name for a file: by framework file name, else by suffix (``.jsonl.gz``
+    counts as one suffix); None for sidecars and files that are not logs."""
+    found = _module_of(path)
+    return found[0] if found else None
+
+
+def is_sidecar(path: Path) -> bool:
+    """Whether a file is one a framework writes beside its logs (see ``SIDECARS``)."""
+    return SIDECARS.match(path.name) is not None
+
+
 def _scanner(path: Path) -> Scanner:
-    name = path.name.lower()
-    for suffix in sorted(FORMATS, key=len, reverse=True):
-        if name.endswith(suffix):
-            module = importlib.import_module(f"routelog.ingest.{FORMATS[suffix][1]}")
-            scan: Scanner = module.scan
-            return scan
-    known = ", ".join(sorted(FORMATS))
+    found = _module_of(path)
+    if found is not None:
+        module = importlib.import_module(f"routelog.ingest.{found[1]}")
+        scan: Scanner = module.scan
+        return scan
+    if is_sidecar(path):
+        raise InputError(
+            f"{path}: a sidecar file, read together with the routing log beside it; "
+            "give the log or its directory"
+        )
+    known = ", ".join([*sorted(FORMATS), ".npy", ".npz", ".safetensors (rank{r}.safetensors)"])
     raise InputError(f"{path}: unknown file type (routelog reads {known})")
+
+
+def depends(path: Path) -> list[Path]:
+    """Other files the reading of ``path`` depends on (sidecars, config.json), for the cache."""
+    found = _module_of(path)
+    if found is None:
+        return []
+    module = importlib.import_module(f"routelog.ingest.{found[1]}")
+    function = getattr(module, "depends", None)
+    if function is None:
+        return []
+    paths: list[Path] = function(path)
+    return paths
 
 
 @dataclass(frozen=True)
@@ -107,6 +181,7 @@ class RunFiles:
 
     files: list[Path]
     ignored: list[Path]
+    sidecars: list[Path] = field(default_factory=list)
 
 
 def discover(path: Path) -> RunFiles:
@@ -119,14 +194,21 @@ def discover(path: Path) -> RunFiles:
         return RunFiles([path], [])
     files: list[Path] = []
     ignored: list[Path] = []
+    sidecars: list[Path] = []
     for child in sorted(p for p in path.rglob("*") if p.is_file()):
         if any(part.startswith(".") for part in child.relative_to(path).parts):
             continue
-        (files if format_of(child) else ignored).append(child)
+        if _module_of(child, sniff=True):
+            files.append(child)
+        else:
+            (sidecars if is_sidecar(child) else ignored).append(child)
     if not files:
-        known = ", ".join(f"*{s}" for s in sorted(FORMATS))
-        raise InputError(f"{path}: no routing logs found (looked for {known})")
-    return RunFiles(files, ignored)
+        known = ", ".join([*(f"*{s}" for s in sorted(FORMATS)), "*.npy", "*.npz"])
+        frameworks = (
+            "router_trace_rank*.jsonl, expert_distribution_recorder_*.pt, rank*.safetensors"
+        )
+        raise InputError(f"{path}: no routing logs found (looked for {known}, {frameworks})")
+    return RunFiles(files, ignored, sidecars)
 
 
 def scan(path: Path, options: Options, info: FileInfo) -> Iterator[Batch]:

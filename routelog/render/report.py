@@ -6,6 +6,7 @@ marked with ``*``, heatmap cells carry glyphs (``×`` for a dead expert) or numb
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from routelog import __version__
@@ -249,6 +250,10 @@ def _notes(summary: dict[str, Any]) -> list[str]:
         notes.append(
             f"{len(summary['ignored_files'])} files in the run directory are not logs (ignored)"
         )
+    if summary.get("sidecar_files"):
+        names = sorted({Path(f).name for f in summary["sidecar_files"]})
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        notes.append(f"sidecar files beside the logs: {shown}")
     notes.extend(summary["warnings"])
     payloads = summary.get("payloads", [])
     without = [NO_PROBABILITIES[p] for p in payloads if p in NO_PROBABILITIES]
