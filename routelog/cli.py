@@ -15,7 +15,7 @@ import typer
 
 from routelog import __version__
 from routelog.errors import ExitCode, RoutelogError
-from routelog.render import Format
+from routelog.render import Color, Format
 
 if TYPE_CHECKING:
     import polars as pl
@@ -69,6 +69,14 @@ NumExperts = Annotated[
 ]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Output format.")]
+ColorOpt = Annotated[
+    Color,
+    typer.Option(
+        "--color",
+        help="Colour the text output: auto (on a terminal, unless NO_COLOR is set or "
+        "FORCE_COLOR asks for it), always, never.",
+    ),
+]
 ConfigOpt = Annotated[
     Optional[Path],  # noqa: UP045
     typer.Option(
@@ -240,6 +248,7 @@ def analyze(
     jobs: Jobs = None,
     no_cache: NoCache = False,
     cache_dir: CacheDir = None,
+    color: ColorOpt = Color.auto,
     debug: Debug = False,
 ) -> None:
     """Per-layer, per-step routing entropy and load of one or more runs, and a diagnosis.
@@ -271,7 +280,7 @@ def analyze(
             elif fmt is Format.markdown:
                 stream.write(markdown.analysis_markdown(result))  # type: ignore[attr-defined]
             else:
-                console = make_console(stream, width=width)  # type: ignore[arg-type]
+                console = make_console(stream, width=width, color=color)  # type: ignore[arg-type]
                 report.print_report(result, console, plot=plot, values=values)
 
         _emit(output, write)
@@ -284,6 +293,7 @@ def inspect(
     num_experts: NumExperts = None,
     fmt: FormatOpt = Format.table,
     output: Output = None,
+    color: ColorOpt = Color.auto,
     debug: Debug = False,
 ) -> None:
     """What routelog detects in each log file, without computing metrics.
@@ -308,7 +318,8 @@ def inspect(
                 document = render_inspect.inspect_document(infos)
                 stream.write(data.to_json(document))  # type: ignore[attr-defined]
             else:
-                render_inspect.print_inspect(infos, make_console(stream))  # type: ignore[arg-type]
+                console = make_console(stream, color=color)  # type: ignore[arg-type]
+                render_inspect.print_inspect(infos, console)
 
         _emit(output, write)
 
@@ -317,6 +328,7 @@ def inspect(
 def config_command(
     config: ConfigOpt = None,
     fmt: FormatOpt = Format.table,
+    color: ColorOpt = Color.auto,
     debug: Debug = False,
 ) -> None:
     """Print the effective configuration and where each value came from.
@@ -333,7 +345,7 @@ def config_command(
         if fmt is Format.json:
             sys.stdout.write(data.to_json(config_document(settings)))
         elif fmt is Format.table:
-            print_config(settings, make_console(sys.stdout))
+            print_config(settings, make_console(sys.stdout, color=color))
         else:
             raise UsageError(f"routelog config: --format must be table or json, not {fmt.value}")
 
@@ -398,6 +410,7 @@ def compare(
         Optional[int],  # noqa: UP045
         typer.Option("--width", min=40, help="Width of the report in columns."),
     ] = None,
+    color: ColorOpt = Color.auto,
     debug: Debug = False,
 ) -> None:
     """Routing of runs (or of one run's datasets) side by side, with deltas from the first.
@@ -454,7 +467,7 @@ def compare(
             elif fmt is Format.markdown:
                 stream.write(view.to_markdown(result))  # type: ignore[attr-defined]
             else:
-                console = make_console(stream, width=width)  # type: ignore[arg-type]
+                console = make_console(stream, width=width, color=color)  # type: ignore[arg-type]
                 view.print_comparison(result, console, plot=plot)
 
         _emit(output, write)
@@ -531,6 +544,7 @@ def check(
     no_cache: NoCache = False,
     cache_dir: CacheDir = None,
     fmt: FormatOpt = Format.table,
+    color: ColorOpt = Color.auto,
     debug: Debug = False,
 ) -> None:
     """Gate CI on routing health: exit 0 when every rule passes, 1 when one fails, 2 on bad
@@ -586,7 +600,7 @@ def check(
         elif fmt is Format.markdown:
             sys.stdout.write(render_check.markdown_summary(result))
         else:
-            render_check.print_check(result, make_console(sys.stdout))
+            render_check.print_check(result, make_console(sys.stdout, color=color))
         if junit is not None:
             _write(junit, render_check.junit_xml(result), "--junit")
         if github:

@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from routelog.render.report import finding_groups, fmt, layer_status, where
+from routelog.render.report import finding_groups, layer_status, where
+from routelog.render.text import fmt
 
 if TYPE_CHECKING:
     from routelog.api import Analysis
