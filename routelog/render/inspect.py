@@ -64,7 +64,7 @@ def print_inspect(infos: list[FileInfo], console: Console) -> None:
     from routelog.render.text import Column, grid
 
     paths = [info.path for info in infos]
-    absolute = [Path(p).resolve() for p in paths]
+    absolute = [Path(p).absolute() for p in paths]  # not resolved: links kept as given
     base = os.path.commonpath([a.parent for a in absolute]) if paths else ""
     relative = len(paths) > 1 and base != os.sep
     shown = [
