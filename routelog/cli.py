@@ -682,7 +682,11 @@ def cache_clear(cache_dir: CacheDir = None, debug: Debug = False) -> None:
 
         cache = Cache.at(cache_dir)
         removed = cache.clear()
-        typer.echo(f"removed {removed} cache entries from {cache.directory}")
+        from routelog.render.text import plural
+
+        typer.echo(
+            f"removed {plural(removed, 'cache entry', 'cache entries')} from {cache.directory}"
+        )
 
 
 def main() -> None:

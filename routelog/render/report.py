@@ -75,7 +75,7 @@ def print_report(
         findings = [f for f in analysis.findings if f.run == run.name]
         console.print(_header(run.summary(), metrics))
         console.print()
-        for line in findings_lines(findings):
+        for line in findings_lines(findings, console.width):
             console.print(line)
         console.print()
         lines, kept = _layer_table(metrics, findings, codes=console.width >= WIDE, console=console)
@@ -147,8 +147,12 @@ def where(group: list[Finding]) -> str:
     return ", ".join(f"layer {m} ({_span(f)})" for m, f in zip(marks, group, strict=True))
 
 
-def findings_lines(findings: list[Finding]) -> list[Any]:
-    """The findings panel as rich markup lines: one header, then two lines per group."""
+def findings_lines(findings: list[Finding], width: int = 120) -> list[Any]:
+    """The findings panel as rich markup lines: one header, then per group its heading
+    (wrapped under itself, indented like the message, when longer than ``width``) and its
+    message."""
+    import textwrap
+
     if not findings:
         return ["[green]no findings[/green]: every rule passed on every layer"]
     fails = sum(f.severity == "fail" for f in findings)
@@ -158,9 +162,12 @@ def findings_lines(findings: list[Finding]) -> list[Any]:
     ]
     for severity, code, group in finding_groups(findings):
         style = STATUS_STYLE[severity]
-        lines.append(
-            f"  [{style}]{severity.upper():<4}[/{style}]  [bold]{code}[/bold]  {where(group)}"
-        )
+        head = f"  {severity.upper():<4}  {code}  "
+        places = where(group)
+        first = (textwrap.wrap(places, max(width - len(head), 20)) or [""])[0]
+        rest = textwrap.wrap(places[len(first) :].strip(), max(width - 8, 20))
+        lines.append(f"  [{style}]{severity.upper():<4}[/{style}]  [bold]{code}[/bold]  {first}")
+        lines.extend(f"        {more}" for more in rest)
         lines.append(_indented(group[0].message))
     return lines
 
