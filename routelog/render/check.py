@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING, Any
 
 from routelog.render.markdown import cell
-from routelog.render.text import plural
+from routelog.render.text import fmt, plural
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -33,9 +33,10 @@ def _status(passed: bool) -> str:
 
 
 def _num(value: float | None) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.0f}" if float(value).is_integer() else f"{value:.3f}"
+    """A rule's value or limit: whole numbers (counts) without decimals."""
+    if value is not None and float(value).is_integer():
+        return fmt(int(value))
+    return fmt(value)
 
 
 def _compared(worst: RuleResult) -> str:

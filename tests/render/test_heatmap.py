@@ -120,3 +120,19 @@ def test_report_heatmap_marks_dominant_experts_without_colour() -> None:
     layer2 = [line for line in result.output.splitlines() if line.startswith("layer 2 ")]
     assert layer2[-1].split()[2:] == ["▆", "▆", "×", "×", "×", "×", "×", "×"]
     assert "▆ > 2 dominant" in result.output
+
+
+def test_rows_of_other_widths_and_without_shares() -> None:
+    """A layer with fewer experts ends early; a layer without shares says so."""
+    rows = [
+        HeatRow("layer 0", [0.25] * 4, [False] * 4),
+        HeatRow("layer 1", [0.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [False, False, *[True] * 6]),
+        HeatRow("layer 2", None),
+    ]
+    lines = [
+        line.plain
+        for line in heatmap(rows, n_experts=8, width=80, title="t", dead_rule="< 0.1 of fair")
+    ]
+    assert lines[2].split() == ["layer", "0", "▃", "▃", "▃", "▃"]
+    assert lines[3].split() == ["layer", "1", "▆", "▆", *["×"] * 6]
+    assert lines[4].split() == ["layer", "2", "no", "tokens"]
