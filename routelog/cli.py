@@ -657,35 +657,51 @@ app.add_typer(cache_app, name="cache")
 
 
 @cache_app.command("info")
-def cache_info(cache_dir: CacheDir = None, debug: Debug = False) -> None:
+def cache_info(
+    cache_dir: CacheDir = None, color: ColorOpt = Color.auto, debug: Debug = False
+) -> None:
     """Where the cache is, how many entries it holds and their size.
 
     Example: routelog cache info
     """
     with _errors(debug):
+        from rich.text import Text
+
         from routelog.cache import Cache
+        from routelog.render import make_console
 
         usage = Cache.at(cache_dir).usage()
-        typer.echo(f"directory  {usage.directory}")
-        typer.echo(f"entries    {usage.entries}")
-        typer.echo(f"size       {usage.bytes / 1e6:.1f} MB")
+        console = make_console(sys.stdout, color=color)
+        for key, value in (
+            ("directory", str(usage.directory)),
+            ("entries", f"{usage.entries:,}"),
+            ("size", f"{usage.bytes / 1e6:.1f} MB"),
+        ):
+            console.print(Text.assemble((f"{key:<9}", "bold"), "  ", value), soft_wrap=True)
 
 
 @cache_app.command("clear")
-def cache_clear(cache_dir: CacheDir = None, debug: Debug = False) -> None:
+def cache_clear(
+    cache_dir: CacheDir = None, color: ColorOpt = Color.auto, debug: Debug = False
+) -> None:
     """Remove every cache entry (files routelog did not write are left alone).
 
     Example: routelog cache clear --cache-dir /tmp/routelog-cache
     """
     with _errors(debug):
+        from rich.text import Text
+
         from routelog.cache import Cache
+        from routelog.render import make_console
+        from routelog.render.text import plural
 
         cache = Cache.at(cache_dir)
         removed = cache.clear()
-        from routelog.render.text import plural
-
-        typer.echo(
-            f"removed {plural(removed, 'cache entry', 'cache entries')} from {cache.directory}"
+        make_console(sys.stdout, color=color).print(
+            Text(
+                f"removed {plural(removed, 'cache entry', 'cache entries')} from {cache.directory}"
+            ),
+            soft_wrap=True,
         )
 
 

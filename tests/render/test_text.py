@@ -32,6 +32,7 @@ COMMANDS = {
     "check": ["check", str(SAMPLES / "collapse"), "-k", "2", "--min", "token_entropy_norm=0.2"],
     "inspect": ["inspect", str(SAMPLES / "megatron-tpe"), str(SAMPLES / "drift")],
     "config": ["config"],
+    "cache info": ["cache", "info"],
 }
 
 
@@ -139,7 +140,7 @@ def test_use_color(
     assert use_color(choice, terminal) is expected
 
 
-@pytest.mark.parametrize("name", ["analyze", "compare", "check", "inspect", "config"])
+@pytest.mark.parametrize("name", ["analyze", "compare", "check", "inspect", "config", "cache info"])
 def test_color_option_on_every_command(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     always = runner.invoke(app, [*COMMANDS[name], "--color", "always"])
     assert always.exit_code in (0, 1), always.output
