@@ -229,3 +229,11 @@ def test_numbers_survive_60_columns(name: str, monkeypatch: pytest.MonkeyPatch) 
         assert all(len(line) <= 60 for line in table)
         assert "▇" not in "".join(table)
         assert "trend column is left out" in " ".join(result.output.split())
+
+
+def test_markdown_counts_one_layer(write_parquet_run: WriteRun) -> None:
+    rng = np.random.default_rng(2)
+    run = write_parquet_run({0: {0: dirichlet(rng, 8, 4)}, 1: {0: dirichlet(rng, 8, 4)}})
+    result = runner.invoke(app, ["analyze", str(run), "-k", "1", "-f", "markdown"])
+    assert result.exit_code == 0, result.output
+    assert "(2 logged), 1 layer, k=1." in result.output
