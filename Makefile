@@ -37,6 +37,9 @@ fmt: $(STAMP)  ## fix formatting and autofixable lint
 test: lint  ## ruff, mypy strict, then the whole pytest suite
 	$(BIN)/python -m pytest
 
+readme: $(STAMP)  ## rewrite the README's console examples from what routelog prints now
+	ROUTELOG_UPDATE_SNAPSHOTS=1 $(BIN)/python -m pytest -q tests/test_readme.py
+
 samples: $(STAMP)  ## regenerate sample_logs/ (deterministic)
 	$(BIN)/python scripts/make_samples.py sample_logs
 
@@ -46,4 +49,4 @@ bench: $(STAMP)  ## run the performance benchmark (writes bench/results.json; BE
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help install demo lint fmt test samples bench clean
+.PHONY: help install demo lint fmt test readme samples bench clean

@@ -15,7 +15,7 @@ import typer
 
 from routelog import __version__
 from routelog.errors import ExitCode, RoutelogError
-from routelog.render import Format
+from routelog.render import Color, Format
 
 if TYPE_CHECKING:
     import polars as pl
@@ -71,6 +71,14 @@ NumExperts = Annotated[
 ]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Output format.")]
+ColorOpt = Annotated[
+    Color,
+    typer.Option(
+        "--color",
+        help="Colour the text output: auto (on a terminal, unless NO_COLOR is set or "
+        "FORCE_COLOR asks for it), always, never.",
+    ),
+]
 ConfigOpt = Annotated[
     Optional[Path],  # noqa: UP045
     typer.Option(
@@ -262,6 +270,7 @@ def analyze(
     no_cache: NoCache = False,
     cache_dir: CacheDir = None,
     scheduler: Scheduler = None,
+    color: ColorOpt = Color.auto,
     debug: Debug = False,
 ) -> None:
     """Per-layer, per-step routing entropy and load of one or more runs, and a diagnosis.
@@ -284,11 +293,20 @@ def analyze(
             scheduler,
         ).analysis(paths)
 
-        _emit(output, _analysis_writer(result, fmt, width=width, plot=plot, values=values))
+        _emit(
+            output,
+            _analysis_writer(result, fmt, width=width, color=color, plot=plot, values=values),
+        )
 
 
 def _analysis_writer(
-    result: Analysis, fmt: Format, *, width: int | None, plot: bool = False, values: bool = False
+    result: Analysis,
+    fmt: Format,
+    *,
+    width: int | None,
+    color: Color = Color.auto,
+    plot: bool = False,
+    values: bool = False,
 ) -> Callable[[object], None]:
     """Write an analysis in ``fmt`` to a stream (``analyze``, and ``watch``'s final report)."""
     from routelog.render import data, make_console, markdown, report
@@ -301,7 +319,7 @@ def _analysis_writer(
         elif fmt is Format.markdown:
             stream.write(markdown.analysis_markdown(result))  # type: ignore[attr-defined]
         else:
-            console = make_console(stream, width=width)  # type: ignore[arg-type]
+            console = make_console(stream, width=width, color=color)  # type: ignore[arg-type]
             report.print_report(result, console, plot=plot, values=values)
 
     return write
@@ -352,6 +370,7 @@ def watch(
     no_cache: NoCache = False,
     cache_dir: CacheDir = None,
     scheduler: Scheduler = None,
+    color: ColorOpt = Color.auto,
     debug: Debug = False,
 ) -> None:
     """Follow runs while they are written: re-analyse as step files appear or grow.
@@ -386,7 +405,7 @@ def watch(
             scheduler,
         )
         settings, options, cache = reading.prepare()
-        console = make_console(sys.stdout, width=width)
+        console = make_console(sys.stdout, width=width, color=color)
         display: view.Display = (
             view.LiveDisplay(console, interval)
             if console.is_terminal and not console.is_dumb_terminal
@@ -410,7 +429,7 @@ def watch(
                     time.sleep(interval)
         except KeyboardInterrupt:
             pass
-        _final_report(watcher.last if watcher is not None else None, fmt, output, width)
+        _final_report(watcher.last if watcher is not None else None, fmt, output, width, color)
         raise typer.Exit(code)
 
 
@@ -424,13 +443,13 @@ def _first_at(findings: list[Finding], level: FailOn | None) -> Finding | None:
 
 
 def _final_report(
-    result: Analysis | None, fmt: Format, output: Path | None, width: int | None
+    result: Analysis | None, fmt: Format, output: Path | None, width: int | None, color: Color
 ) -> None:
     """``watch``'s last analysis, written like ``analyze`` writes it."""
     if result is None:
         typer.echo("routelog: watch: no complete log file was seen", err=True)
         return
-    _emit(output, _analysis_writer(result, fmt, width=width))
+    _emit(output, _analysis_writer(result, fmt, width=width, color=color))
 
 
 @app.command()
@@ -440,6 +459,7 @@ def inspect(
     num_experts: NumExperts = None,
     fmt: FormatOpt = Format.table,
     output: Output = None,
+    color: ColorOpt = Color.auto,
     debug: Debug = False,
 ) -> None:
     """What routelog detects in each log file, without computing metrics.
@@ -464,7 +484,8 @@ def inspect(
                 document = render_inspect.inspect_document(infos)
                 stream.write(data.to_json(document))  # type: ignore[attr-defined]
             else:
-                render_inspect.print_inspect(infos, make_console(stream))  # type: ignore[arg-type]
+                console = make_console(stream, color=color)  # type: ignore[arg-type]
+                render_inspect.print_inspect(infos, console)
 
         _emit(output, write)
 
@@ -473,6 +494,7 @@ def inspect(
 def config_command(
     config: ConfigOpt = None,
     fmt: FormatOpt = Format.table,
+    color: ColorOpt = Color.auto,
     debug: Debug = False,
 ) -> None:
     """Print the effective configuration and where each value came from.
@@ -489,7 +511,7 @@ def config_command(
         if fmt is Format.json:
             sys.stdout.write(data.to_json(config_document(settings)))
         elif fmt is Format.table:
-            print_config(settings, make_console(sys.stdout))
+            print_config(settings, make_console(sys.stdout, color=color))
         else:
             raise UsageError(f"routelog config: --format must be table or json, not {fmt.value}")
 
@@ -555,6 +577,7 @@ def compare(
         Optional[int],  # noqa: UP045
         typer.Option("--width", min=40, help="Width of the report in columns."),
     ] = None,
+    color: ColorOpt = Color.auto,
     debug: Debug = False,
 ) -> None:
     """Routing of runs (or of one run's datasets) side by side, with deltas from the first.
@@ -612,7 +635,7 @@ def compare(
             elif fmt is Format.markdown:
                 stream.write(view.to_markdown(result))  # type: ignore[attr-defined]
             else:
-                console = make_console(stream, width=width)  # type: ignore[arg-type]
+                console = make_console(stream, width=width, color=color)  # type: ignore[arg-type]
                 view.print_comparison(result, console, plot=plot)
 
         _emit(output, write)
@@ -690,6 +713,7 @@ def check(
     cache_dir: CacheDir = None,
     scheduler: Scheduler = None,
     fmt: FormatOpt = Format.table,
+    color: ColorOpt = Color.auto,
     debug: Debug = False,
 ) -> None:
     """Gate CI on routing health: exit 0 when every rule passes, 1 when one fails, 2 on bad
@@ -746,7 +770,7 @@ def check(
         elif fmt is Format.markdown:
             sys.stdout.write(render_check.markdown_summary(result))
         else:
-            render_check.print_check(result, make_console(sys.stdout))
+            render_check.print_check(result, make_console(sys.stdout, color=color))
         if junit is not None:
             _write(junit, render_check.junit_xml(result), "--junit")
         if github:
@@ -803,32 +827,52 @@ app.add_typer(cache_app, name="cache")
 
 
 @cache_app.command("info")
-def cache_info(cache_dir: CacheDir = None, debug: Debug = False) -> None:
+def cache_info(
+    cache_dir: CacheDir = None, color: ColorOpt = Color.auto, debug: Debug = False
+) -> None:
     """Where the cache is, how many entries it holds and their size.
 
     Example: routelog cache info
     """
     with _errors(debug):
+        from rich.text import Text
+
         from routelog.cache import Cache
+        from routelog.render import make_console
 
         usage = Cache.at(cache_dir).usage()
-        typer.echo(f"directory  {usage.directory}")
-        typer.echo(f"entries    {usage.entries}")
-        typer.echo(f"size       {usage.bytes / 1e6:.1f} MB")
+        console = make_console(sys.stdout, color=color)
+        for key, value in (
+            ("directory", str(usage.directory)),
+            ("entries", f"{usage.entries:,}"),
+            ("size", f"{usage.bytes / 1e6:.1f} MB"),
+        ):
+            console.print(Text.assemble((f"{key:<9}", "bold"), "  ", value), soft_wrap=True)
 
 
 @cache_app.command("clear")
-def cache_clear(cache_dir: CacheDir = None, debug: Debug = False) -> None:
+def cache_clear(
+    cache_dir: CacheDir = None, color: ColorOpt = Color.auto, debug: Debug = False
+) -> None:
     """Remove every cache entry (files routelog did not write are left alone).
 
     Example: routelog cache clear --cache-dir /tmp/routelog-cache
     """
     with _errors(debug):
+        from rich.text import Text
+
         from routelog.cache import Cache
+        from routelog.render import make_console
+        from routelog.render.text import plural
 
         cache = Cache.at(cache_dir)
         removed = cache.clear()
-        typer.echo(f"removed {removed} cache entries from {cache.directory}")
+        make_console(sys.stdout, color=color).print(
+            Text(
+                f"removed {plural(removed, 'cache entry', 'cache entries')} from {cache.directory}"
+            ),
+            soft_wrap=True,
+        )
 
 
 def main() -> None:

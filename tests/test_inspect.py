@@ -87,7 +87,8 @@ def test_inspect_table(mixed: Path) -> None:
     assert lines[0].split()[:4] == ["file", "format", "layout", "payload"]
     assert any(line.startswith("c_tpe.jsonl") and "tokens-per-expert" in line for line in lines)
     assert any(line.startswith("b_batched.jsonl") and "1–5 (3)" in line for line in lines)
-    assert f"files under {mixed.resolve()}" in result.output
+    # the test runs in mixed's parent: the common directory is shown relative to it
+    assert "files under run\n" in result.output
 
 
 def test_inspect_sample_run() -> None:

@@ -1,7 +1,9 @@
 """Render: results -> table, JSON, CSV or Markdown. The only stage that prints.
 
-Pretty output (colour, box drawing) only when the destination is a terminal; ``NO_COLOR``
-and ``--width`` are respected. JSON and CSV are written from frames, with no markup.
+Every text report goes through one console, built by :func:`make_console`: colour by
+``--color auto|always|never``, ``NO_COLOR`` and ``FORCE_COLOR``; the width of ``--width``,
+the terminal, or ``COLUMNS``; lines written without trailing whitespace. JSON and CSV are
+written from frames, with no markup.
 """
 
 from __future__ import annotations
@@ -24,6 +26,14 @@ class Format(str, enum.Enum):
     markdown = "markdown"
 
 
+class Color(str, enum.Enum):
+    """The one ``--color`` option."""
+
+    auto = "auto"
+    always = "always"
+    never = "never"
+
+
 PIPE_WIDTH = 120
 """Width when stdout is not a terminal (a file, a pipe, CI logs) and COLUMNS is not set."""
 
@@ -33,19 +43,52 @@ def _pipe_width() -> int:
     return int(columns) if columns.isdigit() and int(columns) > 0 else PIPE_WIDTH
 
 
-def make_console(stream: IO[str] | None = None, *, width: int | None = None) -> Console:
-    """A rich console for ``stream``: colour only on a terminal and without ``NO_COLOR``."""
+def use_color(choice: Color | str, terminal: bool) -> bool:
+    """Whether to colour: ``always``/``never`` decide; with ``auto``, a non-empty
+    ``NO_COLOR`` turns colour off, else ``FORCE_COLOR`` turns it on (``0`` or ``false``: off),
+    else colour on a terminal only.
+
+    Examples
+    --------
+    >>> use_color("always", terminal=False), use_color("never", terminal=True)
+    (True, False)
+    """
+    choice = Color(choice)
+    if choice is not Color.auto:
+        return choice is Color.always
+    if os.environ.get("NO_COLOR"):
+        return False
+    force = os.environ.get("FORCE_COLOR")
+    if force is not None and force != "":
+        return force.lower() not in ("0", "false")
+    return terminal
+
+
+def make_console(
+    stream: IO[str] | None = None, *, width: int | None = None, color: Color | str = Color.auto
+) -> Console:
+    """The console every text report prints to (see :func:`use_color` for colour)."""
     from rich.console import Console
+
+    from routelog.render.text import TrimmedLines
 
     out = stream if stream is not None else sys.stdout
     terminal = out.isatty()
-    color = terminal and "NO_COLOR" not in os.environ
+    colored = use_color(color, terminal)
+    # Forced colour (a pipe, a CI log, TERM=dumb) gets the 16 standard colours every
+    # terminal and log viewer understands.
+    dumb = os.environ.get("TERM", "") in ("dumb", "unknown")
+    system = ("auto" if terminal and not dumb else "standard") if colored else None
+    if width is None and not terminal:
+        width = _pipe_width()
     return Console(
-        file=out,
-        width=width if width is not None else (None if terminal else _pipe_width()),
-        color_system="auto" if color else None,
-        no_color=not color,
-        force_terminal=terminal,
+        file=TrimmedLines(out),  # type: ignore[arg-type]
+        width=width,
+        # Both set, or rich takes a forced "terminal" with TERM=dumb to be 80 columns wide.
+        height=None if width is None else 25,
+        color_system=system,  # type: ignore[arg-type]
+        no_color=not colored,
+        force_terminal=colored or terminal,
         highlight=False,
         emoji=False,
         soft_wrap=False,

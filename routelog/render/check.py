@@ -10,6 +10,7 @@ import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING, Any
 
 from routelog.render.markdown import cell
+from routelog.render.text import fmt, plural
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -32,9 +33,10 @@ def _status(passed: bool) -> str:
 
 
 def _num(value: float | None) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.0f}" if float(value).is_integer() else f"{value:.3f}"
+    """A rule's value or limit: whole numbers (counts) without decimals."""
+    if value is not None and float(value).is_integer():
+        return fmt(int(value))
+    return fmt(value)
 
 
 def _compared(worst: RuleResult) -> str:
@@ -60,13 +62,13 @@ def final_line(result: CheckResult) -> str:
     """``PASS: 4 rules`` or ``FAIL: 1 of 4 rules failed (2 layer checks)``."""
     summaries = result.summaries()
     failed = [s for s in summaries if not s.passed]
-    rules = f"{len(summaries)} rule{'s' if len(summaries) != 1 else ''}"
+    rules = plural(len(summaries), "rule")
     if not failed:
-        return f"PASS: {rules} passed ({len(result.rules)} layer checks)"
+        return f"PASS: {rules} passed ({plural(len(result.rules), 'layer check')})"
     checks = len(result.failures)
     return (
         f"FAIL: {len(failed)} of {rules} failed "
-        f"({checks} layer check{'s' if checks != 1 else ''} of {len(result.rules)})"
+        f"({plural(checks, 'layer check')} of {len(result.rules)})"
     )
 
 
@@ -100,7 +102,7 @@ def print_check(result: CheckResult, console: Console) -> None:
 
 
 def _failed_count(summary: RuleSummary) -> str:
-    return f"{summary.failed}/{summary.total} layers failed"
+    return f"{summary.failed}/{plural(summary.total, 'layer')} failed"
 
 
 # --- JUnit -----------------------------------------------------------------------------------

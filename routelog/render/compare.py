@@ -13,7 +13,7 @@ from routelog.compare import COMPARED
 from routelog.kernels import TOWARDS_COLLAPSE
 from routelog.render.data import records
 from routelog.render.markdown import cell
-from routelog.render.report import fmt
+from routelog.render.text import fmt, signed
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -78,7 +78,7 @@ def delta_text(metric: str, delta: float | int | None) -> str:
     """
     if delta is None:
         return ""
-    number = f"{delta:+d}" if isinstance(delta, int) else f"{delta:+.3f}"
+    number = signed(delta)
     mark = {1: " ✗", -1: " ✓", 0: ""}[direction(metric, delta)]
     return number + mark
 
@@ -107,9 +107,11 @@ def _title(comparison: Comparison) -> list[str]:
 
 def print_comparison(comparison: Comparison, console: Console, *, plot: bool = False) -> None:
     """Header, side-by-side table, what was left out, findings, and (``plot``) charts."""
-    for line in _title(comparison):
-        console.print(line)
-    console.print(_table(comparison))
+    for title in _title(comparison):
+        console.print(title)
+    for line in _table(comparison, console.width):
+        console.print(line, soft_wrap=True)
+    console.print(CAPTION.format(by=comparison.by), style="dim")
     for item in comparison.left_out:
         where = "every layer" if item.layer is None else f"layer {item.layer}"
         console.print(f"left out: {item.run} {where} ({item.what}): {item.reason}", style="dim")
@@ -175,18 +177,20 @@ _COLUMN_NAMES = [
 ]
 
 
-def _table(comparison: Comparison) -> Any:
-    """Value and delta share a cell (``0.107 -0.601 ✗``) so that the table fits 100 columns."""
-    from rich.table import Table
+def _table(comparison: Comparison, width: int) -> list[Text]:
+    """Value and delta share a cell (``0.107 -0.601 ✗``); a table wider than ``width``
+    wraps into sections that repeat the layer and run columns, so no number is cut."""
     from rich.text import Text
 
-    table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False, padding=(0, 1))
-    table.add_column("layer", justify="right")
-    table.add_column(comparison.by, no_wrap=True)
-    for metric in COMPARED:
-        table.add_column(HEADERS[metric], no_wrap=True)
-    for name in ("JSD", "agree@1", "overlap@k"):
-        table.add_column(name, justify="right")
+    from routelog.render.text import Column, grid
+
+    columns = [
+        Column("layer", "right", key=True),
+        Column(comparison.by, key=True),
+        *(Column(HEADERS[metric]) for metric in COMPARED),
+        *(Column(name, "right") for name in ("JSD", "agree@1", "overlap@k")),
+    ]
+    rows: list[list[Text | str]] = []
     previous = None
     for cells in _cells(comparison):
         layer = cells[0][0]
@@ -199,10 +203,9 @@ def _table(comparison: Comparison) -> Any:
                 text.append(" " + delta, style={1: "red", -1: "green", 0: ""}[sign])
             row.append(text)
         row.extend(text for text, _ in cells[2 + 2 * len(COMPARED) :])
-        table.add_row(*row)
-    table.caption = CAPTION.format(by=comparison.by)
-    table.caption_justify = "left"
-    return table
+        rows.append(row)
+    lines, _ = grid(columns, rows, width=width, gap=2)
+    return lines
 
 
 def to_markdown(comparison: Comparison) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from routelog import __version__
-from routelog.render.report import fmt
+from routelog.render.text import fmt
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -47,34 +47,39 @@ def span(values: list[int]) -> str:
     return f"{values[0]}–{values[-1]} ({len(values)})"
 
 
+def _shown_base(base: str) -> str:
+    """The common directory, relative to the current directory when it lies below it."""
+    path = Path(base)
+    try:
+        relative = path.relative_to(Path.cwd())
+    except ValueError:
+        return base
+    return str(relative) if str(relative) != "." else "."
+
+
 def print_inspect(infos: list[FileInfo], console: Console) -> None:
     """One aligned row per file; warnings listed under the table."""
     import os.path
 
-    from rich.table import Table
+    from routelog.render.text import Column, grid
 
     paths = [info.path for info in infos]
-    absolute = [Path(p).resolve() for p in paths]
+    absolute = [Path(p).absolute() for p in paths]  # not resolved: links kept as given
     base = os.path.commonpath([a.parent for a in absolute]) if paths else ""
     relative = len(paths) > 1 and base != os.sep
     shown = [
         str(a.relative_to(base)) if relative else p for a, p in zip(absolute, paths, strict=True)
     ]
-    table = Table(
-        box=None, pad_edge=False, header_style="bold", show_edge=False, padding=(0, 1, 0, 0)
-    )
-    longest = max((len(name) for name in shown), default=4)
-    table.add_column("file", overflow="fold", min_width=min(longest, 20))
-    table.add_column("format", no_wrap=True)
-    table.add_column("layout", min_width=17)  # wraps only "tokens-per-expert counts"
-    table.add_column("payload", no_wrap=True)
-    for name in ("steps", "layers", "E", "k", "rows", "masked", "skipped"):
-        table.add_column(name, justify="right", no_wrap=True)
-    if relative:
-        table.caption = f"files under {base}"
-        table.caption_justify = "left"
-    for info, name in zip(infos, shown, strict=True):
-        table.add_row(
+    columns = [
+        Column("file", key=True),
+        Column("format"),
+        Column("layout", wrap=True),
+        Column("payload"),
+        *(Column(name, "right") for name in ("steps", "layers", "E", "k", "rows")),
+        *(Column(name, "right") for name in ("masked", "skipped")),
+    ]
+    rows = [
+        [
             name,
             info.format,
             info.layout,
@@ -86,8 +91,14 @@ def print_inspect(infos: list[FileInfo], console: Console) -> None:
             fmt(info.rows),
             fmt(info.masked_rows),
             fmt(info.skipped_rows),
-        )
-    console.print(table)
+        ]
+        for info, name in zip(infos, shown, strict=True)
+    ]
+    lines, _ = grid(columns, rows, width=console.width, gap=1)
+    for line in lines:
+        console.print(line, soft_wrap=True)
+    if relative:
+        console.print(f"files under {_shown_base(base)}", markup=False)
     for info in infos:
         for warning in info.warnings:
             console.print(f"{info.path}: {warning}", style="yellow", markup=False)

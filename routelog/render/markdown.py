@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from routelog.render.report import finding_groups, fmt, layer_status, where
+from routelog.render.report import finding_groups, layer_status, where
+from routelog.render.text import fmt, plural
 
 if TYPE_CHECKING:
     from routelog.api import Analysis
@@ -29,7 +30,7 @@ def analysis_markdown(analysis: Analysis) -> str:
             f"### routelog: {run.name}",
             "",
             f"Steps {steps[0]}–{steps[-1]} ({len(steps)} logged), "
-            f"{metrics['layer'].n_unique()} layers, k={summary['top_k']}"
+            f"{plural(metrics['layer'].n_unique(), 'layer')}, k={summary['top_k']}"
             + (" (assumed)" if summary["top_k_assumed"] else "")
             + ".",
             "",

@@ -1,17 +1,23 @@
 """Line charts in the terminal (plotext), reusable by ``analyze --plot`` and ``compare --plot``.
 
 Each series is drawn with its own one-character marker (``0``, ``1``, ... or a letter), so
-lines stay apart without colour; threshold lines are drawn with ``-``, ``=`` and ``~``.
+lines stay apart without colour; threshold lines are drawn with ``-``, ``=`` and ``~``,
+beneath the series (a series on a threshold stays visible). The x axis is labelled from the
+first to the last step of the data. Callers split many series into panels of at most
+:data:`PANEL` so that every marker in a chart is distinct and readable.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 MARKERS = "0123456789abcdefghijklmnopqrstuvwxyz"
 THRESHOLD_MARKERS = "-=~"
 MIN_WIDTH = 30
+PANEL = 8
+"""Most series in one chart: more lines than this overlap into noise."""
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,39 @@ class Series:
 def marker_for(index: int) -> str:
     """The marker of the ``index``-th series: 0-9, then a-z, then wrapping around."""
     return MARKERS[index % len(MARKERS)]
+
+
+def panels(count: int, size: int = PANEL) -> list[range]:
+    """``count`` series split into panels of at most ``size``, as even as possible.
+
+    Examples
+    --------
+    >>> panels(4), panels(16), panels(20)
+    ([range(0, 4)], [range(0, 8), range(8, 16)], [range(0, 7), range(7, 14), range(14, 20)])
+    """
+    groups = max(-(-count // size), 1)
+    bounds = [round(i * count / groups) for i in range(groups + 1)]
+    return [range(a, b) for a, b in itertools.pairwise(bounds)]
+
+
+def axis_ticks(lo: float, hi: float, most: int) -> list[float]:
+    """Round ticks over [lo, hi] that always include both ends, so the labels span the data.
+
+    A round tick too close to an end (less than half a spacing) gives way to the end.
+
+    Examples
+    --------
+    >>> axis_ticks(0, 1100, 8)
+    [0, 200, 400, 600, 800, 1000, 1100]
+    >>> axis_ticks(20, 300, 6)
+    [20, 100, 150, 200, 250, 300]
+    """
+    ticks = step_ticks(lo, hi, most)
+    if hi <= lo:
+        return ticks
+    spacing = ticks[1] - ticks[0] if len(ticks) > 1 else hi - lo
+    inner = [t for t in ticks if t - lo >= spacing / 2 and hi - t >= spacing / 2]
+    return [lo, *inner, hi]
 
 
 def step_ticks(lo: float, hi: float, most: int) -> list[float]:
@@ -72,6 +111,16 @@ def line_chart(
     fig.plot_size(max(width, MIN_WIDTH), height)
     xs = [float(x) for s in series for x in s.x]
     legend = []
+    if xs:
+        # Thresholds first: what is drawn later covers it, and the data must stay visible.
+        for index, (label, y) in enumerate(thresholds):
+            marker = THRESHOLD_MARKERS[index % len(THRESHOLD_MARKERS)]
+            rule = fig.signal([min(xs), max(xs)], [y, y], marker=marker)
+            rule.label(label)
+            rule.lines()
+            fig.draw(rule)
+            legend.append(f"{marker} {label} ({y:g})")
+    lines = []
     for index, line in enumerate(series):
         points = [(x, y) for x, y in zip(line.x, line.y, strict=True) if y is not None]
         if not points:
@@ -81,17 +130,10 @@ def line_chart(
         signal.label(line.label)
         signal.lines()
         fig.draw(signal)
-        legend.append(f"{marker} {line.label}")
+        lines.append(f"{marker} {line.label}")
+    legend = lines + legend
     if xs:
-        for index, (label, y) in enumerate(thresholds):
-            marker = THRESHOLD_MARKERS[index % len(THRESHOLD_MARKERS)]
-            rule = fig.signal([min(xs), max(xs)], [y, y], marker=marker)
-            rule.label(label)
-            rule.lines()
-            fig.draw(rule)
-            legend.append(f"{marker} {label} ({y:g})")
-    if xs:
-        ticks = step_ticks(min(xs), max(xs), max(2, max(width, MIN_WIDTH) // 12))
+        ticks = axis_ticks(min(xs), max(xs), max(2, max(width, MIN_WIDTH) // 12))
         fig.ruler("x").ticks(ticks, [f"{t:g}" for t in ticks])
     if ylim is not None:
         fig.ruler("y").lim(*ylim)
@@ -99,4 +141,5 @@ def line_chart(
     fig.title(title)
     chart: str = fig.build().string(colorless=not color)
     fig.clear()
-    return chart.rstrip("\n") + "\n" + "   ".join(legend)
+    body = "\n".join(row.rstrip() for row in chart.rstrip("\n").split("\n"))
+    return body + "\n" + "   ".join(legend)

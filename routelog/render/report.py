@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from routelog import __version__
 from routelog.diagnose import TREND_NOTE
 from routelog.render.data import records
+from routelog.render.text import fmt, plural
 
 if TYPE_CHECKING:
     import polars as pl
@@ -21,8 +22,8 @@ if TYPE_CHECKING:
     from routelog.findings import Finding
 
 STATUS_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red"}
-DEAD_GLYPH = "×"
 WIDE = 120  # below this width, a layer's codes go on lines under the table
+HEATMAP_TITLE = "load share f_i per expert at the latest step"
 
 NO_PROBABILITIES = {"counts": "tokens-per-expert counts", "top-k ids": "selected expert ids"}
 """Payload kinds that carry no probabilities, and where their load metrics come from."""
@@ -61,47 +62,45 @@ def analysis_document(analysis: Analysis) -> dict[str, Any]:
     }
 
 
-def fmt(value: float | int | None, digits: int = 3) -> str:
-    """A number for a table cell; missing values print as an en dash."""
-    if value is None:
-        return "–"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return f"{value:.{digits}f}"
-
-
 def print_report(
     analysis: Analysis, console: Console, *, plot: bool = False, values: bool = False
 ) -> None:
-    """For each run: header, findings, per-layer table, load heatmap, notes (and plots)."""
-    for run in analysis.runs:
+    """For each run: header, findings, per-layer table, load heatmap, notes (and plots).
+
+    Runs are separated by a blank line; the report ends on its last line of text.
+    """
+    for number, run in enumerate(analysis.runs):
+        if number:
+            console.print()
         metrics = analysis.metrics.filter(analysis.metrics["run"] == run.name)
         findings = [f for f in analysis.findings if f.run == run.name]
         console.print(_header(run.summary(), metrics))
         console.print()
-        for line in findings_lines(findings):
+        for line in findings_lines(findings, console.width):
             console.print(line)
         console.print()
-        wide = console.width >= WIDE
-        console.print(_layer_table(metrics, findings, codes=wide))
-        if not wide:
+        lines, kept = _layer_table(metrics, findings, codes=console.width >= WIDE, console=console)
+        for line in lines:
+            console.print(line, soft_wrap=True)
+        console.print(TABLE_CAPTION + ("" if "trend" in kept else TREND_DROPPED), style="dim")
+        if "codes" not in kept:
             for layer in sorted(metrics["layer"].unique().to_list()):
                 status, codes = layer_status(findings, layer)
                 if codes:
                     style = STATUS_STYLE[status]
                     console.print(f"layer {layer} [{style}]{status}[/{style}]: {', '.join(codes)}")
         console.print()
-        console.print(_heatmap(metrics, analysis.options.dead_fraction, values=values))
+        for line in _heatmap(metrics, analysis.options.dead_fraction, console, values=values):
+            console.print(line, soft_wrap=True)
         if plot:
             for chart in _charts(metrics, analysis, console):
                 console.print()
-                console.print(chart)
+                console.print(chart, soft_wrap=True)
         notes = _notes(run.summary())
         if metrics["step"].n_unique() < 2:
             notes.insert(0, f"one logged step: {TREND_NOTE}")
         for line in notes:
             console.print(line, style="dim")
-        console.print()
 
 
 def layer_status(findings: list[Finding], layer: int) -> tuple[str, list[str]]:
@@ -143,14 +142,18 @@ def where(group: list[Finding]) -> str:
     """``layers 2*, 3* · steps 500–1100`` when the spans agree, else one span per layer."""
     spans = {(f.first_step, f.last_step) for f in group}
     marks = [f"{f.layer}{'*' if f.active else ''}" for f in group]
-    noun = "layer" if len(group) == 1 else "layers"
+    noun = "layer" if len(group) == 1 else "layers"  # the count is the list that follows
     if len(spans) == 1:
         return f"{noun} {', '.join(marks)} · {_span(group[0])}"
     return ", ".join(f"layer {m} ({_span(f)})" for m, f in zip(marks, group, strict=True))
 
 
-def findings_lines(findings: list[Finding]) -> list[Any]:
-    """The findings panel as rich markup lines: one header, then two lines per group."""
+def findings_lines(findings: list[Finding], width: int = 120) -> list[Any]:
+    """The findings panel as rich markup lines: one header, then per group its heading
+    (wrapped under itself, indented like the message, when longer than ``width``) and its
+    message."""
+    import textwrap
+
     if not findings:
         return ["[green]no findings[/green]: every rule passed on every layer"]
     fails = sum(f.severity == "fail" for f in findings)
@@ -160,9 +163,12 @@ def findings_lines(findings: list[Finding]) -> list[Any]:
     ]
     for severity, code, group in finding_groups(findings):
         style = STATUS_STYLE[severity]
-        lines.append(
-            f"  [{style}]{severity.upper():<4}[/{style}]  [bold]{code}[/bold]  {where(group)}"
-        )
+        head = f"  {severity.upper():<4}  {code}  "
+        places = where(group)
+        first = (textwrap.wrap(places, max(width - len(head), 20)) or [""])[0]
+        rest = textwrap.wrap(places[len(first) :].strip(), max(width - 8, 20))
+        lines.append(f"  [{style}]{severity.upper():<4}[/{style}]  [bold]{code}[/bold]  {first}")
+        lines.extend(f"        {more}" for more in rest)
         lines.append(_indented(group[0].message))
     return lines
 
@@ -180,7 +186,7 @@ def _header(summary: dict[str, Any], metrics: pl.DataFrame) -> str:
     experts = metrics["n_experts"].unique().sort().to_list()
     tokens = metrics.filter(metrics["step"] == steps[-1])["n_tokens"].drop_nulls()
     per_step = (
-        f"{max(tokens.to_list()):,} tokens/layer at the latest step"
+        f"{plural(max(tokens.to_list()), 'token')}/layer at the latest step"
         if len(tokens)
         else "counts only"
     )
@@ -192,47 +198,58 @@ def _header(summary: dict[str, Any], metrics: pl.DataFrame) -> str:
     )
     return (
         f"[bold]{summary['run']}[/bold]  {span} · "
-        f"{metrics['layer'].n_unique()} layers · E={'/'.join(map(str, experts))} · "
+        f"{plural(metrics['layer'].n_unique(), 'layer')} · E={'/'.join(map(str, experts))} · "
         f"k={top_k if top_k != [] else '–'} · {per_step}"
     )
 
 
-def _layer_table(metrics: pl.DataFrame, findings: list[Finding], *, codes: bool) -> Any:
+TABLE_CAPTION = (
+    "entropies normalised by ln E, at the latest step; share and dead from top-k; "
+    "trend: H_token over all logged steps on a 0–1 scale; (code) = held earlier only"
+)
+TREND_DROPPED = "; the trend column is left out at this width (--width)"
+
+
+def _layer_table(
+    metrics: pl.DataFrame, findings: list[Finding], *, codes: bool, console: Console
+) -> tuple[list[Any], list[str]]:
+    """The per-layer table's lines and the headers kept: at a narrow width the codes and
+    then the trend sparkline are left out before any number could be cut."""
     import polars as pl
-    from rich.table import Table
+    from rich.text import Text
+
+    from routelog.render.text import Column, grid
 
     latest = metrics.group_by("layer").agg(pl.all().sort_by("step").last()).sort("layer")
     trends = metrics.sort("step").group_by("layer").agg(pl.col("token_entropy_norm")).sort("layer")
-    table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False)
-    table.add_column("layer", justify="right", no_wrap=True)
-    table.add_column("H_token", justify="right", no_wrap=True)
-    table.add_column("H_load", justify="right", no_wrap=True)
-    table.add_column("H_assign", justify="right", no_wrap=True)
-    table.add_column("max share", justify="right", no_wrap=True)
-    table.add_column("dead", justify="right", no_wrap=True)
-    table.add_column("H_token trend", no_wrap=True)
-    table.add_column("status", no_wrap=True)
-    if codes:
-        table.add_column("codes")
+    columns = [
+        Column("layer", "right", key=True),
+        Column("H_token", "right"),
+        Column("H_load", "right"),
+        Column("H_assign", "right"),
+        Column("max share", "right"),
+        Column("dead", "right"),
+        Column("trend", drop=1),
+        Column("status"),
+        *([Column("codes", drop=2)] if codes else []),
+    ]
+    rows: list[list[str | Text]] = []
     for row, trend in zip(latest.iter_rows(named=True), trends["token_entropy_norm"], strict=True):
         status, layer_codes = layer_status(findings, row["layer"])
-        table.add_row(
-            str(row["layer"]),
-            fmt(row["token_entropy_norm"]),
-            fmt(row["load_entropy_norm"]),
-            fmt(row["assign_entropy_norm"]),
-            fmt(row["max_load_share"]),
-            f"{fmt(row['dead_experts'])}/{row['n_experts']}",
-            sparkline(trend.to_list()),
-            f"[{STATUS_STYLE[status]}]{status}[/{STATUS_STYLE[status]}]",
-            *([", ".join(layer_codes)] if codes else []),
+        rows.append(
+            [
+                str(row["layer"]),
+                fmt(row["token_entropy_norm"]),
+                fmt(row["load_entropy_norm"]),
+                fmt(row["assign_entropy_norm"]),
+                fmt(row["max_load_share"]),
+                f"{fmt(row['dead_experts'])}/{row['n_experts']}",
+                sparkline(trend.to_list()),
+                Text(status, style=STATUS_STYLE[status]),
+                *([", ".join(layer_codes)] if codes else []),
+            ]
         )
-    table.caption = (
-        "entropies normalised by ln E, at the latest step; share and dead from top-k; "
-        "trend: H_token over all logged steps on a 0–1 scale; (code) = held earlier only"
-    )
-    table.caption_justify = "left"
-    return table
+    return grid(columns, rows, width=console.width)
 
 
 def _notes(summary: dict[str, Any]) -> list[str]:
@@ -243,12 +260,14 @@ def _notes(summary: dict[str, Any]) -> list[str]:
             "max share and assignment entropy depend on k (give --top-k or top_k in the config)"
         )
     if summary["masked_rows"]:
-        notes.append(f"{summary['masked_rows']:,} masked rows excluded")
+        notes.append(f"{plural(summary['masked_rows'], 'masked row')} excluded")
     if summary["skipped_rows"]:
-        notes.append(f"{summary['skipped_rows']:,} bad rows skipped (--skip-bad-rows)")
+        notes.append(f"{plural(summary['skipped_rows'], 'bad row')} skipped (--skip-bad-rows)")
     if summary["ignored_files"]:
+        count = len(summary["ignored_files"])
         notes.append(
-            f"{len(summary['ignored_files'])} files in the run directory are not logs (ignored)"
+            f"{plural(count, 'file')} in the run directory "
+            f"{'is not a log' if count == 1 else 'are not logs'} (ignored)"
         )
     if summary.get("sidecar_files"):
         names = sorted({Path(f).name for f in summary["sidecar_files"]})
@@ -266,64 +285,40 @@ def _notes(summary: dict[str, Any]) -> list[str]:
     return notes
 
 
-def _heatmap(metrics: pl.DataFrame, dead_fraction: float, *, values: bool) -> Any:
+def _heatmap(
+    metrics: pl.DataFrame, dead_fraction: float, console: Console, *, values: bool
+) -> list[Any]:
     """Layer x expert load share f_i at the latest step: dead and dominant experts stand out."""
     import polars as pl
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
+
+    from routelog.render.heatmap import HeatRow, heatmap
 
     latest = (
         metrics.filter(pl.col("step") == pl.col("step").max().over("layer"))
         .sort("layer")
-        .select("layer", "step", "n_experts", "top_k", "load_share")
+        .select("layer", "n_experts", "load_share")
     )
-    width = int(latest["n_experts"].max() or 0)  # type: ignore[arg-type]
-    cell = 6 if values else 3
-    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold", padding=(0, 0))
-    table.add_column("expert ", justify="right", no_wrap=True)
-    for expert in range(width):
-        table.add_column(str(expert), justify="center", width=cell, no_wrap=True)
+    rows = []
     for row in latest.iter_rows(named=True):
-        shares = row["load_share"] or []
-        cells = [
-            _share_cell(share, row["n_experts"], row["top_k"], dead_fraction, values)
-            for share in shares
-        ]
-        table.add_row(f"layer {row['layer']} ", *cells, *[""] * (width - len(cells)))
-    caption = (
-        f"{DEAD_GLYPH} dead (< {dead_fraction:g} of the fair share 1/E); blocks scale from 0 "
-        "to 1/k (every token); bold yellow = more than twice the fair share"
-        + ("" if values else "; --values prints the numbers")
+        shares = row["load_share"]
+        dead = [] if shares is None else [s < dead_fraction / len(shares) for s in shares]
+        rows.append(HeatRow(f"layer {row['layer']}", shares, dead))
+    return heatmap(
+        rows,
+        n_experts=int(latest["n_experts"].max() or 0),  # type: ignore[arg-type]
+        width=console.width,
+        title=HEATMAP_TITLE,
+        dead_rule=f"< {dead_fraction:g} of the fair share",
+        note="" if values else "--values prints the shares",
+        values=values,
     )
-    return Group(
-        Text("load share f_i per expert at the latest step", style="bold"),
-        table,
-        Text(caption, style="dim"),
-    )
-
-
-def _share_cell(share: float, n_experts: int, top_k: int | None, dead: float, values: bool) -> str:
-    """One heatmap cell: a block scaled 0..1/k (or the number), coloured by meaning."""
-    fair = 1.0 / n_experts
-    ceiling = 1.0 / (top_k or 1)
-    if share < dead * fair:
-        style, glyph = "bold red", DEAD_GLYPH
-    else:
-        index = min(int(share / ceiling * (len(SPARK) - 1) + 0.5), len(SPARK) - 1)
-        style = "bold yellow" if share > 2 * fair else "green"
-        glyph = SPARK[index]
-    text = f"{share:.2f}".center(6) if values else f" {glyph} "
-    if values and share < dead * fair:
-        text = f"{DEAD_GLYPH}{share:.2f}".center(6)
-    return f"[{style}]{text}[/{style}]"
 
 
 def _charts(metrics: pl.DataFrame, analysis: Analysis, console: Console) -> list[Any]:
     """Token and load entropy over steps, one line per layer, with the thresholds drawn."""
     from rich.text import Text
 
-    from routelog.render.plot import Series, line_chart
+    from routelog.render.plot import MARKERS, Series, line_chart, marker_for, panels
 
     t = analysis.config.thresholds
     color = console.color_system is not None
@@ -340,15 +335,30 @@ def _charts(metrics: pl.DataFrame, analysis: Analysis, console: Console) -> list
             [("collapse", t.collapse_entropy)],
         ),
     ):
-        series = [
-            Series(
-                f"layer {layer}", block["step"].to_list(), block[column].to_list(), str(layer)[-1]
-            )
-            for (layer,), block in metrics.sort("step").group_by("layer", maintain_order=True)
-        ]
-        series.sort(key=lambda s: int(s.label.split()[1]))
-        text = line_chart(
-            series, title=title, width=console.width, thresholds=thresholds, color=color
+        blocks = metrics.sort("step").group_by("layer", maintain_order=True)
+        series = sorted(
+            (
+                Series(f"layer {layer}", block["step"].to_list(), block[column].to_list())
+                for (layer,), block in blocks
+            ),
+            key=lambda s: int(s.label.split()[1]),
         )
-        charts.append(Text.from_ansi(text) if color else Text(text))
+        layers = [int(s.label.split()[1]) for s in series]
+        # A layer's marker is its number (0-9, then a-z) when every layer has one; else
+        # its position. Either way every marker in a panel is distinct.
+        own = max(layers, default=0) < len(MARKERS)
+        series = [
+            Series(s.label, s.x, s.y, marker_for(layer if own else index))
+            for index, (s, layer) in enumerate(zip(series, layers, strict=True))
+        ]
+        groups = panels(len(series))
+        for group in groups:
+            part = series[group.start : group.stop]
+            name = title
+            if len(groups) > 1:
+                name += f" (layers {layers[group.start]}–{layers[group.stop - 1]})"
+            text = line_chart(
+                part, title=name, width=console.width, thresholds=thresholds, color=color
+            )
+            charts.append(Text.from_ansi(text) if color else Text(text))
     return charts

@@ -134,7 +134,7 @@ def test_summary_reads_without_colour() -> None:
         "FAIL  min_token_entropy_norm  1/2 layers failed  "
         "fails: r layer 1  token_entropy_norm 0.100 < 0.200"
     )
-    assert lines[1] == "PASS  collapse                0/1 layers failed  no layer affected"
+    assert lines[1] == "PASS  collapse                 0/1 layer failed  no layer affected"
     assert "  FAIL min_token_entropy_norm: layer 1 too low" in lines
     assert lines[-1] == "FAIL: 1 of 2 rules failed (1 layer check of 3)"
     assert all(line == line.rstrip() for line in lines)
