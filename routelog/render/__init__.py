@@ -1,4 +1,4 @@
-"""Render: results -> table, JSON, CSV or Markdown. The only stage that prints.
+"""Render: results -> table, JSON, CSV, Markdown or HTML. The only stage that prints.
 
 Pretty output (colour, box drawing) only when the destination is a terminal; ``NO_COLOR``
 and ``--width`` are respected. JSON and CSV are written from frames, with no markup.
@@ -22,6 +22,7 @@ class Format(str, enum.Enum):
     json = "json"
     csv = "csv"
     markdown = "markdown"
+    html = "html"
 
 
 PIPE_WIDTH = 120

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from routelog import __version__
 from routelog.diagnose import TREND_NOTE
+from routelog.experts import dead_experts
 from routelog.render.data import records
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ def analysis_document(analysis: Analysis) -> dict[str, Any]:
         "runs": [run.summary() for run in analysis.runs],
         "metrics": records(analysis.metrics),
         "findings": [f.to_dict() for f in analysis.findings],
+        "dead_experts": records(dead_experts(analysis.expert_histories())),
     }
 
 
