@@ -247,3 +247,49 @@ def test_experts_on_real_logs_show_deaths() -> None:
         steps = json.loads(result.output)["layers"][0]["steps"]
         position = steps.index(since)
         assert all(share < 0.1 / 8 for share in e["load_share"][position:])
+
+
+def test_readme_example_is_the_real_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's console example of ``routelog experts`` is what the command prints."""
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    command = "$ routelog experts sample_logs/collapse --top-k 2\n"
+    block = readme.split(command, 1)[1].split("```", 1)[0]
+    monkeypatch.setenv("COLUMNS", "120")
+    result = runner.invoke(app, ["experts", str(SAMPLES / "collapse"), "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    assert result.output == block
+
+
+def test_experts_mass_share_and_sort_final() -> None:
+    result = runner.invoke(
+        app,
+        ["experts", str(SAMPLES / "collapse"), "-k", "2", "--layer", "0", "--share", "mass"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "probability mass P_i per expert" in result.output
+    result = runner.invoke(
+        app, ["experts", str(SAMPLES / "collapse"), "-k", "2", "-l", "3", "--sort", "final"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.output.splitlines()[3:11]]
+    finals = [float(r[-1]) for r in rows]
+    assert finals == sorted(finals)
+
+
+def test_experts_csv_is_one_row_per_layer_step_expert() -> None:
+    result = runner.invoke(app, ["experts", str(SAMPLES / "collapse"), "-k", "2", "-f", "csv"])
+    assert result.exit_code == 0, result.output
+    frame = pl.read_csv(result.output.encode())
+    assert frame.columns == [
+        "run",
+        "layer",
+        "step",
+        "expert",
+        "n_experts",
+        "load_share",
+        "mass_share",
+        "dead",
+    ]
+    assert frame.height == 4 * 12 * 8

@@ -92,22 +92,39 @@ def encode_cells(ratio: np.ndarray, dead: np.ndarray) -> str:
 
 
 def _findings_html(findings: Sequence[Finding]) -> str:
+    """Findings grouped by severity and rule (as in the terminal report), each group a
+    ``<details>`` with one line per layer; small groups open, large ones folded."""
+    from routelog.render.report import finding_groups, where
+
     if not findings:
         return '<p class="ok">no findings: every rule passed on every layer</p>'
-    items = []
-    for f in findings:
-        span = (
-            f"step {f.first_step}"
-            if f.first_step == f.last_step
-            else f"steps {f.first_step}–{f.last_step}"
+    fails = sum(f.severity == "fail" for f in findings)
+    groups = []
+    for severity, code, group in finding_groups(list(findings)):
+        items = []
+        for f in group:
+            span = (
+                f"step {f.first_step}"
+                if f.first_step == f.last_step
+                else f"steps {f.first_step}–{f.last_step}"
+            )
+            active = " · still holds" if f.active else ""
+            items.append(
+                f'<li class="finding {f.severity}"><span class="muted">{_e(f.run)} · layer '
+                f"{_e(f.layer)} · {span}{active}</span><br>{_e(f.message)}</li>"
+            )
+        is_open = " open" if len(group) <= 3 else ""
+        groups.append(
+            f'<details class="group {severity}"{is_open}><summary><span class="sev">'
+            f"{severity.upper()}</span> <b>{_e(code)}</b> "
+            f'<span class="muted">{_e(where(group))} ({len(group)})</span></summary>'
+            f'<ul class="findings">{"".join(items)}</ul></details>'
         )
-        active = " · still holds" if f.active else ""
-        items.append(
-            f'<li class="finding {f.severity}"><span class="sev">{f.severity.upper()}</span> '
-            f'<b>{_e(f.code)}</b> <span class="muted">{_e(f.run)} · layer {_e(f.layer)} · '
-            f"{span}{active}</span><br>{_e(f.message)}</li>"
-        )
-    return f'<ul class="findings">{"".join(items)}</ul>'
+    head = (
+        f'<p>{fails} fail, {len(findings) - fails} warn · <span class="muted">'
+        "(* = still holds at the latest step; click a rule to fold or unfold it)</span></p>"
+    )
+    return head + "".join(groups)
 
 
 def _table_html(headers: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") -> str:
@@ -255,11 +272,16 @@ def heatmap(
     note = f'<p class="caption">{_e(caption)}</p>' if caption else ""
     return (
         f'<figure class="heat"><figcaption>{_e(title)}</figcaption>'
-        f'<div class="axis">{_e(rows[0])} ↓ · {_e(cols[0])} → '
-        f"({n_rows} x {n_cols})</div>"
+        f'<div class="axis">{_e(rows[0])} {_e(_ends(rows[1]))} ↓ · '
+        f"{_e(cols[0])} {_e(_ends(cols[1]))} → ({n_rows} x {n_cols})</div>"
         f'<canvas data-heat="{index}" width="{n_cols}" height="{n_rows}" '
         f'aria-label="{_e(title)}"></canvas>{note}</figure>'
     )
+
+
+def _ends(labels: Sequence[object]) -> str:
+    """``0–1100``: the first and last label of an axis."""
+    return f"{labels[0]}–{labels[-1]}" if len(labels) > 1 else str(labels[0])
 
 
 HEAT_CAPTION = (
@@ -481,7 +503,9 @@ th{font-weight:600}td:last-child,th:last-child{text-align:left}
 .status,.sev{font-weight:600}.ok{color:#2e7d32}.warn .sev,.status.warn{color:#b26a00}
 .fail .sev,.status.fail,.verdict.fail{color:#c62828}.status.ok,.verdict.ok{color:#2e7d32}
 .verdict{font-size:17px;font-weight:600}
-.findings{list-style:none;padding:0}.finding{margin:6px 0;padding-left:8px;
+.group{margin:4px 0}.group summary{cursor:pointer}.group.fail .sev{color:#c62828}
+.group.warn .sev{color:#b26a00}.findings{list-style:none;padding:0 0 0 18px;margin:2px 0}
+.finding{margin:6px 0;padding-left:8px;
 border-left:3px solid #e69f00}.finding.fail{border-left-color:#c62828}
 .grid{display:flex;flex-wrap:wrap;gap:10px}
 .chart{margin:0;width:330px}.chart svg{width:100%;height:auto;background:#fff}

@@ -128,7 +128,7 @@ def wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_wandb_offline_logs_every_metric_and_resumes(wandb_offline: Path) -> None:
-    from tests.wandb_records import history, summary
+    from tests.export.wandb_records import history, summary
 
     assert "6 new steps" in _export("--wandb", "moe-lab/run42", "--steps", ":500")
     assert "6 new steps (steps 600–1100)" in _export("--wandb", "moe-lab/run42")
