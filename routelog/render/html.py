@@ -516,10 +516,11 @@ figcaption{font-weight:600;font-size:13px}
 .legend{font-size:11px;color:#4b5563}.key{margin-right:8px;white-space:nowrap}
 .key i{display:inline-block;width:12px;height:3px;margin-right:3px;vertical-align:middle}
 .key i.dash{height:0;border-top:2px dashed}
-.heats{display:flex;flex-wrap:wrap;gap:14px}.heat{margin:0}
+.heats{display:flex;flex-wrap:wrap;gap:14px}.heat{margin:0;flex:0 0 auto}
+.heats .heat canvas{width:400px}.heats .heat.big{flex-basis:100%}
 .heat canvas{image-rendering:pixelated;width:min(100%,520px);height:auto;
 max-height:420px;border:1px solid #d1d5db;cursor:zoom-in;display:block}
-.heat.big canvas{width:min(100%,1300px);max-height:none;cursor:zoom-out}
+.heat.big canvas,.heats .heat.big canvas{width:min(100%,1300px);max-height:none;cursor:zoom-out}
 .axis{font-size:11px;color:#6b7280}
 #tip{position:fixed;pointer-events:none;background:#111827;color:#fff;font-size:12px;
 padding:3px 7px;border-radius:3px;display:none;white-space:pre}
