@@ -740,7 +740,8 @@ def compare(
             elif fmt is Format.html:
                 from routelog.render.html import comparison_html
 
-                stream.write(comparison_html(result, settings))  # type: ignore[attr-defined]
+                page = comparison_html(result, settings, options.dead_fraction)
+                stream.write(page)  # type: ignore[attr-defined]
             else:
                 console = make_console(stream, width=width)  # type: ignore[arg-type]
                 view.print_comparison(result, console, plot=plot)

@@ -462,9 +462,12 @@ def check_html(result: CheckResult, analysis: Analysis) -> str:
     return page.render()
 
 
-def comparison_html(comparison: Comparison, config: Any) -> str:
-    """The report of ``compare --format html``: the table, then entropy per layer per run."""
+def comparison_html(comparison: Comparison, config: Any, dead_fraction: float = 0.1) -> str:
+    """The report of ``compare --format html``: the table, entropy per layer with one line per
+    run, then each run's load heatmaps (latest step, and each expert over steps)."""
     import polars as pl
+
+    from routelog.experts import histories
 
     page = _Page(f"routelog compare: {', '.join(g.name for g in comparison.groups)}")
     scalar = [
@@ -488,6 +491,15 @@ def comparison_html(comparison: Comparison, config: Any) -> str:
             page, comparison.metrics, config, by_run=True, runs=[g.name for g in comparison.groups]
         )
     )
+    every = histories(comparison.metrics, dead_fraction=dead_fraction)
+    for group in comparison.groups:
+        history = [h for h in every if h.run == group.name]
+        if history:
+            page.body.append(
+                f"<h3>{_e(group.name)}: load per expert</h3>"
+                + _latest_heatmap(page, history)
+                + _expert_heatmaps(page, history)
+            )
     return page.render()
 
 

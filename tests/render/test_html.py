@@ -133,6 +133,7 @@ def test_compare_and_check_html_in_chromium(tmp_path: Path) -> None:
     assert page.values["charts"] == 4
     assert page.values["lines"] == 8  # one line per run per layer
     assert page.values["layer_rows"] == 8
+    assert page.values["canvases"] == page.values["drawn"] == 2 * (1 + 4)  # per run
 
     checked = tmp_path / "check.html"
     result = runner.invoke(
