@@ -293,3 +293,14 @@ def test_experts_csv_is_one_row_per_layer_step_expert() -> None:
         "dead",
     ]
     assert frame.height == 4 * 12 * 8
+
+
+def test_step_sampling_keeps_the_ends_and_fits() -> None:
+    from routelog.render.experts import _sample
+
+    picked = _sample(300, 62)
+    assert picked[0] == 0
+    assert picked[-1] == 299
+    assert len(picked) <= 62
+    assert picked == sorted(set(picked))
+    assert _sample(10, 62) == list(range(10))
