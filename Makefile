@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # torch is a test-only dependency (real .pt files in tests); never a runtime one.
 TORCH  ?= torch==2.13.0
 # extras the test suite installs: each optional world (torch, cloud, dask, ...) is tested.
-TEST_EXTRAS := dev,dask
+TEST_EXTRAS := dev,dask,plot,tensorboard,wandb
 
 .DEFAULT_GOAL := help
 
@@ -34,7 +34,12 @@ fmt: $(STAMP)  ## fix formatting and autofixable lint
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint  ## ruff, mypy strict, then the whole pytest suite
+browser:  ## install headless Chromium (Debian's package) for the HTML report tests
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+		>/dev/null; } || echo "chromium could not be installed: the browser tests skip (fail on CI)"
+
+test: lint browser  ## ruff, mypy strict, then the whole pytest suite
 	$(BIN)/python -m pytest
 
 readme: $(STAMP)  ## rewrite the README's console examples from what routelog prints now
@@ -49,4 +54,4 @@ bench: $(STAMP)  ## run the performance benchmark (writes bench/results.json; BE
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help install demo lint fmt test readme samples bench clean
+.PHONY: help install demo lint fmt browser test readme samples bench clean

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import polars as pl
 
     from routelog.cache import Cache
+    from routelog.experts import LayerHistory
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -114,6 +115,15 @@ class Analysis:
     options: Options
     findings: list[Finding] = field(default_factory=list)
     config: Config = field(default_factory=Config)
+    _histories: list[LayerHistory] | None = field(default=None, repr=False)
+
+    def expert_histories(self) -> list[LayerHistory]:
+        """Each run's layers over steps, per expert (computed on first use)."""
+        if self._histories is None:
+            from routelog.experts import histories
+
+            self._histories = histories(self.metrics, self.runs, self.options.dead_fraction)
+        return self._histories
 
 
 def default_jobs() -> int:
@@ -547,6 +557,6 @@ def analyze(
         runs=runs,
         metrics=metrics,
         options=opts,
-        findings=diagnose(metrics, config),
+        findings=diagnose(metrics, config, dead_fraction=opts.dead_fraction),
         config=config,
     )

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import IO, TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -318,6 +318,10 @@ def _analysis_writer(
             stream.write(data.to_csv(result.metrics))  # type: ignore[attr-defined]
         elif fmt is Format.markdown:
             stream.write(markdown.analysis_markdown(result))  # type: ignore[attr-defined]
+        elif fmt is Format.html:
+            from routelog.render.html import analysis_html
+
+            stream.write(analysis_html(result))  # type: ignore[attr-defined]
         else:
             console = make_console(stream, width=width, color=color)  # type: ignore[arg-type]
             report.print_report(result, console, plot=plot, values=values)
@@ -450,6 +454,293 @@ def _final_report(
         typer.echo("routelog: watch: no complete log file was seen", err=True)
         return
     _emit(output, _analysis_writer(result, fmt, width=width, color=color))
+
+
+class SortOpt(str, enum.Enum):
+    """How ``experts`` orders its rows."""
+
+    death = "death"
+    final = "final"
+    expert = "expert"
+
+
+class ShareOpt(str, enum.Enum):
+    """Which share ``experts`` draws."""
+
+    load = "load"
+    mass = "mass"
+
+
+@app.command()
+def experts(
+    path: Annotated[
+        str, typer.Argument(help="The run: a log file or directory, PATH or NAME=PATH.")
+    ],
+    layer: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            "--layer", "-l", help="The layer to draw (default: the one with most dead experts)."
+        ),
+    ] = None,
+    sort: Annotated[
+        SortOpt,
+        typer.Option(help="Row order: death (dead first, earliest first), final share, or id."),
+    ] = SortOpt.death,
+    rows: Annotated[
+        int,
+        typer.Option(
+            min=2, help="Experts shown at most: the lowest and highest, the rest counted."
+        ),
+    ] = 40,
+    share: Annotated[
+        ShareOpt,
+        typer.Option(help="load: count share f_i; mass: probability mass P_i (needs probs)."),
+    ] = ShareOpt.load,
+    top_k: TopK = None,
+    layers: Layers = None,
+    steps: Steps = None,
+    skip_bad_rows: SkipBadRows = False,
+    temperature: Temperature = None,
+    score: Score = "softmax",
+    num_experts: NumExperts = None,
+    fmt: FormatOpt = Format.table,
+    output: Output = None,
+    config: ConfigOpt = None,
+    width: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option("--width", min=40, help="Width of the report in columns."),
+    ] = None,
+    jobs: Jobs = None,
+    no_cache: NoCache = False,
+    cache_dir: CacheDir = None,
+    scheduler: Scheduler = None,
+    color: ColorOpt = Color.auto,
+    debug: Debug = False,
+) -> None:
+    """Each expert of one layer over steps: which experts die, and when.
+
+    A heatmap with one row per expert and one column per step; JSON gives every layer's
+    per-expert, per-step shares (one layer with --layer).
+
+    Example: routelog experts sample_logs/collapse --top-k 2 --layer 3
+    """
+    with _errors(debug):
+        from routelog.errors import UsageError
+        from routelog.experts import shares_frame
+        from routelog.render import data, make_console
+        from routelog.render import experts as view
+
+        if fmt not in (Format.table, Format.json, Format.csv):
+            raise UsageError(f"experts writes --format table, json or csv, not {fmt.value}")
+        result = _Reading(
+            config,
+            top_k,
+            layers,
+            steps,
+            skip_bad_rows,
+            temperature,
+            score,
+            num_experts,
+            jobs,
+            no_cache,
+            cache_dir,
+            scheduler,
+        ).analysis([path])
+        history = result.expert_histories()
+        metric = "load_share" if share is ShareOpt.load else "mass_share"
+        if metric == "mass_share" and all(h.mass is None for h in history):
+            raise UsageError(
+                f"{path}: --share mass needs router probabilities; these logs hold "
+                "counts or selected ids only (use --share load)"
+            )
+        present = [h.layer for h in history]
+        if layer is not None:
+            if layer not in present:
+                raise UsageError(
+                    f"{path}: no layer {layer}; the run has layers {', '.join(map(str, present))}"
+                )
+            history = [h for h in history if h.layer == layer]
+        dead_fraction = result.options.dead_fraction
+
+        def write(stream: object) -> None:
+            if fmt is Format.json:
+                document = view.experts_document(
+                    history, dead_fraction=dead_fraction, metric=metric
+                )
+                stream.write(data.to_json(document))  # type: ignore[attr-defined]
+            elif fmt is Format.csv:
+                stream.write(data.to_csv(shares_frame(history)))  # type: ignore[attr-defined]
+            else:
+                chosen, why = view.pick_layer(history) if layer is None else (history[0], "")
+                console = make_console(stream, width=width, color=color)  # type: ignore[arg-type]
+                view.print_experts(
+                    chosen,
+                    console,
+                    dead_fraction=dead_fraction,
+                    sort=sort.value,
+                    rows=rows,
+                    metric=metric,
+                    why=why,
+                )
+
+        _emit(output, write)
+
+
+class KindOpt(str, enum.Enum):
+    """Which panels ``plot`` draws."""
+
+    both = "both"
+    entropy = "entropy"
+    experts = "experts"
+
+
+@app.command()
+def plot(
+    path: Annotated[
+        str, typer.Argument(help="The run: a log file or directory, PATH or NAME=PATH.")
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="The figure: FILE.png, FILE.svg or FILE.pdf.")
+    ],
+    kind: Annotated[
+        KindOpt,
+        typer.Option(
+            help="both: per layer, entropy and expert load side by side; entropy or experts: "
+            "a grid of that panel."
+        ),
+    ] = KindOpt.both,
+    per_layer: Annotated[
+        bool,
+        typer.Option("--per-layer", help="One file per layer: FILE_layer03.png, ..."),
+    ] = False,
+    dpi: Annotated[int, typer.Option(min=50, max=1200, help="Resolution of PNG output.")] = 200,
+    top_k: TopK = None,
+    layers: Layers = None,
+    steps: Steps = None,
+    skip_bad_rows: SkipBadRows = False,
+    temperature: Temperature = None,
+    score: Score = "softmax",
+    num_experts: NumExperts = None,
+    config: ConfigOpt = None,
+    jobs: Jobs = None,
+    no_cache: NoCache = False,
+    cache_dir: CacheDir = None,
+    scheduler: Scheduler = None,
+    debug: Debug = False,
+) -> None:
+    """Figures for a paper or a slide: entropy over steps and expert load, per layer
+    (matplotlib: pip install 'routelog[plot]').
+
+    Example: routelog plot sample_logs/collapse --top-k 2 -o collapse.pdf
+    """
+    with _errors(debug):
+        from routelog.render import figures
+
+        figures.figure_format(output)
+        figures.matplotlib_figure()  # a missing extra fails before the run is read
+        result = _Reading(
+            config,
+            top_k,
+            layers,
+            steps,
+            skip_bad_rows,
+            temperature,
+            score,
+            num_experts,
+            jobs,
+            no_cache,
+            cache_dir,
+            scheduler,
+        ).analysis([path])
+        if per_layer:
+            written = []
+            for layer in sorted(set(result.metrics["layer"].to_list())):
+                target = figures.per_layer_path(output, layer)
+                figures.save(figures.draw(result, kind=kind.value, layers=[layer]), target, dpi=dpi)
+                written.append(target)
+            typer.echo(
+                f"wrote {len(written)} figures: {written[0]} ... {written[-1].name}", err=True
+            )
+        else:
+            figures.save(figures.draw(result, kind=kind.value), output, dpi=dpi)
+            typer.echo(f"wrote {output}", err=True)
+
+
+@app.command()
+def export(
+    path: Annotated[
+        str, typer.Argument(help="The run: a log file or directory, PATH or NAME=PATH.")
+    ],
+    tensorboard: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--tensorboard", metavar="DIR", help="Write TensorBoard event files to DIR."),
+    ] = None,
+    wandb: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--wandb",
+            metavar="PROJECT[/RUN_ID]",
+            help="Log to this W&B project (resuming run RUN_ID: the metrics join that run).",
+        ),
+    ] = None,
+    top_k: TopK = None,
+    layers: Layers = None,
+    steps: Steps = None,
+    skip_bad_rows: SkipBadRows = False,
+    temperature: Temperature = None,
+    score: Score = "softmax",
+    num_experts: NumExperts = None,
+    config: ConfigOpt = None,
+    jobs: Jobs = None,
+    no_cache: NoCache = False,
+    cache_dir: CacheDir = None,
+    scheduler: Scheduler = None,
+    debug: Debug = False,
+) -> None:
+    """Routing metrics and findings to TensorBoard or W&B, next to the loss curve: every
+    metric per layer at its step; only steps not exported before (run it after each round).
+
+    Example: routelog export sample_logs/collapse --top-k 2 --tensorboard runs/exp1
+    """
+    with _errors(debug):
+        from routelog.errors import UsageError
+        from routelog.extras import require
+
+        if tensorboard is None and wandb is None:
+            raise UsageError("nothing to export to: give --tensorboard DIR and/or --wandb PROJECT")
+        # a missing extra fails before the run is read
+        if tensorboard is not None:
+            require("tensorboard", "tensorboard", "routelog export --tensorboard")
+        if wandb is not None:
+            from routelog.export import wandb as to_wandb
+
+            to_wandb.parse_target(wandb)
+            require("wandb", "wandb", "routelog export --wandb")
+        result = _Reading(
+            config,
+            top_k,
+            layers,
+            steps,
+            skip_bad_rows,
+            temperature,
+            score,
+            num_experts,
+            jobs,
+            no_cache,
+            cache_dir,
+            scheduler,
+        ).analysis([path])
+        run = result.runs[0].name
+        if tensorboard is not None:
+            from routelog.export import tensorboard as to_tensorboard
+
+            done = to_tensorboard.export(tensorboard, run, result.metrics, result.findings)
+            typer.echo(f"tensorboard {tensorboard}: {done.describe()}", err=True)
+        if wandb is not None:
+            from routelog.export import wandb as to_wandb
+
+            done = to_wandb.export(wandb, run, result.metrics, result.findings)
+            typer.echo(f"wandb {wandb} (run {done.where}): {done.describe()}", err=True)
 
 
 @app.command()
@@ -634,6 +925,11 @@ def compare(
                 stream.write(data.to_csv(result.table))  # type: ignore[attr-defined]
             elif fmt is Format.markdown:
                 stream.write(view.to_markdown(result))  # type: ignore[attr-defined]
+            elif fmt is Format.html:
+                from routelog.render.html import comparison_html
+
+                page = comparison_html(result, settings, options.dead_fraction)
+                stream.write(page)  # type: ignore[attr-defined]
             else:
                 console = make_console(stream, width=width, color=color)  # type: ignore[arg-type]
                 view.print_comparison(result, console, plot=plot)
@@ -714,6 +1010,7 @@ def check(
     scheduler: Scheduler = None,
     fmt: FormatOpt = Format.table,
     color: ColorOpt = Color.auto,
+    output: Output = None,
     debug: Debug = False,
 ) -> None:
     """Gate CI on routing health: exit 0 when every rule passes, 1 when one fails, 2 on bad
@@ -763,14 +1060,22 @@ def check(
             analysis, settings, baseline=base, align=align.value, window=window, strict=strict
         )
 
-        if fmt is Format.json:
-            sys.stdout.write(data.to_json(render_check.check_document(result)))
-        elif fmt is Format.csv:
-            sys.stdout.write(data.to_csv(_rule_frame(result)))
-        elif fmt is Format.markdown:
-            sys.stdout.write(render_check.markdown_summary(result))
-        else:
-            render_check.print_check(result, make_console(sys.stdout, color=color))
+        def write(stream: object) -> None:
+            out: IO[str] = stream  # type: ignore[assignment]
+            if fmt is Format.json:
+                out.write(data.to_json(render_check.check_document(result)))
+            elif fmt is Format.csv:
+                out.write(data.to_csv(_rule_frame(result)))
+            elif fmt is Format.markdown:
+                out.write(render_check.markdown_summary(result))
+            elif fmt is Format.html:
+                from routelog.render.html import check_html
+
+                out.write(check_html(result, analysis))
+            else:
+                render_check.print_check(result, make_console(out, color=color))
+
+        _emit(output, write)
         if junit is not None:
             _write(junit, render_check.junit_xml(result), "--junit")
         if github:

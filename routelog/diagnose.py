@@ -30,6 +30,7 @@ from typing import Any
 import polars as pl
 
 from routelog.config import Config, Thresholds
+from routelog.experts import dead_at
 from routelog.findings import Finding, Severity, sort_findings
 
 KEYS = ["run", "layer"]
@@ -39,11 +40,23 @@ TREND_NOTE = "trends need at least two logged steps: only level rules (collapse,
 _Row = dict[str, Any]
 
 
-def diagnose(metrics: pl.DataFrame, config: Config | None = None) -> list[Finding]:
-    """Findings of every enabled rule, sorted fail first, then by run and layer."""
+NAMES_EXPERTS = ("collapse", "underutilization")
+"""Rules whose findings list the dead experts (``Finding.dead_experts``)."""
+
+
+def diagnose(
+    metrics: pl.DataFrame, config: Config | None = None, *, dead_fraction: float | None = None
+) -> list[Finding]:
+    """Findings of every enabled rule, sorted fail first, then by run and layer.
+
+    ``dead_fraction`` (default: the configuration's) is the one the metrics' ``dead_experts``
+    were counted with; ``collapse`` and ``underutilization`` findings name those experts.
+    """
     config = config if config is not None else Config()
     if metrics.height == 0:
         return []
+    fraction = config.dead_fraction if dead_fraction is None else dead_fraction
+    names = "load_share" in metrics.columns
     frame = _prepare(metrics)
     trend = frame.filter(pl.col("_run_steps") >= 2)
     t = config.thresholds
@@ -55,8 +68,38 @@ def diagnose(metrics: pl.DataFrame, config: Config | None = None) -> list[Findin
         if source.height == 0:
             continue
         for row in rule(source, t).iter_rows(named=True):
+            if code in NAMES_EXPERTS and names:
+                row["_dead"] = dead_at(
+                    metrics, row["run"], row["layer"], row["last_step"], fraction
+                )
             findings.append(_finding(code, row, message(row, t)))
     return sort_findings(findings)
+
+
+def named_experts(dead: list[dict[str, int]] | None, most: int = 8) -> str:
+    """``experts 5 since step 600; 7 since step 800``: the first ``most`` of them.
+
+    Examples
+    --------
+    >>> named_experts([{"expert": 5, "since_step": 600}, {"expert": 7, "since_step": 600}])
+    'experts 5, 7 since step 600'
+    """
+    if not dead:
+        return ""
+    by_step: dict[int, list[int]] = {}
+    for item in dead:
+        by_step.setdefault(item["since_step"], []).append(item["expert"])
+    shown = 0
+    parts = []
+    for since, ids in sorted(by_step.items()):
+        room = most - shown
+        if room <= 0:
+            break
+        parts.append(f"{', '.join(map(str, ids[:room]))} since step {since}")
+        shown += min(len(ids), room)
+    more = f" and {len(dead) - shown} more" if shown < len(dead) else ""
+    noun = "expert" if len(dead) == 1 else "experts"
+    return f"{noun} {'; '.join(parts)}{more}"
 
 
 def _prepare(metrics: pl.DataFrame) -> pl.DataFrame:
@@ -343,6 +386,8 @@ def _collapse_message(row: _Row, t: Thresholds) -> str:
     metric = row["_metric"]
     if metric == "dead_experts":
         what = f"{row['dead_experts']} of {row['n_experts']} experts receive almost no tokens"
+        if row.get("_dead"):
+            what += f": {named_experts(row['_dead'])}"
     elif metric == "load_entropy_norm":
         what = f"load entropy is {row['load_entropy_norm']:.2f} of its maximum"
     else:
@@ -364,8 +409,13 @@ def _rigidity_message(row: _Row, t: Thresholds) -> str:
 def _underutilization_message(row: _Row, t: Thresholds) -> str:
     return (
         f"Layer {row['layer']} leaves {row['dead_experts']} of {row['n_experts']} experts "
-        f"without tokens {_span(row)}: check its load balance and capacity factor."
+        f"without tokens {_span(row)}{_named(row)}: check its load balance and capacity factor."
     )
+
+
+def _named(row: _Row) -> str:
+    names = named_experts(row.get("_dead"))
+    return f" ({names})" if names else ""
 
 
 def _wasted_capacity_message(row: _Row, t: Thresholds) -> str:
@@ -457,4 +507,5 @@ def _finding(code: str, row: _Row, message: str) -> Finding:
         threshold=row["_threshold"],
         message=message,
         predicted_step=row.get("predicted_step"),
+        dead_experts=row.get("_dead"),
     )

@@ -31,6 +31,9 @@ class Finding:
     message: str
     predicted_step: int | None = None
     """``forecast`` only: the step at which the trend crosses its threshold."""
+    dead_experts: list[dict[str, int]] | None = None
+    """``underutilization`` and ``collapse``: the dead experts at ``last_step``, each as
+    ``{"expert": i, "since_step": s}`` (s: the start of its unbroken dead streak)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

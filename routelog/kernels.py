@@ -399,6 +399,20 @@ _METRIC_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
+def is_dead(share: Any, n_experts: Any, dead_fraction: float) -> Any:
+    """The dead-expert rule, f_i < dead_fraction / E, on numpy arrays or Polars expressions.
+
+    The one place the rule is written: ``dead_experts`` counts it and
+    :mod:`routelog.experts` names the experts it holds for.
+
+    Examples
+    --------
+    >>> is_dead(np.array([0.0, 0.01, 0.5]), 8, 0.1)
+    array([ True,  True, False])
+    """
+    return share < dead_fraction / n_experts
+
+
 def _finish_block(block: pl.DataFrame, dead_fraction: float, keys: list[str]) -> pl.DataFrame:
     n_experts = int(block["n_experts"][0])
     n_tokens = block["n_tokens"].to_numpy().astype(np.float64)
@@ -435,7 +449,7 @@ def _finish_block(block: pl.DataFrame, dead_fraction: float, keys: list[str]) ->
             "top1_prob": np.where(has_probs, block["sum_top1"].to_numpy() / n_tokens, np.nan),
             "z_loss": np.where(n_lse > 0, block["sum_lse_sq"].to_numpy() / n_lse, np.nan),
         }
-    dead = np.where(total > 0, (share < dead_fraction / n_experts).sum(axis=1), -1)
+    dead = np.where(total > 0, is_dead(share, n_experts, dead_fraction).sum(axis=1), -1)
     out = block.select(keys).with_columns(
         pl.Series("n_tokens", block["n_tokens"]),
         pl.Series("n_experts", block["n_experts"]),

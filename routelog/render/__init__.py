@@ -1,4 +1,4 @@
-"""Render: results -> table, JSON, CSV or Markdown. The only stage that prints.
+"""Render: results -> table, JSON, CSV, Markdown or HTML. The only stage that prints.
 
 Every text report goes through one console, built by :func:`make_console`: colour by
 ``--color auto|always|never``, ``NO_COLOR`` and ``FORCE_COLOR``; the width of ``--width``,
@@ -24,6 +24,7 @@ class Format(str, enum.Enum):
     json = "json"
     csv = "csv"
     markdown = "markdown"
+    html = "html"
 
 
 class Color(str, enum.Enum):

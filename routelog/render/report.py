@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from routelog import __version__
 from routelog.diagnose import TREND_NOTE
+from routelog.experts import dead_experts
 from routelog.render.data import records
 from routelog.render.text import fmt, plural
 
@@ -59,6 +60,7 @@ def analysis_document(analysis: Analysis) -> dict[str, Any]:
         "runs": [run.summary() for run in analysis.runs],
         "metrics": records(analysis.metrics),
         "findings": [f.to_dict() for f in analysis.findings],
+        "dead_experts": records(dead_experts(analysis.expert_histories())),
     }
 
 
