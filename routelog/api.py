@@ -389,7 +389,7 @@ def _with_token_metrics(metrics: pl.DataFrame, runs: list[Run]) -> pl.DataFrame:
     ]
     found = pl.concat(parts) if parts else empty
     joined = metrics.join(found, on=["run", "step", "layer"], how="left", maintain_order="left")
-    return joined.select(*[c for c in joined.columns if c != "load_share"], "load_share")
+    return joined.select(*[c for c in joined.columns if c not in kernels.SHARES], *kernels.SHARES)
 
 
 def inspect_file(path: Path, options: Options) -> ingest.FileInfo:

@@ -134,7 +134,7 @@ def _collapse(frame: pl.DataFrame, t: Thresholds) -> pl.DataFrame:
     load = pl.col("load_entropy_norm") < t.collapse_entropy
     assign = pl.col("assign_entropy_norm") < t.collapse_entropy
     dead_limit = pl.col("n_experts") * t.collapse_dead_share
-    dead = pl.col("dead_experts") >= dead_limit
+    dead = pl.col("dead_experts") > dead_limit  # a threshold is the last value that passes
     spans = _latest_span(
         frame, load.fill_null(False) | assign.fill_null(False) | dead, t.collapse_min_steps
     )
