@@ -22,12 +22,13 @@ from routelog import ingest, kernels, tokens
 from routelog.config import Config
 from routelog.errors import InputError, UsageError
 from routelog.findings import Finding
-from routelog.options import Options, StepRange, parse_layers, parse_steps
+from routelog.options import Options, StepRange, TopKSource, parse_layers, parse_steps
 
 if TYPE_CHECKING:
     import polars as pl
 
     from routelog.cache import Cache
+    from routelog.modelconfig import ModelConfig
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -80,7 +81,13 @@ class Run:
     stats: pl.DataFrame
     selections: pl.DataFrame | None
     top_k_assumed: bool = False
-    """k came from the configured default: neither --top-k nor the data stated it."""
+    """Nothing stated k (no --top-k, data, run or model config, configuration): k=1 is used."""
+    top_k_source: TopKSource = "data"
+    """Where k came from (:data:`routelog.options.TopKSource`)."""
+    top_k_file: str | None = None
+    """The file k came from, for ``run_config``, ``model_config`` and ``config``."""
+    warnings: list[str] = field(default_factory=list)
+    """Run-level warnings (several runs merged into one, ...)."""
 
     def summary(self) -> dict[str, Any]:
         """The run's entry in the JSON ``runs`` list."""
@@ -96,8 +103,10 @@ class Run:
             "top_k": top_k[0] if len(top_k) == 1 else top_k,
             "payloads": sorted({f.payload for f in self.files if f.payload}),
             "top_k_assumed": self.top_k_assumed,
+            "top_k_source": self.top_k_source,
+            "top_k_file": self.top_k_file,
             "ignored_files": self.ignored_files,
-            "warnings": warnings,
+            "warnings": [*self.warnings, *warnings],
         }
 
 
@@ -137,7 +146,7 @@ def read_file(path: Path, options: Options, *, prefetch: int = PREFETCH) -> File
             assumed = assumed or (
                 batch.kind == "probs" and options.top_k is None and not batch.top_k
             )
-            reduced = _reduce(batch, options)
+            reduced = _reduce(batch, options, path)
             parts.append(reduced.stats)
             if reduced.selections is not None:
                 selections.append(reduced.selections)
@@ -257,12 +266,76 @@ def _read_through(path: Path, options: Options, cache: Cache | None, prefetch: i
     return result
 
 
-def _reduce(batch: ingest.Batch, options: Options) -> kernels.Reduced:
+def _reduce(batch: ingest.Batch, options: Options, path: Path) -> kernels.Reduced:
     if batch.kind == "probs":
-        return kernels.reduce_probs(batch.frame, options.k_for(batch.top_k))
+        k = options.k_for(batch.top_k)
+        if k > batch.n_experts and (options.top_k is not None or batch.top_k is None):
+            raise UsageError(
+                f"{_k_origin(options)} is larger than E={batch.n_experts}, the experts of "
+                f"layer {batch.frame['layer'][0]} in {path}: a token cannot be routed to more "
+                "experts than the layer has"
+            )
+        return kernels.reduce_probs(batch.frame, k)
     if batch.kind == "topk":
         return kernels.reduce_topk(batch.frame, batch.n_experts)
     return kernels.reduce_counts(batch.frame, batch.top_k)
+
+
+def _k_origin(options: Options) -> str:
+    """How the k in use was given, for messages: ``--top-k 9``, ``top_k = 9 in FILE``."""
+    if options.top_k is not None:
+        return f"--top-k {options.top_k}"
+    if options.default_top_k_file is not None:
+        key = "num_experts_per_tok" if options.default_top_k_source == "model_config" else "top_k"
+        return f"k={options.default_top_k} ({key} in {options.default_top_k_file})"
+    return f"k={options.default_top_k}"
+
+
+def run_options(path: Path, options: Options) -> tuple[Options, ModelConfig | None]:
+    """The options for the run at ``path``, with the k its own files state as the default.
+
+    Precedence (highest first): ``--top-k``; the data's own k (per file, at reading); the
+    run directory's ``routelog.toml``/``[tool.routelog]`` ``top_k``; a model ``config.json``
+    in the run directory or above (:func:`routelog.modelconfig.find_model_config`); the
+    configuration's ``top_k``; else 1, assumed. Also returns the model config, whose E the
+    data must match.
+    """
+    from dataclasses import replace
+
+    from routelog.config import run_config
+    from routelog.modelconfig import find_model_config
+
+    model = find_model_config(path)
+    if options.top_k is not None:
+        return options, model
+    own = run_config(path)
+    if own is not None and "top_k" in own.sources:
+        return replace(
+            options,
+            default_top_k=own.top_k,
+            default_top_k_source="run_config",
+            default_top_k_file=str(own.path),
+        ), model
+    if model is not None and model.top_k is not None:
+        return replace(
+            options,
+            default_top_k=model.top_k,
+            default_top_k_source="model_config",
+            default_top_k_file=str(model.path),
+        ), model
+    return options, model
+
+
+def _check_model_experts(stats: pl.DataFrame, model: ModelConfig | None, path: Path) -> None:
+    """The data's E must be the model config's E, when the config states one."""
+    if model is None or model.num_experts is None:
+        return
+    for layer, width in stats.select("layer", "n_experts").unique().sort("layer").iter_rows():
+        if width != model.num_experts:
+            raise InputError(
+                f"{path}: layer {layer} has E={width} experts, but {model.path} says "
+                f"E={model.num_experts}: is that the model of this run?"
+            )
 
 
 def _check_experts(stats: pl.DataFrame, seen: dict[int, tuple[int, str]], path: Path) -> None:
@@ -294,6 +367,7 @@ def load_run(
     import polars as pl
 
     found = ingest.discover(spec.path)
+    options, model = run_options(spec.path, options)
     workers = default_jobs() if jobs is None else jobs
     if workers < 1:
         raise UsageError(f"--jobs must be at least 1, got {workers}")
@@ -316,6 +390,7 @@ def load_run(
     seen: dict[int, tuple[int, str]] = {}
     for result in results:
         _check_experts(result.stats, seen, Path(result.info.path))
+        _check_model_experts(result.stats, model, Path(result.info.path))
     stats = kernels.merge([r.stats for r in results])
     if stats.height == 0:
         raise InputError(f"{spec.path}: no routed tokens{_selection_hint(options)}")
@@ -332,8 +407,19 @@ def load_run(
             if selections
             else None
         ),
-        top_k_assumed=any(r.top_k_assumed for r in results),
+        **_k_provenance(options, any(r.top_k_assumed for r in results)),
     )
+
+
+def _k_provenance(options: Options, used_default: bool) -> dict[str, Any]:
+    source = options.k_source(used_default)
+    return {
+        "top_k_assumed": source == "assumed",
+        "top_k_source": source,
+        "top_k_file": (
+            options.default_top_k_file if source == options.default_top_k_source else None
+        ),
+    }
 
 
 def _selection_hint(options: Options) -> str:
@@ -435,6 +521,33 @@ def inspect(
     return [inspect_file(path, opts) for path in files]
 
 
+def inspect_k(
+    paths: Sequence[str | Path], infos: list[ingest.FileInfo], options: Options
+) -> list[dict[str, Any]]:
+    """Per path given to ``inspect``: the k its files that state none would be analyzed
+    with, and where it comes from (``top_k``, ``top_k_source``, ``top_k_file``,
+    ``top_k_assumed``); ``needed`` is false when every probability file states its own k."""
+    out = []
+    for path in paths:
+        resolved, _ = run_options(Path(path), options)
+        root = Path(path).resolve()
+        own = [
+            info
+            for info in infos
+            if Path(info.path).resolve() == root or root in Path(info.path).resolve().parents
+        ]
+        needed = any(i.payload in PROBABILITY_PAYLOADS and i.top_k is None for i in own)
+        provenance = _k_provenance(resolved, True)
+        out.append(
+            {"path": str(path), "top_k": resolved.k_for(None), "needed": needed, **provenance}
+        )
+    return out
+
+
+PROBABILITY_PAYLOADS = ("probabilities", "logits")
+"""``FileInfo.payload`` values whose k routelog has to choose (the others state theirs)."""
+
+
 def make_options(
     *,
     top_k: int | None = None,
@@ -445,9 +558,14 @@ def make_options(
     score: str = "softmax",
     dead_fraction: float = 0.1,
     num_experts: int | None = None,
-    default_top_k: int = 1,
+    default_top_k: int | None = None,
+    default_top_k_file: str | None = None,
 ) -> Options:
-    """Build ``Options`` from plain Python values (strings as on the command line)."""
+    """Build ``Options`` from plain Python values (strings as on the command line).
+
+    ``default_top_k``: the configured k for data that states none (``default_top_k_file``:
+    the configuration file it came from); None assumes k=1, and reports say so.
+    """
     if score not in ("softmax", "sigmoid"):
         raise UsageError(f"--score must be softmax or sigmoid, not {score!r}")
     layer_set = (
@@ -458,7 +576,9 @@ def make_options(
     )
     return Options(
         top_k=top_k,
-        default_top_k=default_top_k,
+        default_top_k=default_top_k if default_top_k is not None else 1,
+        default_top_k_source="assumed" if default_top_k is None else "config",
+        default_top_k_file=default_top_k_file,
         layers=layer_set,
         steps=step_range,
         skip_bad_rows=skip_bad_rows,

@@ -110,6 +110,9 @@ class CheckResult:
     rules: list[RuleResult]
     window: int | None = None
     notes: list[str] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    """The checked runs' summaries (:meth:`routelog.api.Run.summary`): k and its source,
+    warnings."""
 
     @property
     def passed(self) -> bool:
@@ -142,8 +145,22 @@ class CheckResult:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"passed": bool, "rules": [...]}`` (``--format json``)."""
-        return {"passed": self.passed, "rules": [r.to_dict() for r in self.rules]}
+        """``{"passed": bool, "runs": [...], "rules": [...], "notes": [...]}``
+        (``--format json``); each run says its ``top_k``, ``top_k_source`` and
+        ``top_k_assumed``."""
+        return {
+            "passed": self.passed,
+            "runs": [_run_entry(run) for run in self.runs],
+            "rules": [r.to_dict() for r in self.rules],
+            "notes": self.notes,
+        }
+
+
+RUN_KEYS = ("run", "path", "top_k", "top_k_source", "top_k_file", "top_k_assumed", "warnings")
+
+
+def _run_entry(summary: dict[str, Any]) -> dict[str, Any]:
+    return {key: summary.get(key) for key in RUN_KEYS}
 
 
 def check(
@@ -158,7 +175,7 @@ def check(
     """Evaluate the check rules on an analysis (``settings`` default: its configuration's)."""
     settings = settings if settings is not None else analysis.config.check
     enabled = analysis.config.rules
-    return evaluate(
+    result = evaluate(
         analysis.metrics,
         analysis.findings,
         settings,
@@ -168,6 +185,8 @@ def check(
         strict=strict,
         enabled=enabled,
     )
+    result.runs = [run.summary() for run in analysis.runs]
+    return result
 
 
 def evaluate(

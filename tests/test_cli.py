@@ -35,7 +35,8 @@ def test_csv_to_file(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     lines = target.read_text().splitlines()
-    assert lines[0].startswith("run,step,layer,n_tokens,n_experts,top_k,token_entropy,")
+    header = "run,step,layer,n_tokens,n_experts,top_k,top_k_assumed,token_entropy,"
+    assert lines[0].startswith(header)
     assert "load_share" not in lines[0].split(",")
     assert len(lines) == 1 + 12 * 4
 

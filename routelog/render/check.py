@@ -70,11 +70,28 @@ def final_line(result: CheckResult) -> str:
     )
 
 
+def run_lines(result: CheckResult) -> list[str]:
+    """One header line per checked run: its name and k (where it came from, or that it is
+    assumed), then its run-level warnings."""
+    from routelog.render.report import k_plain
+
+    lines = []
+    for run in result.runs:
+        lines.append(f"{run['run']}  {k_plain(run)}")
+    return lines
+
+
 def print_check(result: CheckResult, console: Console) -> None:
-    """Each rule with PASS or FAIL, failing layers and the worst layer; the failures'
-    messages; notes; a last line with the verdict."""
+    """A header line per run (its k); each rule with PASS or FAIL, failing layers and the
+    worst layer; the failures' messages; notes; a last line with the verdict."""
     from rich.markup import escape
 
+    from routelog.render.report import k_markup
+
+    for run in result.runs:
+        console.print(f"[bold]{escape(run['run'])}[/bold]  {k_markup(run)}", soft_wrap=True)
+    if result.runs:
+        console.print()
     summaries = result.summaries()
     if not summaries:
         console.print("no rules to check")
@@ -117,6 +134,18 @@ def junit_xml(result: CheckResult) -> bytes:
         errors="0",
         skipped="0",
     )
+    if result.runs:
+        properties = ET.SubElement(suite, "properties")
+        for run in result.runs:
+            from routelog.render.report import k_plain
+
+            for key, value in (
+                ("top_k", run["top_k"]),
+                ("top_k_source", run["top_k_source"]),
+                ("top_k_assumed", str(bool(run["top_k_assumed"])).lower()),
+                ("k", k_plain(run)),
+            ):
+                ET.SubElement(properties, "property", name=f"{run['run']}.{key}", value=str(value))
     for rule in result.rules:
         case = ET.SubElement(
             suite,
@@ -163,6 +192,10 @@ def markdown_summary(result: CheckResult) -> str:
     """The step summary (``GITHUB_STEP_SUMMARY``) and ``--format markdown``: verdict, a
     table of rules, the failures."""
     lines = [f"## {TITLE}: {_status(result.passed)}", ""]
+    for line, run in zip(run_lines(result), result.runs, strict=True):
+        lines.append(f"**{cell(line)}**  " if run.get("top_k_assumed") else f"{cell(line)}  ")
+    if result.runs:
+        lines.append("")
     lines += ["| status | rule | failed layers | worst layer |", "|---|---|---|---|"]
     for summary in result.summaries():
         status = _status(summary.passed)

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from routelog.render.report import finding_groups, fmt, layer_status, where
+from routelog.render.report import finding_groups, fmt, k_plain, layer_status, where
 
 if TYPE_CHECKING:
     from routelog.api import Analysis
@@ -29,8 +29,8 @@ def analysis_markdown(analysis: Analysis) -> str:
             f"### routelog: {run.name}",
             "",
             f"Steps {steps[0]}–{steps[-1]} ({len(steps)} logged), "
-            f"{metrics['layer'].n_unique()} layers, k={summary['top_k']}"
-            + (" (assumed)" if summary["top_k_assumed"] else "")
+            f"{metrics['layer'].n_unique()} layers, "
+            + (f"**{k_plain(summary)}**" if summary["top_k_assumed"] else k_plain(summary))
             + ".",
             "",
         ]

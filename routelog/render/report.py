@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import polars as pl
     from rich.console import Console
 
-    from routelog.api import Analysis
+    from routelog.api import Analysis, Run
     from routelog.findings import Finding
 
 STATUS_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red"}
@@ -48,6 +48,66 @@ def sparkline(values: list[float | None], lo: float = 0.0, hi: float = 1.0) -> s
         frac = min(max((value - lo) / (hi - lo), 0.0), 1.0)
         out.append(SPARK[round(frac * (len(SPARK) - 1))])
     return "".join(out)
+
+
+def k_plain(summary: dict[str, Any]) -> str:
+    """A run's k and where it came from, in words: ``k=2 (num_experts_per_tok in
+    runs/config.json)``, ``k=2 (--top-k)``, ``k=2`` (the data's own), or the assumption."""
+    from routelog.options import ASSUMED_K_TEXT
+
+    source = summary.get("top_k_source")
+    top_k = summary["top_k"]
+    k = f"k={top_k if top_k != [] else '–'}"
+    if isinstance(top_k, list) and top_k:
+        k = f"k={'/'.join(map(str, top_k))}"
+    if summary.get("top_k_assumed"):
+        return ASSUMED_K_TEXT
+    if source == "option":
+        return f"{k} (--top-k)"
+    file = summary.get("top_k_file")
+    if file and source in ("run_config", "model_config", "config"):
+        key = "num_experts_per_tok" if source == "model_config" else "top_k"
+        return f"{k} ({key} in {_short_path(file)})"
+    return k
+
+
+def k_markup(summary: dict[str, Any]) -> str:
+    """:func:`k_plain` as rich markup: an assumed k is yellow."""
+    from rich.markup import escape
+
+    text = escape(k_plain(summary))
+    return f"[yellow]{text}[/yellow]" if summary.get("top_k_assumed") else text
+
+
+def _short_path(path: str) -> str:
+    """A path relative to the current directory when that is shorter."""
+    import os.path
+
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # pragma: no cover (another drive on Windows)
+        return path
+    return relative if len(relative) < len(path) else path
+
+
+def with_k_columns(frame: pl.DataFrame, runs: list[Run], *, after: str) -> pl.DataFrame:
+    """``frame`` with ``top_k_assumed`` (per row, by its ``run``) after the column ``after``:
+    CSV has no header block, so the assumption travels in a column."""
+    import polars as pl
+
+    assumed = {run.name: run.top_k_assumed for run in runs}
+    column = pl.col("run").replace_strict(assumed, default=False, return_dtype=pl.Boolean)
+    out = frame.with_columns(column.alias("top_k_assumed"))
+    names = list(frame.columns)
+    names.insert(names.index(after) + 1 if after in names else len(names), "top_k_assumed")
+    return out.select(names)
+
+
+def metrics_csv(analysis: Analysis) -> str:
+    """``analyze --format csv``: the metrics, with ``top_k_assumed`` after ``top_k``."""
+    from routelog.render.data import to_csv
+
+    return to_csv(with_k_columns(analysis.metrics, analysis.runs, after="top_k"))
 
 
 def analysis_document(analysis: Analysis) -> dict[str, Any]:
@@ -183,7 +243,6 @@ def _header(summary: dict[str, Any], metrics: pl.DataFrame) -> str:
         if len(tokens)
         else "counts only"
     )
-    top_k = summary["top_k"]
     span = (
         f"steps {steps[0]}–{steps[-1]} ({len(steps)} logged)"
         if len(steps) > 1
@@ -192,7 +251,7 @@ def _header(summary: dict[str, Any], metrics: pl.DataFrame) -> str:
     return (
         f"[bold]{summary['run']}[/bold]  {span} · "
         f"{metrics['layer'].n_unique()} layers · E={'/'.join(map(str, experts))} · "
-        f"k={top_k if top_k != [] else '–'} · {per_step}"
+        f"{k_markup(summary)} · {per_step}"
     )
 
 
