@@ -88,6 +88,9 @@ class Run:
     """The file k came from, for ``run_config``, ``model_config`` and ``config``."""
     warnings: list[str] = field(default_factory=list)
     """Run-level warnings (several runs merged into one, ...)."""
+    merged: dict[str, Any] | None = None
+    """Files of this run that log the same tokens of the same step and layer (several runs
+    read as one): ``files``, ``step``, ``layer``, ``tokens``, ``pairs``, ``of``, ``layers``."""
 
     def summary(self) -> dict[str, Any]:
         """The run's entry in the JSON ``runs`` list."""
@@ -107,6 +110,7 @@ class Run:
             "top_k_file": self.top_k_file,
             "ignored_files": self.ignored_files,
             "warnings": [*self.warnings, *warnings],
+            "merged_runs": self.merged,
         }
 
 
@@ -396,6 +400,7 @@ def load_run(
         raise InputError(f"{spec.path}: no routed tokens{_selection_hint(options)}")
     stats = stats.with_columns(pl.lit(spec.name).alias("run")).select("run", *stats.columns)
     selections = [r.selections for r in results if r.selections is not None]
+    merged = _merged_runs(results, spec.path)
     return Run(
         name=spec.name,
         path=str(spec.path),
@@ -408,6 +413,74 @@ def load_run(
             else None
         ),
         **_k_provenance(options, any(r.top_k_assumed for r in results)),
+        merged=merged,
+        warnings=[] if merged is None else [merged_message(merged)],
+    )
+
+
+def _merged_runs(results: list[FileResult], root: Path) -> dict[str, Any] | None:
+    """Two files of the run logging the same tokens of the same (step, layer, dataset):
+    several runs read as one. Shards (:func:`routelog.ingest.is_shard`) are left out; files
+    without token positions cannot be told apart and are left out too.
+
+    Vectorized: each file's token range per (step, layer, dataset), sorted by its first
+    token; two ranges of a group overlap exactly when some range starts at or before the end
+    of the one sorted just before it (the first overlapping pair is always adjacent).
+    """
+    import polars as pl
+
+    keys = ["step", "layer", "dataset"]
+    ranges = [
+        r.selections.group_by(keys)
+        .agg(pl.col("token").min().alias("lo"), pl.col("token").max().alias("hi"))
+        .with_columns(pl.lit(i, pl.Int32).alias("file"))
+        for i, r in enumerate(results)
+        if r.selections is not None and not ingest.is_shard(Path(r.info.path))
+    ]
+    if len(ranges) < 2:
+        return None
+    spans = (
+        pl.concat(ranges)
+        .sort([*keys, "lo"], nulls_last=True)
+        .with_columns(
+            pl.col("hi").shift(1).over(keys).alias("_prev_hi"),
+            pl.col("file").shift(1).over(keys).alias("_prev_file"),
+        )
+    )
+    overlapping = spans.filter(pl.col("lo") <= pl.col("_prev_hi"))
+    if overlapping.height == 0:
+        return None
+    first = overlapping.sort("step", "layer").row(0, named=True)
+    pairs = overlapping.select(keys).unique().height
+    names = [_relative(results[first[f]].info.path, root) for f in ("_prev_file", "file")]
+    return {
+        "files": names,
+        "step": first["step"],
+        "layer": first["layer"],
+        "tokens": [max(first["lo"], 0), min(first["hi"], first["_prev_hi"])],
+        "pairs": pairs,
+        "of": spans.select(keys).unique().height,
+        "layers": sorted(overlapping["layer"].unique().to_list()),
+    }
+
+
+def _relative(path: str, root: Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return path
+
+
+def merged_message(merged: dict[str, Any]) -> str:
+    """The warning for several runs merged into one (see :func:`_merged_runs`)."""
+    first, second = merged["files"]
+    lo, hi = merged["tokens"]
+    return (
+        f"several runs merged into one? {first} and {second} both log step {merged['step']} "
+        f"layer {merged['layer']} for tokens {lo}–{hi}, and {merged['pairs']} of {merged['of']} "
+        "(step, layer) pairs are logged twice: that is not sharding. Give each run its own "
+        "argument (routelog analyze DIR/*); mark data-parallel shards with a rank column or "
+        "rankN in their file names"
     )
 
 

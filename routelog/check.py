@@ -156,7 +156,16 @@ class CheckResult:
         }
 
 
-RUN_KEYS = ("run", "path", "top_k", "top_k_source", "top_k_file", "top_k_assumed", "warnings")
+RUN_KEYS = (
+    "run",
+    "path",
+    "top_k",
+    "top_k_source",
+    "top_k_file",
+    "top_k_assumed",
+    "warnings",
+    "merged_runs",
+)
 
 
 def _run_entry(summary: dict[str, Any]) -> dict[str, Any]:
@@ -186,7 +195,30 @@ def check(
         enabled=enabled,
     )
     result.runs = [run.summary() for run in analysis.runs]
+    result.rules += merged_rules(analysis)
     return result
+
+
+MERGED_RULE = "merged_runs"
+
+
+def merged_rules(analysis: Analysis) -> list[RuleResult]:
+    """A failing ``merged_runs`` result for each layer that two files of one run log for the
+    same tokens: the metrics average several runs, so no other verdict on them can be
+    trusted (a collapsing run merged with a healthy one passes). Runs without such files
+    get no result (the rule is not listed)."""
+    out = []
+    for run in analysis.runs:
+        if run.merged is None:
+            continue
+        from routelog.api import merged_message
+
+        full = f"run {run.name}: {merged_message(run.merged)}"
+        for index, layer in enumerate(run.merged["layers"]):
+            short = f"run {run.name} layer {layer}: two files log the same tokens (see above)"
+            message = full if index == 0 else short
+            out.append(RuleResult(MERGED_RULE, None, run.name, layer, None, None, False, message))
+    return out
 
 
 def evaluate(

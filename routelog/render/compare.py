@@ -119,8 +119,13 @@ def _title(comparison: Comparison) -> list[str]:
 
 def print_comparison(comparison: Comparison, console: Console, *, plot: bool = False) -> None:
     """Header, side-by-side table, what was left out, findings, and (``plot``) charts."""
+    from rich.markup import escape
+
     for line in _title(comparison):
         console.print(line)
+    for run in comparison.runs:
+        for warning in run.warnings:
+            console.print(f"[bold yellow]warning[/bold yellow]: {run.name}: {escape(warning)}")
     console.print(_table(comparison))
     for item in comparison.left_out:
         where = "every layer" if item.layer is None else f"layer {item.layer}"

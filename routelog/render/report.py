@@ -132,11 +132,16 @@ def fmt(value: float | int | None, digits: int = 3) -> str:
 def print_report(
     analysis: Analysis, console: Console, *, plot: bool = False, values: bool = False
 ) -> None:
-    """For each run: header, findings, per-layer table, load heatmap, notes (and plots)."""
+    """For each run: header, warnings, findings, per-layer table, load heatmap, notes (and
+    plots)."""
+    from rich.markup import escape
+
     for run in analysis.runs:
         metrics = analysis.metrics.filter(analysis.metrics["run"] == run.name)
         findings = [f for f in analysis.findings if f.run == run.name]
         console.print(_header(run.summary(), metrics))
+        for warning in run.warnings:
+            console.print(f"[bold yellow]warning[/bold yellow]: {escape(warning)}")
         console.print()
         for line in findings_lines(findings):
             console.print(line)
@@ -155,7 +160,7 @@ def print_report(
             for chart in _charts(metrics, analysis, console):
                 console.print()
                 console.print(chart)
-        notes = _notes(run.summary())
+        notes = [n for n in _notes(run.summary()) if n not in run.warnings]
         if metrics["step"].n_unique() < 2:
             notes.insert(0, f"one logged step: {TREND_NOTE}")
         for line in notes:
