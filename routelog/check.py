@@ -75,10 +75,20 @@ class RuleResult:
     message: str
     step: int | None = None
     margin: float | None = None
+    warned: bool = False
+    """Passed, but a finding of this rule holds at the latest step (a ``warn``)."""
+
+    @property
+    def status(self) -> str:
+        """``fail``, ``warn`` (passed with a finding that still holds) or ``pass``: the same
+        word the analyze table's status column gives the layer for this rule."""
+        if not self.passed:
+            return "fail"
+        return "warn" if self.warned else "pass"
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON entry: ``{"rule", "metric", "run", "layer", "value", "threshold",
-        "passed", "message"}``."""
+        "passed", "status", "message"}``."""
         return {
             "rule": self.rule,
             "metric": self.metric,
@@ -87,13 +97,15 @@ class RuleResult:
             "value": self.value,
             "threshold": self.threshold,
             "passed": self.passed,
+            "status": self.status,
             "message": self.message,
         }
 
 
 @dataclass(frozen=True)
 class RuleSummary:
-    """A rule over every layer it was evaluated on, with its worst layer."""
+    """A rule over every layer it was evaluated on: the failing (else warned) layers, all
+    listed, and the worst of them."""
 
     rule: str
     metric: str | None
@@ -101,6 +113,8 @@ class RuleSummary:
     failed: int
     total: int
     worst: RuleResult | None
+    affected: list[RuleResult] = field(default_factory=list)
+    """The failing layers; when none fails, the warned ones (findings rules)."""
 
 
 @dataclass
@@ -125,8 +139,9 @@ class CheckResult:
     def summaries(self) -> list[RuleSummary]:
         """Per rule, in evaluation order: failed layers and the worst layer.
 
-        The worst layer is a failing one (the furthest beyond its limit), else the one
-        closest to its limit; findings rules name a failing layer only.
+        The worst layer is the failing one furthest beyond its limit; when none fails, the
+        warned one furthest beyond (findings rules), else the one closest to its limit
+        (thresholds). Findings rules without a finding name no layer.
         """
         by_rule: dict[str, list[RuleResult]] = {}
         for result in self.rules:
@@ -134,14 +149,18 @@ class CheckResult:
         out = []
         for rule, results in by_rule.items():
             failed = [r for r in results if not r.passed]
-            candidates = failed or [r for r in results if r.margin is not None]
+            warned = [r for r in results if r.passed and r.warned]
+            affected = failed or warned
+            candidates = affected or [r for r in results if r.margin is not None]
             worst = min(
                 candidates,
                 key=lambda r: math.inf if r.margin is None else r.margin,
                 default=None,
             )
             metric = next((r.metric for r in results if r.metric), None)
-            out.append(RuleSummary(rule, metric, not failed, len(failed), len(results), worst))
+            out.append(
+                RuleSummary(rule, metric, not failed, len(failed), len(results), worst, affected)
+            )
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -295,6 +314,8 @@ def _finding_result(
         passed,
         message,
         finding.last_step,
+        finding.margin,
+        warned=passed and finding.active,
     )
 
 

@@ -173,7 +173,7 @@ def _rigidity(frame: pl.DataFrame, t: Thresholds) -> pl.DataFrame:
 def _underutilization(frame: pl.DataFrame, t: Thresholds) -> pl.DataFrame:
     spans = _latest_span(frame, pl.col("dead_experts") >= 1, t.underutilization_min_steps)
     spans = spans.filter(pl.col("n_steps") >= t.underutilization_min_steps)
-    return _with_verdict(spans, "dead_experts", pl.col("dead_experts"), 1.0)
+    return _with_verdict(spans, "dead_experts", pl.col("dead_experts"), 0.0)
 
 
 def _wasted_capacity(frame: pl.DataFrame, t: Thresholds) -> pl.DataFrame:
@@ -339,24 +339,51 @@ def _since(row: _Row) -> str:
     return f"since step {row['first_step']}" if row["active"] else _span(row)
 
 
+def _number(value: float) -> str:
+    """A loss for a sentence: 3 significant figures, no exponent (``220``, ``7.47``)."""
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.2f}"
+
+
+def _losses(row: _Row, *names: str) -> str:
+    """``; aux loss 8.00 vs 2 balanced, z-loss 220``: the router losses and confidence
+    that explain a finding, where the data has them (z-loss needs logits)."""
+    parts = []
+    for name in names:
+        value = row.get(name)
+        if value is None or value != value:
+            continue
+        if name == "aux_loss":
+            balanced = row.get("top_k")
+            when = f" vs {balanced} balanced" if balanced else ""
+            parts.append(f"aux loss {_number(value)}{when}")
+        elif name == "z_loss":
+            parts.append(f"z-loss {_number(value)}")
+        elif name == "top1_prob":
+            parts.append(f"top-1 probability {value:.3f}")
+    return "; " + ", ".join(parts) if parts else ""
+
+
 def _collapse_message(row: _Row, t: Thresholds) -> str:
     metric = row["_metric"]
     if metric == "dead_experts":
-        what = f"{row['dead_experts']} of {row['n_experts']} experts receive almost no tokens"
+        dead = f"{row['dead_experts']} of {row['n_experts']}"
+        what = f"{dead} experts receive almost no tokens or weight"
     elif metric == "load_entropy_norm":
         what = f"load entropy is {row['load_entropy_norm']:.2f} of its maximum"
     else:
         what = f"assignment entropy is {row['assign_entropy_norm']:.2f} of its maximum"
+    losses = _losses(row, "aux_loss", "z_loss")
     return (
-        f"Layer {row['layer']} routes to a few experts only ({what}) {_since(row)}: "
+        f"Layer {row['layer']} routes to a few experts only ({what}{losses}) {_since(row)}: "
         "check its load-balancing loss and router initialisation."
     )
 
 
 def _rigidity_message(row: _Row, t: Thresholds) -> str:
+    losses = _losses(row, "top1_prob", "z_loss")
     return (
         f"Layer {row['layer']}'s router is nearly deterministic (token entropy "
-        f"{row['token_entropy_norm']:.3f}) {_since(row)}: look at router logit scale, "
+        f"{row['token_entropy_norm']:.3f}{losses}) {_since(row)}: look at router logit scale, "
         "z-loss and learning rate."
     )
 
@@ -364,7 +391,7 @@ def _rigidity_message(row: _Row, t: Thresholds) -> str:
 def _underutilization_message(row: _Row, t: Thresholds) -> str:
     return (
         f"Layer {row['layer']} leaves {row['dead_experts']} of {row['n_experts']} experts "
-        f"without tokens {_span(row)}: check its load balance and capacity factor."
+        f"without tokens or weight {_span(row)}: check its load balance and capacity factor."
     )
 
 
@@ -403,9 +430,11 @@ def _early_saturation_message(row: _Row, t: Thresholds) -> str:
 
 
 def _persistent_skew_message(row: _Row, t: Thresholds) -> str:
+    losses = _losses(row, "aux_loss")
     return (
         f"Layer {row['layer']}'s busiest expert gets {row['max_vio'] + 1:.1f} times the mean "
-        f"load {_span(row)}: strengthen load balancing for this layer."
+        f"load{f' ({losses[2:]})' if losses else ''} {_span(row)}: strengthen load balancing "
+        "for this layer."
     )
 
 

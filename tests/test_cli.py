@@ -45,7 +45,7 @@ def test_table_report() -> None:
     result = runner.invoke(app, ["analyze", str(SAMPLES / "collapse"), "-k", "2"])
     assert result.exit_code == 0, result.output
     assert "collapse  steps 0–1100 (12 logged) · 4 layers · E=8 · k=2" in result.output
-    layer_rows = [line.split() for line in result.output.splitlines() if line.strip()[:1].isdigit()]
+    layer_rows = [line.split() for line in result.output.splitlines() if line[:5].strip().isdigit()]
     assert [row[0] for row in layer_rows] == ["0", "1", "2", "3"]
     assert [row[5] for row in layer_rows] == ["0/8", "0/8", "6/8", "6/8"]
 

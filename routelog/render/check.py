@@ -48,12 +48,32 @@ def _compared(worst: RuleResult) -> str:
     return f"{worst.metric} {_num(value)} {op} {_num(threshold)}"
 
 
+def layers_text(results: list[RuleResult]) -> str:
+    """Every layer of ``results``, by run: ``collapse layers 0, 2, 3; aux-loss layer 1``."""
+    by_run: dict[str, list[int]] = {}
+    for result in results:
+        by_run.setdefault(result.run, []).append(result.layer)
+    parts = []
+    for run, layers in by_run.items():
+        noun = "layer" if len(layers) == 1 else "layers"
+        parts.append(f"{run} {noun} {', '.join(map(str, sorted(set(layers))))}")
+    return "; ".join(parts)
+
+
 def _worst_text(summary: RuleSummary) -> str:
+    """``fails: run layers 0, 3 · worst layer 3  load_entropy_norm 0.003 < 0.500``: every
+    failing (else warned) layer, then the worst with its value against the limit."""
     worst = summary.worst
     if worst is None:
         return "no layer affected"
-    label = "worst" if summary.passed else "fails"
-    return f"{label}: {worst.run} layer {worst.layer}  {_compared(worst)}".rstrip()
+    compared = f"  {_compared(worst)}".rstrip()
+    if not summary.affected:
+        return f"worst: {worst.run} layer {worst.layer}{compared}"
+    label = "fails" if not summary.passed else "warn"
+    listed = layers_text(summary.affected)
+    if len(summary.affected) == 1:
+        return f"{label}: {listed}{compared}"
+    return f"{label}: {listed} · worst layer {worst.layer}{compared}"
 
 
 def final_line(result: CheckResult) -> str:

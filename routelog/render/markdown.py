@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from routelog.render.report import finding_groups, fmt, k_plain, layer_status, where
+from routelog.findings import worst
+from routelog.render.report import finding_groups, fmt, headline, k_plain, layer_status, where
 
 if TYPE_CHECKING:
     from routelog.api import Analysis
@@ -35,12 +36,13 @@ def analysis_markdown(analysis: Analysis) -> str:
             "",
         ]
         if findings:
+            out += [f"Findings: {headline(findings)}.", ""]
             out += ["| severity | finding | where (* = still holds) | what to look at |"]
             out += ["|---|---|---|---|"]
             for severity, code, group in finding_groups(findings):
                 out.append(
                     f"| **{severity}** | `{code}` | {cell(where(group))} | "
-                    f"{cell(group[0].message)} |"
+                    f"{cell(worst(group).message)} |"
                 )
         else:
             out.append("No findings: every rule passed on every layer.")

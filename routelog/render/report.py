@@ -111,10 +111,20 @@ def metrics_csv(analysis: Analysis) -> str:
 
 
 def analysis_document(analysis: Analysis) -> dict[str, Any]:
-    """The JSON document of ``analyze --format json``."""
+    """The JSON document of ``analyze --format json``: also ``summary`` (findings counted by
+    status, as the headline) and ``layers`` (each layer's status and codes, as the table)."""
+    layers = []
+    for run in analysis.runs:
+        own = [f for f in analysis.findings if f.run == run.name]
+        metrics = analysis.metrics.filter(analysis.metrics["run"] == run.name)
+        for layer in sorted(metrics["layer"].unique().to_list()):
+            status, codes = layer_status(own, layer)
+            layers.append({"run": run.name, "layer": layer, "status": status, "codes": codes})
     return {
         "routelog_version": __version__,
         "runs": [run.summary() for run in analysis.runs],
+        "summary": finding_counts(analysis.findings),
+        "layers": layers,
         "metrics": records(analysis.metrics),
         "findings": [f.to_dict() for f in analysis.findings],
     }
@@ -213,21 +223,41 @@ def where(group: list[Finding]) -> str:
     return ", ".join(f"layer {m} ({_span(f)})" for m, f in zip(marks, group, strict=True))
 
 
+def finding_counts(findings: list[Finding]) -> dict[str, int]:
+    """Findings by :attr:`Finding.status`: ``fail`` and ``warn`` hold at the latest step,
+    ``earlier`` ended before it (the headline, the status column and the JSON agree)."""
+    counts = {"fail": 0, "warn": 0, "earlier": 0}
+    for finding in findings:
+        counts[finding.status] += 1
+    return counts
+
+
+def headline(findings: list[Finding]) -> str:
+    """``2 fail, 8 warn, 3 earlier only``: fail and warn count the findings that hold at the
+    latest step (the layer statuses), ``earlier only`` those that ended before it."""
+    counts = finding_counts(findings)
+    text = f"{counts['fail']} fail, {counts['warn']} warn"
+    if counts["earlier"]:
+        text += f", {counts['earlier']} earlier only"
+    return text
+
+
 def findings_lines(findings: list[Finding]) -> list[Any]:
-    """The findings panel as rich markup lines: one header, then two lines per group."""
+    """The findings panel as rich markup lines: one header, then two lines per group (the
+    group's worst layer's sentence)."""
+    from routelog.findings import worst
+
     if not findings:
         return ["[green]no findings[/green]: every rule passed on every layer"]
-    fails = sum(f.severity == "fail" for f in findings)
-    warns = len(findings) - fails
     lines: list[Any] = [
-        f"[bold]findings[/bold]: {fails} fail, {warns} warn (* = still holds at the latest step)"
+        f"[bold]findings[/bold]: {headline(findings)} (* = still holds at the latest step)"
     ]
     for severity, code, group in finding_groups(findings):
         style = STATUS_STYLE[severity]
         lines.append(
             f"  [{style}]{severity.upper():<4}[/{style}]  [bold]{code}[/bold]  {where(group)}"
         )
-        lines.append(_indented(group[0].message))
+        lines.append(_indented(worst(group).message))
     return lines
 
 
