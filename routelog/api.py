@@ -123,6 +123,8 @@ class Analysis:
     options: Options
     findings: list[Finding] = field(default_factory=list)
     config: Config = field(default_factory=Config)
+    notes: list[str] = field(default_factory=list)
+    """What the diagnosis could not judge, and why (rules skipped for a --steps window)."""
 
 
 def default_jobs() -> int:
@@ -687,10 +689,33 @@ def analyze(
     opts = options if options is not None else make_options(**option_values)
     runs = load_runs(paths, opts, progress, jobs=jobs, cache=cache)
     metrics = metrics_of(runs, opts)
+    beginning, notes = _beginning_in_view(opts, config)
     return Analysis(
         runs=runs,
         metrics=metrics,
         options=opts,
-        findings=diagnose(metrics, config),
+        findings=diagnose(metrics, config, beginning=beginning),
         config=config,
+        notes=notes,
     )
+
+
+def _beginning_in_view(options: Options, config: Config) -> tuple[bool, list[str]]:
+    """Whether the selected steps include the run's beginning, and a note when they do not.
+
+    A ``--steps`` window starting after step 0 may begin anywhere in the run: the rules that
+    judge "the first 20% of the run" would judge the window's first 20% instead (and call a
+    late, settled router premature). They are skipped, and the note says so.
+    """
+    from routelog.diagnose import BEGINNING_RULES
+
+    start = options.steps.start if options.steps is not None else None
+    if start is None or start <= 0:
+        return True, []
+    skipped = [rule for rule in BEGINNING_RULES if config.enabled(rule)]
+    if not skipped:
+        return False, []
+    return False, [
+        f"{' and '.join(skipped)} not run: --steps starts at step {start}, so the run's "
+        "beginning is not in view (select from step 0 to judge it)"
+    ]

@@ -214,6 +214,7 @@ def check(
         enabled=enabled,
     )
     result.runs = [run.summary() for run in analysis.runs]
+    result.notes += analysis.notes
     result.rules += merged_rules(analysis)
     return result
 

@@ -34,13 +34,21 @@ from routelog.findings import Finding, Severity, sort_findings
 
 KEYS = ["run", "layer"]
 LEVEL_RULES = ("collapse", "rigidity")
+BEGINNING_RULES = ("premature_specialization", "early_saturation")
+"""Rules about the first part of a run: they run only when the run's beginning is in view."""
 TREND_NOTE = "trends need at least two logged steps: only level rules (collapse, rigidity) ran"
 
 _Row = dict[str, Any]
 
 
-def diagnose(metrics: pl.DataFrame, config: Config | None = None) -> list[Finding]:
-    """Findings of every enabled rule, sorted fail first, then by run and layer."""
+def diagnose(
+    metrics: pl.DataFrame, config: Config | None = None, *, beginning: bool = True
+) -> list[Finding]:
+    """Findings of every enabled rule, sorted fail first, then by run and layer.
+
+    ``beginning`` False (a ``--steps`` selection that starts after step 0) skips
+    :data:`BEGINNING_RULES`: "the first 20% of the run" of a window is not the run's start.
+    """
     config = config if config is not None else Config()
     if metrics.height == 0:
         return []
@@ -49,7 +57,7 @@ def diagnose(metrics: pl.DataFrame, config: Config | None = None) -> list[Findin
     t = config.thresholds
     findings: list[Finding] = []
     for code, (rule, message) in _RULES.items():
-        if not config.enabled(code):
+        if not config.enabled(code) or (not beginning and code in BEGINNING_RULES):
             continue
         source = frame if code in LEVEL_RULES else trend
         if source.height == 0:

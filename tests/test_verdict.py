@@ -112,3 +112,25 @@ def test_a_fail_finding_that_ended_is_not_counted_as_fail() -> None:
     assert {e["layer"]: e["status"] for e in document["layers"]}[1] == "warn"
     active_fails = sum(f["severity"] == "fail" and f["active"] for f in document["findings"])
     assert document["summary"]["fail"] == active_fails
+
+
+def test_steps_window_after_the_start_skips_rules_about_the_beginning() -> None:
+    from tests.conftest import SAMPLES
+
+    healthy = str(SAMPLES / "healthy")
+    full = json.loads(runner.invoke(app, ["analyze", healthy, "-k", "2", "-f", "json"]).output)
+    assert full["findings"] == []  # no finding without --steps
+    args = ["analyze", healthy, "-k", "2", "--steps", "1000:"]
+    document = json.loads(runner.invoke(app, [*args, "-f", "json"]).output)
+    # the window's first 30% is not the run's: no early_saturation from a late window
+    assert [f["code"] for f in document["findings"]] == []
+    assert document["notes"] == [
+        "premature_specialization and early_saturation not run: --steps starts at step 1000, "
+        "so the run's beginning is not in view (select from step 0 to judge it)"
+    ]
+    text = " ".join(runner.invoke(app, args).output.split())
+    assert "premature_specialization and early_saturation not run: --steps starts" in text
+    from_zero = json.loads(
+        runner.invoke(app, ["analyze", healthy, "-k", "2", "--steps", "0:", "-f", "json"]).output
+    )
+    assert from_zero["notes"] == []

@@ -127,6 +127,7 @@ def analysis_document(analysis: Analysis) -> dict[str, Any]:
         "layers": layers,
         "metrics": records(analysis.metrics),
         "findings": [f.to_dict() for f in analysis.findings],
+        "notes": analysis.notes,
     }
 
 
@@ -171,6 +172,7 @@ def print_report(
                 console.print()
                 console.print(chart)
         notes = [n for n in _notes(run.summary()) if n not in run.warnings]
+        notes.extend(analysis.notes)
         if metrics["step"].n_unique() < 2:
             notes.insert(0, f"one logged step: {TREND_NOTE}")
         for line in notes:
