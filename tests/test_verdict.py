@@ -134,3 +134,28 @@ def test_steps_window_after_the_start_skips_rules_about_the_beginning() -> None:
         runner.invoke(app, ["analyze", healthy, "-k", "2", "--steps", "0:", "-f", "json"]).output
     )
     assert from_zero["notes"] == []
+
+
+@requires_real
+def test_weight_blind_counting_no_longer_hides_dead_experts() -> None:
+    import numpy as np
+
+    from routelog import api
+
+    analysis = api.analyze([REAL_LOGS / "collapse"], top_k=2, jobs=1)
+    row = analysis.metrics.filter(
+        (analysis.metrics["step"] == 300) & (analysis.metrics["layer"] == 1)
+    ).row(0, named=True)
+    count, mass, top1 = (np.array(row[n]) for n in ("load_share", "mass_share", "top1_share"))
+    # experts 2, 4, 5: chosen second (1.8-5.7% of the slots) but no top-1 token, ~0 mass
+    assert (count[[2, 4, 5]] > 0.1 / 8).all()
+    assert (top1[[2, 4, 5]] == 0).all()
+    assert (mass[[2, 4, 5]] < 0.005).all()
+    assert row["dead_experts"] == 3  # was 0/8 by count alone
+    text = runner.invoke(app, ["analyze", str(REAL_LOGS / "collapse"), "-k", "2"]).output
+    lines = text.splitlines()
+    title = lines.index("probability mass share P_i per expert at the latest step")
+    layer1 = next(line for line in lines[title:] if line.startswith(" layer 1 "))
+    cells = layer1[len(" layer 1 ") :].split()
+    assert [i for i, cell in enumerate(cells) if cell == "×"] == [2, 4, 5]
+    assert "of the tokens or of the mass" in " ".join(text.split())

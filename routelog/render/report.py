@@ -323,7 +323,8 @@ def _layer_table(metrics: pl.DataFrame, findings: list[Finding], *, codes: bool)
             *([", ".join(layer_codes)] if codes else []),
         )
     table.caption = (
-        "entropies normalised by ln E, at the latest step; share and dead from top-k; "
+        "entropies normalised by ln E, at the latest step; max share from top-k slots, dead "
+        "by tokens or mass; "
         "trend: H_token over all logged steps on a 0–1 scale; (code) = held earlier only"
     )
     table.caption_justify = "left"
@@ -358,17 +359,25 @@ def _notes(summary: dict[str, Any]) -> list[str]:
 
 
 def _heatmap(metrics: pl.DataFrame, dead_fraction: float, *, values: bool) -> Any:
-    """Layer x expert load share f_i at the latest step: dead and dominant experts stand out."""
+    """Layer x expert share at the latest step: dead and dominant experts stand out.
+
+    The share is the probability mass share P_i where the layer has probabilities (what the
+    router gives each expert, whatever k), else the load share f_i (top-k slots); dead cells
+    are :func:`routelog.kernels.dead_mask`'s, the one definition of a dead expert.
+    """
     import polars as pl
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
+    from routelog.kernels import dead_mask
+
     latest = (
         metrics.filter(pl.col("step") == pl.col("step").max().over("layer"))
         .sort("layer")
-        .select("layer", "step", "n_experts", "top_k", "load_share")
+        .select("layer", "step", "n_experts", "top_k", "load_share", "mass_share")
     )
+    by_mass = latest["mass_share"].null_count() < latest.height
     width = int(latest["n_experts"].max() or 0)  # type: ignore[arg-type]
     cell = 6 if values else 3
     table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold", padding=(0, 0))
@@ -376,36 +385,41 @@ def _heatmap(metrics: pl.DataFrame, dead_fraction: float, *, values: bool) -> An
     for expert in range(width):
         table.add_column(str(expert), justify="center", width=cell, no_wrap=True)
     for row in latest.iter_rows(named=True):
-        shares = row["load_share"] or []
+        counts = row["load_share"] or []
+        mass = row["mass_share"]
+        shares = mass if mass is not None else counts
+        dead = dead_mask(counts, mass, dead_fraction).tolist() if counts else []
+        ceiling = 1.0 if mass is not None else 1.0 / (row["top_k"] or 1)
         cells = [
-            _share_cell(share, row["n_experts"], row["top_k"], dead_fraction, values)
-            for share in shares
+            _share_cell(share, row["n_experts"], ceiling, is_dead, values)
+            for share, is_dead in zip(shares, dead, strict=True)
         ]
         table.add_row(f"layer {row['layer']} ", *cells, *[""] * (width - len(cells)))
+    if by_mass:
+        title = "probability mass share P_i per expert at the latest step"
+        scale = "blocks scale from 0 to 1 (all the mass)"
+    else:
+        title = "load share f_i per expert at the latest step"
+        scale = "blocks scale from 0 to 1/k (every token)"
     caption = (
-        f"{DEAD_GLYPH} dead (< {dead_fraction:g} of the fair share 1/E); blocks scale from 0 "
-        "to 1/k (every token); bold yellow = more than twice the fair share"
+        f"{DEAD_GLYPH} dead (< {dead_fraction:g} of the fair share 1/E of the tokens or of the "
+        f"mass); {scale}; bold yellow = more than twice the fair share"
         + ("" if values else "; --values prints the numbers")
     )
-    return Group(
-        Text("load share f_i per expert at the latest step", style="bold"),
-        table,
-        Text(caption, style="dim"),
-    )
+    return Group(Text(title, style="bold"), table, Text(caption, style="dim"))
 
 
-def _share_cell(share: float, n_experts: int, top_k: int | None, dead: float, values: bool) -> str:
-    """One heatmap cell: a block scaled 0..1/k (or the number), coloured by meaning."""
+def _share_cell(share: float, n_experts: int, ceiling: float, dead: bool, values: bool) -> str:
+    """One heatmap cell: a block scaled 0..ceiling (or the number), coloured by meaning."""
     fair = 1.0 / n_experts
-    ceiling = 1.0 / (top_k or 1)
-    if share < dead * fair:
+    if dead:
         style, glyph = "bold red", DEAD_GLYPH
     else:
         index = min(int(share / ceiling * (len(SPARK) - 1) + 0.5), len(SPARK) - 1)
         style = "bold yellow" if share > 2 * fair else "green"
         glyph = SPARK[index]
     text = f"{share:.2f}".center(6) if values else f" {glyph} "
-    if values and share < dead * fair:
+    if values and dead:
         text = f"{DEAD_GLYPH}{share:.2f}".center(6)
     return f"[{style}]{text}[/{style}]"
 
