@@ -619,6 +619,7 @@ def _print_suggestion(analysis: Analysis, window: int | None) -> None:
             step=int(analysis.metrics["step"].max()),  # type: ignore[arg-type]
             top_k=sorted(set(run.stats["top_k"].drop_nulls().to_list())),
             window=window,
+            top_k_assumed=run.top_k_assumed,
         )
     )
 

@@ -255,3 +255,11 @@ def test_assumed_k_is_yellow_where_colour_is_on(
     print_report(analysis, console)
     header = console.file.getvalue().splitlines()[0]  # type: ignore[attr-defined]
     assert f"\x1b[33m{ASSUMED_K_TEXT}\x1b[0m" in header
+
+
+def test_suggest_says_when_k_was_assumed(write_parquet_run: WriteRun) -> None:
+    run = _run(write_parquet_run)
+    assumed = runner.invoke(app, ["check", "--suggest", str(run)]).output
+    assert "# Measured with k=1 ASSUMED (the logs do not say; pass --top-k)" in assumed
+    given = runner.invoke(app, ["check", "--suggest", str(run), "-k", "2"]).output
+    assert "# Measured with k = 2: check with the same --top-k" in given

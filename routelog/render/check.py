@@ -237,7 +237,13 @@ def markdown_summary(result: CheckResult) -> str:
 
 
 def suggestion_toml(
-    suggestions: list[Suggestion], *, run: str, step: int, top_k: list[int], window: int | None
+    suggestions: list[Suggestion],
+    *,
+    run: str,
+    step: int,
+    top_k: list[int],
+    window: int | None,
+    top_k_assumed: bool = False,
 ) -> str:
     """A ``[tool.routelog.check]`` table, each threshold with what was observed."""
     from routelog.check import MARGIN_ABS, MARGIN_REL
@@ -251,7 +257,13 @@ def suggestion_toml(
         f"# max_ thresholds = highest value + max({MARGIN_ABS:g}, {MARGIN_REL:.0%} of it), "
         "capped at the metric's maximum;",
         "# max_dead_experts = the highest count (no margin). Rounded outwards to 3 decimals.",
-        f"# Measured with k = {k}: check with the same --top-k (or top_k in [tool.routelog]).",
+        (
+            "# Measured with k=1 ASSUMED (the logs do not say; pass --top-k): count-based "
+            "thresholds are off if the run routes to more experts."
+            if top_k_assumed
+            else f"# Measured with k = {k}: check with the same --top-k "
+            "(or top_k in [tool.routelog])."
+        ),
         "# Fail findings (collapse, rigidity) fail the check too; list codes in fail_on to",
         "# fail on warnings, and add [tool.routelog.check.max_regression] for --baseline.",
         "[tool.routelog.check]",
