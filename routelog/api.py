@@ -23,13 +23,14 @@ from routelog.config import Config
 from routelog.errors import InputError, RoutelogError, UsageError
 from routelog.executor import Done, Executor, Threads, relocated
 from routelog.findings import Finding
-from routelog.options import Options, StepRange, parse_layers, parse_steps
+from routelog.options import Options, StepRange, TopKSource, parse_layers, parse_steps
 
 if TYPE_CHECKING:
     import polars as pl
 
     from routelog.cache import Cache
     from routelog.experts import LayerHistory
+    from routelog.modelconfig import ModelConfig
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -82,7 +83,16 @@ class Run:
     stats: pl.DataFrame
     selections: pl.DataFrame | None
     top_k_assumed: bool = False
-    """k came from the configured default: neither --top-k nor the data stated it."""
+    """Nothing stated k (no --top-k, data, run or model config, configuration): k=1 is used."""
+    top_k_source: TopKSource = "data"
+    """Where k came from (:data:`routelog.options.TopKSource`)."""
+    top_k_file: str | None = None
+    """The file k came from, for ``run_config``, ``model_config`` and ``config``."""
+    warnings: list[str] = field(default_factory=list)
+    """Run-level warnings (several runs merged into one, ...)."""
+    merged: dict[str, Any] | None = None
+    """Files of this run that log the same tokens of the same step and layer (several runs
+    read as one): ``files``, ``step``, ``layer``, ``tokens``, ``pairs``, ``of``, ``layers``."""
     sidecar_files: list[str] = field(default_factory=list)
     """Files a framework wrote beside its logs (logits, meta_info.json, config.json, ...)."""
 
@@ -100,9 +110,12 @@ class Run:
             "top_k": top_k[0] if len(top_k) == 1 else top_k,
             "payloads": sorted({f.payload for f in self.files if f.payload}),
             "top_k_assumed": self.top_k_assumed,
+            "top_k_source": self.top_k_source,
+            "top_k_file": self.top_k_file,
             "ignored_files": self.ignored_files,
             "sidecar_files": self.sidecar_files,
-            "warnings": warnings,
+            "warnings": [*self.warnings, *warnings],
+            "merged_runs": self.merged,
         }
 
 
@@ -115,6 +128,8 @@ class Analysis:
     options: Options
     findings: list[Finding] = field(default_factory=list)
     config: Config = field(default_factory=Config)
+    notes: list[str] = field(default_factory=list)
+    """What the diagnosis could not judge, and why (rules skipped for a --steps window)."""
     _histories: list[LayerHistory] | None = field(default=None, repr=False)
 
     def expert_histories(self) -> list[LayerHistory]:
@@ -122,7 +137,7 @@ class Analysis:
         if self._histories is None:
             from routelog.experts import histories
 
-            self._histories = histories(self.metrics, self.runs, self.options.dead_fraction)
+            self._histories = histories(self.metrics, self.options.dead_fraction)
         return self._histories
 
 
@@ -151,7 +166,7 @@ def read_file(path: Path, options: Options, *, prefetch: int = PREFETCH) -> File
             assumed = assumed or (
                 batch.kind == "probs" and options.top_k is None and not batch.top_k
             )
-            reduced = _reduce(batch, options)
+            reduced = _reduce(batch, options, path)
             parts.append(reduced.stats)
             if reduced.selections is not None:
                 selections.append(reduced.selections)
@@ -305,12 +320,76 @@ def _read_on_worker(job: tuple[str, str], options: Options) -> FileResult:
     return result
 
 
-def _reduce(batch: ingest.Batch, options: Options) -> kernels.Reduced:
+def _reduce(batch: ingest.Batch, options: Options, path: Path) -> kernels.Reduced:
     if batch.kind == "probs":
-        return kernels.reduce_probs(batch.frame, options.k_for(batch.top_k))
+        k = options.k_for(batch.top_k)
+        if k > batch.n_experts and (options.top_k is not None or batch.top_k is None):
+            raise UsageError(
+                f"{_k_origin(options)} is larger than E={batch.n_experts}, the experts of "
+                f"layer {batch.frame['layer'][0]} in {path}: a token cannot be routed to more "
+                "experts than the layer has"
+            )
+        return kernels.reduce_probs(batch.frame, k)
     if batch.kind == "topk":
         return kernels.reduce_topk(batch.frame, batch.n_experts)
     return kernels.reduce_counts(batch.frame, batch.top_k)
+
+
+def _k_origin(options: Options) -> str:
+    """How the k in use was given, for messages: ``--top-k 9``, ``top_k = 9 in FILE``."""
+    if options.top_k is not None:
+        return f"--top-k {options.top_k}"
+    if options.default_top_k_file is not None:
+        key = "num_experts_per_tok" if options.default_top_k_source == "model_config" else "top_k"
+        return f"k={options.default_top_k} ({key} in {options.default_top_k_file})"
+    return f"k={options.default_top_k}"
+
+
+def run_options(path: Path, options: Options) -> tuple[Options, ModelConfig | None]:
+    """The options for the run at ``path``, with the k its own files state as the default.
+
+    Precedence (highest first): ``--top-k``; the data's own k (per file, at reading); the
+    run directory's ``routelog.toml``/``[tool.routelog]`` ``top_k``; a model ``config.json``
+    in the run directory or above (:func:`routelog.modelconfig.find_model_config`); the
+    configuration's ``top_k``; else 1, assumed. Also returns the model config, whose E the
+    data must match.
+    """
+    from dataclasses import replace
+
+    from routelog.config import run_config
+    from routelog.modelconfig import find_model_config
+
+    model = find_model_config(path)
+    if options.top_k is not None:
+        return options, model
+    own = run_config(path)
+    if own is not None and "top_k" in own.sources:
+        return replace(
+            options,
+            default_top_k=own.top_k,
+            default_top_k_source="run_config",
+            default_top_k_file=str(own.path),
+        ), model
+    if model is not None and model.top_k is not None:
+        return replace(
+            options,
+            default_top_k=model.top_k,
+            default_top_k_source="model_config",
+            default_top_k_file=str(model.path),
+        ), model
+    return options, model
+
+
+def _check_model_experts(stats: pl.DataFrame, model: ModelConfig | None, path: Path) -> None:
+    """The data's E must be the model config's E, when the config states one."""
+    if model is None or model.num_experts is None:
+        return
+    for layer, width in stats.select("layer", "n_experts").unique().sort("layer").iter_rows():
+        if width != model.num_experts:
+            raise InputError(
+                f"{path}: layer {layer} has E={width} experts, but {model.path} says "
+                f"E={model.num_experts}: is that the model of this run?"
+            )
 
 
 def _check_experts(stats: pl.DataFrame, seen: dict[int, tuple[int, str]], path: Path) -> None:
@@ -347,6 +426,7 @@ def load_run(
     import polars as pl
 
     found = ingest.discover(spec.path)
+    options, model = run_options(spec.path, options)
     runner = executor if executor is not None else Threads(default_jobs() if jobs is None else jobs)
     files = found.files if accept is None else [f for f in found.files if accept(f)]
 
@@ -361,11 +441,13 @@ def load_run(
     seen: dict[int, tuple[int, str]] = {}
     for result in results:
         _check_experts(result.stats, seen, Path(result.info.path))
+        _check_model_experts(result.stats, model, Path(result.info.path))
     stats = kernels.merge([r.stats for r in results])
     if stats.height == 0:
         raise InputError(f"{spec.path}: no routed tokens{_selection_hint(options)}")
     stats = stats.with_columns(pl.lit(spec.name).alias("run")).select("run", *stats.columns)
     selections = [r.selections for r in results if r.selections is not None]
+    merged = _merged_runs(results, spec.path)
     return Run(
         name=spec.name,
         path=str(spec.path),
@@ -378,8 +460,87 @@ def load_run(
             if selections
             else None
         ),
-        top_k_assumed=any(r.top_k_assumed for r in results),
+        **_k_provenance(options, any(r.top_k_assumed for r in results)),
+        merged=merged,
+        warnings=[] if merged is None else [merged_message(merged)],
     )
+
+
+def _merged_runs(results: list[FileResult], root: Path) -> dict[str, Any] | None:
+    """Two files of the run logging the same tokens of the same (step, layer, dataset):
+    several runs read as one. Shards (:func:`routelog.ingest.is_shard`) are left out; files
+    without token positions cannot be told apart and are left out too.
+
+    Vectorized: each file's token range per (step, layer, dataset), sorted by its first
+    token; two ranges of a group overlap exactly when some range starts at or before the end
+    of the one sorted just before it (the first overlapping pair is always adjacent).
+    """
+    import polars as pl
+
+    keys = ["step", "layer", "dataset"]
+    ranges = [
+        r.selections.group_by(keys)
+        .agg(pl.col("token").min().alias("lo"), pl.col("token").max().alias("hi"))
+        .with_columns(pl.lit(i, pl.Int32).alias("file"))
+        for i, r in enumerate(results)
+        if r.selections is not None and not ingest.is_shard(Path(r.info.path))
+    ]
+    if len(ranges) < 2:
+        return None
+    spans = (
+        pl.concat(ranges)
+        .sort([*keys, "lo"], nulls_last=True)
+        .with_columns(
+            pl.col("hi").shift(1).over(keys).alias("_prev_hi"),
+            pl.col("file").shift(1).over(keys).alias("_prev_file"),
+        )
+    )
+    overlapping = spans.filter(pl.col("lo") <= pl.col("_prev_hi"))
+    if overlapping.height == 0:
+        return None
+    first = overlapping.sort("step", "layer").row(0, named=True)
+    pairs = overlapping.select(keys).unique().height
+    names = [_relative(results[first[f]].info.path, root) for f in ("_prev_file", "file")]
+    return {
+        "files": names,
+        "step": first["step"],
+        "layer": first["layer"],
+        "tokens": [max(first["lo"], 0), min(first["hi"], first["_prev_hi"])],
+        "pairs": pairs,
+        "of": spans.select(keys).unique().height,
+        "layers": sorted(overlapping["layer"].unique().to_list()),
+    }
+
+
+def _relative(path: str, root: Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return path
+
+
+def merged_message(merged: dict[str, Any]) -> str:
+    """The warning for several runs merged into one (see :func:`_merged_runs`)."""
+    first, second = merged["files"]
+    lo, hi = merged["tokens"]
+    return (
+        f"several runs merged into one? {first} and {second} both log step {merged['step']} "
+        f"layer {merged['layer']} for tokens {lo}–{hi}, and {merged['pairs']} of {merged['of']} "
+        "(step, layer) pairs are logged twice: that is not sharding. Give each run its own "
+        "argument (routelog analyze DIR/*); mark data-parallel shards with a rank column or "
+        "rankN in their file names"
+    )
+
+
+def _k_provenance(options: Options, used_default: bool) -> dict[str, Any]:
+    source = options.k_source(used_default)
+    return {
+        "top_k_assumed": source == "assumed",
+        "top_k_source": source,
+        "top_k_file": (
+            options.default_top_k_file if source == options.default_top_k_source else None
+        ),
+    }
 
 
 def _selection_hint(options: Options) -> str:
@@ -442,7 +603,7 @@ def _with_token_metrics(metrics: pl.DataFrame, runs: list[Run]) -> pl.DataFrame:
     ]
     found = pl.concat(parts) if parts else empty
     joined = metrics.join(found, on=["run", "step", "layer"], how="left", maintain_order="left")
-    return joined.select(*[c for c in joined.columns if c != "load_share"], "load_share")
+    return joined.select(*[c for c in joined.columns if c not in kernels.SHARES], *kernels.SHARES)
 
 
 def inspect_file(path: Path, options: Options) -> ingest.FileInfo:
@@ -488,6 +649,33 @@ def inspect(
     return [inspect_file(path, opts) for path in files]
 
 
+def inspect_k(
+    paths: Sequence[str | Path], infos: list[ingest.FileInfo], options: Options
+) -> list[dict[str, Any]]:
+    """Per path given to ``inspect``: the k its files that state none would be analyzed
+    with, and where it comes from (``top_k``, ``top_k_source``, ``top_k_file``,
+    ``top_k_assumed``); ``needed`` is false when every probability file states its own k."""
+    out = []
+    for path in paths:
+        resolved, _ = run_options(Path(path), options)
+        root = Path(path).resolve()
+        own = [
+            info
+            for info in infos
+            if Path(info.path).resolve() == root or root in Path(info.path).resolve().parents
+        ]
+        needed = any(i.payload in PROBABILITY_PAYLOADS and i.top_k is None for i in own)
+        provenance = _k_provenance(resolved, True)
+        out.append(
+            {"path": str(path), "top_k": resolved.k_for(None), "needed": needed, **provenance}
+        )
+    return out
+
+
+PROBABILITY_PAYLOADS = ("probabilities", "logits")
+"""``FileInfo.payload`` values whose k routelog has to choose (the others state theirs)."""
+
+
 def make_options(
     *,
     top_k: int | None = None,
@@ -498,9 +686,14 @@ def make_options(
     score: str = "softmax",
     dead_fraction: float = 0.1,
     num_experts: int | None = None,
-    default_top_k: int = 1,
+    default_top_k: int | None = None,
+    default_top_k_file: str | None = None,
 ) -> Options:
-    """Build ``Options`` from plain Python values (strings as on the command line)."""
+    """Build ``Options`` from plain Python values (strings as on the command line).
+
+    ``default_top_k``: the configured k for data that states none (``default_top_k_file``:
+    the configuration file it came from); None assumes k=1, and reports say so.
+    """
     if score not in ("softmax", "sigmoid"):
         raise UsageError(f"--score must be softmax or sigmoid, not {score!r}")
     layer_set = (
@@ -511,7 +704,9 @@ def make_options(
     )
     return Options(
         top_k=top_k,
-        default_top_k=default_top_k,
+        default_top_k=default_top_k if default_top_k is not None else 1,
+        default_top_k_source="assumed" if default_top_k is None else "config",
+        default_top_k_file=default_top_k_file,
         layers=layer_set,
         steps=step_range,
         skip_bad_rows=skip_bad_rows,
@@ -553,10 +748,33 @@ def analyze(
         paths, opts, progress, jobs=jobs, cache=cache, executor=executor, accept=accept
     )
     metrics = metrics_of(runs, opts)
+    beginning, notes = _beginning_in_view(opts, config)
     return Analysis(
         runs=runs,
         metrics=metrics,
         options=opts,
-        findings=diagnose(metrics, config, dead_fraction=opts.dead_fraction),
+        findings=diagnose(metrics, config, dead_fraction=opts.dead_fraction, beginning=beginning),
         config=config,
+        notes=notes,
     )
+
+
+def _beginning_in_view(options: Options, config: Config) -> tuple[bool, list[str]]:
+    """Whether the selected steps include the run's beginning, and a note when they do not.
+
+    A ``--steps`` window starting after step 0 may begin anywhere in the run: the rules that
+    judge "the first 20% of the run" would judge the window's first 20% instead (and call a
+    late, settled router premature). They are skipped, and the note says so.
+    """
+    from routelog.diagnose import BEGINNING_RULES
+
+    start = options.steps.start if options.steps is not None else None
+    if start is None or start <= 0:
+        return True, []
+    skipped = [rule for rule in BEGINNING_RULES if config.enabled(rule)]
+    if not skipped:
+        return False, []
+    return False, [
+        f"{' and '.join(skipped)} not run: --steps starts at step {start}, so the run's "
+        "beginning is not in view (select from step 0 to judge it)"
+    ]

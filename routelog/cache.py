@@ -42,8 +42,9 @@ if TYPE_CHECKING:
 ENV_VAR = "ROUTELOG_CACHE_DIR"
 ENTRY_FORMAT = 2
 """Layout of one entry on disk; bump it when the files of an entry change shape."""
-AFTER_MERGE = frozenset({"dead_fraction"})
-"""Options applied in ``kernels.finish``: they do not change a file's statistics."""
+AFTER_MERGE = frozenset({"dead_fraction", "default_top_k_source", "default_top_k_file"})
+"""Options that do not change a file's statistics: ``dead_fraction`` applies in
+``kernels.finish``; where the default k came from is reported, not used (its value is)."""
 SELECTION_KEYS = {"step": "Int64", "layer": "Int32", "dataset": "String", "token": "Int64"}
 COMPRESSION: Literal["lz4"] = "lz4"
 """Entries are read far more often than written: lz4 decodes about twice as fast as zstd."""

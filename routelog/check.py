@@ -75,10 +75,20 @@ class RuleResult:
     message: str
     step: int | None = None
     margin: float | None = None
+    warned: bool = False
+    """Passed, but a finding of this rule holds at the latest step (a ``warn``)."""
+
+    @property
+    def status(self) -> str:
+        """``fail``, ``warn`` (passed with a finding that still holds) or ``pass``: the same
+        word the analyze table's status column gives the layer for this rule."""
+        if not self.passed:
+            return "fail"
+        return "warn" if self.warned else "pass"
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON entry: ``{"rule", "metric", "run", "layer", "value", "threshold",
-        "passed", "message"}``."""
+        "passed", "status", "message"}``."""
         return {
             "rule": self.rule,
             "metric": self.metric,
@@ -87,13 +97,15 @@ class RuleResult:
             "value": self.value,
             "threshold": self.threshold,
             "passed": self.passed,
+            "status": self.status,
             "message": self.message,
         }
 
 
 @dataclass(frozen=True)
 class RuleSummary:
-    """A rule over every layer it was evaluated on, with its worst layer."""
+    """A rule over every layer it was evaluated on: the failing (else warned) layers, all
+    listed, and the worst of them."""
 
     rule: str
     metric: str | None
@@ -101,6 +113,8 @@ class RuleSummary:
     failed: int
     total: int
     worst: RuleResult | None
+    affected: list[RuleResult] = field(default_factory=list)
+    """The failing layers; when none fails, the warned ones (findings rules)."""
 
 
 @dataclass
@@ -110,6 +124,9 @@ class CheckResult:
     rules: list[RuleResult]
     window: int | None = None
     notes: list[str] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    """The checked runs' summaries (:meth:`routelog.api.Run.summary`): k and its source,
+    warnings."""
 
     @property
     def passed(self) -> bool:
@@ -122,8 +139,9 @@ class CheckResult:
     def summaries(self) -> list[RuleSummary]:
         """Per rule, in evaluation order: failed layers and the worst layer.
 
-        The worst layer is a failing one (the furthest beyond its limit), else the one
-        closest to its limit; findings rules name a failing layer only.
+        The worst layer is the failing one furthest beyond its limit; when none fails, the
+        warned one furthest beyond (findings rules), else the one closest to its limit
+        (thresholds). Findings rules without a finding name no layer.
         """
         by_rule: dict[str, list[RuleResult]] = {}
         for result in self.rules:
@@ -131,19 +149,46 @@ class CheckResult:
         out = []
         for rule, results in by_rule.items():
             failed = [r for r in results if not r.passed]
-            candidates = failed or [r for r in results if r.margin is not None]
+            warned = [r for r in results if r.passed and r.warned]
+            affected = failed or warned
+            candidates = affected or [r for r in results if r.margin is not None]
             worst = min(
                 candidates,
                 key=lambda r: math.inf if r.margin is None else r.margin,
                 default=None,
             )
             metric = next((r.metric for r in results if r.metric), None)
-            out.append(RuleSummary(rule, metric, not failed, len(failed), len(results), worst))
+            out.append(
+                RuleSummary(rule, metric, not failed, len(failed), len(results), worst, affected)
+            )
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"passed": bool, "rules": [...]}`` (``--format json``)."""
-        return {"passed": self.passed, "rules": [r.to_dict() for r in self.rules]}
+        """``{"passed": bool, "runs": [...], "rules": [...], "notes": [...]}``
+        (``--format json``); each run says its ``top_k``, ``top_k_source`` and
+        ``top_k_assumed``."""
+        return {
+            "passed": self.passed,
+            "runs": [_run_entry(run) for run in self.runs],
+            "rules": [r.to_dict() for r in self.rules],
+            "notes": self.notes,
+        }
+
+
+RUN_KEYS = (
+    "run",
+    "path",
+    "top_k",
+    "top_k_source",
+    "top_k_file",
+    "top_k_assumed",
+    "warnings",
+    "merged_runs",
+)
+
+
+def _run_entry(summary: dict[str, Any]) -> dict[str, Any]:
+    return {key: summary.get(key) for key in RUN_KEYS}
 
 
 def check(
@@ -158,7 +203,7 @@ def check(
     """Evaluate the check rules on an analysis (``settings`` default: its configuration's)."""
     settings = settings if settings is not None else analysis.config.check
     enabled = analysis.config.rules
-    return evaluate(
+    result = evaluate(
         analysis.metrics,
         analysis.findings,
         settings,
@@ -168,6 +213,32 @@ def check(
         strict=strict,
         enabled=enabled,
     )
+    result.runs = [run.summary() for run in analysis.runs]
+    result.notes += analysis.notes
+    result.rules += merged_rules(analysis)
+    return result
+
+
+MERGED_RULE = "merged_runs"
+
+
+def merged_rules(analysis: Analysis) -> list[RuleResult]:
+    """A failing ``merged_runs`` result for each layer that two files of one run log for the
+    same tokens: the metrics average several runs, so no other verdict on them can be
+    trusted (a collapsing run merged with a healthy one passes). Runs without such files
+    get no result (the rule is not listed)."""
+    out = []
+    for run in analysis.runs:
+        if run.merged is None:
+            continue
+        from routelog.api import merged_message
+
+        full = f"run {run.name}: {merged_message(run.merged)}"
+        for index, layer in enumerate(run.merged["layers"]):
+            short = f"run {run.name} layer {layer}: two files log the same tokens (see above)"
+            message = full if index == 0 else short
+            out.append(RuleResult(MERGED_RULE, None, run.name, layer, None, None, False, message))
+    return out
 
 
 def evaluate(
@@ -244,6 +315,8 @@ def _finding_result(
         passed,
         message,
         finding.last_step,
+        finding.margin,
+        warned=passed and finding.active,
     )
 
 

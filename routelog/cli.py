@@ -193,6 +193,7 @@ class _Reading:
         from routelog.config import load_config
 
         settings = load_config(self.config)
+        configured = "top_k" in settings.sources
         options = api.make_options(
             top_k=self.top_k,
             layers=self.layers,
@@ -201,7 +202,8 @@ class _Reading:
             temperature=self.temperature,
             score=self.score,
             num_experts=self.num_experts,
-            default_top_k=settings.top_k,
+            default_top_k=settings.top_k if configured else None,
+            default_top_k_file=settings.sources.get("top_k") if configured else None,
             dead_fraction=settings.dead_fraction,
         )
         return settings, options, None if self.no_cache else Cache.at(self.cache_dir)
@@ -315,7 +317,7 @@ def _analysis_writer(
         if fmt is Format.json:
             stream.write(data.to_json(report.analysis_document(result)))  # type: ignore[attr-defined]
         elif fmt is Format.csv:
-            stream.write(data.to_csv(result.metrics))  # type: ignore[attr-defined]
+            stream.write(report.metrics_csv(result))  # type: ignore[attr-defined]
         elif fmt is Format.markdown:
             stream.write(markdown.analysis_markdown(result))  # type: ignore[attr-defined]
         elif fmt is Format.html:
@@ -748,6 +750,8 @@ def inspect(
     paths: Annotated[list[str], typer.Argument(help="Log files or run directories.")],
     skip_bad_rows: SkipBadRows = False,
     num_experts: NumExperts = None,
+    top_k: TopK = None,
+    config: ConfigOpt = None,
     fmt: FormatOpt = Format.table,
     output: Output = None,
     color: ColorOpt = Color.auto,
@@ -767,16 +771,19 @@ def inspect(
 
         if fmt not in (Format.table, Format.json):
             raise UsageError(f"inspect writes --format table or json, not {fmt.value}")
-        options = api.make_options(skip_bad_rows=skip_bad_rows, num_experts=num_experts)
+        _, options, _ = _Reading(
+            config, top_k, skip_bad_rows=skip_bad_rows, num_experts=num_experts
+        ).prepare()
         infos = api.inspect(paths, options=options)
+        ks = api.inspect_k(paths, infos, options)
 
         def write(stream: object) -> None:
             if fmt is Format.json:
-                document = render_inspect.inspect_document(infos)
+                document = render_inspect.inspect_document(infos, ks)
                 stream.write(data.to_json(document))  # type: ignore[attr-defined]
             else:
                 console = make_console(stream, color=color)  # type: ignore[arg-type]
-                render_inspect.print_inspect(infos, console)
+                render_inspect.print_inspect(infos, console, ks)
 
         _emit(output, write)
 
@@ -922,7 +929,7 @@ def compare(
             if fmt is Format.json:
                 stream.write(data.to_json(view.comparison_document(result)))  # type: ignore[attr-defined]
             elif fmt is Format.csv:
-                stream.write(data.to_csv(result.table))  # type: ignore[attr-defined]
+                stream.write(view.comparison_csv(result))  # type: ignore[attr-defined]
             elif fmt is Format.markdown:
                 stream.write(view.to_markdown(result))  # type: ignore[attr-defined]
             elif fmt is Format.html:
@@ -1100,15 +1107,18 @@ def _print_suggestion(analysis: Analysis, window: int | None) -> None:
             step=int(analysis.metrics["step"].max()),  # type: ignore[arg-type]
             top_k=sorted(set(run.stats["top_k"].drop_nulls().to_list())),
             window=window,
+            top_k_assumed=run.top_k_assumed,
         )
     )
 
 
 def _rule_frame(result: CheckResult) -> pl.DataFrame:
+    """One CSV row per rule and layer, with the run's ``top_k_assumed``."""
     import polars as pl
 
-    rules = [r.to_dict() for r in result.rules]
-    schema = {"value": pl.Float64, "threshold": pl.Float64}
+    assumed = {run["run"]: bool(run["top_k_assumed"]) for run in result.runs}
+    rules = [r.to_dict() | {"top_k_assumed": assumed.get(r.run, False)} for r in result.rules]
+    schema = {"value": pl.Float64, "threshold": pl.Float64, "top_k_assumed": pl.Boolean}
     return pl.DataFrame(rules, schema_overrides=schema, infer_schema_length=None)
 
 

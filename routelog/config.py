@@ -267,6 +267,23 @@ def find_config(start: Path | None = None) -> Path | None:
     return None
 
 
+def run_config(run: Path) -> Config | None:
+    """The configuration kept in a run's own directory (``routelog.toml``, else a
+    ``pyproject.toml`` with ``[tool.routelog]``), validated; None when it has none.
+
+    Only its ``top_k`` applies to the run (between the data's own k and a model's
+    ``config.json``); the directory of a file run is the file's directory.
+    """
+    directory = run if run.is_dir() else run.parent
+    for name in (CONFIG_FILE, PYPROJECT):
+        candidate = directory / name
+        if candidate.is_file():
+            table = _table_of(candidate)
+            if table is not None:
+                return from_table(table, candidate)
+    return None
+
+
 def load_config(path: Path | None = None, *, start: Path | None = None) -> Config:
     """The configuration from ``path`` (``--config``), else the one found upwards of ``start``.
 

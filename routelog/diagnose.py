@@ -35,6 +35,8 @@ from routelog.findings import Finding, Severity, sort_findings
 
 KEYS = ["run", "layer"]
 LEVEL_RULES = ("collapse", "rigidity")
+BEGINNING_RULES = ("premature_specialization", "early_saturation")
+"""Rules about the first part of a run: they run only when the run's beginning is in view."""
 TREND_NOTE = "trends need at least two logged steps: only level rules (collapse, rigidity) ran"
 
 _Row = dict[str, Any]
@@ -45,12 +47,18 @@ NAMES_EXPERTS = ("collapse", "underutilization")
 
 
 def diagnose(
-    metrics: pl.DataFrame, config: Config | None = None, *, dead_fraction: float | None = None
+    metrics: pl.DataFrame,
+    config: Config | None = None,
+    *,
+    dead_fraction: float | None = None,
+    beginning: bool = True,
 ) -> list[Finding]:
     """Findings of every enabled rule, sorted fail first, then by run and layer.
 
     ``dead_fraction`` (default: the configuration's) is the one the metrics' ``dead_experts``
     were counted with; ``collapse`` and ``underutilization`` findings name those experts.
+    ``beginning`` False (a ``--steps`` selection that starts after step 0) skips
+    :data:`BEGINNING_RULES`: "the first 20% of the run" of a window is not the run's start.
     """
     config = config if config is not None else Config()
     if metrics.height == 0:
@@ -62,7 +70,7 @@ def diagnose(
     t = config.thresholds
     findings: list[Finding] = []
     for code, (rule, message) in _RULES.items():
-        if not config.enabled(code):
+        if not config.enabled(code) or (not beginning and code in BEGINNING_RULES):
             continue
         source = frame if code in LEVEL_RULES else trend
         if source.height == 0:
@@ -177,7 +185,7 @@ def _collapse(frame: pl.DataFrame, t: Thresholds) -> pl.DataFrame:
     load = pl.col("load_entropy_norm") < t.collapse_entropy
     assign = pl.col("assign_entropy_norm") < t.collapse_entropy
     dead_limit = pl.col("n_experts") * t.collapse_dead_share
-    dead = pl.col("dead_experts") >= dead_limit
+    dead = pl.col("dead_experts") > dead_limit  # a threshold is the last value that passes
     spans = _latest_span(
         frame, load.fill_null(False) | assign.fill_null(False) | dead, t.collapse_min_steps
     )
@@ -216,7 +224,7 @@ def _rigidity(frame: pl.DataFrame, t: Thresholds) -> pl.DataFrame:
 def _underutilization(frame: pl.DataFrame, t: Thresholds) -> pl.DataFrame:
     spans = _latest_span(frame, pl.col("dead_experts") >= 1, t.underutilization_min_steps)
     spans = spans.filter(pl.col("n_steps") >= t.underutilization_min_steps)
-    return _with_verdict(spans, "dead_experts", pl.col("dead_experts"), 1.0)
+    return _with_verdict(spans, "dead_experts", pl.col("dead_experts"), 0.0)
 
 
 def _wasted_capacity(frame: pl.DataFrame, t: Thresholds) -> pl.DataFrame:
@@ -382,26 +390,53 @@ def _since(row: _Row) -> str:
     return f"since step {row['first_step']}" if row["active"] else _span(row)
 
 
+def _number(value: float) -> str:
+    """A loss for a sentence: 3 significant figures, no exponent (``220``, ``7.47``)."""
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.2f}"
+
+
+def _losses(row: _Row, *names: str) -> str:
+    """``; aux loss 8.00 vs 2 balanced, z-loss 220``: the router losses and confidence
+    that explain a finding, where the data has them (z-loss needs logits)."""
+    parts = []
+    for name in names:
+        value = row.get(name)
+        if value is None or value != value:
+            continue
+        if name == "aux_loss":
+            balanced = row.get("top_k")
+            when = f" vs {balanced} balanced" if balanced else ""
+            parts.append(f"aux loss {_number(value)}{when}")
+        elif name == "z_loss":
+            parts.append(f"z-loss {_number(value)}")
+        elif name == "top1_prob":
+            parts.append(f"top-1 probability {value:.3f}")
+    return "; " + ", ".join(parts) if parts else ""
+
+
 def _collapse_message(row: _Row, t: Thresholds) -> str:
     metric = row["_metric"]
     if metric == "dead_experts":
-        what = f"{row['dead_experts']} of {row['n_experts']} experts receive almost no tokens"
+        dead = f"{row['dead_experts']} of {row['n_experts']}"
+        what = f"{dead} experts receive almost no tokens or weight"
         if row.get("_dead"):
             what += f": {named_experts(row['_dead'])}"
     elif metric == "load_entropy_norm":
         what = f"load entropy is {row['load_entropy_norm']:.2f} of its maximum"
     else:
         what = f"assignment entropy is {row['assign_entropy_norm']:.2f} of its maximum"
+    losses = _losses(row, "aux_loss", "z_loss")
     return (
-        f"Layer {row['layer']} routes to a few experts only ({what}) {_since(row)}: "
+        f"Layer {row['layer']} routes to a few experts only ({what}{losses}) {_since(row)}: "
         "check its load-balancing loss and router initialisation."
     )
 
 
 def _rigidity_message(row: _Row, t: Thresholds) -> str:
+    losses = _losses(row, "top1_prob", "z_loss")
     return (
         f"Layer {row['layer']}'s router is nearly deterministic (token entropy "
-        f"{row['token_entropy_norm']:.3f}) {_since(row)}: look at router logit scale, "
+        f"{row['token_entropy_norm']:.3f}{losses}) {_since(row)}: look at router logit scale, "
         "z-loss and learning rate."
     )
 
@@ -409,7 +444,8 @@ def _rigidity_message(row: _Row, t: Thresholds) -> str:
 def _underutilization_message(row: _Row, t: Thresholds) -> str:
     return (
         f"Layer {row['layer']} leaves {row['dead_experts']} of {row['n_experts']} experts "
-        f"without tokens {_span(row)}{_named(row)}: check its load balance and capacity factor."
+        f"without tokens or weight {_span(row)}{_named(row)}: check its load balance and "
+        "capacity factor."
     )
 
 
@@ -453,9 +489,11 @@ def _early_saturation_message(row: _Row, t: Thresholds) -> str:
 
 
 def _persistent_skew_message(row: _Row, t: Thresholds) -> str:
+    losses = _losses(row, "aux_loss")
     return (
         f"Layer {row['layer']}'s busiest expert gets {row['max_vio'] + 1:.1f} times the mean "
-        f"load {_span(row)}: strengthen load balancing for this layer."
+        f"load{f' ({losses[2:]})' if losses else ''} {_span(row)}: strengthen load balancing "
+        "for this layer."
     )
 
 

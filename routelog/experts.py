@@ -2,15 +2,15 @@
 
 The layer table says *how many* experts a layer leaves without tokens; this module says
 *which*, and from which step. Everything is computed from the metrics frame of
-:func:`routelog.api.metrics_of` (its ``load_share`` list per run x step x layer) and, for the
-probability mass, from the runs' statistics (``sum_probs / n_tokens``), as one (steps x E)
+:func:`routelog.api.metrics_of` (its ``load_share`` and ``mass_share`` lists per run x step x
+layer), as one (steps x E)
 matrix per run and layer: vectorized numpy, one small block per layer. The dead rule is
-:func:`routelog.kernels.is_dead`, the one that ``dead_experts`` counts.
+:func:`routelog.kernels.dead_mask`, the one that ``dead_experts`` counts.
 
 Definitions (per run, layer and step; f_i the count share, P_i the mean probability)::
 
     load_share  = f_i = c_i / sum_j c_j          mass_share = P_i = mean_t p_t,i
-    dead        = kernels.is_dead(f_i, E, dead_fraction)
+    dead        = kernels.dead_mask(f_i, P_i, dead_fraction)
     dead_since  = first step of the expert's last unbroken streak of dead steps, when that
                   streak reaches the layer's latest step (else null: the expert is alive)
 """
@@ -27,7 +27,7 @@ import polars as pl
 from routelog import kernels
 
 if TYPE_CHECKING:
-    from routelog.api import Run
+    pass
 
 SCHEMA: dict[str, pl.DataType] = {
     "run": pl.String(),
@@ -94,28 +94,18 @@ def dead_since(dead: np.ndarray, steps: np.ndarray) -> np.ndarray:
     return since
 
 
-def histories(
-    metrics: pl.DataFrame, runs: Iterable[Run] = (), dead_fraction: float = 0.1
-) -> list[LayerHistory]:
+def histories(metrics: pl.DataFrame, dead_fraction: float = 0.1) -> list[LayerHistory]:
     """One :class:`LayerHistory` per run and layer of ``metrics``, in (run, layer) order."""
     if metrics.height == 0 or "load_share" not in metrics.columns:
         return []
-    mass = _mass_matrices(list(runs))
     frame = metrics.filter(pl.col("load_share").list.len() > 0).sort("run", "layer", "step")
     out = []
     for (run, layer), block in frame.group_by("run", "layer", maintain_order=True):
         n_experts = int(block["n_experts"][0])
         load = block["load_share"].list.to_array(n_experts).to_numpy().astype(np.float64)
         steps = block["step"].to_numpy().astype(np.int64)
-        dead = np.asarray(kernels.is_dead(load, n_experts, dead_fraction), dtype=bool)
-        masses = mass.get((str(run), int(layer)))
-        matrix = None
-        if masses is not None:
-            matrix = np.full(load.shape, np.nan)
-            for position, step in enumerate(steps.tolist()):
-                row = masses.get(step)
-                if row is not None and len(row) == n_experts:
-                    matrix[position] = row
+        matrix = _mass_matrix(block, load.shape)
+        dead = np.asarray(kernels.dead_mask(load, matrix, dead_fraction), dtype=bool)
         out.append(
             LayerHistory(
                 run=str(run),
@@ -130,21 +120,16 @@ def histories(
     return out
 
 
-def _mass_matrices(runs: list[Run]) -> dict[tuple[str, int], dict[int, np.ndarray]]:
-    """P_i = sum_probs / n_tokens per (run, layer) and step, summed over datasets."""
-    out: dict[tuple[str, int], dict[int, np.ndarray]] = {}
-    for run in runs:
-        stats = run.stats.filter(pl.col("sum_probs").is_not_null() & (pl.col("n_tokens") > 0))
-        if stats.height == 0:
-            continue
-        summed = stats.group_by("layer", "step").agg(
-            pl.col("n_tokens").sum(),
-            pl.col("sum_probs"),
-        )
-        for layer, step, tokens, vectors in summed.iter_rows():  # one row per layer x step
-            total = np.sum(np.array(vectors, dtype=np.float64), axis=0)
-            out.setdefault((run.name, int(layer)), {})[int(step)] = total / tokens
-    return out
+def _mass_matrix(block: pl.DataFrame, shape: tuple[int, ...]) -> np.ndarray | None:
+    """P_i per step (rows) and expert, NaN where a step has no probabilities; None when no
+    step has any (count-only or top-k-id logs)."""
+    if "mass_share" not in block.columns or block["mass_share"].null_count() == block.height:
+        return None
+    matrix = np.full(shape, np.nan)
+    for position, row in enumerate(block["mass_share"].to_list()):  # one row per step
+        if row is not None and len(row) == shape[1]:
+            matrix[position] = row
+    return matrix
 
 
 def shares_frame(history: Iterable[LayerHistory]) -> pl.DataFrame:

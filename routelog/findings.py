@@ -36,7 +36,26 @@ class Finding:
     ``{"expert": i, "since_step": s}`` (s: the start of its unbroken dead streak)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"status": self.status}
+
+    @property
+    def status(self) -> str:
+        """``fail`` or ``warn`` while the finding holds at the run's latest step, else
+        ``earlier``: the one rule the headline counts, the layer status shows and the JSON
+        says (a finding that ended before the latest step does not make its layer fail)."""
+        return self.severity if self.active else "earlier"
+
+    @property
+    def margin(self) -> float:
+        """How far beyond its threshold the value is, relative to the threshold (negative:
+        the finding holds); the most negative finding of a group is its worst layer."""
+        from routelog.kernels import TOWARDS_COLLAPSE
+
+        if self.value is None or self.threshold is None:
+            return 0.0
+        sign = TOWARDS_COLLAPSE.get(self.metric, -1)
+        scale = abs(self.threshold) if self.threshold else 1.0
+        return (self.threshold - self.value) * sign / scale
 
     def sort_key(self) -> tuple[int, str, int, str, int]:
         """Fail first, then by run and layer (the order of the report and the JSON)."""
@@ -51,3 +70,8 @@ class Finding:
 
 def sort_findings(findings: list[Finding]) -> list[Finding]:
     return sorted(findings, key=Finding.sort_key)
+
+
+def worst(findings: list[Finding]) -> Finding:
+    """The finding furthest beyond its threshold: active ones before those that ended."""
+    return min(findings, key=lambda f: (not f.active, f.margin))

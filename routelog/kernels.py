@@ -5,16 +5,24 @@ no Python loop over tokens. Statistics are sums and counts per (step, layer, dat
 files and cached results add up with :func:`merge`; :func:`finish` turns them into metrics.
 
 Definitions (p_t: token t's probabilities over E experts; T tokens; S_t: the k largest p_t;
-c_i = #{t : i in S_t}; f_i = c_i / sum_j c_j; P_i = mean_t p_t,i; H(q) = -sum q ln q, 0 ln 0 = 0)::
+c_i = #{t : i in S_t}; f_i = c_i / sum_j c_j; P_i = mean_t p_t,i; a_i = #{t : argmax p_t = i};
+H(q) = -sum q ln q, 0 ln 0 = 0)::
 
     token_entropy   = mean_t H(p_t)          load_entropy   = H(P)
     assign_entropy  = H(f)                   mutual_info    = H(P) - mean_t H(p_t)
     *_norm          = value / ln E           max_load_share = max_i f_i
     max_vio         = max_i c_i / mean_i c_i - 1
     load_cv         = std_i c_i / mean_i c_i (population std)
-    dead_experts    = #{i : f_i < dead_fraction / E}
+    load_share      = f (count share)        mass_share     = P (probability mass share)
+    top1_share      = a / T (argmax share)   dead_experts   = #{i : dead_mask(f, P)_i}
     aux_loss        = E * sum_i (c_i / T) * P_i      (HF load_balancing_loss_func, one layer)
     top1_prob       = mean_t max_i p_t,i     z_loss = mean_t logsumexp(logits_t)^2
+
+An expert is dead (:func:`dead_mask`) when it receives almost no tokens (f_i < dead_fraction/E)
+or, where probabilities exist, almost no probability mass (P_i < dead_fraction/E): either way
+it contributes almost nothing to its layer's output. Counting alone is blind to weights (with
+top-2, an expert chosen second with weight 0.001 still counts as a full slot); mass alone is
+blind to selection (an expert can hold 2% of the mass in small slices and never be selected).
 """
 
 from __future__ import annotations
@@ -25,13 +33,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-KERNEL_VERSION = 1
+KERNEL_VERSION = 2
 """Bump when the statistics a kernel produces change meaning: it invalidates cached results."""
 
 KEYS = ["step", "layer", "dataset"]
 GROUP = [*KEYS, "n_experts", "top_k"]
 SUMS = ["n_tokens", "sum_entropy", "sum_top1", "n_selected", "sum_lse_sq", "n_lse"]
-VECTORS = ["sum_probs", "counts"]
+VECTORS = ["sum_probs", "counts", "top1_counts"]
 
 STATS_SCHEMA: dict[str, pl.DataType] = {
     "step": pl.Int64(),
@@ -47,6 +55,7 @@ STATS_SCHEMA: dict[str, pl.DataType] = {
     "n_lse": pl.Int64(),
     "sum_probs": pl.List(pl.Float64()),
     "counts": pl.List(pl.Int64()),
+    "top1_counts": pl.List(pl.Int64()),
 }
 
 METRICS = [
@@ -69,6 +78,10 @@ METRICS = [
     "z_loss",
 ]
 """Metric columns of :func:`finish`, in output order (after run, step, layer)."""
+
+SHARES = ["load_share", "mass_share", "top1_share"]
+"""Per-expert list columns of :func:`finish`, after the metrics: f_i, P_i and the top-1 share
+(``mass_share`` and ``top1_share`` are null without probabilities)."""
 
 PROBABILITY_METRICS = [
     "token_entropy",
@@ -226,6 +239,7 @@ def _stats_frame(
         "n_lse": np.zeros(n, dtype=np.int64),
         "sum_probs": [None] * n,
         "counts": [None] * n,
+        "top1_counts": [None] * n,
     }
     data.update(columns)
     extra = pl.DataFrame(
@@ -260,6 +274,7 @@ def reduce_probs(frame: pl.DataFrame, top_k: int) -> Reduced:
         "n_selected": np.bincount(gid, minlength=n_groups),
         "sum_probs": _group_sum(gid, n_groups, probs),
         "counts": _counts(gid, n_groups, ids, n_experts),
+        "top1_counts": _counts(gid, n_groups, ids[:, :1], n_experts),
     }
     if "logit_lse" in frame.columns:
         lse = frame["logit_lse"].to_numpy().astype(np.float64)
@@ -396,21 +411,43 @@ _METRIC_SCHEMA: dict[str, pl.DataType] = {
     "top_k": pl.Int32(),
     "dead_experts": pl.Int64(),
     "load_share": pl.List(pl.Float64()),
+    "mass_share": pl.List(pl.Float64()),
+    "top1_share": pl.List(pl.Float64()),
 }
 
 
-def is_dead(share: Any, n_experts: Any, dead_fraction: float) -> Any:
-    """The dead-expert rule, f_i < dead_fraction / E, on numpy arrays or Polars expressions.
+def dead_mask(load_share: Any, mass_share: Any = None, dead_fraction: float = 0.1) -> np.ndarray:
+    """Which experts are dead: f_i < dead_fraction / E, or P_i < dead_fraction / E.
 
-    The one place the rule is written: ``dead_experts`` counts it and
-    :mod:`routelog.experts` names the experts it holds for.
+    The one definition of a dead expert (the ``dead`` column, the heatmap's marks and the
+    dead-expert lists call it). ``load_share`` is f (count share) and ``mass_share`` P
+    (probability mass share), each of shape (E,) or (rows, E); a mass row that is None or
+    NaN (no probabilities: counts or top-k ids only) falls back to the count share alone.
+    A row without any count (no tokens) has no dead expert.
 
     Examples
     --------
-    >>> is_dead(np.array([0.0, 0.01, 0.5]), 8, 0.1)
-    array([ True,  True, False])
+    >>> dead_mask([0.5, 0.3, 0.2, 0.0], [0.6, 0.395, 0.004, 0.001], 0.1).tolist()
+    [False, False, True, True]
+    >>> dead_mask([0.5, 0.5, 0.0, 0.0], None, 0.1).tolist()
+    [False, False, True, True]
     """
-    return share < dead_fraction / n_experts
+    counts = np.asarray(load_share, dtype=np.float64)
+    single = counts.ndim == 1
+    counts = np.atleast_2d(counts)
+    n_experts = counts.shape[1]
+    limit = dead_fraction / n_experts if n_experts else 0.0
+    mass = np.full(counts.shape, np.nan)
+    if mass_share is not None:
+        rows = [mass_share] if single else list(mass_share)
+        mass = np.array(
+            [[np.nan] * n_experts if r is None else r for r in rows], dtype=np.float64
+        ).reshape(counts.shape)
+    with np.errstate(invalid="ignore"):
+        dead: np.ndarray = (counts < limit) | (np.isfinite(mass) & (mass < limit))
+    dead &= np.isfinite(counts).all(axis=1, keepdims=True)
+    out: np.ndarray = dead[0] if single else dead
+    return out
 
 
 def _finish_block(block: pl.DataFrame, dead_fraction: float, keys: list[str]) -> pl.DataFrame:
@@ -418,12 +455,11 @@ def _finish_block(block: pl.DataFrame, dead_fraction: float, keys: list[str]) ->
     n_tokens = block["n_tokens"].to_numpy().astype(np.float64)
     counts = np.array(block["counts"].to_list(), dtype=np.float64).reshape(block.height, n_experts)
     has_probs = n_tokens > 0
-    sum_probs = block["sum_probs"].to_list()
-    mean_probs = np.array(
-        [row if row is not None else [np.nan] * n_experts for row in sum_probs], dtype=np.float64
-    ).reshape(block.height, n_experts)
+    mean_probs = _vector(block, "sum_probs", n_experts)
+    top1 = _vector(block, "top1_counts", n_experts)
     with np.errstate(divide="ignore", invalid="ignore"):
         mean_probs /= n_tokens[:, None]
+        top1 /= top1.sum(axis=1)[:, None]
         total = counts.sum(axis=1)
         share = counts / total[:, None]
         mean_count = total / n_experts
@@ -449,7 +485,9 @@ def _finish_block(block: pl.DataFrame, dead_fraction: float, keys: list[str]) ->
             "top1_prob": np.where(has_probs, block["sum_top1"].to_numpy() / n_tokens, np.nan),
             "z_loss": np.where(n_lse > 0, block["sum_lse_sq"].to_numpy() / n_lse, np.nan),
         }
-    dead = np.where(total > 0, is_dead(share, n_experts, dead_fraction).sum(axis=1), -1)
+    mass = np.where(has_probs[:, None], mean_probs, np.nan)
+    dead_rows = dead_mask(share, mass, dead_fraction).sum(axis=1)
+    dead = np.where(total > 0, dead_rows, -1)
     out = block.select(keys).with_columns(
         pl.Series("n_tokens", block["n_tokens"]),
         pl.Series("n_experts", block["n_experts"]),
@@ -460,11 +498,27 @@ def _finish_block(block: pl.DataFrame, dead_fraction: float, keys: list[str]) ->
         ],
         pl.Series("dead_experts", dead).replace(-1, None),
         pl.Series("load_share", share, dtype=pl.List(pl.Float64)).fill_null([]),
+        _share_series("mass_share", mass),
+        _share_series("top1_share", top1),
     )
     out = out.with_columns(
         pl.when(pl.col("n_tokens") == 0).then(None).otherwise(pl.col("n_tokens")).alias("n_tokens")
     )
-    return out.select(*keys, *METRICS, "load_share")
+    return out.select(*keys, *METRICS, *SHARES)
+
+
+def _vector(block: pl.DataFrame, name: str, n_experts: int) -> np.ndarray:
+    """A list column as a (rows, E) float array, NaN rows where it is null."""
+    rows = block[name].to_list()
+    return np.array(
+        [row if row is not None else [np.nan] * n_experts for row in rows], dtype=np.float64
+    ).reshape(block.height, n_experts)
+
+
+def _share_series(name: str, values: np.ndarray) -> pl.Series:
+    """Per-expert shares as a list column; a row without data (NaN) is null."""
+    rows = [None if np.isnan(row).any() else row.tolist() for row in values]
+    return pl.Series(name, rows, dtype=pl.List(pl.Float64))
 
 
 def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:

@@ -13,6 +13,15 @@ Score = Literal["softmax", "sigmoid"]
 DEFAULT_TOP_K = 1
 DEFAULT_DEAD_FRACTION = 0.1
 
+TopKSource = Literal["option", "data", "run_config", "model_config", "config", "assumed"]
+"""Where a run's k came from, highest precedence first: ``--top-k``; the data's own k (a
+payload's ``top_k``, the width of ``topk_ids``); ``top_k`` of a ``routelog.toml`` (or
+``[tool.routelog]``) in the run directory; a model's ``config.json`` found upwards of the run;
+``top_k`` of the configuration found from the current directory; else k=1 is assumed."""
+
+ASSUMED_K_TEXT = "k=1 (assumed: the logs do not say; pass --top-k)"
+"""What every report says when k is a guess."""
+
 
 @dataclass(frozen=True)
 class StepRange:
@@ -34,11 +43,14 @@ class Options:
     """How to read and reduce routing logs.
 
     ``top_k=None`` means: the k stated by the data (a .pt payload's ``top_k``, the width of
-    ``topk_ids``), else the configured default.
+    ``topk_ids``), else ``default_top_k``, which came from ``default_top_k_source`` (a file
+    named by ``default_top_k_file``; ``assumed`` when nothing stated it).
     """
 
     top_k: int | None = None
     default_top_k: int = DEFAULT_TOP_K
+    default_top_k_source: TopKSource = "assumed"
+    default_top_k_file: str | None = None
     layers: frozenset[int] | None = None
     steps: StepRange | None = None
     skip_bad_rows: bool = False
@@ -56,6 +68,13 @@ class Options:
             raise UsageError(f"dead_fraction must be in [0, 1), got {self.dead_fraction}")
         if self.num_experts is not None and self.num_experts < 1:
             raise UsageError(f"--num-experts must be at least 1, got {self.num_experts}")
+
+    def k_source(self, used_default: bool) -> TopKSource:
+        """Where the k of a run came from, given whether any of its files fell back to the
+        default (a file stating its own k does not)."""
+        if self.top_k is not None:
+            return "option"
+        return self.default_top_k_source if used_default else "data"
 
     def k_for(self, data_k: int | None) -> int:
         """The k to use: --top-k, else the data's own k, else the configured default."""

@@ -89,7 +89,13 @@ def test_token_metrics_null_without_tokens(write_parquet_run: WriteRun) -> None:
     result = api.analyze([path], top_k=2)
     assert result.metrics["flip_rate"].null_count() == 2
     assert result.metrics["saturation"].null_count() == 2
-    assert result.metrics.columns[-3:] == ["flip_rate", "saturation", "load_share"]
+    assert result.metrics.columns[-5:] == [
+        "flip_rate",
+        "saturation",
+        "load_share",
+        "mass_share",
+        "top1_share",
+    ]
 
 
 def test_early_saturation_finding_in_analyze(write_parquet_run: WriteRun) -> None:

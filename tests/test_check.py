@@ -437,7 +437,7 @@ def test_pass_on_the_healthy_sample() -> None:
 def test_fail_by_finding() -> None:
     result = invoke(COLLAPSE, "--top-k", "2")
     assert result.exit_code == ExitCode.CHECK_FAILED, result.output
-    assert result.output.startswith("FAIL  collapse  2/4 layers failed")
+    assert result.output.startswith("collapse  k=2 (--top-k)\n\nFAIL  collapse  2/4 layers failed")
     assert last_line(result.output) == "FAIL: 1 of 2 rules failed (2 layer checks of 8)"
 
 

@@ -35,7 +35,8 @@ def test_csv_to_file(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     lines = target.read_text().splitlines()
-    assert lines[0].startswith("run,step,layer,n_tokens,n_experts,top_k,token_entropy,")
+    header = "run,step,layer,n_tokens,n_experts,top_k,top_k_assumed,token_entropy,"
+    assert lines[0].startswith(header)
     assert "load_share" not in lines[0].split(",")
     assert len(lines) == 1 + 12 * 4
 
@@ -44,7 +45,7 @@ def test_table_report() -> None:
     result = runner.invoke(app, ["analyze", str(SAMPLES / "collapse"), "-k", "2"])
     assert result.exit_code == 0, result.output
     assert "collapse  steps 0–1100 (12 logged) · 4 layers · E=8 · k=2" in result.output
-    layer_rows = [line.split() for line in result.output.splitlines() if "/8 " in line]
+    layer_rows = [line.split() for line in result.output.splitlines() if line[:5].strip().isdigit()]
     assert [row[0] for row in layer_rows] == ["0", "1", "2", "3"]
     assert [row[5] for row in layer_rows] == ["0/8", "0/8", "6/8", "6/8"]
 

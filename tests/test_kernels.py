@@ -306,3 +306,50 @@ def test_validation_accepts_valid_rows() -> None:
     result = payload.to_probabilities(probs, "probs", Options(), str)
     assert result.skipped == 0
     np.testing.assert_array_equal(result.probs, probs)
+
+
+def test_mass_and_top1_shares_by_hand() -> None:
+    # three tokens, top-2: expert 2 is chosen second by every token, with almost no weight
+    probs = np.array([[0.90, 0.05, 0.05, 0.0], [0.10, 0.88, 0.02, 0.0], [0.97, 0.0, 0.03, 0.0]])
+    m = _metrics(probs, k=2)
+    assert m["mass_share"] == pytest.approx(probs.mean(axis=0).tolist(), abs=1e-7)
+    assert m["top1_share"] == pytest.approx([2 / 3, 1 / 3, 0.0, 0.0])
+    # counts: expert 0 x3, 1 x2 (token 0 ties 1 and 2 at 0.05: the lower index), 2 x1
+    assert m["load_share"] == pytest.approx([3 / 6, 2 / 6, 1 / 6, 0.0])
+    # expert 3: no tokens and no mass; expert 2 takes 1/6 of the slots but 0.033 of the mass,
+    # which is above 0.1 / 4 = 0.025: alive. With dead_fraction 0.3 (limit 0.075) it is dead.
+    assert m["dead_experts"] == 1
+    stats = kernels.reduce_probs(_frame(probs), 2).stats
+    assert kernels.finish(stats, dead_fraction=0.3)["dead_experts"][0] == 2
+
+
+def test_dead_mask_by_count_or_mass() -> None:
+    limit = 0.1 / 4
+    share = np.array([[0.5, 0.3, 0.2, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    mass = np.array([[0.6, 0.39, 0.009, 0.001], [0.4, 0.4, 0.2, 0.0]])
+    expected = (share < limit) | (mass < limit)
+    assert kernels.dead_mask(share, mass, 0.1).tolist() == expected.tolist()
+    # without probabilities (a null mass row) the count share decides alone
+    assert kernels.dead_mask(share, [None, None], 0.1).tolist() == (share < limit).tolist()
+    assert kernels.dead_mask(share[0], None, 0.1).tolist() == [False, False, False, True]
+
+
+def test_shares_null_without_probabilities() -> None:
+    frame = pl.DataFrame(
+        {"step": [0], "layer": [0], "counts": np.array([[5, 0, 3]], dtype=np.int64)}
+    )
+    m = kernels.finish(kernels.reduce_counts(frame).stats).row(0, named=True)
+    assert m["mass_share"] is None
+    assert m["top1_share"] is None
+    assert m["load_share"] == pytest.approx([5 / 8, 0.0, 3 / 8])
+    assert m["dead_experts"] == 1
+
+
+def test_top1_share_merges_across_chunks() -> None:
+    rng = np.random.default_rng(5)
+    probs = dirichlet(rng, 300, 6, alpha=0.5).astype(np.float32)
+    parts = [kernels.reduce_probs(_frame(probs[i : i + 70]), 2).stats for i in range(0, 300, 70)]
+    m = kernels.finish(kernels.merge(parts)).row(0, named=True)
+    expected = np.bincount(probs.argmax(axis=1), minlength=6) / 300
+    assert m["top1_share"] == pytest.approx(expected.tolist())
+    assert m["mass_share"] == pytest.approx(probs.astype(np.float64).mean(axis=0).tolist())

@@ -211,6 +211,26 @@ def discover(path: Path) -> RunFiles:
     return RunFiles(files, ignored, sidecars)
 
 
+_RANK_NAME = re.compile(r"(?:^|[^a-z])rank[_-]?\d+", re.IGNORECASE)
+
+
+def is_shard(path: Path) -> bool:
+    """Whether a file is one rank's shard of a step: ``rankN`` in its name
+    (``step_000200.rank3.parquet``, Megatron's ``router_trace_rank3.jsonl``), or a ``rank``
+    column in a Parquet file's schema. Shards of one step may repeat token positions (each
+    rank numbers its own batch), so they are never taken for merged runs."""
+    if _RANK_NAME.search(path.name):
+        return True
+    if format_of(path) != "parquet":
+        return False
+    import pyarrow.parquet as pq
+
+    try:
+        return "rank" in pq.read_schema(path).names
+    except (OSError, ValueError):
+        return False
+
+
 def scan(path: Path, options: Options, info: FileInfo) -> Iterator[Batch]:
     """Read one file into canonical batches, whatever its format.
 

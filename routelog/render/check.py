@@ -50,12 +50,32 @@ def _compared(worst: RuleResult) -> str:
     return f"{worst.metric} {_num(value)} {op} {_num(threshold)}"
 
 
+def layers_text(results: list[RuleResult]) -> str:
+    """Every layer of ``results``, by run: ``collapse layers 0, 2, 3; aux-loss layer 1``."""
+    by_run: dict[str, list[int]] = {}
+    for result in results:
+        by_run.setdefault(result.run, []).append(result.layer)
+    parts = []
+    for run, layers in by_run.items():
+        noun = "layer" if len(layers) == 1 else "layers"
+        parts.append(f"{run} {noun} {', '.join(map(str, sorted(set(layers))))}")
+    return "; ".join(parts)
+
+
 def _worst_text(summary: RuleSummary) -> str:
+    """``fails: run layers 0, 3 · worst layer 3  load_entropy_norm 0.003 < 0.500``: every
+    failing (else warned) layer, then the worst with its value against the limit."""
     worst = summary.worst
     if worst is None:
         return "no layer affected"
-    label = "worst" if summary.passed else "fails"
-    return f"{label}: {worst.run} layer {worst.layer}  {_compared(worst)}".rstrip()
+    compared = f"  {_compared(worst)}".rstrip()
+    if not summary.affected:
+        return f"worst: {worst.run} layer {worst.layer}{compared}"
+    label = "fails" if not summary.passed else "warn"
+    listed = layers_text(summary.affected)
+    if len(summary.affected) == 1:
+        return f"{label}: {listed}{compared}"
+    return f"{label}: {listed} · worst layer {worst.layer}{compared}"
 
 
 def final_line(result: CheckResult) -> str:
@@ -72,11 +92,28 @@ def final_line(result: CheckResult) -> str:
     )
 
 
+def run_lines(result: CheckResult) -> list[str]:
+    """One header line per checked run: its name and k (where it came from, or that it is
+    assumed), then its run-level warnings."""
+    from routelog.render.report import k_plain
+
+    lines = []
+    for run in result.runs:
+        lines.append(f"{run['run']}  {k_plain(run)}")
+    return lines
+
+
 def print_check(result: CheckResult, console: Console) -> None:
-    """Each rule with PASS or FAIL, failing layers and the worst layer; the failures'
-    messages; notes; a last line with the verdict."""
+    """A header line per run (its k); each rule with PASS or FAIL, failing layers and the
+    worst layer; the failures' messages; notes; a last line with the verdict."""
     from rich.markup import escape
 
+    from routelog.render.report import k_markup
+
+    for run in result.runs:
+        console.print(f"[bold]{escape(run['run'])}[/bold]  {k_markup(run)}", soft_wrap=True)
+    if result.runs:
+        console.print()
     summaries = result.summaries()
     if not summaries:
         console.print("no rules to check")
@@ -119,6 +156,18 @@ def junit_xml(result: CheckResult) -> bytes:
         errors="0",
         skipped="0",
     )
+    if result.runs:
+        properties = ET.SubElement(suite, "properties")
+        for run in result.runs:
+            from routelog.render.report import k_plain
+
+            for key, value in (
+                ("top_k", run["top_k"]),
+                ("top_k_source", run["top_k_source"]),
+                ("top_k_assumed", str(bool(run["top_k_assumed"])).lower()),
+                ("k", k_plain(run)),
+            ):
+                ET.SubElement(properties, "property", name=f"{run['run']}.{key}", value=str(value))
     for rule in result.rules:
         case = ET.SubElement(
             suite,
@@ -165,6 +214,10 @@ def markdown_summary(result: CheckResult) -> str:
     """The step summary (``GITHUB_STEP_SUMMARY``) and ``--format markdown``: verdict, a
     table of rules, the failures."""
     lines = [f"## {TITLE}: {_status(result.passed)}", ""]
+    for line, run in zip(run_lines(result), result.runs, strict=True):
+        lines.append(f"**{cell(line)}**  " if run.get("top_k_assumed") else f"{cell(line)}  ")
+    if result.runs:
+        lines.append("")
     lines += ["| status | rule | failed layers | worst layer |", "|---|---|---|---|"]
     for summary in result.summaries():
         status = _status(summary.passed)
@@ -186,7 +239,13 @@ def markdown_summary(result: CheckResult) -> str:
 
 
 def suggestion_toml(
-    suggestions: list[Suggestion], *, run: str, step: int, top_k: list[int], window: int | None
+    suggestions: list[Suggestion],
+    *,
+    run: str,
+    step: int,
+    top_k: list[int],
+    window: int | None,
+    top_k_assumed: bool = False,
 ) -> str:
     """A ``[tool.routelog.check]`` table, each threshold with what was observed."""
     from routelog.check import MARGIN_ABS, MARGIN_REL
@@ -200,7 +259,13 @@ def suggestion_toml(
         f"# max_ thresholds = highest value + max({MARGIN_ABS:g}, {MARGIN_REL:.0%} of it), "
         "capped at the metric's maximum;",
         "# max_dead_experts = the highest count (no margin). Rounded outwards to 3 decimals.",
-        f"# Measured with k = {k}: check with the same --top-k (or top_k in [tool.routelog]).",
+        (
+            "# Measured with k=1 ASSUMED (the logs do not say; pass --top-k): count-based "
+            "thresholds are off if the run routes to more experts."
+            if top_k_assumed
+            else f"# Measured with k = {k}: check with the same --top-k "
+            "(or top_k in [tool.routelog])."
+        ),
         "# Fail findings (collapse, rigidity) fail the check too; list codes in fail_on to",
         "# fail on warnings, and add [tool.routelog.check.max_regression] for --baseline.",
         "[tool.routelog.check]",

@@ -13,6 +13,7 @@ from routelog.compare import COMPARED
 from routelog.kernels import TOWARDS_COLLAPSE
 from routelog.render.data import records
 from routelog.render.markdown import cell
+from routelog.render.report import k_markup, with_k_columns
 from routelog.render.text import fmt, signed
 
 if TYPE_CHECKING:
@@ -53,6 +54,13 @@ def comparison_document(comparison: Comparison) -> dict[str, Any]:
     }
 
 
+def comparison_csv(comparison: Comparison) -> str:
+    """``compare --format csv``: the table, with each row's ``top_k_assumed``."""
+    from routelog.render.data import to_csv
+
+    return to_csv(with_k_columns(comparison.table, comparison.runs, after="n_experts"))
+
+
 def direction(metric: str, delta: float | int | None) -> int:
     """+1 towards collapse, -1 away from it, 0 for no (or a negligible) change.
 
@@ -86,8 +94,12 @@ def delta_text(metric: str, delta: float | int | None) -> str:
 def _title(comparison: Comparison) -> list[str]:
     what = "dataset" if comparison.by == "dataset" else "run"
     lines = []
+    summaries = {run.name: run.summary() for run in comparison.runs}
     if comparison.by == "dataset":
-        lines.append(f"[bold]{comparison.runs[0].name}[/bold]: datasets compared")
+        summary = summaries[comparison.runs[0].name]
+        lines.append(
+            f"[bold]{comparison.runs[0].name}[/bold]: datasets compared · {k_markup(summary)}"
+        )
     for group in comparison.groups:
         span = (
             f"steps {group.steps[0]}–{group.steps[-1]} ({len(group.steps)} logged)"
@@ -95,7 +107,8 @@ def _title(comparison: Comparison) -> list[str]:
             else f"step {group.steps[0]}"
         )
         role = "baseline" if group.name == comparison.baseline else what
-        lines.append(f"{role} [bold]{group.name}[/bold]  {span} · compared at step {group.step}")
+        k = f" · {k_markup(summaries[group.name])}" if group.name in summaries else ""
+        lines.append(f"{role} [bold]{group.name}[/bold]  {span} · compared at step {group.step}{k}")
     how = (
         "each at its latest logged step at or before the baseline's"
         if comparison.align == "nearest"
@@ -107,8 +120,13 @@ def _title(comparison: Comparison) -> list[str]:
 
 def print_comparison(comparison: Comparison, console: Console, *, plot: bool = False) -> None:
     """Header, side-by-side table, what was left out, findings, and (``plot``) charts."""
+    from rich.markup import escape
+
     for title in _title(comparison):
         console.print(title)
+    for run in comparison.runs:
+        for warning in run.warnings:
+            console.print(f"[bold yellow]warning[/bold yellow]: {run.name}: {escape(warning)}")
     for line in _table(comparison, console.width):
         console.print(line, soft_wrap=True)
     console.print(CAPTION.format(by=comparison.by), style="dim")
@@ -211,6 +229,7 @@ def _table(comparison: Comparison, width: int) -> list[Text]:
 def to_markdown(comparison: Comparison) -> str:
     """A GitHub-flavoured Markdown report (for a pull request)."""
     lines = [line.replace("[bold]", "**").replace("[/bold]", "**") for line in _title(comparison)]
+    lines = [line.replace("[yellow]", "**").replace("[/yellow]", "**") for line in lines]
     lines = [line.replace("[dim]", "").replace("[/dim]", "") + "  " for line in lines]
     lines.append("")
     names = [comparison.by if name == "run" else name for name in _COLUMN_NAMES]

@@ -25,9 +25,16 @@ def file_record(info: FileInfo) -> dict[str, Any]:
     return {key: record[key] for key in order} | {k: v for k, v in record.items() if k not in order}
 
 
-def inspect_document(infos: list[FileInfo]) -> dict[str, Any]:
-    """The JSON document of ``inspect --format json``."""
-    return {"routelog_version": __version__, "files": [file_record(i) for i in infos]}
+def inspect_document(
+    infos: list[FileInfo], ks: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The JSON document of ``inspect --format json``: the files, and per path given the k
+    that analysis would use for files stating none (``top_k_source``, ``top_k_assumed``)."""
+    return {
+        "routelog_version": __version__,
+        "files": [file_record(i) for i in infos],
+        "paths": ks or [],
+    }
 
 
 def span(values: list[int]) -> str:
@@ -57,10 +64,16 @@ def _shown_base(base: str) -> str:
     return str(relative) if str(relative) != "." else "."
 
 
-def print_inspect(infos: list[FileInfo], console: Console) -> None:
-    """One aligned row per file; warnings listed under the table."""
+def print_inspect(
+    infos: list[FileInfo], console: Console, ks: list[dict[str, Any]] | None = None
+) -> None:
+    """One aligned row per file; per path, the k analysis would use where files state none
+    (yellow when assumed); warnings listed under the table."""
     import os.path
 
+    from rich.markup import escape
+
+    from routelog.render.report import k_markup
     from routelog.render.text import Column, grid
 
     paths = [info.path for info in infos]
@@ -99,6 +112,10 @@ def print_inspect(infos: list[FileInfo], console: Console) -> None:
         console.print(line, soft_wrap=True)
     if relative:
         console.print(f"files under {_shown_base(base)}", markup=False)
+    for entry in ks or []:
+        if entry["needed"]:
+            where = escape(entry["path"])
+            console.print(f"{where}: files without their own k: {k_markup(entry)}")
     for info in infos:
         for warning in info.warnings:
             console.print(f"{info.path}: {warning}", style="yellow", markup=False)

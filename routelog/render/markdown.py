@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from routelog.render.report import finding_groups, layer_status, where
+from routelog.findings import worst
+from routelog.render.report import finding_groups, headline, k_plain, layer_status, where
 from routelog.render.text import fmt, plural
 
 if TYPE_CHECKING:
@@ -30,18 +31,19 @@ def analysis_markdown(analysis: Analysis) -> str:
             f"### routelog: {run.name}",
             "",
             f"Steps {steps[0]}–{steps[-1]} ({len(steps)} logged), "
-            f"{plural(metrics['layer'].n_unique(), 'layer')}, k={summary['top_k']}"
-            + (" (assumed)" if summary["top_k_assumed"] else "")
+            f"{plural(metrics['layer'].n_unique(), 'layer')}, "
+            + (f"**{k_plain(summary)}**" if summary["top_k_assumed"] else k_plain(summary))
             + ".",
             "",
         ]
         if findings:
+            out += [f"Findings: {headline(findings)}.", ""]
             out += ["| severity | finding | where (* = still holds) | what to look at |"]
             out += ["|---|---|---|---|"]
             for severity, code, group in finding_groups(findings):
                 out.append(
                     f"| **{severity}** | `{code}` | {cell(where(group))} | "
-                    f"{cell(group[0].message)} |"
+                    f"{cell(worst(group).message)} |"
                 )
         else:
             out.append("No findings: every rule passed on every layer.")

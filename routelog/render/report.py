@@ -19,12 +19,13 @@ if TYPE_CHECKING:
     import polars as pl
     from rich.console import Console
 
-    from routelog.api import Analysis
+    from routelog.api import Analysis, Run
     from routelog.findings import Finding
 
 STATUS_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red"}
 WIDE = 120  # below this width, a layer's codes go on lines under the table
 HEATMAP_TITLE = "load share f_i per expert at the latest step"
+MASS_TITLE = "probability mass share P_i per expert at the latest step"
 
 NO_PROBABILITIES = {"counts": "tokens-per-expert counts", "top-k ids": "selected expert ids"}
 """Payload kinds that carry no probabilities, and where their load metrics come from."""
@@ -53,30 +54,106 @@ def sparkline(values: list[float | None], lo: float = 0.0, hi: float = 1.0) -> s
     return "".join(out)
 
 
+def k_plain(summary: dict[str, Any]) -> str:
+    """A run's k and where it came from, in words: ``k=2 (num_experts_per_tok in
+    runs/config.json)``, ``k=2 (--top-k)``, ``k=2`` (the data's own), or the assumption."""
+    from routelog.options import ASSUMED_K_TEXT
+
+    source = summary.get("top_k_source")
+    top_k = summary["top_k"]
+    k = f"k={top_k if top_k != [] else '–'}"
+    if isinstance(top_k, list) and top_k:
+        k = f"k={'/'.join(map(str, top_k))}"
+    if summary.get("top_k_assumed"):
+        return ASSUMED_K_TEXT
+    if source == "option":
+        return f"{k} (--top-k)"
+    file = summary.get("top_k_file")
+    if file and source in ("run_config", "model_config", "config"):
+        key = "num_experts_per_tok" if source == "model_config" else "top_k"
+        return f"{k} ({key} in {_short_path(file)})"
+    return k
+
+
+def k_markup(summary: dict[str, Any]) -> str:
+    """:func:`k_plain` as rich markup: an assumed k is yellow."""
+    from rich.markup import escape
+
+    text = escape(k_plain(summary))
+    return f"[yellow]{text}[/yellow]" if summary.get("top_k_assumed") else text
+
+
+def _short_path(path: str) -> str:
+    """A path relative to the current directory when that is shorter."""
+    import os.path
+
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # pragma: no cover (another drive on Windows)
+        return path
+    return relative if len(relative) < len(path) else path
+
+
+def with_k_columns(frame: pl.DataFrame, runs: list[Run], *, after: str) -> pl.DataFrame:
+    """``frame`` with ``top_k_assumed`` (per row, by its ``run``) after the column ``after``:
+    CSV has no header block, so the assumption travels in a column."""
+    import polars as pl
+
+    assumed = {run.name: run.top_k_assumed for run in runs}
+    column = pl.col("run").replace_strict(assumed, default=False, return_dtype=pl.Boolean)
+    out = frame.with_columns(column.alias("top_k_assumed"))
+    names = list(frame.columns)
+    names.insert(names.index(after) + 1 if after in names else len(names), "top_k_assumed")
+    return out.select(names)
+
+
+def metrics_csv(analysis: Analysis) -> str:
+    """``analyze --format csv``: the metrics, with ``top_k_assumed`` after ``top_k``."""
+    from routelog.render.data import to_csv
+
+    return to_csv(with_k_columns(analysis.metrics, analysis.runs, after="top_k"))
+
+
 def analysis_document(analysis: Analysis) -> dict[str, Any]:
-    """The JSON document of ``analyze --format json``."""
+    """The JSON document of ``analyze --format json``: also ``summary`` (findings counted by
+    status, as the headline) and ``layers`` (each layer's status and codes, as the table)."""
+    layers = []
+    for run in analysis.runs:
+        own = [f for f in analysis.findings if f.run == run.name]
+        metrics = analysis.metrics.filter(analysis.metrics["run"] == run.name)
+        for layer in sorted(metrics["layer"].unique().to_list()):
+            status, codes = layer_status(own, layer)
+            layers.append({"run": run.name, "layer": layer, "status": status, "codes": codes})
     return {
         "routelog_version": __version__,
         "runs": [run.summary() for run in analysis.runs],
+        "summary": finding_counts(analysis.findings),
+        "layers": layers,
         "metrics": records(analysis.metrics),
         "findings": [f.to_dict() for f in analysis.findings],
         "dead_experts": records(dead_experts(analysis.expert_histories())),
+        "notes": analysis.notes,
     }
 
 
 def print_report(
     analysis: Analysis, console: Console, *, plot: bool = False, values: bool = False
 ) -> None:
-    """For each run: header, findings, per-layer table, load heatmap, notes (and plots).
+    """For each run: header, warnings, findings, per-layer table, load heatmap, notes (and
+    plots).
 
     Runs are separated by a blank line; the report ends on its last line of text.
     """
+    from rich.markup import escape
+
     for number, run in enumerate(analysis.runs):
         if number:
             console.print()
         metrics = analysis.metrics.filter(analysis.metrics["run"] == run.name)
         findings = [f for f in analysis.findings if f.run == run.name]
         console.print(_header(run.summary(), metrics))
+        for warning in run.warnings:
+            console.print(f"[bold yellow]warning[/bold yellow]: {escape(warning)}")
         console.print()
         for line in findings_lines(findings, console.width):
             console.print(line)
@@ -98,7 +175,8 @@ def print_report(
             for chart in _charts(metrics, analysis, console):
                 console.print()
                 console.print(chart, soft_wrap=True)
-        notes = _notes(run.summary())
+        notes = [n for n in _notes(run.summary()) if n not in run.warnings]
+        notes.extend(analysis.notes)
         if metrics["step"].n_unique() < 2:
             notes.insert(0, f"one logged step: {TREND_NOTE}")
         for line in notes:
@@ -150,18 +228,37 @@ def where(group: list[Finding]) -> str:
     return ", ".join(f"layer {m} ({_span(f)})" for m, f in zip(marks, group, strict=True))
 
 
+def finding_counts(findings: list[Finding]) -> dict[str, int]:
+    """Findings by :attr:`Finding.status`: ``fail`` and ``warn`` hold at the latest step,
+    ``earlier`` ended before it (the headline, the status column and the JSON agree)."""
+    counts = {"fail": 0, "warn": 0, "earlier": 0}
+    for finding in findings:
+        counts[finding.status] += 1
+    return counts
+
+
+def headline(findings: list[Finding]) -> str:
+    """``2 fail, 8 warn, 3 earlier only``: fail and warn count the findings that hold at the
+    latest step (the layer statuses), ``earlier only`` those that ended before it."""
+    counts = finding_counts(findings)
+    text = f"{counts['fail']} fail, {counts['warn']} warn"
+    if counts["earlier"]:
+        text += f", {counts['earlier']} earlier only"
+    return text
+
+
 def findings_lines(findings: list[Finding], width: int = 120) -> list[Any]:
     """The findings panel as rich markup lines: one header, then per group its heading
-    (wrapped under itself, indented like the message, when longer than ``width``) and its
-    message."""
+    (wrapped under itself, indented like the message, when longer than ``width``) and the
+    sentence of the group's worst layer."""
     import textwrap
+
+    from routelog.findings import worst
 
     if not findings:
         return ["[green]no findings[/green]: every rule passed on every layer"]
-    fails = sum(f.severity == "fail" for f in findings)
-    warns = len(findings) - fails
     lines: list[Any] = [
-        f"[bold]findings[/bold]: {fails} fail, {warns} warn (* = still holds at the latest step)"
+        f"[bold]findings[/bold]: {headline(findings)} (* = still holds at the latest step)"
     ]
     for severity, code, group in finding_groups(findings):
         style = STATUS_STYLE[severity]
@@ -171,7 +268,7 @@ def findings_lines(findings: list[Finding], width: int = 120) -> list[Any]:
         rest = textwrap.wrap(places[len(first) :].strip(), max(width - 8, 20))
         lines.append(f"  [{style}]{severity.upper():<4}[/{style}]  [bold]{code}[/bold]  {first}")
         lines.extend(f"        {more}" for more in rest)
-        lines.append(_indented(group[0].message))
+        lines.append(_indented(worst(group).message))
     return lines
 
 
@@ -192,7 +289,6 @@ def _header(summary: dict[str, Any], metrics: pl.DataFrame) -> str:
         if len(tokens)
         else "counts only"
     )
-    top_k = summary["top_k"]
     span = (
         f"steps {steps[0]}–{steps[-1]} ({len(steps)} logged)"
         if len(steps) > 1
@@ -201,12 +297,13 @@ def _header(summary: dict[str, Any], metrics: pl.DataFrame) -> str:
     return (
         f"[bold]{summary['run']}[/bold]  {span} · "
         f"{plural(metrics['layer'].n_unique(), 'layer')} · E={'/'.join(map(str, experts))} · "
-        f"k={top_k if top_k != [] else '–'} · {per_step}"
+        f"{k_markup(summary)} · {per_step}"
     )
 
 
 TABLE_CAPTION = (
-    "entropies normalised by ln E, at the latest step; share and dead from top-k; "
+    "entropies normalised by ln E, at the latest step; max share from top-k slots, dead by "
+    "tokens or mass; "
     "trend: H_token over all logged steps on a 0–1 scale; (code) = held earlier only"
 )
 TREND_DROPPED = "; the trend column is left out at this width (--width)"
@@ -290,27 +387,35 @@ def _notes(summary: dict[str, Any]) -> list[str]:
 def _heatmap(
     metrics: pl.DataFrame, dead_fraction: float, console: Console, *, values: bool
 ) -> list[Any]:
-    """Layer x expert load share f_i at the latest step: dead and dominant experts stand out."""
+    """Layer x expert share at the latest step: dead and dominant experts stand out.
+
+    The share is the probability mass share P_i where the layer has probabilities (what the
+    router gives each expert, whatever k), else the load share f_i (top-k slots); dead cells
+    are :func:`routelog.kernels.dead_mask`'s, the one definition of a dead expert.
+    """
     import polars as pl
 
+    from routelog.kernels import dead_mask
     from routelog.render.heatmap import HeatRow, heatmap
 
     latest = (
         metrics.filter(pl.col("step") == pl.col("step").max().over("layer"))
         .sort("layer")
-        .select("layer", "n_experts", "load_share")
+        .select("layer", "n_experts", "load_share", "mass_share")
     )
+    by_mass = latest["mass_share"].null_count() < latest.height
     rows = []
     for row in latest.iter_rows(named=True):
-        shares = row["load_share"]
-        dead = [] if shares is None else [s < dead_fraction / len(shares) for s in shares]
-        rows.append(HeatRow(f"layer {row['layer']}", shares, dead))
+        counts = row["load_share"]
+        mass = row["mass_share"]
+        dead = dead_mask(counts, mass, dead_fraction).tolist() if counts else []
+        rows.append(HeatRow(f"layer {row['layer']}", mass if mass is not None else counts, dead))
     return heatmap(
         rows,
         n_experts=int(latest["n_experts"].max() or 0),  # type: ignore[arg-type]
         width=console.width,
-        title=HEATMAP_TITLE,
-        dead_rule=f"< {dead_fraction:g} of the fair share",
+        title=MASS_TITLE if by_mass else HEATMAP_TITLE,
+        dead_rule=f"< {dead_fraction:g} of the fair share of the tokens or of the mass",
         note="" if values else "--values prints the shares",
         values=values,
     )

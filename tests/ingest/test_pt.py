@@ -399,10 +399,13 @@ def _reference_metrics(run: Path, k: int) -> pl.DataFrame:
                     "load_entropy": -(mean * np.log(mean)).sum(),
                     "assign_entropy": assign_h,
                     "max_load_share": share.max(),
-                    "dead_experts": int((share < 0.1 / e).sum()),
+                    # dead: almost no tokens, or almost no probability mass
+                    "dead_experts": int(((share < 0.1 / e) | (mean < 0.1 / e)).sum()),
                     "aux_loss": e * ((counts / n) * mean).sum(),
                     "top1_prob": probs.max(axis=1).mean(),
                     "z_loss": (torch.logsumexp(logits.double(), -1) ** 2).mean().item(),
+                    "mass_share": mean.tolist(),
+                    "top1_share": (np.bincount(probs.argmax(axis=1), minlength=e) / n).tolist(),
                 }
             )
     return pl.DataFrame(rows)
@@ -423,7 +426,11 @@ def test_real_logs_match_torch(run: str) -> None:
     assert got["step"].to_list() == expected["step"].to_list()
     assert got["n_tokens"].to_list() == [1024] * 64
     assert got["dead_experts"].to_list() == expected["dead_experts"].to_list()
-    for name in expected.columns[3:]:
+    for name in ("mass_share", "top1_share"):
+        np.testing.assert_allclose(
+            np.array(got[name].to_list()), np.array(expected[name].to_list()), atol=1e-6
+        )
+    for name in [c for c in expected.columns[3:] if c not in ("mass_share", "top1_share")]:
         np.testing.assert_allclose(
             got[name].to_numpy(), expected[name].to_numpy(), rtol=1e-4, atol=1e-5, err_msg=name
         )

@@ -107,7 +107,11 @@ def test_github_annotations_and_step_summary(
     text = summary.read_text()
     assert text.startswith("earlier step\n## routelog check: FAIL\n")
     assert "| **FAIL** | `collapse` | 2/4 |" in text
-    assert "| PASS | `rigidity` | 0/4 | no layer affected |" in text
+    # rigidity passes (warn only), but its warned layers are listed, not "no layer affected"
+    assert (
+        "| PASS | `rigidity` | 0/4 | warn: collapse layers 2, 3 · worst layer 3  "
+        "token_entropy_norm 0.092 < 0.150 |"
+    ) in text
     assert "- `max_dead_experts`: run collapse layer 3: dead_experts 6 at step 1100" in text
     assert text.rstrip().endswith("FAIL: 3 of 4 rules failed (6 layer checks of 16)")
 

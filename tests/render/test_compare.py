@@ -93,7 +93,10 @@ def test_csv_matches_table_columns() -> None:
     result = runner.invoke(app, ["compare", HEALTHY, COLLAPSE, "-k", "2", "-f", "csv"])
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(io.StringIO(result.output)))
-    assert list(rows[0]) == compare.COLUMNS
+    columns = list(compare.COLUMNS)
+    columns.insert(columns.index("n_experts") + 1, "top_k_assumed")  # k was given: false
+    assert list(rows[0]) == columns
+    assert {row["top_k_assumed"] for row in rows} == {"false"}
     assert len(rows) == 8
 
 
@@ -111,7 +114,7 @@ def test_markdown_by_dataset_with_findings() -> None:
 def test_table_by_dataset_lists_findings_and_left_out() -> None:
     result = runner.invoke(app, ["compare", SHIFT, "--by", "dataset", "-k", "2"])
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("shift: datasets compared\nbaseline text")
+    assert result.output.startswith("shift: datasets compared · k=2 (--top-k)\nbaseline text")
     assert "warn distribution_shift: layer 3" in result.output
     assert "left out: shift every layer (agreement_top1, overlap_topk)" in result.output
 

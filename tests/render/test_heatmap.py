@@ -108,7 +108,8 @@ def test_values_mode_keeps_the_glyph_next_to_the_number() -> None:
 
 def test_report_heatmap_marks_dominant_experts_without_colour() -> None:
     """NO_COLOR loses nothing: the collapsed layers' two busy experts carry a glyph the
-    legend names as dominant (before, only bold yellow marked them)."""
+    legend names as dominant (before, only bold yellow marked them). The map shows the
+    probability mass share: expert 0 holds over half of it (more than 4x the fair share)."""
     from typer.testing import CliRunner
 
     from routelog.cli import app
@@ -118,8 +119,9 @@ def test_report_heatmap_marks_dominant_experts_without_colour() -> None:
     assert result.exit_code == 0, result.output
     assert "bold yellow" not in result.output
     layer2 = [line for line in result.output.splitlines() if line.startswith("layer 2 ")]
-    assert layer2[-1].split()[2:] == ["▆", "▆", "×", "×", "×", "×", "×", "×"]
+    assert layer2[-1].split()[2:] == ["█", "▆", "×", "×", "×", "×", "×", "×"]
     assert "▆ > 2 dominant" in result.output
+    assert "█ > 4 dominant" in result.output
 
 
 def test_rows_of_other_widths_and_without_shares() -> None:

@@ -203,7 +203,7 @@ NARROW = {
     ),
     "check": (
         [*COMMANDS["check"], "--max", "dead_experts=0"],
-        ["0.284 < 0.500", "6 > 0", "6 layer checks of 16"],
+        ["0.272 < 0.500", "6 > 0", "6 layer checks of 16"],
     ),
     "inspect": (COMMANDS["inspect"], ["0–1100 (12)", "tokens-per-expert", "2,048", "48"]),
 }
@@ -236,4 +236,4 @@ def test_markdown_counts_one_layer(write_parquet_run: WriteRun) -> None:
     run = write_parquet_run({0: {0: dirichlet(rng, 8, 4)}, 1: {0: dirichlet(rng, 8, 4)}})
     result = runner.invoke(app, ["analyze", str(run), "-k", "1", "-f", "markdown"])
     assert result.exit_code == 0, result.output
-    assert "(2 logged), 1 layer, k=1." in result.output
+    assert "(2 logged), 1 layer, k=1 (--top-k)." in result.output
