@@ -40,7 +40,15 @@ def make_console(stream: IO[str] | None = None, *, width: int | None = None) -> 
     out = stream if stream is not None else sys.stdout
     terminal = out.isatty()
     color = terminal and "NO_COLOR" not in os.environ
-    return Console(
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            # rich exits with status 1 here, the code of a failed check; the CLI turns a
+            # closed pipe into its own quiet exit instead.
+            self.quiet = True
+            raise BrokenPipeError
+
+    return _Console(
         file=out,
         width=width if width is not None else (None if terminal else _pipe_width()),
         color_system="auto" if color else None,

@@ -6,6 +6,7 @@ marked with ``*``, heatmap cells carry glyphs (``×`` for a dead expert) or numb
 
 from __future__ import annotations
 
+import io
 from typing import TYPE_CHECKING, Any
 
 from routelog import __version__
@@ -67,6 +68,28 @@ def fmt(value: float | int | None, digits: int = 3) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return f"{value:.{digits}f}"
+
+
+def report_text(
+    analysis: Analysis, *, width: int, color: bool, plot: bool = False, values: bool = False
+) -> str:
+    """The terminal report as a string, ``width`` columns wide, with ANSI colours if ``color``
+    (whatever ``NO_COLOR`` or the terminal say: the caller asked)."""
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    console = Console(
+        file=buffer,
+        width=width,
+        color_system="standard" if color else None,
+        no_color=not color,
+        force_terminal=color,
+        highlight=False,
+        emoji=False,
+        soft_wrap=False,
+    )
+    print_report(analysis, console, plot=plot, values=values)
+    return buffer.getvalue()
 
 
 def print_report(

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from routelog import compare
 from routelog.cli import app
+from routelog.compare import COLUMNS
 from routelog.render.compare import delta_text, direction
 from tests.conftest import SAMPLES, WriteRun, dirichlet
 
@@ -93,7 +93,7 @@ def test_csv_matches_table_columns() -> None:
     result = runner.invoke(app, ["compare", HEALTHY, COLLAPSE, "-k", "2", "-f", "csv"])
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(io.StringIO(result.output)))
-    assert list(rows[0]) == compare.COLUMNS
+    assert list(rows[0]) == COLUMNS
     assert len(rows) == 8
 
 
