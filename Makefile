@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+RUNTIME := $(VENV)/.runtime
+VENV_MIN ?= .venv-min
+MIN_BIN  := $(VENV_MIN)/bin
+MIN_STAMP := $(VENV_MIN)/.installed
 # torch is a test-only dependency (real .pt files in tests); never a runtime one.
 TORCH  ?= torch==2.13.0
 # extras the test suite installs: each optional world (torch, cloud, dask, ...) is tested.
@@ -11,19 +15,40 @@ TEST_EXTRAS := dev,dask,plot,tensorboard,wandb
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-9s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# routelog alone (what a user installs): enough for the demo, no test tools, no torch.
+$(RUNTIME): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	@touch $(RUNTIME)
+
+# routelog with the test extras and torch (real .pt files in tests).
+$(STAMP): $(RUNTIME)
 	$(BIN)/python -m pip install --quiet -e '.[$(TEST_EXTRAS)]'
 	$(BIN)/python -m pip install --quiet '$(TORCH)'
 	@touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install routelog with its dev tools
 
-demo: $(STAMP)  ## analyze the bundled collapsing sample run
+demo: $(RUNTIME)  ## analyze the bundled collapsing sample run (installs routelog only)
 	$(BIN)/routelog analyze sample_logs/collapse --top-k 2
+
+# The lowest declared version of every runtime dependency, installed exactly: the constraints
+# are derived from pyproject.toml, so the floors and this test cannot drift apart.
+$(MIN_STAMP): pyproject.toml scripts/min_requirements.py
+	@test -x $(MIN_BIN)/python || $(PYTHON) -m venv $(VENV_MIN)
+	$(MIN_BIN)/python -m pip install --quiet --upgrade pip
+	$(MIN_BIN)/python scripts/min_requirements.py > $(VENV_MIN)/constraints.txt
+	$(MIN_BIN)/python -m pip install --quiet -c $(VENV_MIN)/constraints.txt -e '.[$(TEST_EXTRAS)]'
+	$(MIN_BIN)/python -m pip install --quiet -c $(VENV_MIN)/constraints.txt '$(TORCH)'
+	$(MIN_BIN)/python scripts/min_requirements.py --verify
+	@touch $(MIN_STAMP)
+
+test-min: $(MIN_STAMP)  ## the pytest suite on the lowest declared dependency versions (.venv-min)
+	$(MIN_BIN)/python scripts/min_requirements.py --verify
+	$(MIN_BIN)/python -m pytest
 
 lint: $(STAMP)  ## ruff and mypy (checks only)
 	$(BIN)/ruff check .
@@ -45,13 +70,13 @@ test: lint browser  ## ruff, mypy strict, then the whole pytest suite
 readme: $(STAMP)  ## rewrite the README's console examples from what routelog prints now
 	ROUTELOG_UPDATE_SNAPSHOTS=1 $(BIN)/python -m pytest -q tests/test_readme.py
 
-samples: $(STAMP)  ## regenerate sample_logs/ (deterministic)
+samples: $(STAMP)  ## regenerate sample_logs/ and routelog/samples/ (deterministic)
 	$(BIN)/python scripts/make_samples.py sample_logs
 
 bench: $(STAMP)  ## run the performance benchmark (writes bench/results.json; BENCH_ARGS=--quick)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:  ## remove the virtual environment and caches
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_MIN) .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help install demo lint fmt browser test readme samples bench clean
+.PHONY: help install demo lint fmt browser test test-min readme samples bench clean

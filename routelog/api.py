@@ -11,24 +11,26 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from routelog import ingest, kernels, tokens
 from routelog.config import Config
 from routelog.errors import InputError, RoutelogError, UsageError
 from routelog.executor import Done, Executor, Threads, relocated
-from routelog.findings import Finding
+from routelog.findings import Finding, sort_findings
 from routelog.options import Options, StepRange, TopKSource, parse_layers, parse_steps
 
 if TYPE_CHECKING:
     import polars as pl
 
     from routelog.cache import Cache
+    from routelog.check import CheckResult
+    from routelog.compare import Comparison
     from routelog.experts import LayerHistory
     from routelog.modelconfig import ModelConfig
 
@@ -72,7 +74,7 @@ class FileResult:
     top_k_assumed: bool = False
 
 
-@dataclass
+@dataclass(repr=False)
 class Run:
     """One run read and reduced."""
 
@@ -95,6 +97,18 @@ class Run:
     read as one): ``files``, ``step``, ``layer``, ``tokens``, ``pairs``, ``of``, ``layers``."""
     sidecar_files: list[str] = field(default_factory=list)
     """Files a framework wrote beside its logs (logits, meta_info.json, config.json, ...)."""
+
+    def __repr__(self) -> str:
+        steps = self.stats["step"]
+        span = (
+            f"steps {int(steps.min())}–{int(steps.max())}"  # type: ignore[arg-type]
+            if self.stats.height
+            else "no steps"
+        )
+        return (
+            f"<Run {self.name!r}: {_plural(len(self.files), 'file')}, {span}, "
+            f"{_plural(self.stats['layer'].n_unique(), 'layer')}>"
+        )
 
     def summary(self) -> dict[str, Any]:
         """The run's entry in the JSON ``runs`` list."""
@@ -119,9 +133,13 @@ class Run:
         }
 
 
-@dataclass
+@dataclass(repr=False)
 class Analysis:
-    """What ``analyze`` returns: runs, metrics per run x step x layer, and findings."""
+    """What ``analyze`` returns: runs, metrics per run x step x layer, and findings.
+
+    ``metrics`` is a Polars frame; ``findings`` a list of :class:`~routelog.findings.Finding`,
+    also as a frame from :meth:`findings_frame`; :meth:`report` renders the terminal report.
+    """
 
     runs: list[Run]
     metrics: pl.DataFrame
@@ -139,6 +157,63 @@ class Analysis:
 
             self._histories = histories(self.metrics, self.options.dead_fraction)
         return self._histories
+
+    def __repr__(self) -> str:
+        names = ", ".join(repr(r.name) for r in self.runs)
+        counts = [f"{sum(f.severity == s for f in self.findings)} {s}" for s in ("fail", "warn")]
+        return (
+            f"<Analysis of {_plural(len(self.runs), 'run')} {names}: "
+            f"{_plural(self.metrics.height, 'metrics row')}, "
+            f"findings {', '.join(counts)}>"
+        )
+
+    def findings_frame(self) -> pl.DataFrame:
+        """The findings as a Polars frame, one row per finding, in report order.
+
+        Columns are the fields of :class:`~routelog.findings.Finding` (``code``, ``severity``,
+        ``run``, ``layer``, ``first_step``, ``last_step``, ``active``, ``metric``, ``value``,
+        ``threshold``, ``message``, ...), with the same types when there is no finding.
+        """
+        import polars as pl
+
+        schema = _finding_schema()
+        rows = [f.to_dict() for f in sort_findings(self.findings)]
+        if not rows:
+            return pl.DataFrame(schema=schema)
+        return pl.DataFrame(rows, schema_overrides=schema, infer_schema_length=None)
+
+    def report(
+        self, *, width: int = 100, color: bool = False, plot: bool = False, values: bool = False
+    ) -> str:
+        """The terminal report of ``routelog analyze`` as a string (ANSI colours if ``color``).
+
+        ``plot`` adds the entropy charts, ``values`` prints load shares in the heatmap.
+        """
+        from routelog.render.report import report_text
+
+        return report_text(self, width=width, color=color, plot=plot, values=values)
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _finding_schema() -> dict[str, pl.DataType]:
+    """Polars types of the Finding fields (those whose annotation is a plain scalar)."""
+    import dataclasses
+
+    import polars as pl
+
+    types: dict[str, pl.DataType] = {
+        "str": pl.String(),
+        "Severity": pl.String(),
+        "bool": pl.Boolean(),
+        "int | None": pl.Int64(),
+        "int": pl.Int64(),
+        "float | None": pl.Float64(),
+        "float": pl.Float64(),
+    }
+    return {f.name: types[str(f.type)] for f in dataclasses.fields(Finding) if str(f.type) in types}
 
 
 def default_jobs() -> int:
@@ -717,11 +792,52 @@ def make_options(
     )
 
 
+Paths = str | Path | RunSpec | Sequence[str | Path | RunSpec]
+"""One run (a path, ``NAME=PATH``) or a list of runs."""
+
+
+def _as_list(paths: Paths) -> list[str | Path | RunSpec]:
+    return [paths] if isinstance(paths, str | Path | RunSpec) else list(paths)
+
+
+def resolve_config(config: Config | str | Path | None) -> Config:
+    """The configuration the CLI would use: a ``Config`` as given, a file read, or (None) the
+    ``routelog.toml`` / ``[tool.routelog]`` found upwards of the current directory."""
+    from routelog.config import load_config
+
+    if isinstance(config, Config):
+        return config
+    return load_config(None if config is None else Path(config))
+
+
+def _options(options: Options | None, config: Config, option_values: dict[str, Any]) -> Options:
+    """``options`` as given, else built from keyword values with the configuration's
+    defaults for ``top_k`` and ``dead_fraction`` (as the CLI builds them)."""
+    if options is not None:
+        if option_values:
+            raise UsageError(
+                f"give either options= or option keywords, not both ({', '.join(option_values)})"
+            )
+        return options
+    return options_from(config, **option_values)
+
+
+def options_from(config: Config, **option_values: Any) -> Options:
+    """Options from keyword values (those of :func:`make_options`), with the configuration's
+    ``top_k`` (only when a file sets it: else k is assumed where the data says none) and
+    ``dead_fraction`` as defaults: how the CLI and the API build them alike."""
+    if "top_k" in config.sources:
+        option_values.setdefault("default_top_k", config.top_k)
+        option_values.setdefault("default_top_k_file", config.sources["top_k"])
+    option_values.setdefault("dead_fraction", config.dead_fraction)
+    return make_options(**option_values)
+
+
 def analyze(
-    paths: Sequence[str | Path | RunSpec],
+    paths: Paths,
     *,
     options: Options | None = None,
-    config: Config | None = None,
+    config: Config | str | Path | None = None,
     progress: Progress | None = None,
     jobs: int | None = None,
     cache: Cache | None = None,
@@ -729,32 +845,35 @@ def analyze(
     accept: Callable[[Path], bool] | None = None,
     **option_values: Any,
 ) -> Analysis:
-    """Analyze runs: each path is a run (file or directory, ``NAME=PATH`` allowed).
+    """Analyze runs: ``paths`` is one run or a list of runs (file or directory,
+    ``NAME=PATH`` allowed).
 
     Keyword arguments are those of :func:`make_options` (``top_k``, ``layers="0,3-5"``,
     ``steps="100:500"``, ``skip_bad_rows``, ``temperature``, ``score``, ``dead_fraction``).
-    ``config`` holds the diagnosis thresholds and enabled rules (default: built-in values;
-    :func:`routelog.config.load_config` reads them from a file). ``jobs``: files read at once
-    (default one per core); ``cache``: a ``routelog.cache.Cache`` (default none, so the
+    ``config``: the configuration (thresholds, enabled rules, default ``top_k`` and
+    ``dead_fraction``): a :class:`~routelog.config.Config`, a file to read, or by default the
+    same file the CLI reads, ``routelog.toml`` or ``[tool.routelog]`` in ``pyproject.toml``
+    searched upwards of the current directory (built-in values if none). ``jobs``: files read
+    at once (default one per core); ``cache``: a ``routelog.cache.Cache`` (default none, so the
     Python API writes nothing); ``executor``: where files are read (default: ``jobs``
     threads; ``routelog.executor.open_executor("local:4", 1)`` gives a Dask cluster);
     ``accept``: keep only the files it returns true for.
     """
     from routelog.diagnose import diagnose
 
-    config = config if config is not None else Config()
-    opts = options if options is not None else make_options(**option_values)
+    settings = resolve_config(config)
+    opts = _options(options, settings, option_values)
     runs = load_runs(
-        paths, opts, progress, jobs=jobs, cache=cache, executor=executor, accept=accept
+        _as_list(paths), opts, progress, jobs=jobs, cache=cache, executor=executor, accept=accept
     )
     metrics = metrics_of(runs, opts)
-    beginning, notes = _beginning_in_view(opts, config)
+    beginning, notes = _beginning_in_view(opts, settings)
     return Analysis(
         runs=runs,
         metrics=metrics,
         options=opts,
-        findings=diagnose(metrics, config, dead_fraction=opts.dead_fraction, beginning=beginning),
-        config=config,
+        findings=diagnose(metrics, settings, dead_fraction=opts.dead_fraction, beginning=beginning),
+        config=settings,
         notes=notes,
     )
 
@@ -778,3 +897,89 @@ def _beginning_in_view(options: Options, config: Config) -> tuple[bool, list[str
         f"{' and '.join(skipped)} not run: --steps starts at step {start}, so the run's "
         "beginning is not in view (select from step 0 to judge it)"
     ]
+
+
+def compare(
+    paths: Paths,
+    *,
+    by: Literal["run", "dataset"] = "run",
+    base: str | None = None,
+    step: int | None = None,
+    align: Literal["exact", "nearest"] = "exact",
+    shift_threshold: float | None = None,
+    options: Options | None = None,
+    config: Config | str | Path | None = None,
+    jobs: int | None = None,
+    cache: Cache | None = None,
+    **option_values: Any,
+) -> Comparison:
+    """``routelog compare``: runs side by side (the first is the baseline), or with
+    ``by="dataset"`` the datasets of one run (``base`` names the baseline dataset).
+
+    ``step``/``align`` choose the compared step; ``shift_threshold`` (JSD, default the
+    configuration's ``thresholds.shift_jsd``) marks a shifted layer. ``config``, ``options``
+    and the keywords of :func:`make_options` as for :func:`analyze`.
+    """
+    from routelog.compare import compare_datasets, compare_runs
+
+    settings = resolve_config(config)
+    opts = _options(options, settings, option_values)
+    specs = _as_list(paths)
+    if by == "dataset" and len(specs) != 1:
+        raise UsageError(f"by='dataset' compares the datasets of one run, got {len(specs)}")
+    if by == "run" and base is not None:
+        raise UsageError("base names a dataset (with by='dataset'); the first run is the baseline")
+    runs = load_runs(specs, opts, jobs=jobs, cache=cache)
+    if by == "dataset":
+        threshold = settings.thresholds.shift_jsd if shift_threshold is None else shift_threshold
+        return compare_datasets(
+            runs[0], opts, base=base, step=step, align=align, threshold=threshold
+        )
+    return compare_runs(runs, opts, step=step, align=align)
+
+
+def check(
+    paths: Paths | Analysis,
+    *,
+    minimum: Mapping[str, float] | None = None,
+    maximum: Mapping[str, float] | None = None,
+    max_regression: Mapping[str, float] | None = None,
+    baseline: Paths | Analysis | None = None,
+    align: Literal["exact", "nearest"] = "exact",
+    window: int | None = None,
+    strict: bool = False,
+    options: Options | None = None,
+    config: Config | str | Path | None = None,
+    jobs: int | None = None,
+    cache: Cache | None = None,
+    **option_values: Any,
+) -> CheckResult:
+    """``routelog check``: evaluate the gate's rules; ``result.passed`` is the verdict.
+
+    ``paths`` are runs (analyzed as by :func:`analyze`) or an :class:`Analysis`.
+    ``minimum``/``maximum`` (``{"token_entropy_norm": 0.2}``) and ``max_regression`` (from
+    ``baseline``) add to the configuration's ``[check]`` rules as ``--min``/``--max``/
+    ``--max-regression`` do; ``window`` checks means over the last N steps; ``strict`` also
+    fails on findings no longer active.
+    """
+    from routelog.check import check as run_check
+
+    def analysis_of(target: Paths | Analysis) -> Analysis:
+        if isinstance(target, Analysis):
+            return target
+        return analyze(
+            target, options=options, config=config, jobs=jobs, cache=cache, **option_values
+        )
+
+    if window is not None and window < 1:
+        raise UsageError(f"window must be at least 1, got {window}")
+    analysis = analysis_of(paths)
+    settings = analysis.config.check.with_flags(
+        minimum=[f"{k}={v}" for k, v in (minimum or {}).items()],
+        maximum=[f"{k}={v}" for k, v in (maximum or {}).items()],
+        max_regression=[f"{k}={v}" for k, v in (max_regression or {}).items()],
+    )
+    base = analysis_of(baseline) if baseline is not None else None
+    if base is None and settings.max_regression:
+        raise UsageError("max_regression needs a baseline run: pass baseline=")
+    return run_check(analysis, settings, baseline=base, align=align, window=window, strict=strict)

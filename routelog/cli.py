@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Annotated, Optional
+from typing import IO, TYPE_CHECKING, Annotated, NoReturn, Optional
 
 import typer
 
@@ -32,8 +32,10 @@ app = typer.Typer(
     name="routelog",
     help="Analyze the routing logs of Mixture-of-Experts models: entropy, load, collapse.",
     context_settings={"help_option_names": ["-h", "--help"]},
-    no_args_is_help=True,
-    add_completion=False,
+    # No arguments prints the help on stdout and exits 0 (see _root); click's no_args_is_help
+    # would print it on stderr and exit 2, as for a usage error.
+    no_args_is_help=False,
+    invoke_without_command=True,
     pretty_exceptions_enable=False,
     # Plain click help: rendering it with rich would import rich just to print --help.
     rich_markup_mode=None,
@@ -43,20 +45,38 @@ app = typer.Typer(
 TopK = Annotated[
     Optional[int],  # noqa: UP045 (typer reads the annotation at run time on Python 3.10)
     typer.Option(
-        "--top-k", "-k", help="Experts each token is routed to (default: the data's k, else 1)."
+        "--top-k",
+        "-k",
+        metavar="K",
+        help="Experts each token is routed to (default: the data's k, else 1).",
     ),
 ]
-Layers = Annotated[Optional[str], typer.Option(help="Layers to keep, e.g. 0,3-5.")]  # noqa: UP045
-Steps = Annotated[str | None, typer.Option(help="Steps to keep, inclusive: 100:500, 100:, :500.")]
+Layers = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(metavar="LAYERS", help="Layers to keep, e.g. 0,3-5."),
+]
+Steps = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(metavar="FROM:TO", help="Steps to keep, inclusive: 100:500, 100:, :500."),
+]
 SkipBadRows = Annotated[
     bool, typer.Option("--skip-bad-rows", help="Drop and count bad rows instead of failing.")
 ]
 Temperature = Annotated[
     Optional[float],  # noqa: UP045
-    typer.Option(help="Divide logits by T before the softmax (what-if gate scaling)."),
+    typer.Option(metavar="T", help="Divide logits by T before the softmax (what-if gate scaling)."),
 ]
+
+
+class ScoreFn(str, enum.Enum):
+    """How the router turns logits into expert scores."""
+
+    softmax = "softmax"
+    sigmoid = "sigmoid"
+
+
 Score = Annotated[
-    str,
+    ScoreFn,
     typer.Option(
         "--score",
         help="How the router scores experts from logits: softmax, or sigmoid (DeepSeek-V3 style; "
@@ -66,7 +86,9 @@ Score = Annotated[
 NumExperts = Annotated[
     Optional[int],  # noqa: UP045
     typer.Option(
-        "--num-experts", help="Experts per layer E, for top-k ids without a num_experts column."
+        "--num-experts",
+        metavar="E",
+        help="Experts per layer E, for top-k ids without a num_experts column.",
     ),
 ]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
@@ -79,21 +101,36 @@ ColorOpt = Annotated[
         "FORCE_COLOR asks for it), always, never.",
     ),
 ]
+
+
+class TableOrJson(str, enum.Enum):
+    """The formats of the commands that describe rather than measure (inspect, config)."""
+
+    table = "table"
+    json = "json"
+
+
+TableOrJsonOpt = Annotated[TableOrJson, typer.Option("--format", "-f", help="Output format.")]
 ConfigOpt = Annotated[
     Optional[Path],  # noqa: UP045
     typer.Option(
         "--config",
+        metavar="FILE",
         help="Configuration file (default: routelog.toml or pyproject.toml, searched upwards).",
     ),
 ]
 Output = Annotated[
     Optional[Path],  # noqa: UP045
-    typer.Option("--output", "-o", help="Write to FILE instead of standard output."),
+    typer.Option(
+        "--output", "-o", metavar="FILE", help="Write to FILE instead of standard output."
+    ),
 ]
 
 Jobs = Annotated[
     Optional[int],  # noqa: UP045
-    typer.Option("--jobs", "-j", help="Files read at once (default: one per core).", min=1),
+    typer.Option(
+        "--jobs", "-j", metavar="N", help="Files read at once (default: one per core).", min=1
+    ),
 ]
 NoCache = Annotated[
     bool, typer.Option("--no-cache", help="Neither read nor write the per-file statistics cache.")
@@ -112,6 +149,7 @@ CacheDir = Annotated[
     Optional[Path],  # noqa: UP045
     typer.Option(
         "--cache-dir",
+        metavar="DIR",
         help="Cache directory (default: $ROUTELOG_CACHE_DIR, else $XDG_CACHE_HOME/routelog, "
         "else ~/.cache/routelog).",
     ),
@@ -124,13 +162,25 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _help_when_bare(ctx: typer.Context) -> None:
+    """A group called without a command prints its help on stdout and exits 0."""
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(ExitCode.OK)
+
+
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
 ) -> None:
-    """Analyze the routing logs of Mixture-of-Experts models: entropy, load, collapse."""
+    """Analyze the routing logs of Mixture-of-Experts models: entropy, load, collapse.
+
+    Example: routelog demo
+    """
+    _help_when_bare(ctx)
 
 
 @contextmanager
@@ -139,6 +189,10 @@ def _errors(debug: bool) -> Iterator[None]:
     debug = debug or bool(os.environ.get("ROUTELOG_DEBUG"))
     try:
         yield
+        # Output still buffered is written here, so that a closed pipe is seen by this handler.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _pipe_closed()
     except RoutelogError as exc:
         if debug:
             raise
@@ -160,6 +214,23 @@ def _errors(debug: bool) -> Iterator[None]:
         raise typer.Exit(ExitCode.INTERNAL) from None
 
 
+def _pipe_closed() -> NoReturn:
+    """The reader of stdout went away (``routelog analyze RUN | head -1``): stop quietly.
+
+    stdout is pointed at /dev/null so that the interpreter's final flush of what is still
+    buffered cannot fail again ("Exception ignored ... BrokenPipeError"), and the exit code
+    is the shell's for a process killed by SIGPIPE, never 1 (a failed check).
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (a test runner's buffer)
+        pass
+    finally:
+        os.close(devnull)
+    raise typer.Exit(ExitCode.BROKEN_PIPE)
+
+
 def _emit(output: Path | None, write: Callable[[object], None]) -> None:
     """Run ``write`` against stdout or the --output file."""
     if output is None:
@@ -179,7 +250,7 @@ class _Reading:
     steps: str | None = None
     skip_bad_rows: bool = False
     temperature: float | None = None
-    score: str = "softmax"
+    score: ScoreFn = ScoreFn.softmax
     num_experts: int | None = None
     jobs: int | None = None
     no_cache: bool = False
@@ -193,18 +264,15 @@ class _Reading:
         from routelog.config import load_config
 
         settings = load_config(self.config)
-        configured = "top_k" in settings.sources
-        options = api.make_options(
+        options = api.options_from(
+            settings,
             top_k=self.top_k,
             layers=self.layers,
             steps=self.steps,
             skip_bad_rows=self.skip_bad_rows,
             temperature=self.temperature,
-            score=self.score,
+            score=self.score.value,
             num_experts=self.num_experts,
-            default_top_k=settings.top_k if configured else None,
-            default_top_k_file=settings.sources.get("top_k") if configured else None,
-            dead_fraction=settings.dead_fraction,
         )
         return settings, options, None if self.no_cache else Cache.at(self.cache_dir)
 
@@ -246,14 +314,15 @@ class _Reading:
 @app.command()
 def analyze(
     paths: Annotated[
-        list[str], typer.Argument(help="Runs: log files or directories, PATH or NAME=PATH.")
+        list[str],
+        typer.Argument(metavar="PATH", help="Runs: log files or directories, PATH or NAME=PATH."),
     ],
     top_k: TopK = None,
     layers: Layers = None,
     steps: Steps = None,
     skip_bad_rows: SkipBadRows = False,
     temperature: Temperature = None,
-    score: Score = "softmax",
+    score: Score = ScoreFn.softmax,
     num_experts: NumExperts = None,
     fmt: FormatOpt = Format.table,
     output: Output = None,
@@ -266,7 +335,7 @@ def analyze(
     ] = False,
     width: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option("--width", min=40, help="Width of the report in columns."),
+        typer.Option("--width", min=40, metavar="COLUMNS", help="Width of the report in columns."),
     ] = None,
     jobs: Jobs = None,
     no_cache: NoCache = False,
@@ -277,7 +346,7 @@ def analyze(
 ) -> None:
     """Per-layer, per-step routing entropy and load of one or more runs, and a diagnosis.
 
-    Example: routelog analyze sample_logs/collapse --top-k 2 --plot
+    Example: routelog analyze runs/mixtral --top-k 2 --plot
     """
     with _errors(debug):
         result = _Reading(
@@ -358,7 +427,7 @@ def watch(
     steps: Steps = None,
     skip_bad_rows: SkipBadRows = False,
     temperature: Temperature = None,
-    score: Score = "softmax",
+    score: Score = ScoreFn.softmax,
     num_experts: NumExperts = None,
     fmt: Annotated[
         Format, typer.Option("--format", "-f", help="Format of the final report.")
@@ -503,7 +572,7 @@ def experts(
     steps: Steps = None,
     skip_bad_rows: SkipBadRows = False,
     temperature: Temperature = None,
-    score: Score = "softmax",
+    score: Score = ScoreFn.softmax,
     num_experts: NumExperts = None,
     fmt: FormatOpt = Format.table,
     output: Output = None,
@@ -621,7 +690,7 @@ def plot(
     steps: Steps = None,
     skip_bad_rows: SkipBadRows = False,
     temperature: Temperature = None,
-    score: Score = "softmax",
+    score: Score = ScoreFn.softmax,
     num_experts: NumExperts = None,
     config: ConfigOpt = None,
     jobs: Jobs = None,
@@ -690,7 +759,7 @@ def export(
     steps: Steps = None,
     skip_bad_rows: SkipBadRows = False,
     temperature: Temperature = None,
-    score: Score = "softmax",
+    score: Score = ScoreFn.softmax,
     num_experts: NumExperts = None,
     config: ConfigOpt = None,
     jobs: Jobs = None,
@@ -746,13 +815,39 @@ def export(
 
 
 @app.command()
+def demo(
+    path: Annotated[
+        bool, typer.Option("--path", help="Print the sample's directory instead of analyzing it.")
+    ] = False,
+    width: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option("--width", min=40, metavar="COLUMNS", help="Width of the report in columns."),
+    ] = None,
+    debug: Debug = False,
+) -> None:
+    """Analyze the small collapsing run shipped with routelog (8 experts, top-2; layers 2 and 3
+    collapse at step 500). --path prints its directory, to try the other commands on it.
+
+    Example: routelog check "$(routelog demo --path)" --top-k 2
+    """
+    from routelog.samples import SAMPLE_TOP_K, sample_path
+
+    if path:
+        typer.echo(str(sample_path()))
+        return
+    analyze([str(sample_path())], top_k=SAMPLE_TOP_K, width=width, debug=debug)
+
+
+@app.command()
 def inspect(
-    paths: Annotated[list[str], typer.Argument(help="Log files or run directories.")],
+    paths: Annotated[
+        list[str], typer.Argument(metavar="PATH", help="Log files or run directories.")
+    ],
     skip_bad_rows: SkipBadRows = False,
     num_experts: NumExperts = None,
     top_k: TopK = None,
     config: ConfigOpt = None,
-    fmt: FormatOpt = Format.table,
+    fmt: TableOrJsonOpt = TableOrJson.table,
     output: Output = None,
     color: ColorOpt = Color.auto,
     debug: Debug = False,
@@ -761,16 +856,13 @@ def inspect(
 
     Per file: format, layout, payload kind, steps, layers, E, k, rows, masked and skipped rows.
 
-    Example: routelog inspect sample_logs/healthy --format json
+    Example: routelog inspect runs/mixtral --format json
     """
     with _errors(debug):
         from routelog import api
-        from routelog.errors import UsageError
         from routelog.render import data, make_console
         from routelog.render import inspect as render_inspect
 
-        if fmt not in (Format.table, Format.json):
-            raise UsageError(f"inspect writes --format table or json, not {fmt.value}")
         _, options, _ = _Reading(
             config, top_k, skip_bad_rows=skip_bad_rows, num_experts=num_experts
         ).prepare()
@@ -778,7 +870,7 @@ def inspect(
         ks = api.inspect_k(paths, infos, options)
 
         def write(stream: object) -> None:
-            if fmt is Format.json:
+            if fmt is TableOrJson.json:
                 document = render_inspect.inspect_document(infos, ks)
                 stream.write(data.to_json(document))  # type: ignore[attr-defined]
             else:
@@ -791,7 +883,7 @@ def inspect(
 @app.command("config")
 def config_command(
     config: ConfigOpt = None,
-    fmt: FormatOpt = Format.table,
+    fmt: TableOrJsonOpt = TableOrJson.table,
     color: ColorOpt = Color.auto,
     debug: Debug = False,
 ) -> None:
@@ -801,17 +893,14 @@ def config_command(
     """
     with _errors(debug):
         from routelog.config import load_config
-        from routelog.errors import UsageError
         from routelog.render import data, make_console
         from routelog.render.settings import config_document, print_config
 
         settings = load_config(config)
-        if fmt is Format.json:
+        if fmt is TableOrJson.json:
             sys.stdout.write(data.to_json(config_document(settings)))
-        elif fmt is Format.table:
-            print_config(settings, make_console(sys.stdout, color=color))
         else:
-            raise UsageError(f"routelog config: --format must be table or json, not {fmt.value}")
+            print_config(settings, make_console(sys.stdout, color=color))
 
 
 class By(str, enum.Enum):
@@ -832,16 +921,25 @@ class AlignOpt(str, enum.Enum):
 def compare(
     paths: Annotated[
         list[str],
-        typer.Argument(help="Runs, the baseline first (PATH or NAME=PATH); one with --by dataset."),
+        typer.Argument(
+            metavar="PATH",
+            help="Runs, the baseline first (PATH or NAME=PATH); one with --by dataset.",
+        ),
     ],
     by: Annotated[By, typer.Option(help="Compare runs, or the datasets of one run.")] = By.run,
     base: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option(help="With --by dataset: the baseline dataset (default: the first)."),
+        typer.Option(
+            metavar="DATASET",
+            help="With --by dataset: the baseline dataset (default: the first).",
+        ),
     ] = None,
     step: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(help="Compare at this step (default: the latest step every run logged)."),
+        typer.Option(
+            metavar="STEP",
+            help="Compare at this step (default: the latest step every run logged).",
+        ),
     ] = None,
     align: Annotated[
         AlignOpt,
@@ -850,8 +948,9 @@ def compare(
     shift_threshold: Annotated[
         Optional[float],  # noqa: UP045
         typer.Option(
+            metavar="JSD",
             help="With --by dataset: JSD above which a layer has shifted (default: "
-            "thresholds.shift_jsd of the configuration, 0.1)."
+            "thresholds.shift_jsd of the configuration, 0.1).",
         ),
     ] = None,
     top_k: TopK = None,
@@ -859,7 +958,7 @@ def compare(
     steps: Steps = None,
     skip_bad_rows: SkipBadRows = False,
     temperature: Temperature = None,
-    score: Score = "softmax",
+    score: Score = ScoreFn.softmax,
     num_experts: NumExperts = None,
     jobs: Jobs = None,
     no_cache: NoCache = False,
@@ -873,17 +972,17 @@ def compare(
     ] = False,
     width: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option("--width", min=40, help="Width of the report in columns."),
+        typer.Option("--width", min=40, metavar="COLUMNS", help="Width of the report in columns."),
     ] = None,
     color: ColorOpt = Color.auto,
     debug: Debug = False,
 ) -> None:
     """Routing of runs (or of one run's datasets) side by side, with deltas from the first.
 
-    Example: routelog compare base=sample_logs/healthy sample_logs/collapse --top-k 2
+    Example: routelog compare base=runs/healthy runs/mixtral --top-k 2
     """
     with _errors(debug):
-        from routelog import compare as core
+        from routelog.compare import compare_datasets, compare_runs
         from routelog.errors import UsageError
         from routelog.render import compare as view
         from routelog.render import data, make_console
@@ -910,7 +1009,7 @@ def compare(
         ).runs(paths)
         if by is By.dataset:
             (run,) = runs
-            result = core.compare_datasets(
+            result = compare_datasets(
                 run,
                 options,
                 base=base,
@@ -923,7 +1022,7 @@ def compare(
                 ),
             )
         else:
-            result = core.compare_runs(runs, options, step=step, align=align.value)
+            result = compare_runs(runs, options, step=step, align=align.value)
 
         def write(stream: object) -> None:
             if fmt is Format.json:
@@ -948,12 +1047,15 @@ def compare(
 def check(
     paths: Annotated[
         Optional[list[str]],  # noqa: UP045
-        typer.Argument(help="Runs to check: log files or directories, PATH or NAME=PATH."),
+        typer.Argument(
+            metavar="PATH",
+            help="Runs to check: log files or directories, PATH or NAME=PATH.",
+        ),
     ] = None,
     config: ConfigOpt = None,
     baseline: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option(help="A known-good run for the max_regression rules."),
+        typer.Option(metavar="PATH", help="A known-good run for the max_regression rules."),
     ] = None,
     align: Annotated[
         AlignOpt,
@@ -964,30 +1066,39 @@ def check(
     ] = AlignOpt.exact,
     minimum: Annotated[
         Optional[list[str]],  # noqa: UP045
-        typer.Option("--min", help="METRIC=VALUE: fail a layer below VALUE (repeatable)."),
+        typer.Option(
+            "--min",
+            metavar="METRIC=VALUE",
+            help="METRIC=VALUE: fail a layer below VALUE (repeatable).",
+        ),
     ] = None,
     maximum: Annotated[
         Optional[list[str]],  # noqa: UP045
-        typer.Option("--max", help="METRIC=VALUE: fail a layer above VALUE (repeatable)."),
+        typer.Option(
+            "--max",
+            metavar="METRIC=VALUE",
+            help="METRIC=VALUE: fail a layer above VALUE (repeatable).",
+        ),
     ] = None,
     max_regression: Annotated[
         Optional[list[str]],  # noqa: UP045
         typer.Option(
             "--max-regression",
+            metavar="METRIC=TOL",
             help="METRIC=TOL: fail a layer whose METRIC moved towards collapse by more than "
             "TOL from --baseline (repeatable).",
         ),
     ] = None,
     window: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(help="Check each metric's mean over the last N logged steps."),
+        typer.Option(metavar="N", help="Check each metric's mean over the last N logged steps."),
     ] = None,
     strict: Annotated[
         bool, typer.Option("--strict", help="Also fail on findings no longer active.")
     ] = False,
     junit: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Option("--junit", help="Write a JUnit XML report to FILE."),
+        typer.Option("--junit", metavar="FILE", help="Write a JUnit XML report to FILE."),
     ] = None,
     github: Annotated[
         bool,
@@ -1009,7 +1120,7 @@ def check(
     steps: Steps = None,
     skip_bad_rows: SkipBadRows = False,
     temperature: Temperature = None,
-    score: Score = "softmax",
+    score: Score = ScoreFn.softmax,
     num_experts: NumExperts = None,
     jobs: Jobs = None,
     no_cache: NoCache = False,
@@ -1023,7 +1134,7 @@ def check(
     """Gate CI on routing health: exit 0 when every rule passes, 1 when one fails, 2 on bad
     input or configuration. Rules: fail findings, thresholds, regression from a baseline.
 
-    Example: routelog check sample_logs/collapse --top-k 2 --min token_entropy_norm=0.2
+    Example: routelog check runs/mixtral --top-k 2 --min token_entropy_norm=0.2
     """
     with _errors(debug):
         from routelog.check import check as run_check
@@ -1050,12 +1161,15 @@ def check(
         if suggest is not None:
             if paths:
                 raise UsageError("--suggest reads the healthy run only: give no PATH with it")
-            _print_suggestion(read([suggest]), window)
+            suggestion = _suggestion(read([suggest]), window)
+            _emit(output, lambda stream: stream.write(suggestion))  # type: ignore[attr-defined]
             return
         if not paths:
             raise UsageError("no run given: routelog check PATH... (or --suggest BASELINE)")
-        if github and fmt is not Format.table:
-            raise UsageError("--github writes annotations to stdout: use it with --format table")
+        if github and fmt is not Format.table and output is None:
+            raise UsageError(
+                "--github writes annotations to stdout: use it with --format table or -o FILE"
+            )
         analysis = read(paths)
         settings = analysis.config.check.with_flags(
             minimum=minimum, maximum=maximum, max_regression=max_regression
@@ -1095,20 +1209,18 @@ def check(
             raise typer.Exit(ExitCode.CHECK_FAILED)
 
 
-def _print_suggestion(analysis: Analysis, window: int | None) -> None:
+def _suggestion(analysis: Analysis, window: int | None) -> str:
     from routelog.check import suggest
     from routelog.render.check import suggestion_toml
 
     run = analysis.runs[0]
-    sys.stdout.write(
-        suggestion_toml(
-            suggest(analysis.metrics, window),
-            run=run.name,
-            step=int(analysis.metrics["step"].max()),  # type: ignore[arg-type]
-            top_k=sorted(set(run.stats["top_k"].drop_nulls().to_list())),
-            window=window,
-            top_k_assumed=run.top_k_assumed,
-        )
+    return suggestion_toml(
+        suggest(analysis.metrics, window),
+        run=run.name,
+        step=int(analysis.metrics["step"].max()),  # type: ignore[arg-type]
+        top_k=sorted(set(run.stats["top_k"].drop_nulls().to_list())),
+        window=window,
+        top_k_assumed=run.top_k_assumed,
     )
 
 
@@ -1135,10 +1247,15 @@ def _write(path: Path, content: bytes, what: str, *, append: bool = False) -> No
 
 cache_app = typer.Typer(
     help="Inspect or empty the per-file statistics cache.\n\nExample: routelog cache clear",
-    no_args_is_help=True,
+    invoke_without_command=True,
     rich_markup_mode=None,
 )
 app.add_typer(cache_app, name="cache")
+
+
+@cache_app.callback()
+def _cache_root(ctx: typer.Context) -> None:
+    _help_when_bare(ctx)
 
 
 @cache_app.command("info")

@@ -17,6 +17,7 @@ class ExitCode(IntEnum):
     BAD_INPUT = 2
     INTERNAL = 70  # a bug in routelog (EX_SOFTWARE); the message asks for a report
     INTERRUPTED = 130
+    BROKEN_PIPE = 141  # stdout closed early (`routelog ... | head`): 128 + SIGPIPE, as a shell says
 
 
 class RoutelogError(Exception):

@@ -15,6 +15,7 @@ to 0.75 in a healthy layer, and drops to near 0 within a step or two in a collap
 - megatron-tpe/ Megatron-LM style tokens-per-expert counts (JSONL, one line per iteration and
             layer, 4 micro-batches of 1024 routed slots each): balanced load, except layer 3
             whose router drifts onto experts 0 and 1 from iteration 600 (count-only report).
+- routelog/samples/collapse/ (packaged in the wheel, for `routelog demo`): a small collapse/.
 - shift/    logits with a `dataset` column: 256 `text` and 256 `code` tokens per layer at
             steps 0, 100, 200. In layers 2 and 3 the `code` tokens lean on experts 5 and 6
             (a distribution shift, `compare --by dataset`); layers 0 and 1 route both alike.
@@ -141,12 +142,52 @@ def write_shift_run(root: Path) -> None:
         pl.concat(frames).write_parquet(out / f"step_{step:06d}.parquet", compression="zstd")
 
 
-def main(root: Path) -> None:
+PACKAGED_SEED = 20261125
+PACKAGED_TOKENS = 64
+PACKAGED_STEPS = [100 * i for i in range(8)]
+
+
+def write_packaged_sample(root: Path) -> None:
+    """The small collapsing run shipped inside the wheel (``routelog demo``), in one file.
+
+    The same model as collapse/ (layers 2 and 3 collapse at step 500) on 64 tokens and 8 steps,
+    logits rounded to 0.01: a few tens of KB, so every installation can show a real report.
+    """
+    rng = np.random.default_rng(PACKAGED_SEED)
+    out = root / "collapse"
+    out.mkdir(parents=True, exist_ok=True)
+    z = rng.normal(size=(LAYERS, PACKAGED_TOKENS, EXPERTS))
+    frames = []
+    for step in PACKAGED_STEPS:
+        z = z + rng.normal(scale=0.3 * np.exp(-step / 600), size=z.shape)
+        for layer in range(LAYERS):
+            beta, bias = collapse_params(step, layer)
+            logits = np.round(_logits(rng, z[layer], beta, bias), 2)
+            frames.append(
+                pl.DataFrame(
+                    {
+                        "step": np.full(PACKAGED_TOKENS, step, dtype=np.int64),
+                        "layer": np.full(PACKAGED_TOKENS, layer, dtype=np.int32),
+                        "token": np.arange(PACKAGED_TOKENS, dtype=np.int64),
+                        "logits": logits.astype(np.float32),
+                    }
+                )
+            )
+    pl.concat(frames).write_parquet(
+        out / "router_logits.parquet", compression="zstd", compression_level=22
+    )
+
+
+def main(root: Path, package_root: Path | None = None) -> None:
+    """Write the runs of sample_logs/ under ``root``, and the packaged sample under
+    ``package_root`` (default: routelog/samples/ next to this script's repository)."""
     rng = np.random.default_rng(SEED)
     for name in ("healthy", "collapse", "drift"):
         write_run(root, name, rng)
     write_megatron_tpe(root)
     write_shift_run(root)
+    repository = Path(__file__).resolve().parents[1]
+    write_packaged_sample(package_root or repository / "routelog" / "samples")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +13,44 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_logs"
-REAL_LOGS = REPO.parent / "shared" / "real_logs" / "mixtral-e8-top2"
+REAL_LOGS_ROOT = Path(
+    os.environ.get("ROUTELOG_REAL_LOGS") or REPO.parent / "shared" / "real_logs"
+).expanduser()
+"""The real router dumps (../shared/real_logs next to the checkout, or $ROUTELOG_REAL_LOGS)."""
+REAL_LOGS = REAL_LOGS_ROOT / "mixtral-e8-top2"
+REQUIRE_REAL_LOGS = os.environ.get("ROUTELOG_REQUIRE_REAL_LOGS", "") not in ("", "0")
+"""Set by CI when the dumps exist: a test that needs them fails instead of skipping."""
+
+
+@pytest.fixture(autouse=True)
+def _real_logs_present(request: pytest.FixtureRequest) -> None:
+    """Tests marked ``real_logs`` skip without the dumps, or fail when CI requires them."""
+    if request.node.get_closest_marker("real_logs") is None or REAL_LOGS.is_dir():
+        return
+    message = f"real router dumps not found at {REAL_LOGS} (set ROUTELOG_REAL_LOGS)"
+    if REQUIRE_REAL_LOGS:
+        pytest.fail(f"{message}; ROUTELOG_REQUIRE_REAL_LOGS is set", pytrace=False)
+    pytest.skip(message)
+
+
+_skipped_real: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Remember tests skipped for want of the real dumps, however their skip was written."""
+    if report.skipped and "real" in str(report.longrepr).lower():
+        _skipped_real.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if REQUIRE_REAL_LOGS and _skipped_real:
+        names = ", ".join(_skipped_real[:5]) + (" ..." if len(_skipped_real) > 5 else "")
+        print(
+            f"\nROUTELOG_REQUIRE_REAL_LOGS is set but {len(_skipped_real)} real-log tests "
+            f"skipped: {names}",
+            file=sys.stderr,
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(autouse=True)

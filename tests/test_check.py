@@ -24,9 +24,7 @@ from tests.conftest import REAL_LOGS, SAMPLES, WriteRun, dirichlet
 runner = CliRunner()
 HEALTHY = str(SAMPLES / "healthy")
 COLLAPSE = str(SAMPLES / "collapse")
-requires_real = pytest.mark.skipif(
-    not (REAL_LOGS / "collapse").is_dir(), reason="real Mixtral dumps not available"
-)
+requires_real = pytest.mark.real_logs
 
 
 def metrics_frame(values: dict[str, np.ndarray], run: str = "r") -> pl.DataFrame:

@@ -9,8 +9,9 @@ import pytest
 from scipy.spatial.distance import jensenshannon
 from typer.testing import CliRunner
 
-from routelog import api, compare
+from routelog import api
 from routelog.cli import app
+from routelog.compare import COLUMNS, compare_datasets, compare_runs
 from routelog.errors import InputError, UsageError
 from tests.conftest import REAL_LOGS, SAMPLES, WriteRun, dirichlet
 
@@ -56,7 +57,7 @@ def test_known_agreement_overlap_and_jsd(write_parquet_run: WriteRun) -> None:
     base = write_parquet_run({0: {0: probs_for(a)}, 10: {0: probs_for(a)}}, name="base")
     other = write_parquet_run({10: {0: probs_for(b)}}, name="other")
     runs = api.load_runs([base, other], options())
-    result = compare.compare_runs(runs, options())
+    result = compare_runs(runs, options())
     row = result.table.filter(pl.col("run") == "other").row(0, named=True)
     assert row["step"] == 10
     assert row["agreement_top1"] == pytest.approx(150 / T)
@@ -74,7 +75,7 @@ def test_entropy_deltas_against_numpy(write_parquet_run: WriteRun) -> None:
     runs = api.load_runs(
         [write_parquet_run(data_a, name="a"), write_parquet_run(data_b, name="b")], options()
     )
-    table = compare.compare_runs(runs, options()).table.filter(pl.col("run") == "b")
+    table = compare_runs(runs, options()).table.filter(pl.col("run") == "b")
     for layer in range(3):
         p, q = data_a[5][layer].astype(np.float32), data_b[5][layer].astype(np.float32)
 
@@ -99,8 +100,8 @@ def test_baseline_row_first_with_null_deltas(write_parquet_run: WriteRun) -> Non
         write_parquet_run({0: {0: dirichlet(rng, 50, E), 1: dirichlet(rng, 50, E)}}, name=n)
         for n in ("a", "b", "c")
     ]
-    table = compare.compare_runs(api.load_runs(paths, options()), options()).table
-    assert table.columns == compare.COLUMNS
+    table = compare_runs(api.load_runs(paths, options()), options()).table
+    assert table.columns == COLUMNS
     assert table["run"].to_list() == ["a", "b", "c", "a", "b", "c"]
     baseline = table.filter(pl.col("run") == "a")
     assert baseline["delta_token_entropy_norm"].null_count() == 2
@@ -118,7 +119,7 @@ def test_different_experts_and_missing_layers_are_left_out(write_parquet_run: Wr
     )
     narrow = {"step": [0] * 50, "layer": [1] * 50, "probs": dirichlet(rng, 50, 4)}
     pl.DataFrame(narrow).write_parquet(other / "narrow_layer.parquet")
-    result = compare.compare_runs(api.load_runs([base, other], options()), options())
+    result = compare_runs(api.load_runs([base, other], options()), options())
     assert result.table["layer"].unique().sort().to_list() == [0]
     reasons = {(o.layer, o.what): o.reason for o in result.left_out}
     assert "E=4" in reasons[(1, "layer")]
@@ -132,14 +133,14 @@ def test_nothing_shared_is_an_error(write_parquet_run: WriteRun) -> None:
     base = write_parquet_run({0: {0: dirichlet(rng, 50, E)}}, name="base")
     other = write_parquet_run({0: {1: dirichlet(rng, 50, E)}}, name="other")
     with pytest.raises(InputError, match="nothing to compare"):
-        compare.compare_runs(api.load_runs([base, other], options()), options())
+        compare_runs(api.load_runs([base, other], options()), options())
 
 
 def test_token_metrics_left_out_without_tokens(write_parquet_run: WriteRun) -> None:
     rng = np.random.default_rng(5)
     base = write_parquet_run({0: {0: dirichlet(rng, 50, E)}}, name="base")
     other = write_parquet_run({0: {0: dirichlet(rng, 50, E)}}, name="other", tokens=False)
-    result = compare.compare_runs(api.load_runs([base, other], options()), options())
+    result = compare_runs(api.load_runs([base, other], options()), options())
     assert result.table["agreement_top1"].null_count() == 2
     (note,) = result.left_out
     assert (note.run, note.layer, note.what) == ("other", None, "agreement_top1, overlap_topk")
@@ -150,14 +151,14 @@ def test_token_metrics_left_out_for_other_tokens(write_parquet_run: WriteRun) ->
     rng = np.random.default_rng(6)
     base = write_parquet_run({0: {0: dirichlet(rng, 50, E)}}, name="base")
     other = write_parquet_run({0: {0: dirichlet(rng, 40, E)}}, name="other")
-    result = compare.compare_runs(api.load_runs([base, other], options()), options())
+    result = compare_runs(api.load_runs([base, other], options()), options())
     (note,) = result.left_out
     assert (note.layer, note.reason) == (None, "routed other tokens than 'base'")
     # one layer with other tokens, one with the same: only that layer is left out
     probs = dirichlet(rng, 50, E)
     base = write_parquet_run({0: {0: probs, 1: dirichlet(rng, 50, E)}}, name="base2")
     other = write_parquet_run({0: {0: probs, 1: dirichlet(rng, 30, E)}}, name="other2")
-    result = compare.compare_runs(api.load_runs([base, other], options()), options())
+    result = compare_runs(api.load_runs([base, other], options()), options())
     (note,) = result.left_out
     assert note.layer == 1
     agreement = result.table.filter(pl.col("run") == "other2")["agreement_top1"].to_list()
@@ -173,13 +174,13 @@ def test_alignment_default_step_and_nearest(write_parquet_run: WriteRun) -> None
     base = _stepped(write_parquet_run, "base", [0, 100, 200, 300])
     other = _stepped(write_parquet_run, "other", [0, 100, 250])
     runs = api.load_runs([base, other], options())
-    assert [g.step for g in compare.compare_runs(runs, options()).groups] == [100, 100]
-    assert [g.step for g in compare.compare_runs(runs, options(), step=0).groups] == [0, 0]
-    nearest = compare.compare_runs(runs, options(), align="nearest")
+    assert [g.step for g in compare_runs(runs, options()).groups] == [100, 100]
+    assert [g.step for g in compare_runs(runs, options(), step=0).groups] == [0, 0]
+    nearest = compare_runs(runs, options(), align="nearest")
     assert [g.step for g in nearest.groups] == [300, 250]
     row = nearest.table.filter(pl.col("run") == "other").row(0, named=True)
     assert (row["step"], row["baseline_step"]) == (250, 300)
-    at_200 = compare.compare_runs(runs, options(), align="nearest", step=200)
+    at_200 = compare_runs(runs, options(), align="nearest", step=200)
     assert [g.step for g in at_200.groups] == [200, 100]
 
 
@@ -188,16 +189,16 @@ def test_no_common_step_is_a_clear_error(write_parquet_run: WriteRun) -> None:
     other = _stepped(write_parquet_run, "other", [150, 250])
     runs = api.load_runs([base, other], options())
     with pytest.raises(UsageError, match="no step is logged in every run") as error:
-        compare.compare_runs(runs, options())
+        compare_runs(runs, options())
     message = str(error.value)
     assert "base: steps 0–100 (2 logged)" in message
     assert "other: steps 150–250 (2 logged)" in message
     assert "--align nearest" in message
     assert "--step" in message
     with pytest.raises(UsageError, match="step 100 is not logged in every run"):
-        compare.compare_runs(runs, options(), step=100)
+        compare_runs(runs, options(), step=100)
     with pytest.raises(UsageError, match="'other' logged no step at or before 100"):
-        compare.compare_runs(runs, options(), align="nearest")
+        compare_runs(runs, options(), align="nearest")
 
 
 def test_cli_no_common_step_exits_2(write_parquet_run: WriteRun) -> None:
@@ -236,7 +237,7 @@ def _shift_reference(layer: int) -> float:
 
 def test_by_dataset_on_the_shift_sample() -> None:
     (run,) = api.load_runs([SAMPLES / "shift"], options())
-    result = compare.compare_datasets(run, options())
+    result = compare_datasets(run, options())
     assert result.baseline == "text"
     assert [g.name for g in result.groups] == ["text", "code"]
     code = result.table.filter(pl.col("run") == "code").sort("layer")
@@ -250,7 +251,7 @@ def test_by_dataset_on_the_shift_sample() -> None:
 
 def test_by_dataset_base_and_threshold() -> None:
     (run,) = api.load_runs([SAMPLES / "shift"], options())
-    result = compare.compare_datasets(run, options(), base="code", threshold=0.39)
+    result = compare_datasets(run, options(), base="code", threshold=0.39)
     assert result.baseline == "code"
     assert result.table["run"].to_list()[:2] == ["code", "text"]
     assert [f.layer for f in result.findings] == [3]
@@ -295,11 +296,11 @@ def _torch_reference(path: Path, k: int = 2) -> dict[int, dict[str, np.ndarray |
 
 
 @pytest.mark.torch
-@pytest.mark.skipif(not REAL_LOGS.exists(), reason="real router dumps not available")
+@pytest.mark.real_logs
 def test_real_runs_jsd_and_entropy_deltas() -> None:
     """aux-loss vs collapse (real Mixtral .pt dumps): deltas and JSD equal a torch computation."""
     runs = api.load_runs([REAL_LOGS / "aux-loss", REAL_LOGS / "collapse"], options())
-    result = compare.compare_runs(runs, options())
+    result = compare_runs(runs, options())
     assert [g.step for g in result.groups] == [300, 300]
     reference_base = _torch_reference(REAL_LOGS / "aux-loss" / "step_000300.pt")
     reference_other = _torch_reference(REAL_LOGS / "collapse" / "step_000300.pt")

@@ -300,9 +300,7 @@ def test_sample_drift_forecast_names_a_step_before_the_crossing() -> None:
     assert {f.code for f in whole.findings} == {"forecast"}
 
 
-requires_real = pytest.mark.skipif(
-    not (REAL_LOGS / "collapse").is_dir(), reason="real Mixtral dumps not available"
-)
+requires_real = pytest.mark.real_logs
 
 
 def _real_findings(name: str) -> list[Finding]:

@@ -27,7 +27,7 @@ PAYLOAD_KINDS: dict[str, Literal["probs", "logits"]] = {
     "router_logits": "logits",
 }
 """Names a probability or logit payload goes by (a column, a JSON key, a .pt dict key)."""
-STEP_PATTERN = re.compile(r"(?:global_step|step|iter)[_\-]?(\d+)", re.IGNORECASE)
+STEP_PATTERN = re.compile(r"(?:global_step|checkpoint|step|iter)[_\-]?(\d+)", re.IGNORECASE)
 
 Locate = Callable[[int], str]
 """Maps a row index within the matrix to a user-facing place such as ``f.parquet row 17``."""
@@ -42,6 +42,8 @@ def step_from_name(path: Path) -> int | None:
     200
     >>> step_from_name(Path("global_step300/router.jsonl"))
     300
+    >>> step_from_name(Path("out/checkpoint-1500/router_logits.pt"))  # HF Trainer
+    1500
     """
     for part in (path.name, *(p.name for p in path.parents)):
         matches = STEP_PATTERN.findall(part)

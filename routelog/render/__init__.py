@@ -82,7 +82,15 @@ def make_console(
     system = ("auto" if terminal and not dumb else "standard") if colored else None
     if width is None and not terminal:
         width = _pipe_width()
-    return Console(
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            # rich exits with status 1 here, the code of a failed check; the CLI turns a
+            # closed pipe into its own quiet exit instead.
+            self.quiet = True
+            raise BrokenPipeError
+
+    return _Console(
         file=TrimmedLines(out),  # type: ignore[arg-type]
         width=width,
         # Both set, or rich takes a forced "terminal" with TERM=dumb to be 80 columns wide.

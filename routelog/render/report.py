@@ -6,6 +6,7 @@ marked with ``*``, heatmap cells carry glyphs (``×`` for a dead expert) or numb
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -134,6 +135,19 @@ def analysis_document(analysis: Analysis) -> dict[str, Any]:
         "dead_experts": records(dead_experts(analysis.expert_histories())),
         "notes": analysis.notes,
     }
+
+
+def report_text(
+    analysis: Analysis, *, width: int, color: bool, plot: bool = False, values: bool = False
+) -> str:
+    """The terminal report as a string, ``width`` columns wide, with ANSI colours if ``color``
+    (whatever ``NO_COLOR`` or the terminal say: the caller asked)."""
+    from routelog.render import Color, make_console
+
+    buffer = io.StringIO()
+    console = make_console(buffer, width=width, color=Color.always if color else Color.never)
+    print_report(analysis, console, plot=plot, values=values)
+    return buffer.getvalue()
 
 
 def print_report(

@@ -64,10 +64,21 @@ def test_step_from_file_name(tmp_path: Path, name: str, step: int) -> None:
     assert routelog.analyze([path]).metrics["step"].to_list() == [step]
 
 
-def test_step_from_parent_directory(tmp_path: Path) -> None:
-    (tmp_path / "global_step300").mkdir()
-    _one_file(tmp_path / "global_step300", name="router.parquet", layer=[0], probs=[[0.5, 0.5]])
+@pytest.mark.parametrize("directory", ["global_step300", "checkpoint-300", "checkpoint_300"])
+def test_step_from_parent_directory(tmp_path: Path, directory: str) -> None:
+    """DeepSpeed's global_stepN/ and the HF Trainer's checkpoint-N/ name the step."""
+    (tmp_path / directory).mkdir()
+    _one_file(tmp_path / directory, name="router.parquet", layer=[0], probs=[[0.5, 0.5]])
     assert routelog.analyze([tmp_path]).metrics["step"].to_list() == [300]
+
+
+def test_steps_of_an_hf_trainer_output_directory(tmp_path: Path) -> None:
+    for step in (500, 1000, 1500):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        _one_file(
+            tmp_path / f"checkpoint-{step}", name="router.parquet", layer=[0], probs=[[0.5, 0.5]]
+        )
+    assert routelog.analyze(tmp_path).metrics["step"].to_list() == [500, 1000, 1500]
 
 
 def test_mask_excludes_and_counts(tmp_path: Path) -> None:

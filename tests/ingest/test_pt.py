@@ -411,10 +411,9 @@ def _reference_metrics(run: Path, k: int) -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
+@pytest.mark.real_logs
 @pytest.mark.parametrize("run", ["collapse", "aux-loss"])
 def test_real_logs_match_torch(run: str) -> None:
-    if not (REAL_LOGS / run).is_dir():
-        pytest.skip("real logs not available")
     result = runner.invoke(
         app, ["analyze", str(REAL_LOGS / run), "--top-k", "2", "--format", "json"]
     )
@@ -436,9 +435,8 @@ def test_real_logs_match_torch(run: str) -> None:
         )
 
 
+@pytest.mark.real_logs
 def test_real_logs_read_without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not REAL_LOGS.is_dir():
-        pytest.skip("real logs not available")
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
     with pytest.raises(ImportError):
         import torch  # noqa: F401

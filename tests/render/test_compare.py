@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from routelog import compare
 from routelog.cli import app
+from routelog.compare import COLUMNS
 from routelog.render.compare import delta_text, direction
 from tests.conftest import SAMPLES, WriteRun, dirichlet
 
@@ -93,7 +93,7 @@ def test_csv_matches_table_columns() -> None:
     result = runner.invoke(app, ["compare", HEALTHY, COLLAPSE, "-k", "2", "-f", "csv"])
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(io.StringIO(result.output)))
-    columns = list(compare.COLUMNS)
+    columns = list(COLUMNS)
     columns.insert(columns.index("n_experts") + 1, "top_k_assumed")  # k was given: false
     assert list(rows[0]) == columns
     assert {row["top_k_assumed"] for row in rows} == {"false"}
