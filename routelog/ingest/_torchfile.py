@@ -72,7 +72,7 @@ STORAGE_DTYPES: dict[str, str] = {
 LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 """How a pre-zip torch file starts: protocol 2, then the magic number 0x1950a86a20f9469cfc6c."""
 
-MAX_PICKLE_BYTES = 32 << 20
+MAX_PICKLE_BYTES = 16 << 20
 """Largest ``data.pkl`` read; a router dump's is a few kilobytes (tensors are other members)."""
 INFLATE_FLOOR = 64 << 20
 INFLATE_RATIO = 32
@@ -93,6 +93,20 @@ persistent ids, the copyreg extension registry, out-of-band buffers."""
 INT64_LIMIT = 1 << 63
 
 _MEMO_OPCODES = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"})
+_OPCODE_TABLE: list[tuple[str, int, bool] | None] = [None] * 256
+for _op in pickletools.opcodes:  # (name, argument width or kind, needs a look) by first byte
+    _OPCODE_TABLE[ord(_op.code)] = (
+        _op.name,
+        _op.arg.n if _op.arg is not None else 0,
+        _op.name in REFUSED_OPCODES or _op.name in _MEMO_OPCODES or _op.name == "STOP",
+    )
+_COUNT_BYTES = {
+    pickletools.TAKEN_FROM_ARGUMENT1: 1,
+    pickletools.TAKEN_FROM_ARGUMENT4: 4,
+    pickletools.TAKEN_FROM_ARGUMENT4U: 4,
+    pickletools.TAKEN_FROM_ARGUMENT8U: 8,
+}
+_SIGNED4 = pickletools.TAKEN_FROM_ARGUMENT4
 _STORAGE_KEY = re.compile(r"^[A-Za-z0-9_.]{1,64}$")
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then name and extra-field lengths
 _READ_CHUNK = 1 << 20
@@ -236,22 +250,65 @@ def _size(n: int) -> str:
 
 
 def _scan(data: bytes, path: Path) -> None:
-    """Parse every opcode first: refused opcodes, lengths and memo indices beyond the data."""
-    count = 0
+    """Walk every opcode before anything is built: refused opcodes, arguments that claim more
+    bytes than the pickle holds, memo indices beyond the opcode count.
+
+    The C unpickler allocates what an opcode claims (a BINBYTES8 of 2^40 bytes, a memo of
+    2^28 slots) before it finds the data missing; after this scan every claim is bounded by
+    the pickle's own length.
+    """
+    end = len(data)
+    pos = count = 0
     highest = -1
-    for opcode, arg, _ in pickletools.genops(data):
+    table = _OPCODE_TABLE
+    stopped = False
+    while pos < end:
+        entry = table[data[pos]]
+        if entry is None:
+            raise InputError(f"{path}: data.pkl holds an unknown pickle opcode at byte {pos}")
+        name, width, special = entry
+        pos += 1
         count += 1
-        if opcode.name in REFUSED_OPCODES:
-            raise UnsafeFileError(
-                f"{path}: refused pickle opcode {opcode.name} in data.pkl "
-                "(torch.save never writes it; nothing was run)"
-            )
-        if opcode.name in _MEMO_OPCODES and isinstance(arg, int):
-            highest = max(highest, arg)
+        start = pos
+        if width >= 0:
+            pos += width
+        elif width == pickletools.UP_TO_NEWLINE:
+            for _ in range(2 if name == "GLOBAL" else 1):
+                newline = data.find(b"\n", pos)
+                pos = end + 1 if newline < 0 else newline + 1
+        else:
+            size = _COUNT_BYTES[width]
+            length = int.from_bytes(data[pos : pos + size], "little", signed=width == _SIGNED4)
+            pos += size + max(length, 0)
+            if length < 0 or pos > end:
+                raise InputError(
+                    f"{path}: data.pkl: {name} at byte {start - 1} claims {length} bytes, "
+                    f"more than the pickle's {end} (truncated or forged)"
+                )
+        if special:
+            if name in REFUSED_OPCODES:
+                raise UnsafeFileError(
+                    f"{path}: refused pickle opcode {name} in data.pkl "
+                    "(torch.save never writes it; nothing was run)"
+                )
+            if name == "STOP":
+                stopped = True
+                break
+            highest = max(highest, _memo_index(name, data[start:pos]))
+    if not stopped or pos > end:
+        raise InputError(f"{path}: data.pkl ends before its STOP opcode (truncated)")
     if highest >= count:
         raise InputError(
             f"{path}: data.pkl names memo entry {highest} but holds only {count} opcodes"
         )
+
+
+def _memo_index(name: str, arg: bytes) -> int:
+    """The index of a memo opcode's argument: 1 or 4 bytes, or decimal digits and a newline."""
+    if name not in ("PUT", "GET"):
+        return int.from_bytes(arg, "little")
+    digits = arg.strip()
+    return int(digits) if digits.isdigit() and len(digits) <= 20 else INT64_LIMIT
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
