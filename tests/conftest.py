@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_logs"
 REAL_LOGS = REPO.parent / "shared" / "real_logs" / "mixtral-e8-top2"
+
+# `make fuzz` (ROUTELOG_FUZZ=long): the fuzzing tests run thousands of examples, not a few dozen
+settings.register_profile("fuzz", max_examples=5000, deadline=None)
+if os.environ.get("ROUTELOG_FUZZ") == "long":
+    settings.load_profile("fuzz")
 
 
 @pytest.fixture(autouse=True)

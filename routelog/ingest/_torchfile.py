@@ -72,8 +72,12 @@ STORAGE_DTYPES: dict[str, str] = {
 LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 """How a pre-zip torch file starts: protocol 2, then the magic number 0x1950a86a20f9469cfc6c."""
 
-MAX_PICKLE_BYTES = 16 << 20
+MAX_PICKLE_BYTES = 4 << 20
 """Largest ``data.pkl`` read; a router dump's is a few kilobytes (tensors are other members)."""
+MAX_OPCODES = 1 << 19
+"""Most opcodes in ``data.pkl``; each builds at most one object, so this bounds what the
+pickle can make routelog allocate (about 100 bytes an object; a dump of 1024 layers has
+about 60,000 opcodes)."""
 INFLATE_FLOOR = 64 << 20
 INFLATE_RATIO = 32
 """The deflated members of a file inflate to at most max(INFLATE_FLOOR, INFLATE_RATIO x the
@@ -110,6 +114,7 @@ _SIGNED4 = pickletools.TAKEN_FROM_ARGUMENT4
 _STORAGE_KEY = re.compile(r"^[A-Za-z0-9_.]{1,64}$")
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then name and extra-field lengths
 _READ_CHUNK = 1 << 20
+_SCALARS = frozenset({int, float, str, bytes, bool, type(None), complex})
 
 
 def load(path: Path) -> Any:
@@ -269,6 +274,11 @@ def _scan(data: bytes, path: Path) -> None:
         name, width, special = entry
         pos += 1
         count += 1
+        if count > MAX_OPCODES:
+            raise InputError(
+                f"{path}: data.pkl holds more than {MAX_OPCODES} opcodes "
+                "(routelog reads router dumps, not arbitrary pickles)"
+            )
         start = pos
         if width >= 0:
             pos += width
@@ -565,13 +575,16 @@ def _replace_tensors(content: Any, arrays: dict[int, np.ndarray]) -> Any:
         if isinstance(value, dict):
             for key in value:
                 _hashable_key(key)
-            result = type(value)((key, walk(item, depth + 1)) for key, item in value.items())
+            result = type(value)(
+                (key, item if type(item) in _SCALARS else walk(item, depth + 1))
+                for key, item in value.items()
+            )
         elif isinstance(value, set | frozenset):
             if any(isinstance(item, _Tensor) for item in value):
                 raise ValueError("a tensor inside a set")
             result = value
         else:
-            items = [walk(item, depth + 1) for item in value]
+            items = [item if type(item) in _SCALARS else walk(item, depth + 1) for item in value]
             result = items if isinstance(value, list) else tuple(items)
         active.discard(id(value))
         done[id(value)] = result

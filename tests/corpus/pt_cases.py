@@ -178,11 +178,9 @@ def _zip_bomb(path: Path) -> object:
     p.tensor("0", n, 0, (n // 8, 8), (8, 1), "DoubleStorage").raw(pickle.TUPLE1 + pickle.SETITEMS)
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("archive/data.pkl", p.done())
-        archive.writestr("archive/byteorder", "little")
-        info = zipfile.ZipInfo("archive/data/0", date_time=(2024, 1, 1, 0, 0, 0))
-        info.compress_type = zipfile.ZIP_DEFLATED
-        with archive.open(info, "w") as member:
+        archive.writestr(tz.member("archive/data.pkl"), p.done())
+        archive.writestr(tz.member("archive/byteorder"), "little")
+        with archive.open(tz.member("archive/data/0", zipfile.ZIP_DEFLATED), "w") as member:
             zeros = bytes(1 << 20)
             for _ in range(n * 8 >> 20):
                 member.write(zeros)
@@ -219,7 +217,7 @@ def _members(members: list[tuple[str, bytes]], method: int = zipfile.ZIP_STORED)
         ):
             warnings.simplefilter("ignore")
             for name, data in members:
-                archive.writestr(name, data)
+                archive.writestr(tz.member(name, method), data)
         return path
 
     return write
@@ -255,6 +253,12 @@ def _exponential(levels: int) -> Callable[[Path], object]:
         return tz.write(path, p.raw(pickle.SETITEMS).done(), _storages())
 
     return write
+
+
+def _many_objects(path: Path) -> object:
+    """A million empty dicts from a 4 KB file (data.pkl deflated): refused by opcode count."""
+    body = pickle.EMPTY_LIST + pickle.MARK + pickle.EMPTY_DICT * (1 << 20) + pickle.APPENDS
+    return tz.write(path, pickle.PROTO + b"\x02" + body + pickle.STOP, {}, compress_pickle=True)
 
 
 def _truncated(path: Path) -> object:
@@ -327,6 +331,7 @@ CASES: list[Case] = [
     Case("zipbomb.pt", _zip_bomb, 2, "compressed member expands beyond"),
     Case("zip_sizes_lie.pt", _lying_sizes, 2, "inflates to fewer bytes"),
     Case("nested_1000.pt", _nested(1000), 2, "nested deeper than 64 levels"),
+    Case("objects_1m.pt", _many_objects, 2, "data.pkl holds more than 524288 opcodes"),
     Case("cycle.pt", _cycle, 2, "a list that contains itself"),
     Case("exponential_60.pt", _exponential(60), 2, "found list of 2 items (list)"),
     Case(

@@ -777,7 +777,14 @@ def test_one_tensor_as_many_layers_is_bounded(
 
 
 @pytest.mark.parametrize(
-    "name", ["zipbomb.pt", "broadcast_10_12.pt", "references_100k_calls.pt", "memo_2_28.pt"]
+    "name",
+    [
+        "zipbomb.pt",
+        "broadcast_10_12.pt",
+        "references_100k_calls.pt",
+        "memo_2_28.pt",
+        "objects_1m.pt",
+    ],
 )
 def test_hostile_files_allocate_little(tmp_path: Path, name: str) -> None:
     """Refused before allocating what they claim (96 MiB, 4 TB, 100,000 copies, 2 GiB of
@@ -817,6 +824,7 @@ def test_memo_index_beyond_the_pickle(tmp_path: Path) -> None:
     ("name", "message"),
     [
         ("nested_1000.pt", "nested deeper than 64 levels"),
+        ("objects_1m.pt", "data.pkl holds more than 524288 opcodes"),
         ("cycle.pt", "a list that contains itself"),
         ("exponential_60.pt", "found list of 2 items (list)"),
         ("binbytes8_2_40.pt", "BINBYTES8 at byte"),

@@ -127,15 +127,20 @@ def write(
     method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w", compression=method) as archive:
-        archive.writestr(
-            "archive/data.pkl",
-            data_pkl,
-            compress_type=zipfile.ZIP_DEFLATED if compress or compress_pickle else method,
-        )
-        archive.writestr("archive/byteorder", "little")
+        pickle_method = zipfile.ZIP_DEFLATED if compress or compress_pickle else method
+        archive.writestr(member("archive/data.pkl", pickle_method), data_pkl)
+        archive.writestr(member("archive/byteorder", method), "little")
         for key, data in storages.items():
-            archive.writestr(f"archive/data/{key}", data)
-        archive.writestr("archive/version", "3\n")
+            archive.writestr(member(f"archive/data/{key}", method), data)
+        archive.writestr(member("archive/version", method), "3\n")
         for name, data in extra or []:
-            archive.writestr(name, data)
+            archive.writestr(member(name, method), data)
     return path
+
+
+def member(name: str, method: int = zipfile.ZIP_STORED) -> zipfile.ZipInfo:
+    """A zip entry with a fixed date, so that the files written are the same on every run."""
+    info = zipfile.ZipInfo(name, date_time=(2024, 1, 1, 0, 0, 0))
+    info.compress_type = method
+    info.external_attr = 0o644 << 16
+    return info
