@@ -149,7 +149,9 @@ class _Immutable:
     _WHAT = "object"
 
     def __setstate__(self, state: object) -> None:
-        raise _Refused(f"refused to set the state of a {self._WHAT} (pickle BUILD)")
+        raise _Refused(
+            f"refused to set the state of a {self._WHAT} (pickle BUILD; nothing was run)"
+        )
 
 
 class _StorageType(_Immutable):
@@ -236,6 +238,12 @@ class _Rebuilder(_Immutable):
                     f"tensor reaches element {end - 1} of a storage of {storage.numel}"
                 )
         return self._unpickler.tensor(_Tensor(storage, offset, shape, strides, end))
+
+
+def _printable(text: str) -> str:
+    """A name from the file, shortened, its control characters escaped (no terminal codes)."""
+    text = text[:80]
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def _is_int(value: object) -> bool:
@@ -345,7 +353,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         raise UnsafeFileError(
-            f"{self._archive.path}: refused to load global {module[:80]}.{name[:80]} "
+            f"{self._archive.path}: refused to load global {_printable(module)}.{_printable(name)} "
             "(routelog reads only tensors and plain containers from .pt files; nothing was run)"
         )
 
@@ -519,7 +527,7 @@ def _load_zip(path: Path) -> Any:
     except InputError:
         raise
     except _Refused as exc:
-        raise UnsafeFileError(f"{path}: {exc} (nothing was run)") from exc
+        raise UnsafeFileError(f"{path}: {exc}") from exc
     except Exception as exc:  # a crafted pickle can raise anything; nothing it named ran
         raise InputError(f"{path}: cannot read the torch archive ({_first_line(exc)})") from exc
 

@@ -340,6 +340,12 @@ CASES: list[Case] = [
         2,
         "claims 1099511627776 bytes",
     ),
+    Case(
+        "global_escapes.pt",
+        _raw_opcode(pickle.GLOBAL + b"\x1b[2Jos\nsystem\x07\n"),
+        2,
+        "refused to load global \\x1b[2Jos.system\\x07",
+    ),
     Case("opcode_ext1.pt", _raw_opcode(pickle.EXT1 + b"\x01"), 2, "refused pickle opcode EXT1"),
     Case("opcode_next_buffer.pt", _raw_opcode(pickle.NEXT_BUFFER), 2, "opcode NEXT_BUFFER"),
     Case("opcode_unknown.pt", _raw_opcode(b"\xff"), 2, "unknown pickle opcode at byte"),
