@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_logs"
@@ -51,6 +52,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             file=sys.stderr,
         )
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# `make fuzz` (ROUTELOG_FUZZ=long): the fuzzing tests run thousands of examples, not a few dozen
+settings.register_profile("fuzz", max_examples=5000, deadline=None)
+if os.environ.get("ROUTELOG_FUZZ") == "long":
+    settings.load_profile("fuzz")
 
 
 @pytest.fixture(autouse=True)

@@ -39,6 +39,10 @@ if TYPE_CHECKING:
     from routelog.options import Options
 
 META_KEYS = ("step", "attention_mask", "top_k")
+MAX_LAYERS = 1024
+"""Layer tensors read from one file (models have tens; each costs a pass through the kernels)."""
+INT64_LIMIT = 1 << 63
+INT32_LIMIT = 1 << 31
 BATCH_ROWS = 1 << 17
 """Rows converted at a time: bounds memory to about BATCH_ROWS x E x 8 bytes per batch."""
 PROBE_ROWS = 1024
@@ -64,6 +68,7 @@ class _Payload:
 def scan(path: Path, options: Options, info: FileInfo) -> Iterator[Batch]:
     """Read a .pt/.pth file into one probability batch per layer (and per BATCH_ROWS rows)."""
     payload = _payload(_torchfile.load(path), path)
+    _check_size(payload.layers, path)
     info.layout = payload.layout
     step = _step(payload.step, path, info)
     top_k = _top_k(payload.top_k, path)
@@ -105,6 +110,22 @@ def _payload(content: Any, path: Path) -> _Payload:
     return _Payload(layers, "router_logits", "logits", layout, **meta)
 
 
+def _check_size(layers: list[tuple[int, np.ndarray]], path: Path) -> None:
+    """The work a file asks for is bounded by its size: one tensor listed as 100,000 layers,
+    or broadcast to 10^12 rows, is refused before any of it is computed."""
+    if len(layers) > MAX_LAYERS:
+        raise InputError(
+            f"{path}: {len(layers)} layer tensors; routelog reads at most {MAX_LAYERS} per file"
+        )
+    values = sum(matrix.size for _, matrix in layers)
+    budget = max(_torchfile.VIEW_FLOOR, _torchfile.VIEW_RATIO * path.stat().st_size)
+    if values > budget:
+        raise InputError(
+            f"{path}: its layer tensors hold {values} values in all, more than the {budget} "
+            "a file of this size can (the same tensor repeated as many layers, or broadcast)"
+        )
+
+
 def _layers(value: Any, path: Path, *, top_level: bool) -> tuple[list[tuple[int, np.ndarray]], str]:
     """(layer, [T, E] matrix) pairs of a tensor, a sequence of tensors or a dict of tensors."""
     if isinstance(value, np.ndarray):
@@ -122,7 +143,7 @@ def _layers(value: Any, path: Path, *, top_level: bool) -> tuple[list[tuple[int,
         for (layer, _), key in zip(numbered, value, strict=True):
             if layer in seen:
                 raise InputError(
-                    f"{path}: keys {seen[layer]!r} and {key!r} both name layer {layer}"
+                    f"{path}: keys {_show(seen[layer])} and {_show(key)} both name layer {layer}"
                 )
             seen[layer] = key
         layers = [(layer, _matrix(t, path, layer)) for layer, t in numbered]
@@ -158,11 +179,34 @@ def _checked(matrix: np.ndarray, path: Path, layer: int) -> np.ndarray:
 
 def _layer_number(key: object, path: Path) -> int:
     if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
-        return key
-    numbers = _NUMBER.findall(key) if isinstance(key, str) else []
-    if not numbers:
-        raise InputError(f"{path}: cannot tell the layer of key {key!r} (no number in it)")
-    return int(numbers[-1])
+        number = key
+    else:
+        numbers = _NUMBER.findall(key) if isinstance(key, str) else []
+        if not numbers:
+            raise InputError(f"{path}: cannot tell the layer of key {_show(key)} (no number in it)")
+        digits = numbers[-1].lstrip("0") or "0"
+        if len(digits) > 20:  # int() of a million digits is slow, and surely out of range
+            raise InputError(
+                f"{path}: key {_show(key)} names a layer of {len(digits)} digits, beyond int32"
+            )
+        number = int(digits)
+    if number >= INT32_LIMIT:
+        raise InputError(
+            f"{path}: key {_show(key)} names layer {_show(number)}, beyond int32 "
+            f"(layers are 0 to {INT32_LIMIT - 1})"
+        )
+    return number
+
+
+def _show(value: object) -> str:
+    """A short repr of a key or value read from the file: never the whole of a huge one."""
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, int):
+        return str(value) if value.bit_length() <= 128 else f"a {value.bit_length()}-bit integer"
+    if isinstance(value, str):
+        return repr(value[:60]) + ("..." if len(value) > 60 else "")
+    return f"a {type(value).__name__}"
 
 
 def _shape(value: Any) -> str:
@@ -171,7 +215,7 @@ def _shape(value: Any) -> str:
 
 def _describe(value: Any) -> str:
     if isinstance(value, dict):
-        keys = ", ".join(repr(k) for k in list(value)[:12])
+        keys = ", ".join(_show(k) for k in list(value)[:12])
         return f"dict with keys {keys}" + (", ..." if len(value) > 12 else "")
     if isinstance(value, list | tuple):
         kinds = sorted(
@@ -188,10 +232,14 @@ def _scalar_int(value: object, key: str, path: Path) -> int | None:
     if value is None:
         return None
     if isinstance(value, np.ndarray) and value.size == 1 and np.issubdtype(value.dtype, np.integer):
-        return int(value.reshape(()))
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    raise InputError(f"{path}: {key!r} must be an integer, found {_describe(value)}")
+        number = int(value.reshape(()))
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        raise InputError(f"{path}: {key!r} must be an integer, found {_describe(value)}")
+    if not -INT64_LIMIT <= number < INT64_LIMIT:
+        raise InputError(f"{path}: {key!r} is {_show(number)}, beyond int64")
+    return number
 
 
 def _step(value: object, path: Path, info: FileInfo) -> int:
@@ -208,6 +256,8 @@ def _step(value: object, path: Path, info: FileInfo) -> int:
             f"{path}: no 'step' in the payload, and no step in the file name "
             "(name it like step_000200.pt, iter-200.pt or global_step200.pt)"
         )
+    if not -INT64_LIMIT <= step < INT64_LIMIT:
+        raise InputError(f"{path}: the step in the file name is {_show(step)}, beyond int64")
     return step
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
+import tracemalloc
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -19,10 +22,13 @@ from typer.testing import CliRunner
 
 from routelog import api
 from routelog.cli import app
-from routelog.errors import UnsafeFileError
+from routelog.errors import InputError, UnsafeFileError
 from routelog.ingest import Batch, FileInfo, _torchfile, pt
 from routelog.options import Options, StepRange
 from tests.conftest import REAL_LOGS, REPO, dirichlet
+from tests.corpus import pt_cases
+from tests.ingest import torchzip
+from tests.ingest.torchzip import Pickle
 
 runner = CliRunner()
 
@@ -662,3 +668,230 @@ def test_duplicate_layer_keys(tmp_path: Path) -> None:
         tmp_path / "d.pt",
     )
     _fails(path, "keys 'layers.1.gate' and 'blocks.1.router' both name layer 1")
+
+
+# --- hostile files: the stand-ins are immutable, views and resources bounded ----------
+# (every file below is also in tests/corpus/pt/, run through the CLI by tests/test_corpus.py)
+
+
+def _case(name: str, directory: Path) -> Path:
+    case = next(c for c in [*pt_cases.CASES, pt_cases.NEG_INF_F64] if c.name == name)
+    path = directory / f"step_1_{name}"
+    case.write(path)
+    return path
+
+
+def test_build_on_a_storage_is_refused(tmp_path: Path) -> None:
+    """The audit's out-of-bounds read: BUILD swaps a storage's data for a stride-0 view that
+    claims 256 elements of a one-element storage; the old reader then computed metrics from
+    the 1 KB that follow storage 0 in the file (other members, the zip directory)."""
+    path = _case("build_storage_values.pt", tmp_path)
+    with pytest.raises(UnsafeFileError, match=r"refused to set the state of a storage"):
+        _torchfile.load(path)
+    _fails(path, "refused to set the state of a storage (pickle BUILD; nothing was run)")
+
+
+@pytest.mark.parametrize(
+    ("name", "what"),
+    [
+        ("build_storage_numel.pt", "storage"),
+        ("build_tensor.pt", "tensor"),
+        ("build_rebuilder.pt", "tensor rebuilder"),
+    ],
+)
+def test_build_on_any_stand_in_is_refused(tmp_path: Path, name: str, what: str) -> None:
+    with pytest.raises(UnsafeFileError, match=f"refused to set the state of a {what} "):
+        _torchfile.load(_case(name, tmp_path))
+
+
+@pytest.mark.parametrize(
+    "code", [pickle.SETITEM, pickle.APPEND, pickle.BUILD], ids=["SETITEM", "APPEND", "BUILD"]
+)
+def test_storage_cannot_be_altered_by_any_opcode(tmp_path: Path, code: bytes) -> None:
+    """Item assignment, append and BUILD on a storage all fail: nothing is changed."""
+    p = Pickle().storage("0", 64)
+    if code == pickle.SETITEM:
+        p.text("numel").int(10**6)
+    elif code == pickle.APPEND:
+        p.int(1)
+    else:
+        p.raw(pickle.EMPTY_DICT).text("numel").int(10**6).raw(pickle.SETITEM)
+    path = torchzip.write(tmp_path / "step_1.pt", p.raw(code).done(), {"0": bytes(256)})
+    with pytest.raises(InputError):
+        _torchfile.load(path)
+
+
+def test_build_on_a_plain_ordered_dict_still_works(tmp_path: Path) -> None:
+    """A plain container may carry attributes (BUILD on an OrderedDict instance)."""
+    p = Pickle().global_("collections", "OrderedDict").raw(pickle.EMPTY_TUPLE + pickle.REDUCE)
+    p.raw(pickle.EMPTY_DICT).text("note").int(1).raw(pickle.SETITEM + pickle.BUILD)
+    loaded = _torchfile.load(torchzip.write(tmp_path / "o.pt", p.done(), {}))
+    assert loaded == collections.OrderedDict()
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [(c.name, c.stderr) for c in pt_cases.CASES if c.name.startswith(("view_", "storage_"))],
+)
+def test_views_are_checked_against_their_storage(tmp_path: Path, name: str, message: str) -> None:
+    with pytest.raises(InputError, match=re.escape(message)):
+        _torchfile.load(_case(name, tmp_path))
+
+
+def test_views_reach_exactly_the_last_element(tmp_path: Path) -> None:
+    """The bound is exact: a view ending on the storage's last element reads; one past fails."""
+    values = np.arange(64, dtype="<f4")
+    for offset, ok in ((0, True), (1, False)):
+        p = Pickle().tensor("0", 64, offset, (4, 4, 4), (16, 4, 1))
+        path = torchzip.write(tmp_path / f"v{offset}.pt", p.done(), {"0": values.tobytes()})
+        if ok:
+            np.testing.assert_array_equal(_torchfile.load(path), values.reshape(4, 4, 4))
+        else:
+            with pytest.raises(InputError, match="tensor reaches element 64 of a storage of 64"):
+                _torchfile.load(path)
+
+
+def test_repeated_views_are_one_array(tmp_path: Path) -> None:
+    """100,000 rebuild calls of one view make one record and one array, not 100,000."""
+    path = _case("references_100k_calls.pt", tmp_path)
+    loaded = _torchfile.load(path)["router_logits"]
+    assert len(loaded) == 100_000
+    assert all(item is loaded[0] for item in loaded)
+    _fails(path, "100000 layer tensors; routelog reads at most 1024 per file")
+
+
+def test_broadcast_views_are_bounded_by_the_file_size(tmp_path: Path) -> None:
+    path = _case("broadcast_10_12.pt", tmp_path)
+    with pytest.raises(InputError, match="tensors claim more than 16777216 elements in all"):
+        _torchfile.load(path)
+    ok = _torchfile.load(_case("valid_broadcast.pt", tmp_path))["router_logits"][0]
+    assert ok.shape == (8, 4)
+    assert ok.strides == (0, 4)
+    np.testing.assert_array_equal(ok, np.broadcast_to(ok[0], (8, 4)))
+
+
+def test_one_tensor_as_many_layers_is_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Few layers of one tensor read; as many as the budget allows, no more."""
+    path = _case("references_100k_memo.pt", tmp_path)
+    _fails(path, "100000 layer tensors")
+    monkeypatch.setattr(pt, "MAX_LAYERS", 10**6)
+    monkeypatch.setattr(_torchfile, "VIEW_FLOOR", 1000)
+    _fails(path, "its layer tensors hold 6400000 values in all, more than the")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "zipbomb.pt",
+        "broadcast_10_12.pt",
+        "references_100k_calls.pt",
+        "memo_2_28.pt",
+        "objects_1m.pt",
+    ],
+)
+def test_hostile_files_allocate_little(tmp_path: Path, name: str) -> None:
+    """Refused before allocating what they claim (96 MiB, 4 TB, 100,000 copies, 2 GiB of
+    memo): the peak of Python and numpy allocations while reading stays under 16 MiB."""
+    path = _case(name, tmp_path)
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError):
+            _read(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
+
+
+def test_zip_bomb_is_refused_before_inflating(tmp_path: Path) -> None:
+    path = _case("zipbomb.pt", tmp_path)
+    assert path.stat().st_size < 200_000
+    _fails(path, "compressed member expands beyond 64.0 MiB", "archive/data/0")
+
+
+def test_deflated_members_read_like_stored_ones(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    storages = {str(i): rng.standard_normal(16 * 4).astype("<f4").tobytes() for i in range(2)}
+    data = torchzip.router_pickle(2, 16, 4).done()
+    stored = _torchfile.load(torchzip.write(tmp_path / "s.pt", data, storages))
+    deflated = _torchfile.load(torchzip.write(tmp_path / "d.pt", data, storages, compress=True))
+    for a, b in zip(stored["router_logits"], deflated["router_logits"], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_memo_index_beyond_the_pickle(tmp_path: Path) -> None:
+    _fails(_case("memo_2_28.pt", tmp_path), "data.pkl names memo entry 268435456 but holds only")
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("nested_1000.pt", "nested deeper than 64 levels"),
+        ("objects_1m.pt", "data.pkl holds more than 524288 opcodes"),
+        ("cycle.pt", "a list that contains itself"),
+        ("exponential_60.pt", "found list of 2 items (list)"),
+        ("binbytes8_2_40.pt", "BINBYTES8 at byte"),
+        ("opcode_ext1.pt", "refused pickle opcode EXT1"),
+        ("global_escapes.pt", "refused to load global \\x1b[2Jos.system\\x07 ("),
+        ("pickle_without_stop.pt", "ends before its STOP opcode"),
+    ],
+)
+def test_hostile_pickle_structures(tmp_path: Path, name: str, message: str) -> None:
+    _fails(_case(name, tmp_path), message)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("step_2_70.pt", "'step' is 1180591620717411303424, beyond int64"),
+        ("top_k_2_64.pt", "'top_k' is 18446744073709551616, beyond int64"),
+        ("layer_key_2_40.pt", "key 1099511627776 names layer 1099511627776, beyond int32"),
+        ("layer_name_2_31.pt", "names layer 2147483648, beyond int32"),
+        ("layer_name_5000_digits.pt", "names a layer of 5000 digits, beyond int32"),
+    ],
+)
+def test_integers_beyond_their_type_exit_2(tmp_path: Path, name: str, message: str) -> None:
+    _fails(_case(name, tmp_path), message)
+
+
+def test_step_beyond_int64_in_the_file_name(tmp_path: Path) -> None:
+    data = torchzip.router_pickle(1, 16, 4, step=None).done()
+    path = torchzip.write(tmp_path / "step_99999999999999999999.pt", data, {"0": bytes(256)})
+    _fails(path, "the step in the file name is 99999999999999999999, beyond int64")
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("two_data_pkl.pt", "holds 2 data.pkl members (archive/data.pkl, other/data.pkl)"),
+        ("data_pkl_twice.pt", "holds 2 data.pkl members (archive/data.pkl, archive/data.pkl)"),
+        ("storage_member_twice.pt", "member archive/data/0 appears 2 times"),
+        ("bzip2_member.pt", "uses zip compression method 12"),
+        ("zip_sizes_lie.pt", "storage '0' inflates to fewer bytes"),
+    ],
+)
+def test_odd_zip_layouts(tmp_path: Path, name: str, message: str) -> None:
+    _fails(_case(name, tmp_path), message)
+
+
+def test_float64_and_minus_inf_reach_the_validation_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The .pt path hands float64 logits, -inf included, as they are to the shared check."""
+    path = _case("valid_neg_inf_f64.pt", tmp_path)
+    seen: list[np.ndarray] = []
+    real = pt.to_probabilities
+
+    def spy(matrix: np.ndarray, *args: Any) -> Any:
+        seen.append(np.array(matrix))
+        return real(matrix, *args)
+
+    monkeypatch.setattr(pt, "to_probabilities", spy)
+    with contextlib.suppress(InputError):  # accepting -inf is the shared validation's call
+        _read(path)
+    expected = np.random.default_rng(3).standard_normal((16, 4))
+    expected[::2, 1] = -np.inf
+    assert seen[0].dtype == np.float64
+    np.testing.assert_array_equal(seen[0], expected)
