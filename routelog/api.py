@@ -22,7 +22,7 @@ from routelog import ingest, kernels, tokens
 from routelog.config import Config
 from routelog.errors import InputError, UsageError
 from routelog.findings import Finding
-from routelog.options import Options, StepRange, parse_layers, parse_steps
+from routelog.options import LayerSet, Options, StepRange, parse_layers, parse_steps
 
 if TYPE_CHECKING:
     import polars as pl
@@ -451,7 +451,7 @@ def make_options(
     if score not in ("softmax", "sigmoid"):
         raise UsageError(f"--score must be softmax or sigmoid, not {score!r}")
     layer_set = (
-        parse_layers(layers) if isinstance(layers, str) or layers is None else frozenset(layers)
+        parse_layers(layers) if isinstance(layers, str) or layers is None else LayerSet.of(layers)
     )
     step_range = (
         parse_steps(steps) if isinstance(steps, str) or steps is None else StepRange(*steps)

@@ -231,6 +231,8 @@ def _plain(value: object) -> object:
     """Options values as JSON values that compare equal after a round trip."""
     if isinstance(value, frozenset):
         return sorted(value)
+    if isinstance(value, tuple):
+        return [_plain(item) for item in value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return [_plain(getattr(value, f.name)) for f in dataclasses.fields(value)]
     return value

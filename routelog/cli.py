@@ -235,7 +235,7 @@ def analyze(
     ] = False,
     width: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option("--width", min=40, help="Width of the report in columns."),
+        typer.Option("--width", min=40, max=1000, help="Width of the report in columns."),
     ] = None,
     jobs: Jobs = None,
     no_cache: NoCache = False,
@@ -396,7 +396,7 @@ def compare(
     ] = False,
     width: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option("--width", min=40, help="Width of the report in columns."),
+        typer.Option("--width", min=40, max=1000, help="Width of the report in columns."),
     ] = None,
     debug: Debug = False,
 ) -> None:

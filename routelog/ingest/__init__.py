@@ -5,7 +5,7 @@ registered in ``FORMATS`` by file suffix. A batch holds one of three canonical p
 
 ``probs``
     one row per routed token: ``step: i64, layer: i32, probs: Array(Float32, E)``, optional
-    ``token: i64``, ``dataset: str``, and ``logit_lse: f32`` when the input carried logits.
+    ``token: i64``, ``dataset: str``, and ``logit_lse: f64`` when the input carried logits.
 ``topk``
     one row per routed token: ``step, layer, topk_ids: Array(Int32, k)``, optional
     ``token``, ``dataset`` (the router's selected experts, without probabilities).
