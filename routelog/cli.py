@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from routelog import __version__
-from routelog.errors import ExitCode, RoutelogError
+from routelog.errors import ExitCode, RoutelogError, printable
 from routelog.render import Format
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ def _errors(debug: bool) -> Iterator[None]:
     except RoutelogError as exc:
         if debug:
             raise
-        typer.echo(f"routelog: error: {exc}", err=True)
+        typer.echo(f"routelog: error: {printable(str(exc))}", err=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("routelog: interrupted", err=True)
@@ -133,7 +133,7 @@ def _errors(debug: bool) -> Iterator[None]:
         if debug:
             raise
         typer.echo(
-            f"routelog: internal error: {type(exc).__name__}: {exc} "
+            f"routelog: internal error: {type(exc).__name__}: {printable(str(exc))} "
             "(rerun with --debug and report it)",
             err=True,
         )
@@ -141,12 +141,38 @@ def _errors(debug: bool) -> Iterator[None]:
 
 
 def _emit(output: Path | None, write: Callable[[object], None]) -> None:
-    """Run ``write`` against stdout or the --output file."""
+    """Run ``write`` against stdout or the --output file (checked by ``_check_output``)."""
     if output is None:
         write(sys.stdout)
         return
-    with output.open("w", encoding="utf-8") as stream:
-        write(stream)
+    try:
+        with output.open("w", encoding="utf-8") as stream:
+            write(stream)
+    except OSError as exc:
+        from routelog.errors import UsageError
+
+        raise UsageError(f"{output}: cannot write the report: {exc.strerror or exc}") from None
+
+
+def _check_output(output: Path | None, inputs: list[str]) -> None:
+    """Refuse an --output that would overwrite a log, or land inside a run being read."""
+    from routelog.api import RunSpec
+    from routelog.errors import UsageError
+
+    if output is None:
+        return
+    if output.is_dir():
+        raise UsageError(f"{output}: --output names a directory; give a file name")
+    if not output.parent.is_dir():
+        raise UsageError(f"{output}: --output folder {output.parent} does not exist")
+    target = output.resolve()
+    for text in inputs:
+        run = RunSpec.parse(text).path.resolve()
+        if target == run or run in target.parents:
+            raise UsageError(
+                f"{output}: --output would write into the input {text}; "
+                "routelog never modifies the logs it reads"
+            )
 
 
 @dataclass(frozen=True)
@@ -247,6 +273,7 @@ def analyze(
     Example: routelog analyze sample_logs/collapse --top-k 2 --plot
     """
     with _errors(debug):
+        _check_output(output, paths)
         from routelog.render import data, make_console, markdown, report
 
         result = _Reading(
@@ -293,6 +320,7 @@ def inspect(
     Example: routelog inspect sample_logs/healthy --format json
     """
     with _errors(debug):
+        _check_output(output, paths)
         from routelog import api
         from routelog.errors import UsageError
         from routelog.render import data, make_console
@@ -405,6 +433,7 @@ def compare(
     Example: routelog compare base=sample_logs/healthy sample_logs/collapse --top-k 2
     """
     with _errors(debug):
+        _check_output(output, paths)
         from routelog import compare as core
         from routelog.errors import UsageError
         from routelog.render import compare as view
@@ -588,6 +617,7 @@ def check(
         else:
             render_check.print_check(result, make_console(sys.stdout))
         if junit is not None:
+            _check_output(junit, [*paths, *([baseline] if baseline is not None else [])])
             _write(junit, render_check.junit_xml(result), "--junit")
         if github:
             sys.stdout.write(render_check.github_annotations(result))

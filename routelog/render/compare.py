@@ -84,10 +84,12 @@ def delta_text(metric: str, delta: float | int | None) -> str:
 
 
 def _title(comparison: Comparison) -> list[str]:
+    from rich.markup import escape
+
     what = "dataset" if comparison.by == "dataset" else "run"
     lines = []
     if comparison.by == "dataset":
-        lines.append(f"[bold]{comparison.runs[0].name}[/bold]: datasets compared")
+        lines.append(f"[bold]{escape(comparison.runs[0].name)}[/bold]: datasets compared")
     for group in comparison.groups:
         span = (
             f"steps {group.steps[0]}–{group.steps[-1]} ({len(group.steps)} logged)"
@@ -95,7 +97,9 @@ def _title(comparison: Comparison) -> list[str]:
             else f"step {group.steps[0]}"
         )
         role = "baseline" if group.name == comparison.baseline else what
-        lines.append(f"{role} [bold]{group.name}[/bold]  {span} · compared at step {group.step}")
+        lines.append(
+            f"{role} [bold]{escape(group.name)}[/bold]  {span} · compared at step {group.step}"
+        )
     how = (
         "each at its latest logged step at or before the baseline's"
         if comparison.align == "nearest"
