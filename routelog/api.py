@@ -81,11 +81,14 @@ class Run:
     selections: pl.DataFrame | None
     top_k_assumed: bool = False
     """k came from the configured default: neither --top-k nor the data stated it."""
+    notes: list[str] = field(default_factory=list)
+    """Paths of the run directory named like logs but not read, and why."""
 
     def summary(self) -> dict[str, Any]:
         """The run's entry in the JSON ``runs`` list."""
         top_k = sorted(set(self.stats["top_k"].drop_nulls().to_list()))
         warnings = [f"{Path(f.path).name}: {w}" for f in self.files for w in f.warnings]
+        warnings += self.notes
         return {
             "run": self.name,
             "path": self.path,
@@ -333,6 +336,7 @@ def load_run(
             else None
         ),
         top_k_assumed=any(r.top_k_assumed for r in results),
+        notes=found.notes,
     )
 
 

@@ -103,10 +103,12 @@ def _scanner(path: Path) -> Scanner:
 
 @dataclass(frozen=True)
 class RunFiles:
-    """The log files of one run, and the files in its directory that are not logs."""
+    """The log files of one run, the files in its directory that are not logs, and why any
+    path named like a log was not read (a dangling link, a directory link loop)."""
 
     files: list[Path]
     ignored: list[Path]
+    notes: list[str] = field(default_factory=list)
 
 
 def discover(path: Path) -> RunFiles:
@@ -119,14 +121,49 @@ def discover(path: Path) -> RunFiles:
         return RunFiles([path], [])
     files: list[Path] = []
     ignored: list[Path] = []
-    for child in sorted(p for p in path.rglob("*") if p.is_file()):
-        if any(part.startswith(".") for part in child.relative_to(path).parts):
-            continue
-        (files if format_of(child) else ignored).append(child)
+    notes: list[str] = []
+    for child in _walk(path, notes):
+        if child.is_file():
+            (files if format_of(child) else ignored).append(child)
+        elif child.is_symlink():
+            ignored.append(child)
+            if format_of(child):
+                notes.append(f"{child.relative_to(path)}: a link to a missing file (not read)")
     if not files:
         known = ", ".join(f"*{s}" for s in sorted(FORMATS))
         raise InputError(f"{path}: no routing logs found (looked for {known})")
-    return RunFiles(files, ignored)
+    return RunFiles(sorted(files), sorted(ignored), notes)
+
+
+def _walk(root: Path, notes: list[str]) -> list[Path]:
+    """Every non-directory entry under ``root``, following directory links once each.
+
+    Hidden entries (a name starting with ``.``) are skipped. A directory reached twice (a
+    link loop, or two links to one directory) is read once; the second is noted.
+    """
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    pending = [root]
+    while pending:
+        directory = pending.pop()
+        try:
+            identity = directory.stat()
+        except OSError:
+            continue
+        key = (identity.st_dev, identity.st_ino)
+        if key in seen:
+            notes.append(f"{directory.relative_to(root)}: a directory read already (link loop)")
+            continue
+        seen.add(key)
+        try:
+            children = sorted(directory.iterdir())
+        except OSError as exc:
+            notes.append(f"{directory.relative_to(root)}: cannot list ({exc.strerror})")
+            continue
+        visible = [c for c in children if not c.name.startswith(".")]
+        found += [c for c in visible if not c.is_dir()]
+        pending += reversed([c for c in visible if c.is_dir()])  # popped in name order
+    return found
 
 
 def scan(path: Path, options: Options, info: FileInfo) -> Iterator[Batch]:
