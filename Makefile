@@ -37,6 +37,12 @@ fmt: $(STAMP)  ## fix formatting and autofixable lint
 test: lint  ## ruff, mypy strict, then the whole pytest suite
 	$(BIN)/python -m pytest
 
+fuzz: $(STAMP)  ## long property-based fuzzing of the readers (ROUTELOG_FUZZ=long, thousands of inputs each)
+	ROUTELOG_FUZZ=long $(BIN)/python -m pytest tests/test_fuzz.py -p no:cacheprovider
+
+corpus: $(STAMP)  ## regenerate the hostile-input corpus under tests/corpus/ (deterministic)
+	$(BIN)/python tests/corpus/make_corpus.py
+
 samples: $(STAMP)  ## regenerate sample_logs/ (deterministic)
 	$(BIN)/python scripts/make_samples.py sample_logs
 
@@ -46,4 +52,4 @@ bench: $(STAMP)  ## run the performance benchmark (writes bench/results.json; BE
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help install demo lint fmt test samples bench clean
+.PHONY: help install demo lint fmt test fuzz corpus samples bench clean

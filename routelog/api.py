@@ -137,6 +137,8 @@ def read_file(path: Path, options: Options, *, prefetch: int = PREFETCH) -> File
     assumed = False
     with _prefetched(ingest.scan(path, options, info), prefetch) as batches:
         for batch in batches:
+            if batch.frame.height == 0:  # every row of the chunk skipped (--skip-bad-rows)
+                continue
             assumed = assumed or (
                 batch.kind == "probs" and options.top_k is None and not batch.top_k
             )

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from routelog.cli import app
 from routelog.errors import printable
-from tests.conftest import SAMPLES, WriteRun, dirichlet
+from tests.conftest import SAMPLES, WriteRun
 
 runner = CliRunner()
 
@@ -172,5 +172,16 @@ def test_sigmoid_of_very_negative_logits(write_parquet_run: WriteRun) -> None:
     assert row["load_share"] == [0.5, 0.0, 0.5]  # top-1: expert 0 and expert 2
 
 
-def test_dirichlet_helper_is_imported() -> None:
-    assert dirichlet(np.random.default_rng(0), 2, 3).shape == (2, 3)
+def test_one_expert_layers_are_analysed_without_entropy_findings(tmp_path: Path) -> None:
+    import json
+
+    path = tmp_path / "step_1.jsonl"
+    path.write_text('{"layer": 0, "probs": [1.0]}\n' * 5)
+    result = runner.invoke(app, ["analyze", str(path), "-f", "json", "--no-cache"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    (row,) = document["metrics"]
+    assert row["n_experts"] == 1
+    assert row["token_entropy"] == 0.0
+    assert row["token_entropy_norm"] is None  # H / ln 1 is undefined, not "collapsed"
+    assert document["findings"] == []

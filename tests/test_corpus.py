@@ -1,0 +1,86 @@
+"""The hostile-input regression corpus: every case in ``tests/corpus/<reader>/expected.toml``.
+
+Each case runs ``python -m routelog analyze FILE --no-cache ARGS --format json`` in a
+subprocess, from the reader's directory, with a 2 GiB address-space cap and a 60 s timeout.
+Exit 2 must be exactly one line on stderr holding the expected substring; exit 0 must give
+metrics within their ranges; nothing else (a traceback, exit 70, a hang, an allocation
+beyond the cap) passes. Regenerate the files with ``python tests/corpus/make_corpus.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.ranges import assert_metrics_in_range
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+CORPUS = Path(__file__).resolve().parent / "corpus"
+MEMORY_CAP = 2 << 30
+TIMEOUT = 60
+
+
+def _cases() -> list[Any]:
+    cases = []
+    for expected in sorted(CORPUS.glob("*/expected.toml")):
+        reader = expected.parent
+        with expected.open("rb") as stream:
+            table = tomllib.load(stream)
+        for name, case in table.items():
+            cases.append(pytest.param(reader, name, case, id=f"{reader.name}/{name}"))
+    return cases
+
+
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
+
+
+def run_capped(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m routelog ARGS`` under the memory cap and timeout, without colour."""
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "100"}
+    env.pop("ROUTELOG_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "routelog", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        preexec_fn=_limit_memory,
+        check=False,
+    )
+
+
+def assert_outcome(result: subprocess.CompletedProcess[str], exit_code: int, fragment: str) -> None:
+    """Exit 0 with metrics in range, or exit 2 with one line on stderr holding ``fragment``."""
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == exit_code, (result.returncode, result.stderr[-2000:])
+    if exit_code == 2:
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1, result.stderr
+        assert lines[0].startswith("routelog: error: "), lines[0]
+        assert fragment in lines[0], lines[0]
+    else:
+        assert_metrics_in_range(json.loads(result.stdout))
+
+
+def test_corpus_is_present() -> None:
+    assert len(_cases()) >= 40
+
+
+@pytest.mark.parametrize(("reader", "name", "case"), _cases())
+def test_corpus_case(reader: Path, name: str, case: dict[str, Any]) -> None:
+    assert case["exit"] in (0, 2), "a corpus case expects exit 0 or 2, nothing else"
+    args = ["analyze", name, "--no-cache", *case.get("args", []), "--format", "json"]
+    assert_outcome(run_capped(args, reader), case["exit"], case.get("stderr", ""))
