@@ -9,8 +9,15 @@ EPS = 1e-6
 
 
 def assert_metrics_in_range(document: dict[str, Any]) -> None:
-    """Every metric of ``routelog analyze --format json`` is null or within its range."""
+    """Every metric of ``routelog analyze --format json`` is null or within its range, and
+    the probability metrics are not null when every run held probabilities or logits (a
+    0/0 that became null is a silently wrong answer, not a missing one)."""
+    payloads = {p for run in document["runs"] for p in run["payloads"]}
+    probabilities = bool(payloads) and payloads <= {"probabilities", "logits"}
     for row in document["metrics"]:
+        if probabilities and row["n_tokens"]:
+            for name in ("token_entropy", "load_entropy", "top1_prob"):
+                assert row[name] is not None, (name, row)
         e, k = row["n_experts"], row["top_k"]
         assert isinstance(e, int), row
         assert e >= 1, row
