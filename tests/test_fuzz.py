@@ -140,14 +140,12 @@ def _int_array(draw: st.DrawFn, n: int) -> pa.Array:
         return pa.array([str(v) for v in values])
     if pa.types.is_floating(kind):
         return pa.array([float(v) for v in values], kind)
-    info = (0, 2**64 - 1) if pa.types.is_unsigned_integer(kind) else (-(2**63), 2**63 - 1)
     bits = kind.bit_width
     low, high = (
         (0, 2**bits - 1)
         if pa.types.is_unsigned_integer(kind)
         else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
     )
-    del info
     return pa.array([min(max(v, low), high) for v in values], kind)
 
 
@@ -171,7 +169,10 @@ def parquet_table(draw: st.DrawFn) -> pa.Table:
         columns[payload] = pa.array(rows, pa.list_(pa.uint64()))
     elif payload == "topk_ids":
         columns[payload] = pa.array(
-            [draw(st.lists(INTS, min_size=1, max_size=2)) for _ in range(n)],
+            [
+                [min(v, 2**63 - 1) for v in draw(st.lists(INTS, min_size=1, max_size=2))]
+                for _ in range(n)
+            ],
             pa.list_(pa.int64()),
         )
         experts = [min(draw(st.one_of(st.just(e), INTS)), 2**63 - 1) for _ in range(n)]
