@@ -30,6 +30,9 @@ PAYLOAD_KINDS: dict[str, Literal["probs", "logits"]] = {
 """Names a probability or logit payload goes by (a column, a JSON key, a .pt dict key)."""
 STEP_PATTERN = re.compile(r"(?:global_step|step|iter)[_\-]?(\d{1,1000})", re.IGNORECASE | re.ASCII)
 
+MAX_LOGIT = 1e150
+"""Largest logit magnitude accepted: logsumexp squared (the z-loss) must stay finite in float64."""
+
 Locate = Callable[[int], str]
 """Maps a row index within the matrix to a user-facing place such as ``f.parquet row 17``."""
 
@@ -94,8 +97,14 @@ def to_probabilities(
         with np.errstate(invalid="ignore"):
             nan_or_up = (np.isnan(values) | (values == np.inf)).any(axis=1)
             all_down = (values == -np.inf).all(axis=1) & ~nan_or_up
-        bad = nan_or_up | all_down
-        problems = {"non-finite logit (NaN or +inf)": nan_or_up, "every logit is -inf": all_down}
+            finite = np.where(values == -np.inf, 0.0, values)
+            too_large = (np.abs(finite) > MAX_LOGIT).any(axis=1) & ~nan_or_up
+        bad = nan_or_up | all_down | too_large
+        problems = {
+            "non-finite logit (NaN or +inf)": nan_or_up,
+            "every logit is -inf": all_down,
+            f"logit beyond ±{MAX_LOGIT:g} (its z-loss would overflow float64)": too_large,
+        }
     keep = ~bad
     skipped = int(bad.sum())
     if skipped and not options.skip_bad_rows:

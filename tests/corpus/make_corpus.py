@@ -228,6 +228,12 @@ def parquet(directory: Path) -> dict[str, dict[str, Any]]:
         "plus_inf_logit.parquet row 0: non-finite logit (NaN or +inf)",
     )
     case(
+        "logit_1e308.parquet",
+        pl.DataFrame({"step": [1, 1, 1], "layer": [0, 0, 0], "logit_0": [0.0, 0.0, 1e308]}),
+        2,
+        "logit_1e308.parquet row 2: logit beyond ±1e+150 (its z-loss would overflow float64)",
+    )
+    case(
         "logit_1e39_float64.parquet",
         pl.DataFrame({"step": [1, 1], "layer": [0, 0], "logits": [[1e39, 0.0], [0.0, 1e-39]]}),
         0,
