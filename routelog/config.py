@@ -96,7 +96,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "wasted_after": (0.0, 1.0),
     "sharp_drop": (0.0, 1.0),
     "sharp_drop_sigmas": (0.0, None),
-    "sharp_drop_window": (2, None),
+    "sharp_drop_window": (3, None),  # the rolling spread needs 3 earlier steps (diagnose)
     "sharp_drop_min": (0.0, 1.0),
     "premature_entropy": (0.0, 1.0),
     "premature_within": (0.0, 1.0),
