@@ -70,6 +70,12 @@ test: lint browser  ## ruff, mypy strict, then the whole pytest suite
 readme: $(STAMP)  ## rewrite the README's console examples from what routelog prints now
 	ROUTELOG_UPDATE_SNAPSHOTS=1 $(BIN)/python -m pytest -q tests/test_readme.py
 
+fuzz: $(STAMP)  ## long property-based fuzzing of the readers (ROUTELOG_FUZZ=long, thousands of inputs each)
+	ROUTELOG_FUZZ=long $(BIN)/python -m pytest tests/test_fuzz.py tests/ingest/test_pt_fuzz.py -p no:cacheprovider
+
+corpus: $(STAMP)  ## regenerate the hostile-input corpus under tests/corpus/ (deterministic)
+	$(BIN)/python tests/corpus/make_corpus.py
+
 samples: $(STAMP)  ## regenerate sample_logs/ and routelog/samples/ (deterministic)
 	$(BIN)/python scripts/make_samples.py sample_logs
 
@@ -79,4 +85,4 @@ bench: $(STAMP)  ## run the performance benchmark (writes bench/results.json; BE
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) $(VENV_MIN) .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help install demo lint fmt browser test test-min readme samples bench clean
+.PHONY: help install demo lint fmt browser test test-min readme fuzz corpus samples bench clean

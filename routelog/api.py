@@ -23,7 +23,7 @@ from routelog.config import Config
 from routelog.errors import InputError, RoutelogError, UsageError
 from routelog.executor import Done, Executor, Threads, relocated
 from routelog.findings import Finding, sort_findings
-from routelog.options import Options, StepRange, TopKSource, parse_layers, parse_steps
+from routelog.options import LayerSet, Options, StepRange, TopKSource, parse_layers, parse_steps
 
 if TYPE_CHECKING:
     import polars as pl
@@ -97,6 +97,8 @@ class Run:
     read as one): ``files``, ``step``, ``layer``, ``tokens``, ``pairs``, ``of``, ``layers``."""
     sidecar_files: list[str] = field(default_factory=list)
     """Files a framework wrote beside its logs (logits, meta_info.json, config.json, ...)."""
+    notes: list[str] = field(default_factory=list)
+    """Paths of the run directory named like logs but not read, and why."""
 
     def __repr__(self) -> str:
         steps = self.stats["step"]
@@ -114,6 +116,7 @@ class Run:
         """The run's entry in the JSON ``runs`` list."""
         top_k = sorted(set(self.stats["top_k"].drop_nulls().to_list()))
         warnings = [f"{Path(f.path).name}: {w}" for f in self.files for w in f.warnings]
+        warnings += self.notes
         return {
             "run": self.name,
             "path": self.path,
@@ -238,6 +241,8 @@ def read_file(path: Path, options: Options, *, prefetch: int = PREFETCH) -> File
     assumed = False
     with _prefetched(ingest.scan(path, options, info), prefetch) as batches:
         for batch in batches:
+            if batch.frame.height == 0:  # every row of the chunk skipped (--skip-bad-rows)
+                continue
             assumed = assumed or (
                 batch.kind == "probs" and options.top_k is None and not batch.top_k
             )
@@ -538,6 +543,7 @@ def load_run(
         **_k_provenance(options, any(r.top_k_assumed for r in results)),
         merged=merged,
         warnings=[] if merged is None else [merged_message(merged)],
+        notes=found.notes,
     )
 
 
@@ -772,7 +778,7 @@ def make_options(
     if score not in ("softmax", "sigmoid"):
         raise UsageError(f"--score must be softmax or sigmoid, not {score!r}")
     layer_set = (
-        parse_layers(layers) if isinstance(layers, str) or layers is None else frozenset(layers)
+        parse_layers(layers) if isinstance(layers, str) or layers is None else LayerSet.of(layers)
     )
     step_range = (
         parse_steps(steps) if isinstance(steps, str) or steps is None else StepRange(*steps)

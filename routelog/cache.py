@@ -1,20 +1,29 @@
 """The incremental cache: each log file's reduced statistics, reused while the file is unchanged.
 
 An entry belongs to one file read with one set of reduction options. It is keyed by the file's
-absolute path, size and modification time (ns), routelog's ``KERNEL_VERSION`` and every
-``Options`` field except those applied after merging (``dead_fraction``). On disk an entry is
-three files in the cache directory, named after a hash of the path and options::
+absolute path, size, modification time (ns) and a content fingerprint (a hash of its first and
+last 64 KiB, which hold a Parquet file's footer: a log rewritten with the same size and mtime
+is not served stale), routelog's ``KERNEL_VERSION`` and every ``Options`` field except those
+applied after merging (``dead_fraction``). On disk an entry is three files in the cache
+directory, named after a hash of the path and options::
 
-    <hash>.json                  {"format", "key", "info", "data", "selections", "top_k_assumed"}
+    <hash>.json                  {"routelog_cache", "format", "key", "info", "data", "digests",
+                                  "selections", "top_k_assumed"}
     <hash>-<data>.stats.parquet  the statistics frame (``kernels.STATS_SCHEMA``)
     <hash>-<data>.sel.parquet    the per-token selections, when the file has token positions
                                  (top-k ids as flat columns topk_0.., which decode faster)
 
 Every file is written to a temporary name and renamed, the JSON last, so a reader sees a whole
 entry or none. An entry is trusted only when its JSON parses, its key equals the key computed
-now, and its frames have the expected schema; anything else (corrupt, truncated, foreign, from
-another routelog version) is a miss, and the fresh result overwrites it. Nothing in the cache
-is executed: it holds only JSON and Parquet.
+now (which binds it to the log file it describes), the SHA-256 of each of its Parquet files
+matches the digest its JSON recorded (a swapped or edited frame is a miss), and its frames
+have the expected schema; anything else (corrupt, truncated, foreign, from another routelog
+version) is a miss, and the fresh result overwrites it. Nothing in the cache is executed: it
+holds only JSON and Parquet.
+
+Each file of an entry carries a marker (``"routelog_cache"`` in the JSON, the same key in the
+Parquet footer's metadata): ``routelog cache clear`` removes only files that carry it, never
+follows a symbolic link, and leaves everything else in the directory alone.
 """
 
 from __future__ import annotations
@@ -40,12 +49,16 @@ if TYPE_CHECKING:
     from routelog.options import Options
 
 ENV_VAR = "ROUTELOG_CACHE_DIR"
-ENTRY_FORMAT = 2
+ENTRY_FORMAT = 3
 """Layout of one entry on disk; bump it when the files of an entry change shape."""
 AFTER_MERGE = frozenset({"dead_fraction", "default_top_k_source", "default_top_k_file"})
 """Options that do not change a file's statistics: ``dead_fraction`` applies in
 ``kernels.finish``; where the default k came from is reported, not used (its value is)."""
 SELECTION_KEYS = {"step": "Int64", "layer": "Int32", "dataset": "String", "token": "Int64"}
+MARKER = "routelog_cache"
+"""Key present in every file routelog writes to the cache (JSON field, Parquet metadata)."""
+FINGERPRINT_BYTES = 1 << 16
+"""Bytes hashed at each end of a log file for its content fingerprint."""
 COMPRESSION: Literal["lz4"] = "lz4"
 """Entries are read far more often than written: lz4 decodes about twice as fast as zstd."""
 
@@ -119,14 +132,15 @@ class Cache:
             if not isinstance(assumed, bool):
                 return None
             data = document["data"]
-            if not isinstance(data, str) or not data.isalnum():
+            digests = document["digests"]
+            if not isinstance(data, str) or not data.isalnum() or not isinstance(digests, dict):
                 return None
-            stats = _read_frame(self.directory / f"{name}-{data}.stats.parquet")
+            stats = _read_frame(self.directory / f"{name}-{data}.stats.parquet", digests["stats"])
             if stats is None or not _is_stats(stats):
                 return None
             selections = None
             if document.get("selections"):
-                stored = _read_frame(self.directory / f"{name}-{data}.sel.parquet")
+                stored = _read_frame(self.directory / f"{name}-{data}.sel.parquet", digests["sel"])
                 selections = _unflatten(stored) if stored is not None else None
                 if selections is None:
                     return None
@@ -142,23 +156,23 @@ class Cache:
             return
         name = _name(key)
         data = uuid.uuid4().hex
+        digests: dict[str, str] = {}
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            _write_atomic(
-                self.directory / f"{name}-{data}.stats.parquet",
-                lambda target: entry.stats.write_parquet(target, compression=COMPRESSION),
+            digests["stats"] = _write_frame(
+                self.directory / f"{name}-{data}.stats.parquet", entry.stats
             )
             if entry.selections is not None:
-                flat = _flatten(entry.selections)
-                _write_atomic(
-                    self.directory / f"{name}-{data}.sel.parquet",
-                    lambda target: flat.write_parquet(target, compression=COMPRESSION),
+                digests["sel"] = _write_frame(
+                    self.directory / f"{name}-{data}.sel.parquet", _flatten(entry.selections)
                 )
             document = {
+                MARKER: ENTRY_FORMAT,
                 "format": ENTRY_FORMAT,
                 "key": key,
                 "info": dataclasses.asdict(entry.info),
                 "data": data,
+                "digests": digests,
                 "selections": entry.selections is not None,
                 "top_k_assumed": entry.top_k_assumed,
             }
@@ -175,13 +189,17 @@ class Cache:
                     stale.unlink()
 
     def usage(self) -> Usage:
-        """Number of entries and bytes used."""
+        """Number of entries and bytes used (files proven to be routelog's only)."""
         files = list(self._files())
         entries = sum(1 for f in files if f.suffix == ".json")
         return Usage(self.directory, entries, sum(f.stat().st_size for f in files))
 
     def clear(self) -> int:
-        """Remove every entry (and stray temporary files); returns the number of entries removed."""
+        """Remove every entry; returns the number of entries removed.
+
+        Only regular files that carry routelog's marker are removed: a file that merely has
+        an entry's name, a symbolic link (wherever it points) and anything else stay.
+        """
         removed = 0
         for file in self._files():
             with contextlib.suppress(FileNotFoundError):
@@ -190,19 +208,51 @@ class Cache:
         return removed
 
     def _files(self) -> Iterator[Path]:
-        """Files of this cache: only names routelog writes, so a wrong --cache-dir loses nothing."""
-        if not self.directory.is_dir():
+        """Files of this cache: named like routelog's, regular (not links), with its marker."""
+        try:
+            scan = list(os.scandir(self.directory))
+        except OSError:
             return
-        for file in self.directory.iterdir():
-            if file.is_file() and _is_ours(file.name):
-                yield file
+        for item in scan:
+            if not _is_ours(item.name) or not item.is_file(follow_symlinks=False):
+                continue
+            if _has_marker(Path(item.path)):
+                yield Path(item.path)
 
 
 def _is_ours(name: str) -> bool:
     stem = name.split(".", 1)[0].split("-", 1)[0]
     is_hash = len(stem) == 64 and all(c in "0123456789abcdef" for c in stem)
-    endings = (".json", ".stats.parquet", ".sel.parquet", ".tmp")
-    return (is_hash and name.endswith(endings)) or (name.startswith(".") and name.endswith(".tmp"))
+    return is_hash and name.endswith((".json", ".stats.parquet", ".sel.parquet"))
+
+
+def _has_marker(path: Path) -> bool:
+    """Whether a cache file carries routelog's marker (read without following links)."""
+    try:
+        if path.suffix == ".json":
+            with path.open("rb") as stream:
+                document = json.loads(stream.read(1 << 22))
+            return isinstance(document, dict) and MARKER in document
+        import pyarrow.parquet as pq
+
+        metadata = pq.read_metadata(path).metadata or {}
+        return MARKER.encode() in metadata
+    except (OSError, ValueError, RecursionError):
+        return False
+    except Exception:  # pyarrow's errors: not a Parquet file, so not ours
+        return False
+
+
+def fingerprint(path: Path) -> str:
+    """SHA-256 of the first and last ``FINGERPRINT_BYTES`` of a file (its Parquet footer)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        digest.update(stream.read(FINGERPRINT_BYTES))
+        size = stream.seek(0, os.SEEK_END)
+        if size > FINGERPRINT_BYTES:
+            stream.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+            digest.update(stream.read(FINGERPRINT_BYTES))
+    return digest.hexdigest()
 
 
 def _key(path: Path, options: Options) -> dict[str, Any] | None:
@@ -212,6 +262,7 @@ def _key(path: Path, options: Options) -> dict[str, Any] | None:
     try:
         absolute = path.resolve()
         stat = absolute.stat()
+        content = fingerprint(absolute)
     except OSError:
         return None
     reduction = {
@@ -230,6 +281,7 @@ def _key(path: Path, options: Options) -> dict[str, Any] | None:
         "size": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
         "depends": depends,
+        "fingerprint": content,
         "kernel_version": kernels.KERNEL_VERSION,
         "routelog_version": __version__,
         "options": reduction,
@@ -240,6 +292,8 @@ def _plain(value: object) -> object:
     """Options values as JSON values that compare equal after a round trip."""
     if isinstance(value, frozenset):
         return sorted(value)
+    if isinstance(value, tuple):
+        return [_plain(item) for item in value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return [_plain(getattr(value, f.name)) for f in dataclasses.fields(value)]
     return value
@@ -263,11 +317,28 @@ def _write_atomic(target: Path, write: Any) -> None:
         raise
 
 
-def _read_frame(path: Path) -> pl.DataFrame | None:
+def _write_frame(target: Path, frame: pl.DataFrame) -> str:
+    """Write a frame with routelog's marker; returns the SHA-256 of the bytes written."""
+    import io
+
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer, compression=COMPRESSION, metadata={MARKER: str(ENTRY_FORMAT)})
+    content = buffer.getvalue()
+    _write_atomic(target, lambda temporary: Path(temporary).write_bytes(content))
+    return hashlib.sha256(content).hexdigest()
+
+
+def _read_frame(path: Path, digest: object) -> pl.DataFrame | None:
+    """The frame in ``path`` when its bytes hash to ``digest`` (else None: swapped or edited)."""
+    import io
+
     import polars as pl
 
     try:
-        return pl.read_parquet(path)
+        content = path.read_bytes()
+        if not isinstance(digest, str) or hashlib.sha256(content).hexdigest() != digest:
+            return None
+        return pl.read_parquet(io.BytesIO(content))
     except (OSError, pl.exceptions.PolarsError):
         return None
 

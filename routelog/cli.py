@@ -14,7 +14,7 @@ from typing import IO, TYPE_CHECKING, Annotated, NoReturn, Optional
 import typer
 
 from routelog import __version__
-from routelog.errors import ExitCode, RoutelogError
+from routelog.errors import ExitCode, RoutelogError, printable
 from routelog.render import Color, Format
 
 if TYPE_CHECKING:
@@ -196,7 +196,7 @@ def _errors(debug: bool) -> Iterator[None]:
     except RoutelogError as exc:
         if debug:
             raise
-        typer.echo(f"routelog: error: {exc}", err=True)
+        typer.echo(f"routelog: error: {printable(str(exc))}", err=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("routelog: interrupted", err=True)
@@ -207,7 +207,7 @@ def _errors(debug: bool) -> Iterator[None]:
         if debug:
             raise
         typer.echo(
-            f"routelog: internal error: {type(exc).__name__}: {exc} "
+            f"routelog: internal error: {type(exc).__name__}: {printable(str(exc))} "
             "(rerun with --debug and report it)",
             err=True,
         )
@@ -232,12 +232,38 @@ def _pipe_closed() -> NoReturn:
 
 
 def _emit(output: Path | None, write: Callable[[object], None]) -> None:
-    """Run ``write`` against stdout or the --output file."""
+    """Run ``write`` against stdout or the --output file (checked by ``_check_output``)."""
     if output is None:
         write(sys.stdout)
         return
-    with output.open("w", encoding="utf-8") as stream:
-        write(stream)
+    try:
+        with output.open("w", encoding="utf-8") as stream:
+            write(stream)
+    except OSError as exc:
+        from routelog.errors import UsageError
+
+        raise UsageError(f"{output}: cannot write the report: {exc.strerror or exc}") from None
+
+
+def _check_output(output: Path | None, inputs: list[str]) -> None:
+    """Refuse an --output that would overwrite a log, or land inside a run being read."""
+    from routelog.api import RunSpec
+    from routelog.errors import UsageError
+
+    if output is None:
+        return
+    if output.is_dir():
+        raise UsageError(f"{output}: --output names a directory; give a file name")
+    if not output.parent.is_dir():
+        raise UsageError(f"{output}: --output folder {output.parent} does not exist")
+    target = output.resolve()
+    for text in inputs:
+        run = RunSpec.parse(text).path.resolve()
+        if target == run or run in target.parents:
+            raise UsageError(
+                f"{output}: --output would write into the input {text}; "
+                "routelog never modifies the logs it reads"
+            )
 
 
 @dataclass(frozen=True)
@@ -335,7 +361,9 @@ def analyze(
     ] = False,
     width: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option("--width", min=40, metavar="COLUMNS", help="Width of the report in columns."),
+        typer.Option(
+            "--width", min=40, max=1000, metavar="COLUMNS", help="Width of the report in columns."
+        ),
     ] = None,
     jobs: Jobs = None,
     no_cache: NoCache = False,
@@ -349,6 +377,7 @@ def analyze(
     Example: routelog analyze runs/mixtral --top-k 2 --plot
     """
     with _errors(debug):
+        _check_output(output, paths)
         result = _Reading(
             config,
             top_k,
@@ -859,6 +888,7 @@ def inspect(
     Example: routelog inspect runs/mixtral --format json
     """
     with _errors(debug):
+        _check_output(output, paths)
         from routelog import api
         from routelog.render import data, make_console
         from routelog.render import inspect as render_inspect
@@ -972,7 +1002,9 @@ def compare(
     ] = False,
     width: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option("--width", min=40, metavar="COLUMNS", help="Width of the report in columns."),
+        typer.Option(
+            "--width", min=40, max=1000, metavar="COLUMNS", help="Width of the report in columns."
+        ),
     ] = None,
     color: ColorOpt = Color.auto,
     debug: Debug = False,
@@ -982,6 +1014,7 @@ def compare(
     Example: routelog compare base=runs/healthy runs/mixtral --top-k 2
     """
     with _errors(debug):
+        _check_output(output, paths)
         from routelog.compare import compare_datasets, compare_runs
         from routelog.errors import UsageError
         from routelog.render import compare as view
@@ -1198,6 +1231,7 @@ def check(
 
         _emit(output, write)
         if junit is not None:
+            _check_output(junit, [*paths, *([baseline] if baseline is not None else [])])
             _write(junit, render_check.junit_xml(result), "--junit")
         if github:
             sys.stdout.write(render_check.github_annotations(result))

@@ -19,12 +19,16 @@ Example ``routelog.toml``::
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from routelog.errors import ConfigError, UsageError
+
+if TYPE_CHECKING:
+    from routelog.options import LayerSet
 
 RULES = (
     "collapse",
@@ -40,6 +44,8 @@ RULES = (
 )
 """Every diagnosis rule, in the order the README documents them."""
 
+MAX_COUNT = (1 << 31) - 1
+"""Upper bound of the integer settings that have no natural one (step counts, windows)."""
 DEFAULT = "default"
 CONFIG_FILE = "routelog.toml"
 PYPROJECT = "pyproject.toml"
@@ -90,7 +96,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "wasted_after": (0.0, 1.0),
     "sharp_drop": (0.0, 1.0),
     "sharp_drop_sigmas": (0.0, None),
-    "sharp_drop_window": (2, None),
+    "sharp_drop_window": (3, None),  # the rolling spread needs 3 earlier steps (diagnose)
     "sharp_drop_min": (0.0, 1.0),
     "premature_entropy": (0.0, 1.0),
     "premature_within": (0.0, 1.0),
@@ -116,7 +122,7 @@ class Bound:
     kind: Literal["min", "max"]
     metric: str
     value: float
-    layers: frozenset[int] | None = None
+    layers: LayerSet | None = None
     key: str = ""
     """Where it was set, for messages: ``min_token_entropy_norm``, ``layers."0-3".min_...``."""
 
@@ -230,6 +236,11 @@ def _load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}); "
+            "TOML files are UTF-8"
+        ) from None
 
 
 def _table_of(path: Path) -> dict[str, Any] | None:
@@ -382,17 +393,17 @@ def _layer_bounds(value: Any, name: str) -> list[Bound]:
                 )
             bound = _bound_key(key, threshold, layers, f"{where}.", f'layers."{span}".{key}')
             for other in bounds:
-                shared = other.layers & layers if other.layers is not None else set()
-                if other.rule == bound.rule and shared:
+                shared = other.layers.first_shared(layers) if other.layers is not None else None
+                if other.rule == bound.rule and shared is not None:
                     raise ConfigError(
-                        f"{where}.{key}: layer {min(shared)} is also in {other.key}; "
+                        f"{where}.{key}: layer {shared} is also in {other.key}; "
                         "a layer takes one threshold per key"
                     )
             bounds.append(bound)
     return bounds
 
 
-def _bound_key(key: str, value: Any, layers: frozenset[int] | None, name: str, label: str) -> Bound:
+def _bound_key(key: str, value: Any, layers: LayerSet | None, name: str, label: str) -> Bound:
     kind, _, metric = key.partition("_")
     return _bound(kind, metric, value, layers, f"{name}{key}", ConfigError, label)  # type: ignore[arg-type]
 
@@ -401,7 +412,7 @@ def _bound(
     kind: Literal["min", "max"],
     metric: str,
     value: Any,
-    layers: frozenset[int] | None,
+    layers: LayerSet | None,
     name: str,
     error: type[ConfigError | UsageError],
     label: str | None = None,
@@ -410,8 +421,12 @@ def _bound(
     from routelog.kernels import METRIC_RANGES
 
     _known_metric(name, metric, error)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-        raise error(f"{name} must be a number, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(float(value) if isinstance(value, float) else 0.0)
+    ):
+        raise error(f"{name} must be a finite number, got {value!r}")
     lo, hi = METRIC_RANGES[metric]
     if value < lo or (hi is not None and value > hi):
         span = f"in [{lo:g}, {hi:g}]" if hi is not None else f">= {lo:g}"
@@ -421,8 +436,13 @@ def _bound(
 
 def _tolerance(name: str, metric: str, value: Any, error: type[ConfigError | UsageError]) -> float:
     _known_metric(name, metric, error)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise error(f"{name} must be a non-negative number, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not value >= 0
+        or (isinstance(value, float) and not math.isfinite(value))
+    ):
+        raise error(f"{name} must be a non-negative finite number, got {value!r}")
     return float(value)
 
 
@@ -509,6 +529,10 @@ def _number(name: str, value: Any, kind: type, lo: float | None, hi: float | Non
         raise ConfigError(f"{name} must be a number, got {value!r}")
     if kind is int and not isinstance(value, int):
         raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if kind is int and hi is None:
+        hi = MAX_COUNT  # counts of steps and windows: anything larger is a typo, not a setting
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
         raise ConfigError(f"{name} must be in {bounds}, got {value!r}")

@@ -6,7 +6,30 @@ one-line message on stderr and an exit code.
 
 from __future__ import annotations
 
+import re
 from enum import IntEnum
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (ESC, newlines, C0, DEL, C1) shown as escapes.
+
+    Every name routelog prints (file and run names in messages and reports) goes through
+    this, so a file named ``ESC[2J`` cannot clear the terminal or split a message in two.
+
+    Examples
+    --------
+    >>> printable("run\x1b[2J\nname")
+    'run\\x1b[2J\\nname'
+    """
+    return _CONTROL.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    named = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+    return named.get(char, f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
 
 
 class ExitCode(IntEnum):

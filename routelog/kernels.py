@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from routelog.errors import InputError
+
 KERNEL_VERSION = 2
 """Bump when the statistics a kernel produces change meaning: it invalidates cached results."""
 
@@ -301,10 +303,24 @@ def reduce_counts(frame: pl.DataFrame, top_k: int | None = None) -> Reduced:
     """Reduce tokens-per-expert count rows (Megatron-LM style) to statistics."""
     counts = frame["counts"].to_numpy().astype(np.int64)
     gid, groups = _group_ids(frame)
+    check_count_total(np.bincount(gid, weights=counts.sum(axis=1, dtype=np.float64)))
     summed = np.zeros((groups.height, counts.shape[1]), dtype=np.int64)
     np.add.at(summed, gid, counts)
     stats = _stats_frame(groups, counts.shape[1], top_k, counts=summed)
     return Reduced(stats, None)
+
+
+MAX_COUNT_TOTAL = float(1 << 62)
+"""Expert counts of one (step, layer) may add up to this; int64 sums would wrap beyond 2^63."""
+
+
+def check_count_total(totals: np.ndarray) -> None:
+    """Refuse count totals (summed in float64, which cannot wrap) that int64 cannot hold."""
+    if totals.size and float(np.nanmax(totals)) >= MAX_COUNT_TOTAL:
+        raise InputError(
+            f"expert counts of one step and layer add up to {float(np.nanmax(totals)):.3g} "
+            "tokens, beyond the 2^62 routelog can sum exactly: refusing rather than wrapping"
+        )
 
 
 def _selections(frame: pl.DataFrame, ids: np.ndarray) -> pl.DataFrame | None:
@@ -331,6 +347,10 @@ def merge(parts: list[pl.DataFrame]) -> pl.DataFrame:
     keys = [c for c in ("run", *GROUP) if c in stats.columns]
     if stats.select(keys).is_unique().all():
         return stats
+    totals = stats.group_by(keys).agg(
+        pl.col("counts").cast(pl.List(pl.Float64)).list.sum().sum().alias("_total")
+    )
+    check_count_total(totals["_total"].to_numpy())
     merged = stats.group_by(keys, maintain_order=True).agg(pl.col(SUMS).sum())
     for name in VECTORS:
         merged = merged.join(

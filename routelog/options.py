@@ -2,16 +2,80 @@
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from routelog.errors import UsageError
+
+if TYPE_CHECKING:
+    import polars as pl
 
 Score = Literal["softmax", "sigmoid"]
 
 DEFAULT_TOP_K = 1
 DEFAULT_DEAD_FRACTION = 0.1
+MAX_EXPERTS = 1 << 16
+"""Largest expert count E routelog accepts (from data or ``--num-experts``): per-group
+statistics hold E numbers, so a file claiming E = 2^40 is refused instead of allocated."""
+MAX_LAYER = (1 << 31) - 1
+"""Layer numbers are stored as int32."""
+MAX_STEP = (1 << 63) - 1
+"""Steps and token positions are stored as int64."""
+
+
+@dataclass(frozen=True)
+class LayerSet:
+    """Selected layers as sorted, disjoint inclusive intervals: ``0-2000000000`` is one pair,
+    never two billion numbers.
+
+    Examples
+    --------
+    >>> selection = parse_layers("0,3-5,4-9")
+    >>> selection.spans, 7 in selection, 2 in selection
+    (((0, 0), (3, 9)), True, False)
+    """
+
+    spans: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def of(cls, layers: Iterable[int] | Iterable[tuple[int, int]]) -> LayerSet:
+        """From single layers or (lo, hi) pairs, merged into disjoint intervals."""
+        pairs = sorted((v, v) if isinstance(v, int) else (int(v[0]), int(v[1])) for v in layers)
+        merged: list[tuple[int, int]] = []
+        for lo, hi in pairs:
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        return cls(tuple(merged))
+
+    def __contains__(self, layer: object) -> bool:
+        if not isinstance(layer, int):
+            return False
+        return any(lo <= layer <= hi for lo, hi in self.spans)
+
+    def first_shared(self, other: LayerSet) -> int | None:
+        """The smallest layer in both selections, or None."""
+        shared = [
+            max(lo, other_lo)
+            for lo, hi in self.spans
+            for other_lo, other_hi in other.spans
+            if max(lo, other_lo) <= min(hi, other_hi)
+        ]
+        return min(shared, default=None)
+
+    def expression(self, column: str) -> pl.Expr:
+        """A Polars predicate: ``column`` lies in one of the intervals."""
+        import polars as pl
+
+        predicate = pl.lit(False)
+        for lo, hi in self.spans:
+            predicate = predicate | pl.col(column).is_between(lo, hi)
+        return predicate
+
 
 TopKSource = Literal["option", "data", "run_config", "model_config", "config", "assumed"]
 """Where a run's k came from, highest precedence first: ``--top-k``; the data's own k (a
@@ -51,7 +115,7 @@ class Options:
     default_top_k: int = DEFAULT_TOP_K
     default_top_k_source: TopKSource = "assumed"
     default_top_k_file: str | None = None
-    layers: frozenset[int] | None = None
+    layers: LayerSet | None = None
     steps: StepRange | None = None
     skip_bad_rows: bool = False
     temperature: float | None = None
@@ -62,12 +126,26 @@ class Options:
     def __post_init__(self) -> None:
         if self.top_k is not None and self.top_k < 1:
             raise UsageError(f"--top-k must be at least 1, got {self.top_k}")
-        if self.temperature is not None and not self.temperature > 0:
-            raise UsageError(f"--temperature must be positive, got {self.temperature}")
+        if self.temperature is not None and not (
+            self.temperature > 0 and math.isfinite(self.temperature)
+        ):
+            raise UsageError(
+                f"--temperature must be a positive finite number, got {self.temperature}"
+            )
         if not 0 <= self.dead_fraction < 1:
             raise UsageError(f"dead_fraction must be in [0, 1), got {self.dead_fraction}")
         if self.num_experts is not None and self.num_experts < 1:
             raise UsageError(f"--num-experts must be at least 1, got {self.num_experts}")
+        limited = (
+            ("--num-experts", self.num_experts),
+            ("--top-k", self.top_k),
+            ("top_k", self.default_top_k),
+        )
+        for name, value in limited:
+            if value is not None and value > MAX_EXPERTS:
+                raise UsageError(
+                    f"{name} {value} is beyond the {MAX_EXPERTS} experts routelog handles"
+                )
 
     def k_source(self, used_default: bool) -> TopKSource:
         """Where the k of a run came from, given whether any of its files fell back to the
@@ -83,20 +161,20 @@ class Options:
         return data_k if data_k is not None else self.default_top_k
 
 
-_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+_RANGE = re.compile(r"^\s*(\d{1,30})\s*(?:-\s*(\d{1,30})\s*)?$", re.ASCII)
 
 
-def parse_layers(text: str | None) -> frozenset[int] | None:
-    """Parse ``0,3-5`` into {0, 3, 4, 5}; None or an empty string selects every layer.
+def parse_layers(text: str | None) -> LayerSet | None:
+    """Parse ``0,3-5`` into the intervals (0, 0), (3, 5); None or "" selects every layer.
 
     Examples
     --------
-    >>> sorted(parse_layers("0,3-5"))
-    [0, 3, 4, 5]
+    >>> parse_layers("0,3-5").spans
+    ((0, 0), (3, 5))
     """
     if text is None or not text.strip():
         return None
-    layers: set[int] = set()
+    spans: list[tuple[int, int]] = []
     for part in text.split(","):
         match = _RANGE.match(part)
         if match is None:
@@ -105,8 +183,10 @@ def parse_layers(text: str | None) -> frozenset[int] | None:
         hi = int(match.group(2)) if match.group(2) is not None else lo
         if hi < lo:
             raise UsageError(f"--layers: range {part.strip()!r} is empty")
-        layers.update(range(lo, hi + 1))
-    return frozenset(layers)
+        if hi > MAX_LAYER:
+            raise UsageError(f"--layers: layer {hi} is beyond the largest layer number {MAX_LAYER}")
+        spans.append((lo, hi))
+    return LayerSet.of(spans)
 
 
 def parse_steps(text: str | None) -> StepRange | None:
@@ -122,14 +202,21 @@ def parse_steps(text: str | None) -> StepRange | None:
     parts = text.split(":")
     try:
         if len(parts) == 1:
-            step = int(parts[0])
+            step = _step(parts[0])
             return StepRange(step, step)
         if len(parts) == 2:
-            start = int(parts[0]) if parts[0].strip() else None
-            stop = int(parts[1]) if parts[1].strip() else None
+            start = _step(parts[0]) if parts[0].strip() else None
+            stop = _step(parts[1]) if parts[1].strip() else None
             if start is not None and stop is not None and stop < start:
                 raise UsageError(f"--steps: range {text!r} is empty")
             return StepRange(start, stop)
     except ValueError:
         pass
     raise UsageError(f"--steps: cannot read {text!r} (expected START:STOP, START:, :STOP or N)")
+
+
+def _step(text: str) -> int:
+    step = int(text)
+    if not -MAX_STEP - 1 <= step <= MAX_STEP:
+        raise UsageError(f"--steps: {step} does not fit a 64-bit step number")
+    return step

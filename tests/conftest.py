@@ -125,3 +125,9 @@ def write_parquet_run(tmp_path: Path) -> WriteRun:
 def dirichlet(rng: np.random.Generator, n: int, e: int, alpha: float = 1.0) -> np.ndarray:
     """Random probability rows (float64)."""
     return rng.dirichlet(np.full(e, alpha), size=n)
+
+
+# Property-based fuzzing (tests/test_fuzz.py): short by default, long with ROUTELOG_FUZZ=long
+# (`make fuzz`). Only the fuzz tests read these profiles; the other hypothesis tests keep theirs.
+settings.register_profile("fuzz", max_examples=2000, deadline=None)
+FUZZ_LONG = os.environ.get("ROUTELOG_FUZZ") == "long"

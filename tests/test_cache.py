@@ -192,3 +192,75 @@ def test_holds_follows_the_key(log_file: Path, tmp_path: Path) -> None:
     assert store.holds(log_file, options)
     assert not store.holds(log_file, api.make_options(top_k=1))
     assert not store.holds(log_file.with_name("missing.parquet"), options)
+
+
+def test_clear_leaves_foreign_files_named_like_entries(log_file: Path, tmp_path: Path) -> None:
+    store = Cache.at(tmp_path / "c")
+    _fill(store, log_file, api.make_options(top_k=2))
+    fake = "a" * 64
+    foreign = [
+        store.directory / f"{fake}.json",
+        store.directory / f"{fake}-{'b' * 32}.stats.parquet",
+        store.directory / f"{fake}-{'b' * 32}.sel.parquet",
+    ]
+    foreign[0].write_text('{"format": 3, "key": {}}')  # JSON without the marker
+    pl.DataFrame({"x": [1]}).write_parquet(foreign[1])  # Parquet without the marker
+    foreign[2].write_bytes(b"my thesis")
+    assert store.usage().entries == 1
+    assert store.clear() == 1
+    assert all(f.exists() for f in foreign)
+    assert sorted(p.name for p in store.directory.iterdir()) == sorted(f.name for f in foreign)
+
+
+def test_clear_never_follows_symlinks(log_file: Path, tmp_path: Path) -> None:
+    outside = Cache.at(tmp_path / "outside")
+    _fill(outside, log_file, api.make_options(top_k=2))
+    kept = sorted(outside.directory.iterdir())
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for target in kept:  # links named like entries, pointing at real entries elsewhere
+        (linked / target.name).symlink_to(target)
+    assert Cache.at(linked).clear() == 0
+    assert all(p.is_symlink() for p in linked.iterdir())
+    assert sorted(outside.directory.iterdir()) == kept
+    # a symlinked cache directory: only proven entries go, nothing else in the target
+    (tmp_path / "notes.json").write_text("{}")
+    alias = tmp_path / "alias"
+    alias.symlink_to(outside.directory, target_is_directory=True)
+    (outside.directory / f"{'c' * 64}.json").write_text('{"format": 3}')
+    assert Cache.at(alias).clear() == 1
+    assert [p.name for p in outside.directory.iterdir()] == [f"{'c' * 64}.json"]
+
+
+def test_rewrite_with_same_size_and_mtime_is_not_stale(log_file: Path, tmp_path: Path) -> None:
+    store = Cache.at(tmp_path / "c")
+    options = api.make_options(top_k=2)
+    _fill(store, log_file, options)
+    before = log_file.stat()
+    content = bytearray(log_file.read_bytes())
+    # same size, same mtime, different bytes in the footer
+    content[-20] ^= 0xFF
+    log_file.write_bytes(bytes(content))
+    os.utime(log_file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert log_file.stat().st_size == before.st_size
+    assert log_file.stat().st_mtime_ns == before.st_mtime_ns
+    assert store.load(log_file, options) is None
+
+
+def test_swapped_or_edited_frames_are_misses(
+    write_parquet_run: WriteRun, log_file: Path, tmp_path: Path
+) -> None:
+    store = Cache.at(tmp_path / "c")
+    options = api.make_options(top_k=2)
+    rng = np.random.default_rng(1)
+    other = write_parquet_run({200: {0: dirichlet(rng, 10, 8)}}, name="other")
+    other_file = other / "step_000200.parquet"
+    _fill(store, log_file, options)
+    _fill(store, other_file, options)
+    mine = sorted(store.directory.glob("*.stats.parquet"))
+    assert len(mine) == 2
+    first, second = (p.read_bytes() for p in mine)
+    mine[0].write_bytes(second)  # entry 0 now holds entry 1's statistics (a valid schema)
+    mine[1].write_bytes(first)
+    assert store.load(log_file, options) is None
+    assert store.load(other_file, options) is None

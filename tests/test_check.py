@@ -19,6 +19,7 @@ from routelog.config import Bound, CheckSettings, load_config
 from routelog.errors import ConfigError, ExitCode, UsageError
 from routelog.findings import Finding
 from routelog.kernels import METRIC_RANGES, TOWARDS_COLLAPSE
+from routelog.options import LayerSet
 from tests.conftest import REAL_LOGS, SAMPLES, WriteRun, dirichlet
 
 runner = CliRunner()
@@ -129,7 +130,7 @@ def test_layer_range_threshold_wins_over_the_global_one() -> None:
     settings = CheckSettings(
         bounds=(
             Bound("min", "token_entropy_norm", 0.2),
-            Bound("min", "token_entropy_norm", 0.4, frozenset({0, 1})),
+            Bound("min", "token_entropy_norm", 0.4, LayerSet.of({0, 1})),
         )
     )
     result = evaluate(metrics, [], settings)
@@ -146,7 +147,7 @@ def test_layer_range_threshold_wins_over_the_global_one() -> None:
 
 def test_range_only_threshold_leaves_other_layers_unchecked() -> None:
     metrics = metrics_frame({"dead_experts": np.array([[0, 3, 5]])})
-    settings = CheckSettings(bounds=(Bound("max", "dead_experts", 1, frozenset({1, 2})),))
+    settings = CheckSettings(bounds=(Bound("max", "dead_experts", 1, LayerSet.of({1, 2})),))
     assert verdicts(evaluate(metrics, [], settings), "max_dead_experts") == {1: False, 2: False}
 
 
@@ -314,7 +315,7 @@ def test_check_table_is_read(tmp_path: Path) -> None:
     assert {(b.rule, b.value, b.layers) for b in settings.bounds} == {
         ("min_token_entropy_norm", 0.2, None),
         ("max_dead_experts", 0.0, None),
-        ("min_token_entropy_norm", 0.4, frozenset({0, 1})),
+        ("min_token_entropy_norm", 0.4, LayerSet.of({0, 1})),
     }
 
 
@@ -331,7 +332,7 @@ def test_tool_routelog_table_in_any_file(tmp_path: Path) -> None:
         ("[check]\nmin_load_entropy_norm = -0.1\n", "check.min_load_entropy_norm: impossible"),
         ("[check]\nmax_max_load_share = 1.5\n", "check.max_max_load_share: impossible"),
         ("[check]\nmax_dead_experts = -1\n", "check.max_dead_experts: impossible"),
-        ('[check]\nmax_max_vio = "big"\n', "check.max_max_vio must be a number"),
+        ('[check]\nmax_max_vio = "big"\n', "check.max_max_vio must be a finite number"),
         ("[check]\nwindow = 3\n", "check: unknown key 'window'"),
         ('[check]\nfail_on = "collapse"\n', "check.fail_on must be a list"),
         ('[check]\nfail_on = ["nosuch"]\n', "check.fail_on: unknown rule 'nosuch'"),
@@ -361,7 +362,7 @@ def test_flags_override_the_global_value() -> None:
     settings = CheckSettings(
         bounds=(
             Bound("min", "token_entropy_norm", 0.2),
-            Bound("min", "token_entropy_norm", 0.4, frozenset({0})),
+            Bound("min", "token_entropy_norm", 0.4, LayerSet.of({0})),
         ),
         max_regression={"max_vio": 0.5},
     )
@@ -372,7 +373,7 @@ def test_flags_override_the_global_value() -> None:
     )
     assert {(b.rule, b.value, b.layers) for b in flagged.bounds} == {
         ("min_token_entropy_norm", 0.3, None),
-        ("min_token_entropy_norm", 0.4, frozenset({0})),
+        ("min_token_entropy_norm", 0.4, LayerSet.of({0})),
         ("max_dead_experts", 1.0, None),
     }
     assert flagged.max_regression == {"max_vio": 0.2}

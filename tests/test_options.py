@@ -3,12 +3,12 @@ from __future__ import annotations
 import pytest
 
 from routelog.errors import UsageError
-from routelog.options import Options, StepRange, parse_layers, parse_steps
+from routelog.options import LayerSet, Options, StepRange, parse_layers, parse_steps
 
 
 def test_parse_layers() -> None:
-    assert parse_layers("0,3-5") == frozenset({0, 3, 4, 5})
-    assert parse_layers(" 2 ") == frozenset({2})
+    assert parse_layers("0,3-5") == LayerSet(((0, 0), (3, 5)))
+    assert parse_layers(" 2 ") == LayerSet(((2, 2),))
     assert parse_layers(None) is None
     assert parse_layers("") is None
 

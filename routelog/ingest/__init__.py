@@ -10,7 +10,7 @@ three canonical payloads:
 
 ``probs``
     one row per routed token: ``step: i64, layer: i32, probs: Array(Float32, E)``, optional
-    ``token: i64``, ``dataset: str``, and ``logit_lse: f32`` when the input carried logits.
+    ``token: i64``, ``dataset: str``, and ``logit_lse: f64`` when the input carried logits.
 ``topk``
     one row per routed token: ``step, layer, topk_ids: Array(Int32, k)``, optional
     ``token``, ``dataset`` (the router's selected experts, without probabilities).
@@ -177,11 +177,13 @@ def depends(path: Path) -> list[Path]:
 
 @dataclass(frozen=True)
 class RunFiles:
-    """The log files of one run, and the files in its directory that are not logs."""
+    """The log files of one run, the files in its directory that are not logs, and why any
+    path named like a log was not read (a dangling link, a directory link loop)."""
 
     files: list[Path]
     ignored: list[Path]
     sidecars: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def discover(path: Path) -> RunFiles:
@@ -195,20 +197,55 @@ def discover(path: Path) -> RunFiles:
     files: list[Path] = []
     ignored: list[Path] = []
     sidecars: list[Path] = []
-    for child in sorted(p for p in path.rglob("*") if p.is_file()):
-        if any(part.startswith(".") for part in child.relative_to(path).parts):
-            continue
-        if _module_of(child, sniff=True):
-            files.append(child)
-        else:
-            (sidecars if is_sidecar(child) else ignored).append(child)
+    notes: list[str] = []
+    for child in _walk(path, notes):
+        if child.is_file():
+            if _module_of(child, sniff=True):
+                files.append(child)
+            else:
+                (sidecars if is_sidecar(child) else ignored).append(child)
+        elif child.is_symlink():
+            ignored.append(child)
+            if format_of(child):
+                notes.append(f"{child.relative_to(path)}: a link to a missing file (not read)")
     if not files:
         known = ", ".join([*(f"*{s}" for s in sorted(FORMATS)), "*.npy", "*.npz"])
         frameworks = (
             "router_trace_rank*.jsonl, expert_distribution_recorder_*.pt, rank*.safetensors"
         )
         raise InputError(f"{path}: no routing logs found (looked for {known}, {frameworks})")
-    return RunFiles(files, ignored, sidecars)
+    return RunFiles(sorted(files), sorted(ignored), sorted(sidecars), notes)
+
+
+def _walk(root: Path, notes: list[str]) -> list[Path]:
+    """Every non-directory entry under ``root``, following directory links once each.
+
+    Hidden entries (a name starting with ``.``) are skipped. A directory reached twice (a
+    link loop, or two links to one directory) is read once; the second is noted.
+    """
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    pending = [root]
+    while pending:
+        directory = pending.pop()
+        try:
+            identity = directory.stat()
+        except OSError:
+            continue
+        key = (identity.st_dev, identity.st_ino)
+        if key in seen:
+            notes.append(f"{directory.relative_to(root)}: a directory read already (link loop)")
+            continue
+        seen.add(key)
+        try:
+            children = sorted(directory.iterdir())
+        except OSError as exc:
+            notes.append(f"{directory.relative_to(root)}: cannot list ({exc.strerror})")
+            continue
+        visible = [c for c in children if not c.name.startswith(".")]
+        found += [c for c in visible if not c.is_dir()]
+        pending += reversed([c for c in visible if c.is_dir()])  # popped in name order
+    return found
 
 
 _RANK_NAME = re.compile(r"(?:^|[^a-z])rank[_-]?\d+", re.IGNORECASE)

@@ -13,6 +13,7 @@ import gzip
 import io
 import json
 import math
+import re
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,14 @@ if TYPE_CHECKING:
 
 BLOCK_BYTES = 1 << 24
 """Decompressed bytes read at a time (cut back to the last whole line)."""
+MAX_LINE_BYTES = 1 << 26
+"""Longest line read (64 MiB: a batched line of 4096 tokens x 256 experts is ~10 MiB);
+a longer one is a bad row, so memory stays bounded by this and BLOCK_BYTES."""
+BOM = b"\xef\xbb\xbf"
+NEG_INF = re.compile(rb"(?<=[\[,:])(\s*)-Infinity")
+"""``-Infinity`` as a value (what Python's json writes for a masked logit): Polars' reader
+does not parse it, so it is rewritten to the lowest float64, which payload checks map back."""
+LOWEST = b"-1.7976931348623157e308"
 
 WHITESPACE = np.array([ord(c) for c in " \t\r\n"], dtype=np.uint8)
 
@@ -43,7 +52,7 @@ def scan(path: Path, options: Options, info: FileInfo) -> Iterator[Batch]:
     """Read a JSONL file block by block into canonical batches."""
     layout: table.Layout | None = None
     row_offset = 0
-    for block, first_line in _blocks(path):
+    for block, first_line in _blocks(path, options, info):
         parsed = _parse(block, first_line, path, layout, options, info)
         if parsed is None:
             continue
@@ -93,29 +102,60 @@ def _with_columns(frame: pl.DataFrame, layout: table.Layout) -> pl.DataFrame:
     return frame.with_columns(pl.lit(None).alias(c) for c in missing) if missing else frame
 
 
-def _blocks(path: Path) -> Iterator[tuple[bytes, int]]:
-    """Blocks of whole lines of the decompressed text, with the number of each first line."""
+def _blocks(path: Path, options: Options, info: FileInfo) -> Iterator[tuple[bytes, int]]:
+    """Blocks of whole lines of the decompressed text, with the number of each first line.
+
+    Memory is bounded whatever the file holds: a line longer than ``MAX_LINE_BYTES`` (a
+    gigabyte of gzip without a newline) is a bad row, named or (``--skip-bad-rows``) skipped
+    and counted while the rest of it is read past, never accumulated. A UTF-8 byte-order mark
+    at the start of the file is dropped.
+    """
     compressed = path.name.lower().endswith(".gz")
     line = 1
     carry = b""
+    skipping = False  # inside an over-long line, reading past its end
+    first = True
     try:
         with _open(path, compressed) as stream:
             while True:
                 chunk = stream.read(BLOCK_BYTES)
+                if first:
+                    chunk = chunk.removeprefix(BOM)
+                    first = False
                 if not chunk:
                     if carry:
                         yield carry, line
                     return
+                if skipping:
+                    cut = chunk.find(b"\n")
+                    if cut < 0:
+                        continue
+                    chunk, skipping, line = chunk[cut + 1 :], False, line + 1
                 data = carry + chunk
                 cut = data.rfind(b"\n")
                 if cut < 0:
                     carry = data
+                    if len(carry) > MAX_LINE_BYTES:
+                        _long_line(path, line, options, info)
+                        carry, skipping = b"", True
                     continue
                 block, carry = data[: cut + 1], data[cut + 1 :]
                 yield block, line
                 line += block.count(b"\n")
+                if len(carry) > MAX_LINE_BYTES:
+                    _long_line(path, line, options, info)
+                    carry, skipping = b"", True
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise InputError(f"{path}: not a valid gzip file, or truncated ({exc})") from exc
+
+
+def _long_line(path: Path, line: int, options: Options, info: FileInfo) -> None:
+    if not options.skip_bad_rows:
+        raise InputError(
+            f"{path}:{line}: line longer than {MAX_LINE_BYTES >> 20} MiB "
+            "(use --skip-bad-rows to drop such lines)"
+        )
+    info.skipped_rows += 1
 
 
 def _open(path: Path, compressed: bool) -> gzip.GzipFile | io.BufferedReader:
@@ -155,19 +195,58 @@ def _parse(
     block = _drop_bad_lines(block, first_line, path, layout, options, info, problem)
     frame, problem = _read(block, layout)
     if frame is None or problem is not None:
-        last = first_line + block.count(b"\n")
-        raise InputError(f"{path}:{first_line}-{last}: cannot read these lines ({problem})")
+        _raise_at_first_failing_line(block, first_line, path, layout, problem)
+    assert frame is not None
     return _checked(frame, block)
 
 
+def _raise_at_first_failing_line(
+    block: bytes, first_line: int, path: Path, layout: table.Layout | None, problem: str | None
+) -> None:
+    """Name the line that makes the block unreadable (each line alone was fine, e.g. a type
+    that clashes with the lines before it): the shortest failing prefix, by bisection."""
+    lines = block.split(b"\n")
+    low, high = 0, len(lines)  # lines[:high] fails; lines[:low] reads
+    while high - low > 1:
+        middle = (low + high) // 2
+        frame, found = _read(b"\n".join(lines[:middle]), layout)
+        if frame is None or found is not None:
+            high, problem = middle, found
+        else:
+            low = middle
+    raise InputError(f"{path}:{first_line + high - 1}: cannot read this line ({problem})")
+
+
 def _read(block: bytes, layout: table.Layout | None) -> tuple[pl.DataFrame | None, str | None]:
+    if b"-Infinity" in block:
+        block = NEG_INF.sub(rb"\1" + LOWEST, block)
     try:
         frame = pl.read_ndjson(io.BytesIO(block), infer_schema_length=None)
     except pl.exceptions.PolarsError as exc:
         return None, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if _has_repeated_key(block, frame.columns):
+        return None, "a repeated key"
     if layout is not None and frame.height:
         return frame, table.type_problem(_with_columns(frame, layout).schema, layout)
     return frame, None
+
+
+def _has_repeated_key(block: bytes, keys: list[str]) -> bool:
+    """Whether a line holds one of ``keys`` twice (``{"layer": 0, "layer": "x"}``), found
+    without parsing: the line of each ``"key":`` occurrence, vectorized over the block."""
+    data = np.frombuffer(block, dtype=np.uint8)
+    quotes = np.flatnonzero(data == ord('"'))
+    if not len(quotes) or not keys:
+        return False
+    newlines = np.flatnonzero(data == ord("\n"))
+    for key in keys:
+        pattern = np.frombuffer(json.dumps(key).encode() + b":", dtype=np.uint8)
+        starts = quotes[quotes + len(pattern) <= len(data)]
+        windows = np.lib.stride_tricks.sliding_window_view(data, len(pattern))
+        hits = starts[(windows[starts] == pattern).all(axis=1)]
+        if len(hits) > 1 and len(np.unique(np.searchsorted(newlines, hits))) < len(hits):
+            return True
+    return False
 
 
 def _checked(frame: pl.DataFrame, block: bytes) -> tuple[pl.DataFrame, bytes] | None:
@@ -196,8 +275,7 @@ def _drop_bad_lines(
         if found is not None:
             bad.append((index, found))
     if not bad:
-        last = first_line + len(lines) - 1
-        raise InputError(f"{path}:{first_line}-{last}: cannot read these lines ({problem})")
+        _raise_at_first_failing_line(block, first_line, path, layout, problem)
     if not options.skip_bad_rows:
         index, found = bad[0]
         raise InputError(
@@ -219,7 +297,12 @@ def line_problem(text: bytes, depths: dict[str, int]) -> str | None:
     "'layer' must be an integer, not 'x'"
     """
     try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        value = json.loads(
+            text.removeprefix(BOM),
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            object_pairs_hook=_unique_keys,
+        )
     except (ValueError, RecursionError) as exc:
         message = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
         return f"not valid JSON ({message})"
@@ -233,7 +316,18 @@ def line_problem(text: bytes, depths: dict[str, int]) -> str | None:
 
 
 def _reject_constant(name: str) -> float:
+    if name == "-Infinity":  # a masked logit; probabilities and counts refuse it later
+        return -math.inf
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} appears twice")
+        seen[key] = value
+    return seen
 
 
 def _finite_float(text: str) -> float:
@@ -243,8 +337,11 @@ def _finite_float(text: str) -> float:
     return number
 
 
+INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, int) and not isinstance(value, bool) and INT64[0] <= value <= INT64[1]
 
 
 def _is_number(value: Any) -> bool:
@@ -255,6 +352,8 @@ def _value_problem(key: str, value: Any, depths: dict[str, int]) -> str | None:
     if value is None:
         return None
     if key in INTEGER_KEYS and not _is_int(value):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return f"{key!r} does not fit a 64-bit integer: {_short(value)}"
         return f"{key!r} must be an integer, not {_short(value)}"
     if key == "dataset" and not isinstance(value, str):
         return f"'dataset' must be a string, not {_short(value)}"

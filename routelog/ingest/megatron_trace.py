@@ -297,7 +297,7 @@ def _check_required(frame: pl.DataFrame, context: _Context) -> pl.DataFrame:
 
 def _select(frame: pl.DataFrame, options: Options) -> pl.DataFrame:
     if options.layers is not None:
-        frame = frame.filter(pl.col("layer").is_in(sorted(options.layers)))
+        frame = frame.filter(options.layers.expression("layer"))
     if options.steps is not None:
         if options.steps.start is not None:
             frame = frame.filter(pl.col("step") >= options.steps.start)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from routelog.errors import InputError, UsageError
+from routelog.options import MAX_STEP
 
 if TYPE_CHECKING:
     from routelog.options import Options
@@ -27,7 +28,12 @@ PAYLOAD_KINDS: dict[str, Literal["probs", "logits"]] = {
     "router_logits": "logits",
 }
 """Names a probability or logit payload goes by (a column, a JSON key, a .pt dict key)."""
-STEP_PATTERN = re.compile(r"(?:global_step|checkpoint|step|iter)[_\-]?(\d+)", re.IGNORECASE)
+STEP_PATTERN = re.compile(
+    r"(?:global_step|checkpoint|step|iter)[_\-]?(\d{1,1000})", re.IGNORECASE | re.ASCII
+)
+
+MAX_LOGIT = 1e150
+"""Largest logit magnitude accepted: logsumexp squared (the z-loss) must stay finite in float64."""
 
 Locate = Callable[[int], str]
 """Maps a row index within the matrix to a user-facing place such as ``f.parquet row 17``."""
@@ -48,7 +54,12 @@ def step_from_name(path: Path) -> int | None:
     for part in (path.name, *(p.name for p in path.parents)):
         matches = STEP_PATTERN.findall(part)
         if matches:
-            return int(matches[-1])
+            step = int(matches[-1])
+            if step > MAX_STEP:
+                raise InputError(
+                    f"{path}: the step {step} in the name {part!r} does not fit a 64-bit integer"
+                )
+            return step
     return None
 
 
@@ -58,7 +69,7 @@ class Probabilities:
 
     probs: np.ndarray  # (T, E) float32
     keep: np.ndarray  # (T_in,) bool: which input rows survived
-    logit_lse: np.ndarray | None  # (T,) float32, when the input carried logits
+    logit_lse: np.ndarray | None  # (T,) float64, when the input carried logits
     skipped: int
 
 
@@ -85,8 +96,19 @@ def to_probabilities(
             )
         bad, problems = _bad_probability_rows(values)
     else:
-        bad = ~np.isfinite(values).all(axis=1)
-        problems = {"non-finite logit": bad}
+        values = np.array(values, dtype=np.float64)
+        values[values == -np.finfo(np.float64).max] = -np.inf  # JSONL's -Infinity, see jsonl.py
+        with np.errstate(invalid="ignore"):
+            nan_or_up = (np.isnan(values) | (values == np.inf)).any(axis=1)
+            all_down = (values == -np.inf).all(axis=1) & ~nan_or_up
+            finite = np.where(values == -np.inf, 0.0, values)
+            too_large = (np.abs(finite) > MAX_LOGIT).any(axis=1) & ~nan_or_up
+        bad = nan_or_up | all_down | too_large
+        problems = {
+            "non-finite logit (NaN or +inf)": nan_or_up,
+            "every logit is -inf": all_down,
+            f"logit beyond ±{MAX_LOGIT:g} (its z-loss would overflow float64)": too_large,
+        }
     keep = ~bad
     skipped = int(bad.sum())
     if skipped and not options.skip_bad_rows:
@@ -128,16 +150,24 @@ def _classify_rows(values: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray
 
 
 def _from_logits(logits: np.ndarray, options: Options) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax (or normalised sigmoid) probabilities and logsumexp, exponentiating once."""
+    """Softmax (or normalised sigmoid) probabilities and logsumexp, in float64.
+
+    ``-inf`` logits (masked or group-limited experts) get probability exactly 0; every row
+    has a finite maximum (rows of only ``-inf`` were refused). The sigmoid scores are
+    normalised in log space: log sigmoid(x) = -log(1 + e^-x), so logits of -50 (whose
+    sigmoids are ~1e-22) keep their ratios instead of becoming 0/0.
+    """
     if options.temperature is not None:
         logits = logits / options.temperature
     peak = logits.max(axis=1, keepdims=True)
-    weights = np.exp(logits - peak)
-    total = weights.sum(axis=1, keepdims=True)
-    lse = (peak + np.log(total))[:, 0].astype(np.float32)
-    if options.score == "sigmoid":
-        weights = 0.5 * (1.0 + np.tanh(0.5 * logits))  # sigmoid without overflow
+    with np.errstate(invalid="ignore", over="ignore"):
+        weights = np.exp(logits - peak)
         total = weights.sum(axis=1, keepdims=True)
+        lse = (peak + np.log(total))[:, 0]
+        if options.score == "sigmoid":
+            scores = -np.logaddexp(0.0, -logits)  # log sigmoid, exact for large |x|
+            weights = np.exp(scores - scores.max(axis=1, keepdims=True))
+            total = weights.sum(axis=1, keepdims=True)
     weights /= total
     return weights.astype(np.float32), lse
 

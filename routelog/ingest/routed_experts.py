@@ -92,7 +92,8 @@ def scan(path: Path, options: Options, info: FileInfo) -> Iterator[Batch]:
         info.warn(f"arrays hold k={k} ids per token, but {config.path.name} says k={config.top_k}")
     kept = np.flatnonzero(~dense)
     if options.layers is not None:
-        kept = kept[np.isin(kept, sorted(options.layers))]
+        layers = options.layers
+        kept = kept[np.array([int(layer) in layers for layer in kept], dtype=bool)]
     if options.steps is not None and step not in options.steps:
         return
     for name, array in arrays:

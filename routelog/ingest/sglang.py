@@ -164,7 +164,9 @@ def _layers(options: Options, n_layers: int) -> np.ndarray:
     every = np.arange(n_layers)
     if options.layers is None:
         return every
-    return every[np.isin(every, sorted(options.layers))]
+    layers = options.layers
+    kept: np.ndarray = every[np.array([int(layer) in layers for layer in every], dtype=bool)]
+    return kept
 
 
 def _per_pass(

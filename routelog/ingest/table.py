@@ -37,6 +37,8 @@ import polars as pl
 from routelog.errors import InputError
 from routelog.ingest import Batch, FileInfo
 from routelog.ingest.payload import PAYLOAD_KINDS, Locate, step_from_name, to_probabilities
+from routelog.kernels import check_count_total
+from routelog.options import MAX_EXPERTS
 
 if TYPE_CHECKING:
     from routelog.options import Options
@@ -140,6 +142,11 @@ def _wide_columns(columns: list[str], path: Path) -> tuple[str, ...]:
         raise InputError(f"{path}: ambiguous payload, both p_* and logit_* columns")
     prefix = prefixes[0]
     indices = sorted(int(m.group(2)) for m in matches)
+    if indices[-1] >= MAX_EXPERTS:
+        raise InputError(
+            f"{path}: wide column {prefix}_{indices[-1]} is beyond the {MAX_EXPERTS} experts "
+            "routelog handles"
+        )
     missing = sorted(set(range(indices[-1] + 1)) - set(indices))
     if missing or len(indices) != len(set(indices)):
         gap = f"no {prefix}_{missing[0]}" if missing else "a repeated index"
@@ -177,6 +184,10 @@ def type_problem(schema: Mapping[str, pl.DataType], layout: Layout) -> str | Non
         dtype = schema[column]
         if not (dtype.is_integer() or dtype == pl.Null):
             return f"column {column!r} must hold integers, not {dtype}"
+    if "mask" in schema and _depth(schema["mask"]) == 0:
+        dtype = schema["mask"]
+        if not (dtype == pl.Boolean or dtype.is_integer() or dtype == pl.Null):
+            return f"column 'mask' must hold booleans, not {dtype}"
     if "dataset" in schema and schema["dataset"] not in (pl.String, pl.Categorical, pl.Null):
         return f"column 'dataset' must hold strings, not {schema['dataset']}"
     payloads = [layout.payload] if layout.kind != "expert_counts" else []
@@ -226,6 +237,7 @@ def batches(
     if layout.kind != "counts":
         info.rows += frame.height
     frame = _required(frame, "layer", options, info, locate)
+    frame = _integers_in_range(frame, layout, options, info, locate)
     frame = _with_step(frame, layout, path, options, info, locate)
     frame = _drop_masked(frame, info, path)
     frame = _select(frame, options)
@@ -242,6 +254,11 @@ def batches(
     for width, part in _by_width(frame, layout.payload, path):
         if width == 0:
             raise InputError(f"{locate(int(part[ROW][0]))}: empty {layout.payload!r} row")
+        if width > MAX_EXPERTS and layout.kind != "topk":
+            raise InputError(
+                f"{locate(int(part[ROW][0]))}: {width} experts in {layout.payload!r}, beyond the "
+                f"{MAX_EXPERTS} routelog handles"
+            )
         if layout.kind in ("probs", "logits"):
             yield from _probability_batch(part, width, layout, options, info, locate)
         elif layout.kind == "counts":
@@ -310,6 +327,40 @@ def _explode(
     return frame.explode([layout.payload, *along])
 
 
+MAX_COUNT = 1 << 53
+"""Largest token count of one expert in one row: exact in float64, and far beyond any run."""
+INT32 = (-(1 << 31), (1 << 31) - 1)
+INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _integers_in_range(
+    frame: pl.DataFrame, layout: Layout, options: Options, info: FileInfo, locate: Locate
+) -> pl.DataFrame:
+    """Integers that do not fit routelog's types (a uint64 step of 2^63, a layer beyond int32,
+    a JSON token of 2^70) are bad rows, named, instead of a failed cast further down."""
+    limits: dict[str, tuple[int, int]] = {"layer": INT32}
+    if layout.step is not None:
+        limits[layout.step] = INT64
+    limits.update({c: INT64 for c in ("token", "expert", "count") if c in frame.columns})
+    limits.update({c: (1, MAX_EXPERTS) for c in EXPERT_COLUMNS if c in frame.columns})
+    for column, (lo, hi) in limits.items():
+        if column not in frame.columns or _depth(frame.schema[column]) != 0:
+            continue
+        dtype = frame.schema[column]
+        if not dtype.is_integer():
+            continue
+        outside = frame.select(
+            ((pl.col(column) < lo) | (pl.col(column) > hi)).fill_null(False)
+        ).to_series()
+        span = f"[1, {hi}]" if lo == 1 else f"the {'int32' if hi == INT32[1] else 'int64'} range"
+        message = f"{column!r} value outside {span}"
+        frame = _skip(frame, outside, message, options, info, locate)
+        if frame.height:
+            target = pl.Int32 if (lo, hi) == INT32 else pl.Int64
+            frame = frame.with_columns(pl.col(column).cast(target))
+    return frame
+
+
 def _with_step(
     frame: pl.DataFrame,
     layout: Layout,
@@ -338,7 +389,7 @@ def _drop_masked(frame: pl.DataFrame, info: FileInfo, path: Path) -> pl.DataFram
 def _select(frame: pl.DataFrame, options: Options) -> pl.DataFrame:
     """Apply --layers and --steps before any payload work."""
     if options.layers is not None:
-        frame = frame.filter(pl.col("layer").is_in(sorted(options.layers)))
+        frame = frame.filter(options.layers.expression("layer"))
     if options.steps is not None:
         if options.steps.start is not None:
             frame = frame.filter(pl.col("step") >= options.steps.start)
@@ -398,8 +449,10 @@ def _probability_batch(
         nulls = column.list.eval(pl.element().is_null()).list.any()
         frame = _skip(frame, nulls, f"null value in {layout.payload!r}", options, info, locate)
         column = column.filter(~nulls)
-    matrix = column.list.to_array(width).cast(pl.Array(pl.Float32, width)).to_numpy()
     kind: Literal["probs", "logits"] = "probs" if layout.kind == "probs" else "logits"
+    # logits in float64: a finite 1e39 must not become inf by a cast to float32
+    precision = pl.Float32 if kind == "probs" else pl.Float64
+    matrix = column.list.to_array(width).cast(pl.Array(precision, width)).to_numpy()
     rows = frame[ROW].to_numpy()
     result = to_probabilities(matrix, kind, options, lambda i: locate(int(rows[i])))
     info.skipped_rows += result.skipped
@@ -421,9 +474,11 @@ def _count_batch(
 ) -> Iterator[Batch]:
     counts = pl.col(layout.payload)
     bad = frame.select(
-        counts.list.eval(pl.element().is_null() | (pl.element() < 0)).list.any()
+        counts.list.eval(
+            pl.element().is_null() | (pl.element() < 0) | (pl.element() > MAX_COUNT)
+        ).list.any()
     ).to_series()
-    message = f"null or negative count in {layout.payload!r}"
+    message = f"null or negative count (or one above 2^53) in {layout.payload!r}"
     frame = _skip(frame, bad, message, options, info, locate)
     if frame.height == 0:
         return
@@ -502,8 +557,8 @@ def _expert_count_batches(
     """Long ``expert``/``count`` rows -> one counts row per (step, layer[, dataset])."""
     for column in ("expert", "count"):
         frame = _required(frame, column, options, info, locate)
-    negative = frame["count"] < 0
-    frame = _skip(frame, negative, "negative 'count'", options, info, locate)
+    negative = (frame["count"] < 0) | (frame["count"] > MAX_COUNT)
+    frame = _skip(frame, negative, "negative or absurd (above 2^53) 'count'", options, info, locate)
     frame = _experts(frame, layout, options, info, locate)
     outside = (frame["expert"] < 0) | (frame["expert"] >= frame["__e"])
     frame = _skip(frame, outside, "expert id outside [0, E)", options, info, locate)
@@ -519,6 +574,7 @@ def _expert_count_batches(
         summed = np.bincount(
             flat, weights=part["count"].to_numpy(), minlength=groups.height * n_experts
         )
+        check_count_total(summed.reshape(groups.height, n_experts).sum(axis=1))
         matrix = summed.astype(np.int64).reshape(groups.height, n_experts)
         canonical = groups.drop("__g").select(
             [k for k in _keys(groups) if k.meta.output_name() != "token"]

@@ -11,10 +11,11 @@ from __future__ import annotations
 import enum
 import os
 import sys
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.text import Text
 
 
 class Format(str, enum.Enum):
@@ -83,7 +84,15 @@ def make_console(
     if width is None and not terminal:
         width = _pipe_width()
 
+    from routelog.errors import printable
+
     class _Console(Console):
+        """Strings reach the terminal with control characters escaped (file and run names
+        are data: a name holding ESC[2J must not drive the terminal); a closed pipe raises."""
+
+        def render_str(self, text: str, **kwargs: Any) -> Text:
+            return super().render_str(printable(text), **kwargs)
+
         def on_broken_pipe(self) -> None:
             # rich exits with status 1 here, the code of a failed check; the CLI turns a
             # closed pipe into its own quiet exit instead.

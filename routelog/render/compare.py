@@ -92,13 +92,16 @@ def delta_text(metric: str, delta: float | int | None) -> str:
 
 
 def _title(comparison: Comparison) -> list[str]:
+    from rich.markup import escape
+
     what = "dataset" if comparison.by == "dataset" else "run"
     lines = []
     summaries = {run.name: run.summary() for run in comparison.runs}
     if comparison.by == "dataset":
         summary = summaries[comparison.runs[0].name]
         lines.append(
-            f"[bold]{comparison.runs[0].name}[/bold]: datasets compared · {k_markup(summary)}"
+            f"[bold]{escape(comparison.runs[0].name)}[/bold]: datasets compared · "
+            f"{k_markup(summary)}"
         )
     for group in comparison.groups:
         span = (
@@ -108,7 +111,9 @@ def _title(comparison: Comparison) -> list[str]:
         )
         role = "baseline" if group.name == comparison.baseline else what
         k = f" · {k_markup(summaries[group.name])}" if group.name in summaries else ""
-        lines.append(f"{role} [bold]{group.name}[/bold]  {span} · compared at step {group.step}{k}")
+        lines.append(
+            f"{role} [bold]{escape(group.name)}[/bold]  {span} · compared at step {group.step}{k}"
+        )
     how = (
         "each at its latest logged step at or before the baseline's"
         if comparison.align == "nearest"

@@ -111,3 +111,28 @@ def test_counts_and_ids_give_the_count_metrics(
         assert_frame_equal(
             got.select("step", "layer", *COUNT_METRICS), reference, check_exact=False, rel_tol=1e-9
         )
+
+
+def test_directory_links_are_followed_once_and_dangling_links_noted(tmp_path: Path) -> None:
+    from routelog.ingest import discover
+
+    frame = pl.DataFrame({"layer": [0, 0], "probs": [[0.5, 0.5], [0.9, 0.1]]})
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    frame.write_parquet(real / "step_2.parquet")
+    run = tmp_path / "run"
+    run.mkdir()
+    frame.write_parquet(run / "step_1.parquet")
+    (run / "linked").symlink_to(real, target_is_directory=True)
+    (run / "again").symlink_to(real, target_is_directory=True)
+    (run / "loop").symlink_to(run, target_is_directory=True)
+    (run / "step_3.parquet").symlink_to(tmp_path / "gone.parquet")
+    found = discover(run)
+    assert sorted(p.name for p in found.files) == ["step_1.parquet", "step_2.parquet"]
+    assert (run / "again" / "step_2.parquet") in found.files  # the first link in name order
+    assert [p.name for p in found.ignored] == ["step_3.parquet"]
+    assert any("step_3.parquet: a link to a missing file" in note for note in found.notes)
+    assert sum("read already" in note for note in found.notes) == 2
+    result = routelog.analyze([run], top_k=1)
+    assert sorted(result.metrics["step"].to_list()) == [1, 2]
+    assert any("missing file" in w for w in result.runs[0].summary()["warnings"])

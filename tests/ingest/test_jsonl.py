@@ -176,6 +176,20 @@ BAD_LINES = [
     ('{"step": 1, "layer": 0, "probs": [[0.5, 0.5]]}', "'probs' is batched, unlike earlier lines"),
     ("[1, 2]", "not a JSON object"),
     ('{"step": 1, "layer": 0.5, "probs": [0.5, 0.5]}', "'layer' must be an integer"),
+    (
+        '{"step": 1, "layer": 0, "layer": "x", "probs": [0.5, 0.5]}',
+        "not valid JSON (key 'layer' appears twice)",
+    ),
+    (
+        '{"step": 1, "layer": 0, "probs": [0.5, 0.5], "layer": 1}',
+        "not valid JSON (key 'layer' appears twice)",
+    ),
+    ('{"step": 9223372036854775808, "layer": 0, "probs": [0.5, 0.5]}', "'step' value outside"),
+    ('{"step": 1, "layer": 4294967296, "probs": [0.5, 0.5]}', "'layer' value outside"),
+    ('{"step": 1, "layer": 0, "probs": [0.5, 0.5], "token": 1180591620717411303424}', "'token'"),
+    ('{"step": 1, "layer": 0, "probs": [0.5, 0.5], "mask": "no"}', "'mask' must be a boolean"),
+    ('{"step": 1, "layer": 0, "probs": [0.5, -Infinity]}', "NaN or infinite probability"),
+    ('{"step": 1, "layer": 0, "probs": [0.5, 1e999]}', "not valid JSON (1e999 overflows a float)"),
 ]
 
 
@@ -347,3 +361,64 @@ def test_megatron_sample_is_count_only() -> None:
     latest = [m for m in document["metrics"] if m["step"] == 1100]
     assert [m["token_entropy"] for m in latest] == [None] * 4
     assert max(latest, key=lambda m: m["max_load_share"])["layer"] == 3
+
+
+def test_byte_order_mark_is_stripped(tmp_path: Path) -> None:
+    good = b'{"step": 1, "layer": 0, "probs": [0.25, 0.75]}\n'
+    plain = tmp_path / "plain.jsonl"
+    plain.write_bytes(good * 3)
+    marked = tmp_path / "marked.jsonl.gz"
+    marked.write_bytes(gzip.compress(jsonl.BOM + good * 3))
+    assert_frame_equal(metrics(plain), metrics(marked))
+
+
+def test_over_long_line_is_a_bad_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jsonl, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(jsonl, "BLOCK_BYTES", 300)
+    good = '{"step": 1, "layer": 0, "probs": [0.5, 0.5]}'
+    long = '{"step": 1, "layer": 0, "probs": [' + "0.0, " * 1000 + "1.0]}"
+    for lines, bad in (([good, long, good, good], 2), ([good, good, " " * 5000], 3)):
+        path = write_lines(tmp_path / "f.jsonl", lines)
+        result = runner.invoke(app, ["analyze", str(path), "--no-cache"])
+        assert result.exit_code == 2, result.output
+        assert f"{path}:{bad}: line longer than" in result.output
+        result = runner.invoke(app, ["analyze", str(path), "--skip-bad-rows", "-f", "json"])
+        assert result.exit_code == 0, result.output
+        document = json.loads(result.output)
+        assert document["runs"][0]["skipped_rows"] == 1
+        assert document["metrics"][0]["n_tokens"] == 3 if bad == 2 else 2
+
+
+def test_minus_infinity_logits_are_masked_experts(tmp_path: Path) -> None:
+    logits = np.array([[1.0, -np.inf, 0.5, -np.inf], [0.0, 2.0, -np.inf, 1.0]])
+    lines = [{"step": 1, "layer": 0, "logits": row.tolist()} for row in logits]
+    path = tmp_path / "f.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")  # writes -Infinity
+    got = metrics(path)
+    finite = np.where(np.isinf(logits), 0.0, np.exp(logits))
+    probs = finite / finite.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        expected = -np.nansum(probs * np.log(probs), axis=1).mean()
+    assert got["token_entropy"][0] == pytest.approx(expected, rel=1e-6)
+    lse = np.log(finite.sum(axis=1))
+    assert got["z_loss"][0] == pytest.approx((lse**2).mean(), rel=1e-6)
+    path.write_text(
+        path.read_text()
+        + '{"step": 1, "layer": 0, "logits": ['
+        + ", ".join(["-Infinity"] * 4)
+        + "]}\n"
+    )
+    result = runner.invoke(app, ["analyze", str(path), "--no-cache"])
+    assert result.exit_code == 2, result.output
+    assert f"{path}:3: every logit is -inf" in result.output
+
+
+def test_errors_name_one_line_never_a_range(tmp_path: Path) -> None:
+    # valid JSON that Python's parser reads and Polars' does not: the line is found by bisection
+    good = '{"step": 1, "layer": 0, "probs": [0.5, 0.5]}'
+    lines = [good, good, '{"step": 1, "layer": 0, "probs": [0.5, ' + "9" * 45 + "]}", good]
+    path = write_lines(tmp_path / "f.jsonl", lines)
+    result = runner.invoke(app, ["analyze", str(path), "--no-cache"])
+    assert result.exit_code == 2, result.output
+    assert f"{path}:3: " in result.output
+    assert f"{path}:1-" not in result.output

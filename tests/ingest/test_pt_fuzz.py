@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 from routelog.cli import app
 from tests.ingest import torchzip
 from tests.ingest.torchzip import Pickle
-from tests.test_corpus import check_metrics
+from tests.ranges import assert_metrics_in_range
 
 runner = CliRunner()
 
@@ -82,7 +82,7 @@ def _analyze(data: bytes, name: str = "step_1.pt") -> None:
         assert len(lines) == 1, result.stderr
         assert lines[0].startswith("routelog: error: "), lines[0]
     else:
-        check_metrics(json.loads(result.stdout))
+        assert_metrics_in_range(json.loads(result.stdout))
 
 
 def _file(data_pkl: bytes, *, compress: bool = False) -> bytes:

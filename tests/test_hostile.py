@@ -1,0 +1,187 @@
+"""Hostile input across commands (issue 11): output paths, names with control characters,
+absurd sizes and integers, configuration values. Reader-specific cases live in
+tests/ingest/; the regression corpus in tests/test_corpus.py."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from routelog.cli import app
+from routelog.errors import printable
+from tests.conftest import SAMPLES, WriteRun
+
+runner = CliRunner()
+
+
+def _one_line_error(args: list[str], fragment: str) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    target = tmp_path / "run"
+    shutil.copytree(SAMPLES / "collapse", target)
+    return target
+
+
+def test_output_onto_an_input_log_is_refused(run: Path) -> None:
+    log = run / "step_000100.parquet"
+    before = log.read_bytes()
+    _one_line_error(["analyze", str(log), "-o", str(log)], "would write into the input")
+    _one_line_error(["analyze", str(run), "-o", str(run / "report.txt")], "into the input")
+    _one_line_error(["inspect", str(run), "-o", str(log)], "into the input")
+    _one_line_error(["compare", str(run), str(run), "-o", str(log)], "into the input")
+    assert log.read_bytes() == before
+    assert not (run / "report.txt").exists()
+
+
+@pytest.mark.parametrize(
+    ("target", "fragment"),
+    [(".", "names a directory"), ("missing/x.txt", "does not exist"), ("/proc/version", "")],
+)
+def test_output_that_cannot_be_written(run: Path, target: str, fragment: str) -> None:
+    if target == "/proc/version" and not Path(target).exists():
+        pytest.skip("no /proc")
+    line = _one_line_error(["analyze", str(run), "-o", target, "--no-cache"], fragment)
+    assert target.split("/")[-1] in line
+
+
+def test_printable_escapes_control_characters() -> None:
+    assert printable("a\x1b[2Jb\nc\td\x7f\x9b\u2028") == "a\\x1b[2Jb\\nc\\td\\x7f\\x9b\\u2028"
+    assert printable("plain name-1.parquet ü") == "plain name-1.parquet ü"
+
+
+def test_names_with_escapes_reach_no_terminal_raw(tmp_path: Path) -> None:
+    evil = tmp_path / "ev\x1b[2Jil\nname"
+    shutil.copytree(SAMPLES / "collapse", evil)
+    for args in (
+        ["analyze", str(evil), "--no-cache"],
+        ["inspect", str(evil)],
+        ["compare", str(evil), str(evil), "--no-cache"],
+        ["analyze", str(evil), "--steps", "99999", "--no-cache"],  # an error naming it
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code in (0, 2), result.output
+        assert "\x1b" not in result.output, args
+        assert "ev\\x1b[2Jil\\nname" in result.output, args
+
+
+def test_absurd_sizes_are_one_line_errors(run: Path, tmp_path: Path) -> None:
+    _one_line_error(["analyze", str(run), "--num-experts", "1000000000000"], "--num-experts")
+    _one_line_error(["analyze", str(run), "--top-k", "99999999999999999999"], "--top-k")
+    _one_line_error(["analyze", str(run), "--steps", "99999999999999999999:"], "64-bit")
+    wide = tmp_path / "wide" / "step_1.parquet"
+    wide.parent.mkdir()
+    pl.DataFrame({"layer": [0], "p_0": [0.5], "p_1000000000": [0.5]}).write_parquet(wide)
+    _one_line_error(["analyze", str(wide), "--no-cache"], "p_1000000000 is beyond")
+    result = runner.invoke(app, ["analyze", str(run), "--width", "1000000000"])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+
+
+def test_huge_layer_range_is_kept_as_an_interval(run: Path) -> None:
+    result = runner.invoke(
+        app, ["analyze", str(run), "--layers", "2-2000000000", "-f", "json", "--no-cache"]
+    )
+    assert result.exit_code == 0, result.output
+    assert '"layer": 1' not in result.output
+    assert '"layer": 3' in result.output
+    _one_line_error(["analyze", str(run), "--layers", "0-99999999999"], "--layers")
+
+
+def test_huge_layer_range_in_configuration(run: Path, tmp_path: Path) -> None:
+    config = tmp_path / "routelog.toml"
+    config.write_text(
+        '[check.layers."0-2000000000"]\nmin_token_entropy_norm = 0.01\n'
+        '[check.layers."5-7"]\nmin_token_entropy_norm = 0.02\n'
+    )
+    _one_line_error(["check", str(run), "--config", str(config)], "layer 5 is also in")
+    config.write_text('[check.layers."0-2000000000"]\nmin_token_entropy_norm = 0.01\n')
+    result = runner.invoke(app, ["check", str(run), "--config", str(config), "--no-cache"])
+    assert result.exit_code in (0, 1), result.output
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[thresholds]\ncollapse_entropy = nan\n", "thresholds.collapse_entropy must be a finite"),
+        ("[thresholds]\nskew_max_vio = inf\n", "thresholds.skew_max_vio must be a finite"),
+        ("dead_fraction = nan\n", "dead_fraction must be a finite"),
+        ("[check]\nmin_token_entropy_norm = nan\n", "must be a finite number"),
+        ("[check]\nmax_max_vio = inf\n", "must be a finite number"),
+        ("[check.max_regression]\ntoken_entropy_norm = inf\n", "non-negative finite"),
+        ("[thresholds]\ninstability_window = 99999999999999\n", "instability_window must be"),
+        ("top_k = 9223372036854775807\n", "top_k"),
+    ],
+)
+def test_non_finite_and_absurd_settings(
+    run: Path, tmp_path: Path, text: str, fragment: str
+) -> None:
+    config = tmp_path / "routelog.toml"
+    config.write_text(text)
+    _one_line_error(["analyze", str(run), "--config", str(config), "--no-cache"], fragment)
+
+
+def test_configuration_that_is_not_utf8(run: Path, tmp_path: Path) -> None:
+    config = tmp_path / "routelog.toml"
+    config.write_bytes(b"# caf\xe9\ntop_k = 2\n")
+    line = _one_line_error(["config", "--config", str(config)], "not UTF-8")
+    assert str(config) in line
+    assert "byte 5" in line
+
+
+def test_count_sums_that_overflow_int64_are_refused(tmp_path: Path) -> None:
+    big = 1 << 52
+    path = tmp_path / "counts.jsonl"
+    lines = [f'{{"step": 1, "layer": 0, "tpe": [[{big}, 1], [{big}, 1]]}}'] * 700
+    path.write_text("\n".join(lines) + "\n")
+    _one_line_error(["analyze", str(path), "--no-cache"], "beyond the 2^62")
+    # split over two files of one run, so that only the merge can see the total
+    run = tmp_path / "split"
+    run.mkdir()
+    for name in ("a_step_1.jsonl", "b_step_1.jsonl"):
+        (run / name).write_text(f'{{"layer": 0, "tpe": [{1 << 52}, {(1 << 53) - 1}]}}\n' * 600)
+    _one_line_error(["analyze", str(run), "--no-cache"], "beyond the 2^62")
+
+
+def test_sigmoid_of_very_negative_logits(write_parquet_run: WriteRun) -> None:
+    logits = np.array([[-800.0, -801.0, -803.0], [-50.0, -52.0, -49.0]])
+    root = write_parquet_run({1: {0: logits}}, payload="logits")
+    result = runner.invoke(app, ["analyze", str(root), "--score", "sigmoid", "-f", "json"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    (row,) = json.loads(result.output)["metrics"]
+    # log sigmoid(x) = x for x << 0: the normalised scores are a softmax of the logits
+    expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+    entropy = -(expected * np.log(expected)).sum(axis=1).mean()
+    assert row["token_entropy"] == pytest.approx(entropy, rel=1e-5)
+    assert row["load_share"] == [0.5, 0.0, 0.5]  # top-1: expert 0 and expert 2
+
+
+def test_one_expert_layers_are_analysed_without_entropy_findings(tmp_path: Path) -> None:
+    import json
+
+    path = tmp_path / "step_1.jsonl"
+    path.write_text('{"layer": 0, "probs": [1.0]}\n' * 5)
+    result = runner.invoke(app, ["analyze", str(path), "-f", "json", "--no-cache"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    (row,) = document["metrics"]
+    assert row["n_experts"] == 1
+    assert row["token_entropy"] == 0.0
+    assert row["token_entropy_norm"] is None  # H / ln 1 is undefined, not "collapsed"
+    assert document["findings"] == []
