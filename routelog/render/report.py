@@ -209,6 +209,10 @@ def _layer_table(metrics: pl.DataFrame, findings: list[Finding], *, codes: bool)
     table.add_column("H_assign", justify="right", no_wrap=True)
     table.add_column("max share", justify="right", no_wrap=True)
     table.add_column("dead", justify="right", no_wrap=True)
+    # the router selected other experts than the top-k of its probabilities (bias, groups)
+    mismatch = bool(metrics["selection_mismatch"].fill_null(0).max())
+    if mismatch:
+        table.add_column("mismatch", justify="right", no_wrap=True)
     table.add_column("H_token trend", no_wrap=True)
     table.add_column("status", no_wrap=True)
     if codes:
@@ -222,6 +226,7 @@ def _layer_table(metrics: pl.DataFrame, findings: list[Finding], *, codes: bool)
             fmt(row["assign_entropy_norm"]),
             fmt(row["max_load_share"]),
             f"{fmt(row['dead_experts'])}/{row['n_experts']}",
+            *([fmt(row["selection_mismatch"])] if mismatch else []),
             sparkline(trend.to_list()),
             f"[{STATUS_STYLE[status]}]{status}[/{STATUS_STYLE[status]}]",
             *([", ".join(layer_codes)] if codes else []),
@@ -230,6 +235,11 @@ def _layer_table(metrics: pl.DataFrame, findings: list[Finding], *, codes: bool)
         "entropies normalised by ln E, at the latest step; share and dead from top-k; "
         "trend: H_token over all logged steps on a 0–1 scale; (code) = held earlier only"
     )
+    if mismatch:
+        table.caption += (
+            "; mismatch: share of tokens whose selected experts are not the top-k of their "
+            "probabilities"
+        )
     table.caption_justify = "left"
     return table
 
