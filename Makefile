@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # torch is a test-only dependency (real .pt files in tests); never a runtime one.
 TORCH  ?= torch==2.13.0
 # extras the test suite installs: each optional world (torch, cloud, dask, ...) is tested.
-TEST_EXTRAS := dev
+TEST_EXTRAS := dev,torch,transformers
 
 .DEFAULT_GOAL := help
 
@@ -16,8 +16,8 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet '$(TORCH)'  # first: the extras must not pull another torch
 	$(BIN)/python -m pip install --quiet -e '.[$(TEST_EXTRAS)]'
-	$(BIN)/python -m pip install --quiet '$(TORCH)'
 	@touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install routelog with its dev tools

@@ -18,8 +18,9 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from routelog.api import Analysis, analyze
+    from routelog.record import Recorder
 
-__all__ = ["Analysis", "__version__", "analyze"]
+__all__ = ["Analysis", "Recorder", "__version__", "analyze"]
 
 
 def __getattr__(name: str) -> Any:
@@ -27,4 +28,8 @@ def __getattr__(name: str) -> Any:
         from routelog import api
 
         return getattr(api, name)
+    if name == "Recorder":
+        from routelog.record import Recorder
+
+        return Recorder
     raise AttributeError(f"module 'routelog' has no attribute {name!r}")

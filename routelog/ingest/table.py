@@ -53,6 +53,7 @@ EXPERT_COLUMNS = ("num_experts", "n_experts")
 WIDE_PREFIXES: dict[str, Literal["probs", "logits"]] = {"p": "probs", "logit": "logits"}
 WIDE_COLUMN = re.compile(r"^(p|logit)_(\d+)$")
 ROW = "__row"
+RANK_STRIDE = 1 << 32
 WIDE = "__wide"
 
 Kind = Literal["probs", "logits", "counts", "expert_counts", "topk"]
@@ -185,7 +186,9 @@ def type_problem(schema: Mapping[str, pl.DataType], layout: Layout) -> str | Non
     integers = ["layer", *([layout.step] if layout.step else [])]
     if layout.kind == "expert_counts":
         integers += ["expert", "count"]
-    integers += [c for c in ("token", *EXPERT_COLUMNS) if c in schema and _depth(schema[c]) == 0]
+    integers += [
+        c for c in ("token", "rank", *EXPERT_COLUMNS) if c in schema and _depth(schema[c]) == 0
+    ]
     for column in integers:
         dtype = schema[column]
         if not (dtype.is_integer() or dtype == pl.Null):
@@ -399,15 +402,20 @@ def _one_width_per_layer(widths: pl.DataFrame, column: str, path: Path, what: st
 
 
 def _keys(frame: pl.DataFrame) -> list[pl.Expr]:
-    """The canonical key columns: step, layer, and token/dataset when present."""
+    """The canonical key columns: step, layer, and token/dataset when present.
+
+    With a ``rank`` column (files of several ranks, as ``routelog.record`` writes them under
+    torch.distributed), a token is identified by its rank and position: rank r's token t
+    becomes ``r * 2**32 + t``, so that ranks merged into one step do not share tokens.
+    """
+    token = pl.col("token").cast(pl.Int64)
+    if "rank" in frame.columns:
+        token = token + pl.col("rank").cast(pl.Int64).fill_null(0) * RANK_STRIDE
     return [
         pl.col("step").cast(pl.Int64),
         pl.col("layer").cast(pl.Int32),
-        *[
-            pl.col(name).cast(dtype)
-            for name, dtype in (("token", pl.Int64), ("dataset", pl.String))
-            if name in frame.columns
-        ],
+        *([token.alias("token")] if "token" in frame.columns else []),
+        *([pl.col("dataset").cast(pl.String)] if "dataset" in frame.columns else []),
     ]
 
 
