@@ -97,6 +97,7 @@ class Recorder:
             _check_layers(self.routers, self.config, model)
         self.rank, self.world_size = _distributed(self._torch)
         self.directory.mkdir(parents=True, exist_ok=True)
+        _save_config(model, self.directory)
         self.silent_layers = 0
         """Router calls expected in a recorded step that did not happen (a layer that stopped
         firing), summed over steps; each occurrence also warns."""
@@ -215,9 +216,16 @@ class Recorder:
             raise RecordError("this Recorder is closed")
 
     def _call(self, batch: Any) -> Any:
+        """The model on ``batch``, its tensors moved to the model's device first."""
+        parameter = next(iter(self.model.parameters()), None)
+        device = parameter.device if parameter is not None else None
+
+        def move(value: Any) -> Any:
+            return value.to(device) if device is not None and hasattr(value, "to") else value
+
         if isinstance(batch, Mapping):
-            return self.model(**batch)
-        return self.model(batch)
+            return self.model(**{key: move(value) for key, value in batch.items()})
+        return self.model(move(batch))
 
     def _start(self, step: int) -> None:
         self._recording = step
@@ -371,6 +379,15 @@ def _model_config(model: Any) -> dict[str, Any]:
         "num_layers": parsed.num_layers,
         "moe_layers": parsed.moe_layers,
     }
+
+
+def _save_config(model: Any, directory: Path) -> None:
+    """Write the model's ``config.json`` into the run (k, E and the MoE layers for readers),
+    unless one is there already."""
+    write = getattr(getattr(model, "config", None), "to_json_file", None)
+    target = directory / "config.json"
+    if write is not None and not target.exists():
+        write(target)
 
 
 def _check_layers(routers: list[Router], config: dict[str, Any], model: Any) -> None:
