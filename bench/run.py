@@ -4,7 +4,8 @@
     Polars (the decode floor); (b) vs a hand-written numpy script (``bench/reference.py``);
 (c) re-analysis of a 20-file directory after one file is added (cache) vs a full analysis;
 (d) peak RSS analyzing a log 4x larger than another; (e) a .pt file vs ``torch.load`` plus
-the same computation; (f) ``routelog --version`` wall time.
+the same computation; (f) ``routelog --version`` wall time; (g, h) training-step time with
+``routelog.Recorder`` at every=10 and every=1 vs without (``bench/recorder.py``).
 
 Timings (a)-(c) run in this process through the CLI entry point (``app([...])``), so the
 interpreter's start-up is excluded there and measured on its own in (f). Runs of the things
@@ -32,6 +33,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import recorder  # noqa: E402
 import synth  # noqa: E402
 
 TARGETS = {
@@ -41,6 +43,8 @@ TARGETS = {
     "d": ("<", 0.25),
     "e": ("<=", 1.2),
     "f": ("<", 0.3),
+    "g": ("<=", 1.05),
+    "h": ("<=", 1.25),
 }
 
 # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across
@@ -255,6 +259,8 @@ def _table(results: dict[str, Any]) -> str:
         "d": "peak RSS growth for 4x data",
         "e": ".pt vs torch.load + script",
         "f": "routelog --version (s)",
+        "g": "training step, Recorder every=10 vs none",
+        "h": "training step, Recorder every=1 vs none",
     }
     lines = [f"{'':2} {'measure':42} {'value':>8} {'target':>8}  verdict"]
     for name, entry in results.items():
@@ -278,7 +284,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5, help="timed rounds per measure")
     parser.add_argument("--quick", action="store_true", help="200k tokens, 3 rounds")
-    parser.add_argument("--only", default="abcdef", help="measures to run, e.g. ab")
+    parser.add_argument("--only", default="abcdefgh", help="measures to run, e.g. ab")
     parser.add_argument("--data", type=Path, default=HERE / "data")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     args = parser.parse_args()
@@ -304,6 +310,7 @@ def main() -> None:
         ),
         ("e", lambda: bench_e(args.data, args.tokens, args.experts, args.top_k, args.repeat)),
         ("f", lambda: bench_f(args.repeat)),
+        ("gh", lambda: recorder.bench_g_h(args.repeat)),
     ]
     for names, measure in steps:
         if set(names) & set(args.only):

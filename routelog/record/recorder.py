@@ -252,7 +252,7 @@ class Recorder:
             try:
                 values, ids = router.adapter.read(module, output)
                 self._take(router, values, ids)
-            except RecordError:
+            except Exception:  # a bad reading stops recording: hooks off, step not written
                 self._discard()
                 self.close()
                 raise

@@ -373,3 +373,29 @@ class _Config:
 
 def _hooks(model: Any) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_readme_plain_pytorch_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    transformers = pytest.importorskip("transformers")
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Recording from a live model", 1)[1]
+    example = section.split("```python\n", 1)[1].split("```", 1)[0]
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    model = transformers.MixtralForCausalLM(config)
+    ids = torch.randint(0, 32, (2, 6))
+    loader = [{"input_ids": ids, "labels": ids}] * 3
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monkeypatch.chdir(tmp_path)
+    exec(example, {"model": model, "loader": loader, "optimizer": optimizer})
+    assert [p.name for p in (tmp_path / "runs/exp1").glob("*.parquet")] == ["step_000000.parquet"]
+    assert routelog.analyze([tmp_path / "runs/exp1"]).metrics["top_k"].to_list() == [2, 2]
