@@ -8,7 +8,8 @@ the same computation; (f) ``routelog --version`` wall time; (g) a 40-file direct
 ``LocalCluster`` of 2 worker processes vs 1 (scaling); (h) the Dask path with 1 worker vs the
 plain local path with ``--jobs 1`` (overhead). Clusters are started before timing: (g) and
 (h) measure analysis, not cluster start-up; (j) a Megatron-LM router trace with its bf16
-logits sidecar vs the same logits in Parquet, in seconds per byte read.
+logits sidecar vs the same logits in Parquet, in seconds per byte read; (k, l) training-step
+time with ``routelog.Recorder`` at every=10 and every=1 vs without (``bench/recorder.py``).
 
 Timings (a)-(c) run in this process through the CLI entry point (``app([...])``), so the
 interpreter's start-up is excluded there and measured on its own in (f). Runs of the things
@@ -37,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import megatron  # noqa: E402
+import recorder  # noqa: E402
 import synth  # noqa: E402
 
 TARGETS = {
@@ -49,6 +51,8 @@ TARGETS = {
     "g": (">=", 1.7),
     "h": ("<=", 1.15),
     "j": ("<=", 1.0),
+    "k": ("<=", 1.05),
+    "l": ("<=", 1.25),
 }
 
 # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across
@@ -350,6 +354,8 @@ def _table(results: dict[str, Any]) -> str:
         "g": "dask local:1 vs local:2, 40 files (speed-up)",
         "h": "dask local:1 vs plain --jobs 1",
         "j": "megatron trace vs parquet, per byte",
+        "k": "training step, Recorder every=10 vs none",
+        "l": "training step, Recorder every=1 vs none",
     }
     lines = [f"{'':2} {'measure':42} {'value':>8} {'target':>8}  verdict"]
     for name, entry in results.items():
@@ -373,7 +379,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5, help="timed rounds per measure")
     parser.add_argument("--quick", action="store_true", help="200k tokens, 3 rounds")
-    parser.add_argument("--only", default="abcdefghj", help="measures to run, e.g. ab")
+    parser.add_argument("--only", default="abcdefghjkl", help="measures to run, e.g. ab")
     parser.add_argument("--data", type=Path, default=HERE / "data")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     args = parser.parse_args()
@@ -401,6 +407,7 @@ def main() -> None:
         ("f", lambda: bench_f(args.repeat)),
         ("gh", lambda: bench_g_h(args.data, args.tokens, args.experts, args.top_k, args.repeat)),
         ("j", lambda: bench_j(args.data, args.tokens, args.experts, args.top_k, args.repeat)),
+        ("kl", lambda: recorder.bench_k_l(args.repeat)),
     ]
     for names, measure in steps:
         if set(names) & set(args.only):

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from routelog.api import Analysis, Run, analyze, check, compare, make_options
     from routelog.config import Config, load_config
     from routelog.findings import Finding
+    from routelog.record import Recorder
     from routelog.samples import sample_path
 
 _LAZY = {
@@ -38,6 +39,7 @@ _LAZY = {
     "Config": "routelog.config",
     "load_config": "routelog.config",
     "Finding": "routelog.findings",
+    "Recorder": "routelog.record",
     "sample_path": "routelog.samples",
 }
 
@@ -45,6 +47,7 @@ __all__ = [
     "Analysis",
     "Config",
     "Finding",
+    "Recorder",
     "Run",
     "__version__",
     "analyze",

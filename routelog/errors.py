@@ -63,3 +63,11 @@ class ConfigError(RoutelogError):
 
 class UsageError(RoutelogError):
     """Command-line arguments are inconsistent with each other or with the data."""
+
+
+class MissingExtraError(RoutelogError):
+    """A feature needs an optional dependency (an extra) that is not installed."""
+
+
+class RecordError(RoutelogError):
+    """A model's routers cannot be found or recorded as configured (names what was searched)."""

@@ -10,12 +10,13 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from routelog.errors import UsageError
+from routelog.errors import MissingExtraError
 
 
-def require(module: str, extra: str, what: str) -> ModuleType:
-    """Import ``module``; if it (or one of its dependencies) is missing, raise a UsageError
-    saying that ``what`` needs ``pip install 'routelog[extra]'``.
+def require(module: str, extra: str, what: str | None = None) -> ModuleType:
+    """Import ``module``; if it (or one of its dependencies) is missing, raise a
+    MissingExtraError saying that ``what`` (default: routelog) needs
+    ``pip install 'routelog[extra]'``.
 
     Examples
     --------
@@ -26,7 +27,7 @@ def require(module: str, extra: str, what: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as exc:
         missing = getattr(exc, "name", None) or module
-        raise UsageError(
-            f"{what} needs the {extra} extra ({missing} is not installed): "
+        raise MissingExtraError(
+            f"{what or 'this'} needs the {extra} extra ({missing} is not installed): "
             f"pip install 'routelog[{extra}]'"
         ) from None

@@ -23,6 +23,11 @@ or, where probabilities exist, almost no probability mass (P_i < dead_fraction/E
 it contributes almost nothing to its layer's output. Counting alone is blind to weights (with
 top-2, an expert chosen second with weight 0.001 still counts as a full slot); mass alone is
 blind to selection (an expert can hold 2% of the mass in small slices and never be selected).
+
+When rows carry the experts the router actually selected (``topk_ids`` beside the
+probabilities), S_t is that selection, not the k largest p_t, and::
+
+    selection_mismatch = #{t : S_t != top-k(p_t) as sets} / #{t with a selection}
 """
 
 from __future__ import annotations
@@ -40,7 +45,17 @@ KERNEL_VERSION = 2
 
 KEYS = ["step", "layer", "dataset"]
 GROUP = [*KEYS, "n_experts", "top_k"]
-SUMS = ["n_tokens", "sum_entropy", "sum_top1", "n_selected", "sum_lse_sq", "n_lse"]
+SUMS = [
+    "n_tokens",
+    "sum_entropy",
+    "sum_top1",
+    "n_selected",
+    "sum_lse_sq",
+    "n_lse",
+    # --- selection vs probabilities (rows carrying both) ---
+    "n_mismatch",
+    "n_compared",
+]
 VECTORS = ["sum_probs", "counts", "top1_counts"]
 
 STATS_SCHEMA: dict[str, pl.DataType] = {
@@ -55,6 +70,8 @@ STATS_SCHEMA: dict[str, pl.DataType] = {
     "n_selected": pl.Int64(),
     "sum_lse_sq": pl.Float64(),
     "n_lse": pl.Int64(),
+    "n_mismatch": pl.Int64(),
+    "n_compared": pl.Int64(),
     "sum_probs": pl.List(pl.Float64()),
     "counts": pl.List(pl.Int64()),
     "top1_counts": pl.List(pl.Int64()),
@@ -78,6 +95,7 @@ METRICS = [
     "aux_loss",
     "top1_prob",
     "z_loss",
+    "selection_mismatch",
 ]
 """Metric columns of :func:`finish`, in output order (after run, step, layer)."""
 
@@ -93,6 +111,7 @@ PROBABILITY_METRICS = [
     "mutual_info",
     "aux_loss",
     "top1_prob",
+    "selection_mismatch",
 ]
 """Metrics that need probabilities; null for count-only or top-k-id-only data."""
 
@@ -239,6 +258,8 @@ def _stats_frame(
         "n_selected": np.zeros(n, dtype=np.int64),
         "sum_lse_sq": np.zeros(n),
         "n_lse": np.zeros(n, dtype=np.int64),
+        "n_mismatch": np.zeros(n, dtype=np.int64),
+        "n_compared": np.zeros(n, dtype=np.int64),
         "sum_probs": [None] * n,
         "counts": [None] * n,
         "top1_counts": [None] * n,
@@ -260,23 +281,33 @@ def _as_series(name: str, value: Any) -> pl.Series:
 
 
 def reduce_probs(frame: pl.DataFrame, top_k: int) -> Reduced:
-    """Reduce canonical probability rows to statistics per (step, layer, dataset)."""
+    """Reduce canonical probability rows to statistics per (step, layer, dataset).
+
+    When the frame has a ``topk_ids`` column (the experts the router actually selected),
+    counts and per-token selections come from it and ``top_k`` is its width; the top-k of
+    the probabilities is only compared with it (``n_mismatch`` of ``n_compared`` tokens).
+    """
     probs = frame["probs"].to_numpy()
     n_experts = probs.shape[1]
-    k = min(top_k, n_experts)
     gid, groups = _group_ids(frame)
     n_groups = groups.height
-    ids = top_k_ids(probs, k)
+    mismatch: dict[str, object] = {}
+    if "topk_ids" in frame.columns:
+        ids = frame["topk_ids"].to_numpy().astype(np.int32)
+        k = ids.shape[1]
+        mismatch = _mismatch_columns(gid, n_groups, probs, ids)
+    else:
+        k = min(top_k, n_experts)
+        ids = top_k_ids(probs, k)
     columns: dict[str, object] = {
         "n_tokens": np.bincount(gid, minlength=n_groups),
         "sum_entropy": np.bincount(gid, weights=entropy_rows(probs), minlength=n_groups),
-        "sum_top1": np.bincount(
-            gid, weights=probs[np.arange(len(probs)), ids[:, 0]], minlength=n_groups
-        ),
+        "sum_top1": np.bincount(gid, weights=probs.max(axis=1), minlength=n_groups),
         "n_selected": np.bincount(gid, minlength=n_groups),
         "sum_probs": _group_sum(gid, n_groups, probs),
         "counts": _counts(gid, n_groups, ids, n_experts),
-        "top1_counts": _counts(gid, n_groups, ids[:, :1], n_experts),
+        "top1_counts": _counts(gid, n_groups, probs.argmax(axis=1)[:, None], n_experts),
+        **mismatch,
     }
     if "logit_lse" in frame.columns:
         lse = frame["logit_lse"].to_numpy().astype(np.float64)
@@ -284,6 +315,44 @@ def reduce_probs(frame: pl.DataFrame, top_k: int) -> Reduced:
         columns["n_lse"] = np.bincount(gid, minlength=n_groups)
     stats = _stats_frame(groups, n_experts, k, **columns)
     return Reduced(stats, _selections(frame, ids))
+
+
+# --- selection vs probabilities -------------------------------------------------------------
+
+
+def mismatched_rows(probs: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Per row: whether the selected ids differ, as a set, from the top-k of the probabilities.
+
+    k is the width of ``ids``. A selection is the top-k when no expert left out has a higher
+    probability than one selected, so ties are not a mismatch.
+
+    Examples
+    --------
+    >>> p = np.array([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]])
+    >>> mismatched_rows(p, np.array([[1, 0], [2, 0]]))
+    array([False,  True])
+    """
+    if ids.shape[1] >= probs.shape[1]:
+        return np.zeros(len(probs), dtype=bool)
+    ids = ids.astype(np.int64)
+    lowest_chosen = np.take_along_axis(probs, ids, axis=1).min(axis=1)
+    others = np.array(probs, dtype=np.float64, copy=True)
+    np.put_along_axis(others, ids, -np.inf, axis=1)
+    differs: np.ndarray = others.max(axis=1) > lowest_chosen
+    return differs
+
+
+def _mismatch_columns(
+    gid: np.ndarray, n_groups: int, probs: np.ndarray, ids: np.ndarray
+) -> dict[str, object]:
+    differs = mismatched_rows(probs, ids)
+    return {
+        "n_mismatch": np.bincount(gid, weights=differs, minlength=n_groups).astype(np.int64),
+        "n_compared": np.bincount(gid, minlength=n_groups),
+    }
+
+
+# --- end selection vs probabilities ---------------------------------------------------------
 
 
 def reduce_topk(frame: pl.DataFrame, n_experts: int) -> Reduced:
@@ -504,6 +573,7 @@ def _finish_block(block: pl.DataFrame, dead_fraction: float, keys: list[str]) ->
             ),
             "top1_prob": np.where(has_probs, block["sum_top1"].to_numpy() / n_tokens, np.nan),
             "z_loss": np.where(n_lse > 0, block["sum_lse_sq"].to_numpy() / n_lse, np.nan),
+            "selection_mismatch": block["n_mismatch"].to_numpy() / block["n_compared"].to_numpy(),
         }
     mass = np.where(has_probs[:, None], mean_probs, np.nan)
     dead_rows = dead_mask(share, mass, dead_fraction).sum(axis=1)

@@ -96,6 +96,7 @@ def _locator(path: Path, block: bytes, first_line: int, offset: int) -> Locate:
 def _with_columns(frame: pl.DataFrame, layout: table.Layout) -> pl.DataFrame:
     """A block may lack a column that every line left out: add it as nulls, checked later."""
     needed = ["layer", layout.payload, *([layout.step] if layout.step else []), *layout.wide]
+    needed += [layout.selection] if layout.selection else []
     if layout.kind == "expert_counts":
         needed += ["expert", "count"]
     missing = [c for c in dict.fromkeys(needed) if c not in frame.columns and c != table.WIDE]
@@ -368,8 +369,7 @@ def _value_problem(key: str, value: Any, depths: dict[str, int]) -> str | None:
     if key in FLOAT_PAYLOADS:
         return _list_problem(key, value, _is_number, depths, allowed=(1, 2))
     if key in COUNT_PAYLOADS:
-        allowed = (1,) if key == table.ID_COLUMN else (1, 2)
-        return _list_problem(key, value, _is_int, depths, allowed=allowed)
+        return _list_problem(key, value, _is_int, depths, allowed=(1, 2))
     return None
 
 

@@ -1,7 +1,13 @@
-"""Parquet input: read row batches with pyarrow (bounded memory) into the table layouts."""
+"""Parquet input: read row batches with pyarrow (bounded memory) into the table layouts.
+
+A file written by ``routelog.record`` states its score function in its key-value metadata
+(``routelog``: ``{"score": "sigmoid", ...}``); its logits are read with that function.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +38,7 @@ def scan(path: Path, options: Options, info: FileInfo) -> Iterator[Batch]:
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{path}: not a valid Parquet file ({_first_line(exc)})") from exc
     columns = reader.schema_arrow.names
+    options = _stated_score(reader.schema_arrow.metadata, path, options)
     empty = pl.from_arrow(reader.schema_arrow.empty_table())
     assert isinstance(empty, pl.DataFrame)
     layout = table.detect_layout(empty.schema, path)
@@ -55,6 +62,23 @@ def scan(path: Path, options: Options, info: FileInfo) -> Iterator[Batch]:
             offset += frame.height
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{path}: cannot read row {offset} onwards ({_first_line(exc)})") from exc
+
+
+def _stated_score(metadata: dict[bytes, bytes] | None, path: Path, options: Options) -> Options:
+    """Options with the score function the file states (``routelog`` metadata), if any."""
+    raw = (metadata or {}).get(b"routelog")
+    if raw is None:
+        return options
+    try:
+        stated = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: 'routelog' metadata is not valid JSON ({exc})") from None
+    score = stated.get("score") if isinstance(stated, dict) else None
+    if score is None or score == options.score:
+        return options
+    if score not in ("softmax", "sigmoid"):
+        raise InputError(f"{path}: 'routelog' metadata: score must be softmax or sigmoid")
+    return dataclasses.replace(options, score=score)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -6,7 +6,9 @@ from the file):
 - HuggingFace ``outputs.router_logits``: a tuple or list of L tensors, each [B*S, E] or
   [B, S, E] (layer i is item i), bare or in a dict under ``router_logits``, ``router_probs``,
   ``probs`` or ``logits``, with optional ``step``, ``attention_mask`` ([B, S], 0 = padding)
-  and ``top_k``;
+  and ``top_k``, and ``topk_ids``: the experts the router selected, laid out like the
+  payload (L tensors [T, k] or [B, S, k], [L, T, k], or a dict by layer). With them, counts
+  come from the selection and ``selection_mismatch`` compares it with the probabilities;
 - one tensor [T, E] (layer 0) or [L, T, E];
 - a dict ``{layer: tensor}`` keyed by layer index or by a name whose last number is the layer
   (``model.layers.3.block_sparse_moe.gate``).
@@ -38,7 +40,7 @@ from routelog.ingest.payload import (
 if TYPE_CHECKING:
     from routelog.options import Options
 
-META_KEYS = ("step", "attention_mask", "top_k")
+META_KEYS = ("step", "attention_mask", "top_k", "topk_ids")
 MAX_LAYERS = 1024
 """Layer tensors read from one file (models have tens; each costs a pass through the kernels)."""
 INT64_LIMIT = 1 << 63
@@ -63,6 +65,7 @@ class _Payload:
     step: object = None
     attention_mask: object = None
     top_k: object = None
+    topk_ids: object = None
 
 
 def scan(path: Path, options: Options, info: FileInfo) -> Iterator[Batch]:
@@ -73,6 +76,7 @@ def scan(path: Path, options: Options, info: FileInfo) -> Iterator[Batch]:
     step = _step(payload.step, path, info)
     top_k = _top_k(payload.top_k, path)
     keep = _attention_mask(payload.attention_mask, payload.layers, path)
+    selected = _selections(payload.topk_ids, payload.layers, path)
     kind = payload.kind
     if kind == "logits" and _holds_probabilities(payload.layers, keep):
         info.warn(
@@ -88,7 +92,9 @@ def scan(path: Path, options: Options, info: FileInfo) -> Iterator[Batch]:
     for layer, matrix in payload.layers:
         if options.layers is not None and layer not in options.layers:
             continue
-        yield from _layer_batches(matrix, keep, step, layer, kind, top_k, path, options, info)
+        ids = selected.get(layer)
+        batches = _layer_batches(matrix, keep, step, layer, kind, top_k, path, options, info, ids)
+        yield from batches
 
 
 def _payload(content: Any, path: Path) -> _Payload:
@@ -284,6 +290,48 @@ def _attention_mask(
     return keep
 
 
+def _selections(
+    value: object, layers: list[tuple[int, np.ndarray]], path: Path
+) -> dict[int, np.ndarray]:
+    """``topk_ids`` per layer as [T, k] int64, each checked against its layer's [T, E]."""
+    if value is None:
+        return {}
+    found: list[tuple[int, np.ndarray]]
+    if isinstance(value, np.ndarray) and value.ndim == 3 and len(layers) > 1:
+        found = list(enumerate(value))
+    elif isinstance(value, np.ndarray):
+        found = [(layers[0][0] if len(layers) == 1 else 0, value)]
+    elif isinstance(value, list | tuple) and _all_tensors(value):
+        found = [(layer, t) for (layer, _), t in zip(layers, value, strict=False)]
+        if len(value) != len(layers):
+            raise InputError(
+                f"{path}: 'topk_ids' holds {len(value)} tensors for {len(layers)} layers"
+            )
+    elif isinstance(value, dict) and _all_tensors(value.values()):
+        found = [(_layer_number(key, path), t) for key, t in value.items()]
+    else:
+        raise InputError(
+            f"{path}: 'topk_ids' must be tensors like the payload, found {_describe(value)}"
+        )
+    widths = dict(layers)
+    out: dict[int, np.ndarray] = {}
+    for layer, ids in found:
+        if layer not in widths:
+            raise InputError(f"{path}: 'topk_ids' has layer {layer}, which has no router tensor")
+        if ids.ndim == 3:
+            ids = ids.reshape(-1, ids.shape[-1])
+        matrix = widths[layer]
+        if ids.ndim != 2 or len(ids) != len(matrix) or ids.shape[1] == 0:
+            raise InputError(
+                f"{path}: layer {layer} 'topk_ids' has shape {_shape(ids)}, "
+                f"expected [{len(matrix)}, k] like its {_shape(matrix)} router tensor"
+            )
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"{path}: layer {layer} 'topk_ids' holds {ids.dtype}, not integers")
+        out[layer] = ids.astype(np.int64)
+    return out
+
+
 def _holds_probabilities(layers: list[tuple[int, np.ndarray]], keep: np.ndarray | None) -> bool:
     """Every real row of every layer non-negative and summing to 1 (softmax already applied)."""
     for _, matrix in layers:
@@ -307,8 +355,12 @@ def _layer_batches(
     path: Path,
     options: Options,
     info: FileInfo,
+    selected: np.ndarray | None = None,
 ) -> Iterator[Batch]:
+    """One layer's rows in chunks; ``selected`` ([T, k] ids) travels along when given."""
     n_experts = matrix.shape[1]
+    if selected is not None:
+        top_k = selected.shape[1]
     for start in range(0, len(matrix), BATCH_ROWS):
         tokens = np.arange(start, min(start + BATCH_ROWS, len(matrix)), dtype=np.int64)
         chunk = matrix[start : start + BATCH_ROWS]
@@ -317,7 +369,20 @@ def _layer_batches(
             tokens = tokens[keep[tokens]]
         if len(tokens) == 0:
             continue
-        result = to_probabilities(chunk, kind, options, _locator(path, layer, tokens))
+        locate = _locator(path, layer, tokens)
+        ids = None
+        if selected is not None:
+            ids = selected[tokens]
+            bad = ((ids < 0) | (ids >= n_experts)).any(axis=1) | _repeated(ids)
+            if bad.any() and not options.skip_bad_rows:
+                raise InputError(
+                    f"{locate(int(np.flatnonzero(bad)[0]))}: 'topk_ids' outside [0, {n_experts}) "
+                    "or repeated (use --skip-bad-rows to drop such rows)"
+                )
+            info.skipped_rows += int(bad.sum())
+            chunk, tokens, ids = chunk[~bad], tokens[~bad], ids[~bad]
+            locate = _locator(path, layer, tokens)
+        result = to_probabilities(chunk, kind, options, locate)
         info.skipped_rows += result.skipped
         tokens = tokens[result.keep]
         frame = pl.DataFrame(
@@ -329,4 +394,16 @@ def _layer_batches(
         ).with_columns(pl.Series("probs", result.probs))
         if result.logit_lse is not None:
             frame = frame.with_columns(pl.Series("logit_lse", result.logit_lse))
+        if ids is not None:
+            ids = ids[result.keep].astype(np.int32)
+            frame = frame.with_columns(
+                pl.Series("topk_ids", ids).cast(pl.Array(pl.Int32, ids.shape[1]))
+            )
         yield Batch("probs", frame, n_experts, top_k)
+
+
+def _repeated(ids: np.ndarray) -> np.ndarray:
+    """Rows of an id matrix in which some id appears twice."""
+    ordered = np.sort(ids, axis=1)
+    repeated: np.ndarray = (ordered[:, 1:] == ordered[:, :-1]).any(axis=1)
+    return repeated

@@ -18,6 +18,10 @@ expert/count rows
     long rows with ``expert`` and ``count`` columns.
 top-k ids
     ``topk_ids``: the k experts each token was routed to (``topk_weights`` optional).
+probabilities and selections
+    ``probs``/``logits`` (per-token, batched or wide) together with ``topk_ids`` (a list of
+    k ids per token, or per batched row a list of such lists): probability metrics come from
+    the probabilities, counts from the selected ids, and ``selection_mismatch`` compares them.
 
 Optional columns: ``token``, ``dataset``, ``mask`` (false rows are excluded and counted), and
 for id payloads ``num_experts``/``n_experts`` (else ``--num-experts``).
@@ -51,6 +55,7 @@ EXPERT_COLUMNS = ("num_experts", "n_experts")
 WIDE_PREFIXES: dict[str, Literal["probs", "logits"]] = {"p": "probs", "logit": "logits"}
 WIDE_COLUMN = re.compile(r"^(p|logit)_(\d+)$")
 ROW = "__row"
+RANK_STRIDE = 1 << 32
 WIDE = "__wide"
 
 Kind = Literal["probs", "logits", "counts", "expert_counts", "topk"]
@@ -74,6 +79,8 @@ class Layout:
     nested: bool = False
     wide: tuple[str, ...] = ()
     experts: str | None = None
+    selection: str | None = None
+    """The column of selected expert ids beside a probability payload (``topk_ids``)."""
 
     @property
     def payload_name(self) -> str:
@@ -114,6 +121,13 @@ def detect_layout(schema: Mapping[str, pl.DataType], path: Path) -> Layout:
             f"{path}: no payload column: expected one of {_listing(expected)} "
             f"(columns: {_listing(columns)})"
         )
+    if ID_COLUMN in found and len(found) == 2:
+        kept = detect_layout({c: t for c, t in schema.items() if c != ID_COLUMN}, path)
+        if kept.kind in ("probs", "logits"):
+            name = f"{kept.name} with selected ids"
+            return Layout(
+                name, kept.kind, step, kept.payload, kept.nested, kept.wide, None, ID_COLUMN
+            )
     if len(found) > 1:
         raise InputError(f"{path}: ambiguous payload, both {found[0]!r} and {found[1]!r}")
     payload = found[0]
@@ -179,7 +193,9 @@ def type_problem(schema: Mapping[str, pl.DataType], layout: Layout) -> str | Non
     integers = ["layer", *([layout.step] if layout.step else [])]
     if layout.kind == "expert_counts":
         integers += ["expert", "count"]
-    integers += [c for c in ("token", *EXPERT_COLUMNS) if c in schema and _depth(schema[c]) == 0]
+    integers += [
+        c for c in ("token", "rank", *EXPERT_COLUMNS) if c in schema and _depth(schema[c]) == 0
+    ]
     for column in integers:
         dtype = schema[column]
         if not (dtype.is_integer() or dtype == pl.Null):
@@ -194,6 +210,11 @@ def type_problem(schema: Mapping[str, pl.DataType], layout: Layout) -> str | Non
     if layout.wide:
         payloads = list(layout.wide)
     depth = 1 + int(layout.nested)
+    if layout.selection is not None:
+        ids = schema[layout.selection]
+        if _depth(ids) != depth or not (_leaf(ids).is_integer() or _leaf(ids) == pl.Null):
+            kind = "a list of integers" if depth == 1 else "a list of lists of integers"
+            return f"column {layout.selection!r} must hold {kind} per row, not {ids}"
     for column in payloads:
         dtype = schema[column]
         leaf = _leaf(dtype)
@@ -259,7 +280,9 @@ def batches(
                 f"{locate(int(part[ROW][0]))}: {width} experts in {layout.payload!r}, beyond the "
                 f"{MAX_EXPERTS} routelog handles"
             )
-        if layout.kind in ("probs", "logits"):
+        if layout.kind in ("probs", "logits") and layout.selection is not None:
+            yield from _selected_batches(part, width, layout, options, info, locate)
+        elif layout.kind in ("probs", "logits"):
             yield from _probability_batch(part, width, layout, options, info, locate)
         elif layout.kind == "counts":
             yield from _count_batch(part, width, layout, options, info, locate)
@@ -314,7 +337,13 @@ def _explode(
     """One row per token of a batched row; ``token`` and ``mask`` lists go along."""
     frame = _required(frame, layout.payload, options, info, locate)
     lengths = frame[layout.payload].list.len()
-    along = [c for c in ("token", "mask") if c in frame.columns and _depth(frame.schema[c]) == 1]
+    along: list[str] = [
+        c for c in ("token", "mask") if c in frame.columns and _depth(frame.schema[c]) == 1
+    ]
+    if layout.selection is not None:
+        frame = _required(frame, layout.selection, options, info, locate)
+        lengths = frame[layout.payload].list.len()
+        along.append(layout.selection)
     for column in along:
         differs = frame[column].list.len() != lengths
         message = f"{column!r} list and {layout.payload!r} have different lengths"
@@ -424,15 +453,20 @@ def _one_width_per_layer(widths: pl.DataFrame, column: str, path: Path, what: st
 
 
 def _keys(frame: pl.DataFrame) -> list[pl.Expr]:
-    """The canonical key columns: step, layer, and token/dataset when present."""
+    """The canonical key columns: step, layer, and token/dataset when present.
+
+    With a ``rank`` column (files of several ranks, as ``routelog.record`` writes them under
+    torch.distributed), a token is identified by its rank and position: rank r's token t
+    becomes ``r * 2**32 + t``, so that ranks merged into one step do not share tokens.
+    """
+    token = pl.col("token").cast(pl.Int64)
+    if "rank" in frame.columns:
+        token = token + pl.col("rank").cast(pl.Int64).fill_null(0) * RANK_STRIDE
     return [
         pl.col("step").cast(pl.Int64),
         pl.col("layer").cast(pl.Int32),
-        *[
-            pl.col(name).cast(dtype)
-            for name, dtype in (("token", pl.Int64), ("dataset", pl.String))
-            if name in frame.columns
-        ],
+        *([token.alias("token")] if "token" in frame.columns else []),
+        *([pl.col("dataset").cast(pl.String)] if "dataset" in frame.columns else []),
     ]
 
 
@@ -461,7 +495,63 @@ def _probability_batch(
     canonical = frame.select(_keys(frame)).with_columns(pl.Series("probs", result.probs))
     if result.logit_lse is not None:
         canonical = canonical.with_columns(pl.Series("logit_lse", result.logit_lse))
+    if layout.selection is not None and frame.height:
+        k = frame[layout.selection].list.len()[0]
+        ids = frame[layout.selection].list.to_array(k).cast(pl.Array(pl.Int32, k))
+        yield Batch("probs", canonical.with_columns(ids.alias(ID_COLUMN)), width, top_k=k)
+        return
     yield Batch("probs", canonical, width)
+
+
+def _selected_batches(
+    frame: pl.DataFrame,
+    width: int,
+    layout: Layout,
+    options: Options,
+    info: FileInfo,
+    locate: Locate,
+) -> Iterator[Batch]:
+    """Probability rows that also carry the router's selected ids, checked like ``topk_ids``
+    rows (within [0, E), no repeats) and split by k (one k per layer)."""
+    column = layout.selection
+    assert column is not None
+    frame = _required(frame, column, options, info, locate)
+    ids = pl.col(column)
+    outside = frame.select(
+        ids.list.eval(pl.element().is_null() | (pl.element() < 0) | (pl.element() >= width))
+        .list.any()
+        .fill_null(True)
+    ).to_series()
+    message = f"{column!r}: expert id outside [0, {width}) (or a fill value such as -1)"
+    frame = _skip(frame, outside, message, options, info, locate)
+    empty = frame.select(ids.list.len() == 0).to_series()
+    frame = _skip(frame, empty, f"empty {column!r} list", options, info, locate)
+    repeated = frame.select(ids.list.n_unique() < ids.list.len()).to_series()
+    message = f"{column!r}: an expert id repeated within one token"
+    frame = _skip(frame, repeated, message, options, info, locate)
+    if frame.height == 0:
+        return
+    ks = frame.select(ids.list.len().alias("_k"), "layer")
+    _one_k_per_layer(ks, Path(info.path))
+    for k in sorted(ks["_k"].unique().to_list()):
+        part = frame.filter(ks["_k"] == k)
+        if options.top_k is not None and options.top_k != k:
+            info.warn(
+                f"rows carry the {k} experts the router selected; --top-k {options.top_k} "
+                "is ignored for them"
+            )
+        yield from _probability_batch(part, width, layout, options, info, locate)
+
+
+def _one_k_per_layer(ks: pl.DataFrame, path: Path) -> None:
+    per_layer = ks.group_by("layer").agg(pl.col("_k").unique().sort())
+    clash = per_layer.filter(pl.col("_k").list.len() > 1)
+    if clash.height:
+        layer, found = clash.sort("layer").row(0)
+        raise InputError(
+            f"{path}: layer {layer} has rows selecting {found[0]} and {found[1]} experts "
+            f"in {ID_COLUMN!r} (all rows of a layer must select the same k)"
+        )
 
 
 def _count_batch(

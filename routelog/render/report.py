@@ -175,7 +175,8 @@ def print_report(
         lines, kept = _layer_table(metrics, findings, codes=console.width >= WIDE, console=console)
         for line in lines:
             console.print(line, soft_wrap=True)
-        console.print(TABLE_CAPTION + ("" if "trend" in kept else TREND_DROPPED), style="dim")
+        caption = TABLE_CAPTION + (MISMATCH_NOTE if "mismatch" in kept else "")
+        console.print(caption + ("" if "trend" in kept else TREND_DROPPED), style="dim")
         if "codes" not in kept:
             for layer in sorted(metrics["layer"].unique().to_list()):
                 status, codes = layer_status(findings, layer)
@@ -320,6 +321,9 @@ TABLE_CAPTION = (
     "tokens or mass; "
     "trend: H_token over all logged steps on a 0–1 scale; (code) = held earlier only"
 )
+MISMATCH_NOTE = (
+    "; mismatch: share of tokens whose selected experts are not the top-k of their probabilities"
+)
 TREND_DROPPED = "; the trend column is left out at this width (--width)"
 
 
@@ -335,6 +339,8 @@ def _layer_table(
 
     latest = metrics.group_by("layer").agg(pl.all().sort_by("step").last()).sort("layer")
     trends = metrics.sort("step").group_by("layer").agg(pl.col("token_entropy_norm")).sort("layer")
+    # the router selected other experts than the top-k of its probabilities (bias, groups)
+    mismatch = bool(metrics["selection_mismatch"].fill_null(0).max())
     columns = [
         Column("layer", "right", key=True),
         Column("H_token", "right"),
@@ -342,6 +348,7 @@ def _layer_table(
         Column("H_assign", "right"),
         Column("max share", "right"),
         Column("dead", "right"),
+        *([Column("mismatch", "right")] if mismatch else []),
         Column("trend", drop=1),
         Column("status"),
         *([Column("codes", drop=2)] if codes else []),
@@ -357,6 +364,7 @@ def _layer_table(
                 fmt(row["assign_entropy_norm"]),
                 fmt(row["max_load_share"]),
                 f"{fmt(row['dead_experts'])}/{row['n_experts']}",
+                *([fmt(row["selection_mismatch"])] if mismatch else []),
                 sparkline(trend.to_list()),
                 Text(status, style=STATUS_STYLE[status]),
                 *([", ".join(layer_codes)] if codes else []),

@@ -239,7 +239,7 @@ def test_detect_layout_names_each_layout(
     [
         (schema(p_0=pl.Float32(), p_2=pl.Float32()), "p_0..p_2 have no p_1"),
         (schema(p_0=pl.Float32(), logit_0=pl.Float32()), "both p_* and logit_*"),
-        (schema(probs=pl.List(pl.Float32()), topk_ids=pl.List(pl.Int64())), "ambiguous payload"),
+        (schema(probs=pl.List(pl.Float32()), tpe=pl.List(pl.Int64())), "ambiguous payload"),
         (schema(weights=pl.List(pl.Float32())), "no payload column"),
         ({"layer": pl.Int64(), "probs": pl.List(pl.Float32())}, "no 'step' column"),
     ],
