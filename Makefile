@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # torch is a test-only dependency (real .pt files in tests); never a runtime one.
 TORCH  ?= torch==2.13.0
 # extras the test suite installs: each optional world (torch, cloud, dask, ...) is tested.
-TEST_EXTRAS := dev,dask
+TEST_EXTRAS := dev,dask,cloud
 
 .DEFAULT_GOAL := help
 

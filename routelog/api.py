@@ -24,6 +24,7 @@ from routelog.errors import InputError, RoutelogError, UsageError
 from routelog.executor import Done, Executor, Threads, relocated
 from routelog.findings import Finding
 from routelog.options import Options, StepRange, parse_layers, parse_steps
+from routelog.storage import Location, Remote, is_url, locate
 
 if TYPE_CHECKING:
     import polars as pl
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 R = TypeVar("R")
 
-Progress = Callable[[Path, int, int], None]
+Progress = Callable[[Location, int, int], None]
 """Called after each file is read: ``(path, files done, files in the run)``."""
 
 PREFETCH = 2
@@ -43,20 +44,23 @@ while holding at most PREFETCH + 2 chunks of a file in memory."""
 
 @dataclass(frozen=True)
 class RunSpec:
-    """A run named on the command line: ``PATH`` or ``NAME=PATH``."""
+    """A run named on the command line: ``PATH`` or ``NAME=PATH`` (a path or a URL:
+    ``s3://``, ``gs://``, ``file://``)."""
 
     name: str
-    path: Path
+    path: Location
 
     @classmethod
     def parse(cls, text: str) -> RunSpec:
         """``NAME=PATH`` names a run; a bare path is named by its base name."""
-        if "=" in text and not Path(text).exists():
+        if "=" in text and not is_url(text) and not Path(text).exists():
             name, _, location = text.partition("=")
             if not name or not location:
                 raise UsageError(f"cannot read run {text!r}: expected PATH or NAME=PATH")
-            return cls(name, Path(location))
-        path = Path(text)
+            return cls(name, locate(location))
+        path = locate(text)
+        if isinstance(path, Remote):
+            return cls(path.name, path)
         return cls(path.resolve().name or str(path), path)
 
 
@@ -120,7 +124,7 @@ def default_jobs() -> int:
     return os.cpu_count() or 1  # pragma: no cover (macOS, Windows)
 
 
-def read_file(path: Path, options: Options, *, prefetch: int = PREFETCH) -> FileResult:
+def read_file(path: Location, options: Options, *, prefetch: int = PREFETCH) -> FileResult:
     """Read and reduce one log file: the unit that is cached and run in parallel.
 
     The file streams chunk by chunk: each chunk is reduced to statistics as soon as it is
@@ -143,7 +147,7 @@ def read_file(path: Path, options: Options, *, prefetch: int = PREFETCH) -> File
             if reduced.selections is not None:
                 selections.append(reduced.selections)
     stats = kernels.merge(parts)
-    _check_experts(stats, {}, path)
+    _check_experts(stats, {}, str(path))
     _describe(
         info,
         steps=set(stats["step"].to_list()),
@@ -211,7 +215,9 @@ def _prefetched(items: Iterator[T], depth: int) -> Iterator[Iterator[T]]:
         producer.join()
 
 
-def _read_through(path: Path, options: Options, cache: Cache | None, prefetch: int) -> FileResult:
+def _read_through(
+    path: Location, options: Options, cache: Cache | None, prefetch: int
+) -> FileResult:
     """``read_file``, answered from the cache when it holds this file unchanged."""
     if cache is None:
         return read_file(path, options, prefetch=prefetch)
@@ -230,7 +236,7 @@ def _read_through(path: Path, options: Options, cache: Cache | None, prefetch: i
 
 
 def _read_here(
-    files: list[Path], options: Options, cache: Cache | None, runner: Executor, report: Done
+    files: list[Location], options: Options, cache: Cache | None, runner: Executor, report: Done
 ) -> list[FileResult]:
     """Read files on this machine's threads, each answered by the cache when it can be."""
     prefetch = PREFETCH if runner.workers > 1 else 0
@@ -248,7 +254,7 @@ def _read_here(
 
 
 def _read_remotely(
-    files: list[Path], options: Options, cache: Cache | None, runner: Executor, report: Done
+    files: list[Location], options: Options, cache: Cache | None, runner: Executor, report: Done
 ) -> list[FileResult]:
     """Read files on a cluster's workers; the cache, which is this machine's, is consulted
     and filled here, so only the files it cannot answer travel."""
@@ -265,7 +271,7 @@ def _read_remotely(
     misses = [i for i in range(len(files)) if i not in results]
     answered = len(results)
     work = partial(_read_on_worker, options=options)
-    jobs = [(str(files[i].resolve()), str(files[i])) for i in misses]
+    jobs = [(_absolute(files[i]), str(files[i])) for i in misses]
     computed = runner.map(
         work, jobs, lambda position, finished: report(misses[position], answered + finished)
     )
@@ -280,14 +286,19 @@ def _read_remotely(
     return [results[i] for i in range(len(files))]
 
 
-def _read_on_worker(job: tuple[str, str], options: Options) -> FileResult:
+def _absolute(location: Location) -> str | Remote:
+    """How a worker finds a file: a local one by absolute path, an object by its URL."""
+    return location if isinstance(location, Remote) else str(location.resolve())
+
+
+def _read_on_worker(job: tuple[str | Remote, str], options: Options) -> FileResult:
     """``read_file`` in a worker process: by absolute path (a worker has its own working
     directory), reporting the file as the user named it, in its result and in its errors."""
     absolute, shown = job
     try:
-        result = read_file(Path(absolute), options)
+        result = read_file(absolute if isinstance(absolute, Remote) else Path(absolute), options)
     except RoutelogError as error:
-        raise relocated(error, absolute, shown) from None
+        raise relocated(error, str(absolute), shown) from None
     result.info.path = shown
     return result
 
@@ -300,7 +311,7 @@ def _reduce(batch: ingest.Batch, options: Options) -> kernels.Reduced:
     return kernels.reduce_counts(batch.frame, batch.top_k)
 
 
-def _check_experts(stats: pl.DataFrame, seen: dict[int, tuple[int, str]], path: Path) -> None:
+def _check_experts(stats: pl.DataFrame, seen: dict[int, tuple[int, str]], path: str) -> None:
     """All rows of one (run, layer) must have the same expert count E."""
     for layer, width in stats.select("layer", "n_experts").unique().iter_rows():
         if layer in seen and seen[layer][0] != width:
@@ -320,7 +331,7 @@ def load_run(
     jobs: int | None = None,
     cache: Cache | None = None,
     executor: Executor | None = None,
-    accept: Callable[[Path], bool] | None = None,
+    accept: Callable[[Location], bool] | None = None,
 ) -> Run:
     """Read every log file of a run and merge their statistics.
 
@@ -347,7 +358,7 @@ def load_run(
         results = _read_here(files, options, cache, runner, report)
     seen: dict[int, tuple[int, str]] = {}
     for result in results:
-        _check_experts(result.stats, seen, Path(result.info.path))
+        _check_experts(result.stats, seen, result.info.path)
     stats = kernels.merge([r.stats for r in results])
     if stats.height == 0:
         raise InputError(f"{spec.path}: no routed tokens{_selection_hint(options)}")
@@ -382,7 +393,7 @@ def load_runs(
     jobs: int | None = None,
     cache: Cache | None = None,
     executor: Executor | None = None,
-    accept: Callable[[Path], bool] | None = None,
+    accept: Callable[[Location], bool] | None = None,
 ) -> list[Run]:
     """Read several runs; their names must be unique (``jobs``, ``cache``, ``executor``,
     ``accept``: see
@@ -431,7 +442,7 @@ def _with_token_metrics(metrics: pl.DataFrame, runs: list[Run]) -> pl.DataFrame:
     return joined.select(*[c for c in joined.columns if c != "load_share"], "load_share")
 
 
-def inspect_file(path: Path, options: Options) -> ingest.FileInfo:
+def inspect_file(path: Location, options: Options) -> ingest.FileInfo:
     """What one file holds, from the batches ingestion makes of it (no metrics computed).
 
     It reads the file exactly as analysis does, so detection cannot disagree with it; only
@@ -470,7 +481,7 @@ def inspect(
     if not paths:
         raise UsageError("no path given")
     opts = options if options is not None else make_options()
-    files = [f for p in paths for f in ingest.discover(Path(p)).files]
+    files = [f for p in paths for f in ingest.discover(locate(str(p))).files]
     return [inspect_file(path, opts) for path in files]
 
 
@@ -517,7 +528,7 @@ def analyze(
     jobs: int | None = None,
     cache: Cache | None = None,
     executor: Executor | None = None,
-    accept: Callable[[Path], bool] | None = None,
+    accept: Callable[[Location], bool] | None = None,
     **option_values: Any,
 ) -> Analysis:
     """Analyze runs: each path is a run (file or directory, ``NAME=PATH`` allowed).

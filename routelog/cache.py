@@ -1,9 +1,11 @@
 """The incremental cache: each log file's reduced statistics, reused while the file is unchanged.
 
 An entry belongs to one file read with one set of reduction options. It is keyed by the file's
-absolute path, size and modification time (ns), routelog's ``KERNEL_VERSION`` and every
-``Options`` field except those applied after merging (``dead_fraction``). On disk an entry is
-three files in the cache directory, named after a hash of the path and options::
+absolute path, size and modification time (ns) (an object in a bucket: its URL, size and ETag
+or generation, from :func:`routelog.storage.identity`, so a replaced object is a miss),
+routelog's ``KERNEL_VERSION`` and every ``Options`` field except those applied after merging
+(``dead_fraction``). On disk an entry is three files in the cache directory, named after a hash
+of the path and options::
 
     <hash>.json                  {"format", "key", "info", "data", "selections", "top_k_assumed"}
     <hash>-<data>.stats.parquet  the statistics frame (``kernels.STATS_SCHEMA``)
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from routelog.ingest import FileInfo
+from routelog.storage import Location, Remote
 
 if TYPE_CHECKING:
     import polars as pl
@@ -88,7 +91,7 @@ class Cache:
         """The cache in ``directory``, or in :func:`default_directory` when None."""
         return cls(Path(directory).expanduser() if directory is not None else default_directory())
 
-    def holds(self, path: Path, options: Options) -> bool:
+    def holds(self, path: Location, options: Options) -> bool:
         """Whether an entry for ``path`` as it is now exists (its frames are checked by load)."""
         key = _key(path, options)
         if key is None:
@@ -100,7 +103,7 @@ class Cache:
             return False
         return isinstance(document, dict) and document.get("key") == key
 
-    def load(self, path: Path, options: Options) -> Entry | None:
+    def load(self, path: Location, options: Options) -> Entry | None:
         """The cached reduction of ``path`` under ``options``, or None when absent or untrusted."""
         key = _key(path, options)
         if key is None:
@@ -133,7 +136,7 @@ class Cache:
         info.path = str(path)
         return Entry(info, stats, selections, assumed)
 
-    def store(self, path: Path, options: Options, entry: Entry) -> None:
+    def store(self, path: Location, options: Options, entry: Entry) -> None:
         """Write an entry for ``path``; a cache that cannot be written is skipped, not an error."""
         key = _key(path, options)
         if key is None:
@@ -203,20 +206,34 @@ def _is_ours(name: str) -> bool:
     return (is_hash and name.endswith(endings)) or (name.startswith(".") and name.endswith(".tmp"))
 
 
-def _key(path: Path, options: Options) -> dict[str, Any] | None:
+def _key(path: Location, options: Options) -> dict[str, Any] | None:
     """What an entry must match: the file as it is now, the kernel, the reduction options."""
     from routelog import __version__, kernels
 
-    try:
-        absolute = path.resolve()
-        stat = absolute.stat()
-    except OSError:
-        return None
     reduction = {
         f.name: _plain(getattr(options, f.name))
         for f in dataclasses.fields(options)
         if f.name not in AFTER_MERGE
     }
+    if isinstance(path, Remote):
+        from routelog.storage import identity
+
+        found = identity(path)
+        if found is None:
+            return None
+        return {
+            "path": found["url"],
+            "size": found["size"],
+            "version": found["version"],
+            "kernel_version": kernels.KERNEL_VERSION,
+            "routelog_version": __version__,
+            "options": reduction,
+        }
+    try:
+        absolute = path.resolve()
+        stat = absolute.stat()
+    except OSError:
+        return None
     return {
         "path": str(absolute),
         "size": stat.st_size,

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from routelog.errors import InputError
+from routelog.errors import InputError, RoutelogError
+from routelog.storage import Location, Remote
 
 if TYPE_CHECKING:
     import polars as pl
@@ -81,7 +82,7 @@ FORMATS: dict[str, tuple[str, str]] = {
 }
 
 
-def format_of(path: Path) -> str | None:
+def format_of(path: Location) -> str | None:
     """The format name for a file, by suffix (``.jsonl.gz`` counts as one suffix)."""
     name = path.name.lower()
     for suffix in sorted(FORMATS, key=len, reverse=True):
@@ -90,7 +91,7 @@ def format_of(path: Path) -> str | None:
     return None
 
 
-def _scanner(path: Path) -> Scanner:
+def _scanner(path: Location) -> Scanner:
     name = path.name.lower()
     for suffix in sorted(FORMATS, key=len, reverse=True):
         if name.endswith(suffix):
@@ -105,20 +106,23 @@ def _scanner(path: Path) -> Scanner:
 class RunFiles:
     """The log files of one run, and the files in its directory that are not logs."""
 
-    files: list[Path]
-    ignored: list[Path]
+    files: list[Location]
+    ignored: list[Location]
 
 
-def discover(path: Path) -> RunFiles:
-    """List the log files of a run: the file itself, or a directory walked recursively."""
+def discover(path: Location) -> RunFiles:
+    """List the log files of a run: the file itself, or a directory walked recursively
+    (a remote prefix: every object under it)."""
+    if isinstance(path, Remote):
+        return _discover_remote(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
     if path.is_file():
         if format_of(path) is None:
             _scanner(path)  # raises the unknown-type error
         return RunFiles([path], [])
-    files: list[Path] = []
-    ignored: list[Path] = []
+    files: list[Location] = []
+    ignored: list[Location] = []
     for child in sorted(p for p in path.rglob("*") if p.is_file()):
         if any(part.startswith(".") for part in child.relative_to(path).parts):
             continue
@@ -129,14 +133,69 @@ def discover(path: Path) -> RunFiles:
     return RunFiles(files, ignored)
 
 
-def scan(path: Path, options: Options, info: FileInfo) -> Iterator[Batch]:
+def _discover_remote(prefix: Remote) -> RunFiles:
+    from routelog import storage
+
+    objects = storage.discover(prefix)
+    if len(objects) == 1 and objects[0].url == prefix.url:
+        if format_of(prefix) is None:
+            _scanner(prefix)  # raises the unknown-type error
+        return RunFiles(list(objects), [])
+    files: list[Location] = []
+    ignored: list[Location] = []
+    for child in objects:
+        if any(part.startswith(".") for part in storage.relative_parts(prefix, child)):
+            continue
+        (files if format_of(child) else ignored).append(child)
+    if not files:
+        known = ", ".join(f"*{s}" for s in sorted(FORMATS))
+        raise InputError(f"{prefix}: no routing logs found (looked for {known})")
+    return RunFiles(files, ignored)
+
+
+def scan(path: Location, options: Options, info: FileInfo) -> Iterator[Batch]:
     """Read one file into canonical batches, whatever its format.
 
     An operating-system error (the file vanished or is unreadable) is an ``InputError`` too.
     """
+    if isinstance(path, Remote):
+        yield from _scan_remote(path, options, info)
+        return
     try:
         if path.stat().st_size == 0:
             raise InputError(f"{path}: file is empty")
         yield from _scanner(path)(path, options, info)
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+
+
+def _scan_remote(remote: Remote, options: Options, info: FileInfo) -> Iterator[Batch]:
+    """Read one object: Parquet by ranged reads, JSONL as a stream, ``.pt`` spilled to a
+    temporary file. Each reader names the file by a stand-in path with the object's name;
+    its errors are rewritten to name the URL."""
+    from routelog import storage
+    from routelog.executor import relocated
+
+    if remote.size == 0:
+        raise InputError(f"{remote}: file is empty")
+    fmt = format_of(remote)
+    standin = Path(remote.url)
+    try:
+        if fmt == "parquet":
+            from routelog.ingest import parquet
+
+            with storage.open_random(remote) as handle:
+                yield from parquet.scan(standin, options, info, source=handle)
+        elif fmt == "jsonl":
+            from routelog.ingest import jsonl
+
+            with storage.open_stream(remote) as stream:
+                yield from jsonl.scan(standin, options, info, stream=stream)
+        else:
+            with storage.spilled(remote) as local:
+                standin = local
+                yield from _scanner(remote)(local, options, info)
+    except RoutelogError as error:
+        raise relocated(error, str(standin), remote.url) from None
+    except OSError as exc:
+        raise storage.failure(remote, exc) from exc

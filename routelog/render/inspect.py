@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from routelog import __version__
 from routelog.render.report import fmt
+from routelog.storage import is_url
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -54,12 +55,23 @@ def print_inspect(infos: list[FileInfo], console: Console) -> None:
     from rich.table import Table
 
     paths = [info.path for info in infos]
-    absolute = [Path(p).resolve() for p in paths]
-    base = os.path.commonpath([a.parent for a in absolute]) if paths else ""
-    relative = len(paths) > 1 and base != os.sep
-    shown = [
-        str(a.relative_to(base)) if relative else p for a, p in zip(absolute, paths, strict=True)
-    ]
+    if any(is_url(p) for p in paths):  # objects in a bucket: cut the URLs' common prefix
+        folders = [p.split("/")[:-1] for p in paths]
+        common = next(
+            (i for i, parts in enumerate(zip(*folders, strict=False)) if len(set(parts)) > 1),
+            min(map(len, folders)),
+        )
+        base = "/".join(folders[0][:common])
+        relative = len(paths) > 1 and common >= 3  # scheme, "", bucket
+        shown = [p[len(base) + 1 :] if relative else p for p in paths]
+    else:
+        absolute = [Path(p).resolve() for p in paths]
+        base = os.path.commonpath([a.parent for a in absolute]) if paths else ""
+        relative = len(paths) > 1 and base != os.sep
+        shown = [
+            str(a.relative_to(base)) if relative else p
+            for a, p in zip(absolute, paths, strict=True)
+        ]
     table = Table(
         box=None, pad_edge=False, header_style="bold", show_edge=False, padding=(0, 1, 0, 0)
     )
