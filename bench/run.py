@@ -363,8 +363,16 @@ def bench_i(data: Path, tokens: int, experts: int, top_k: int, repeat: int) -> d
                 for name in archive.namelist():
                     archive.read(name)
 
+        listed = storage.discover(storage.Remote("s3://bench/run"))
+
+        def fetch() -> None:
+            for remote in listed:
+                with storage.open_stream(remote) as stream:
+                    stream.read()
+
         times = _median_times(
             {
+                "GET the 10 objects whole (the server's floor)": fetch,
                 "disk, 10 Parquet files": lambda: api.analyze([run], top_k=top_k),
                 "s3://, the same 10 files": lambda: api.analyze(["s3://bench/run"], top_k=top_k),
                 ".pt object: spill, then read": spill,

@@ -422,3 +422,22 @@ def test_spilled_objects_are_removed(s3: Any) -> None:
         directory = local.parent
     assert not directory.exists()
     shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_dask_workers_read_objects_by_url(s3: Any) -> None:
+    """A worker process opens the object itself (by URL, with the environment's credentials)."""
+    pytest.importorskip("distributed")
+    from routelog import api
+    from routelog.executor import open_executor
+    from routelog.render import data, report
+
+    bucket = _bucket(s3, "runs")
+    _upload(s3, bucket, "exp/healthy", HEALTHY)
+
+    def document(executor: Any) -> str:
+        result = api.analyze(["h=s3://runs/exp/healthy"], top_k=2, executor=executor)
+        return data.to_json(report.analysis_document(result))
+
+    with open_executor("local:1", 1) as cluster:
+        remote = document(cluster)
+    assert remote == document(None)
