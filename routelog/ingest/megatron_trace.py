@@ -99,8 +99,6 @@ class _Context:
     n_experts: int | None = None
     logits: np.ndarray | None = None  # the sidecar as uint16, memory-mapped
     mtp_records: int = 0
-    mismatched: int = 0
-    compared: int = 0
     without_logits: int = 0
     with_logits: int = 0
 
@@ -126,12 +124,6 @@ def scan(path: Path, options: Options, info: FileInfo) -> Iterator[Batch]:
         info.warn(
             f"{context.mtp_records} multi-token-prediction (mtp) records left out: "
             "routelog reports the decoder's layers"
-        )
-    if context.mismatched:
-        info.warn(
-            f"top_indices differ from the top-k of the logits for {context.mismatched:,} of "
-            f"{context.compared:,} tokens (expert bias or group-limited routing?): "
-            "counts follow the logits"
         )
 
 
@@ -459,27 +451,16 @@ def _logit_batch(frame: pl.DataFrame, k: int, sidecar: np.ndarray, context: _Con
 
     result = to_probabilities(logits, "logits", context.options, locate)
     context.info.skipped_rows += result.skipped
-    ids = _ids(frame, k)[result.keep]
-    _compare_selection(logits[result.keep], ids, context)
+    ids = _ids(frame, k)[result.keep]  # the recorded selection: counts come from it
     context.with_logits += frame.height
     out = pl.DataFrame(
         {
             "step": np.repeat(frame["step"].to_numpy(), counts)[result.keep],
             "layer": np.repeat(frame["layer"].to_numpy(), counts)[result.keep].astype(np.int32),
         }
-    ).with_columns(pl.Series("probs", result.probs), pl.Series("logit_lse", result.logit_lse))
+    ).with_columns(
+        pl.Series("probs", result.probs),
+        pl.Series("logit_lse", result.logit_lse),
+        pl.Series("topk_ids", ids.astype(np.int32)).cast(pl.Array(pl.Int32, k)),
+    )
     return Batch("probs", out, n_experts, top_k=k)
-
-
-def _compare_selection(logits: np.ndarray, ids: np.ndarray, context: _Context) -> None:
-    """Count tokens whose recorded experts are not a top-k of their logits (ties allowed)."""
-    if len(ids) == 0:
-        return
-    values = np.take_along_axis(logits, ids, axis=1)
-    lowest = values.min(axis=1, keepdims=True)
-    # valid iff no expert outside the chosen ones beats the lowest chosen logit: every logit
-    # above it must be a chosen one
-    above = (logits > lowest).sum(axis=1)
-    chosen_above = (values > lowest).sum(axis=1)
-    context.compared += len(ids)
-    context.mismatched += int((above > chosen_above).sum())
