@@ -10,7 +10,7 @@ MIN_STAMP := $(VENV_MIN)/.installed
 # torch is a test-only dependency (real .pt files in tests); never a runtime one.
 TORCH  ?= torch==2.13.0
 # extras the test suite installs: each optional world (torch, cloud, dask, ...) is tested.
-TEST_EXTRAS := dev,torch,transformers,dask,plot,tensorboard,wandb
+TEST_EXTRAS := dev,torch,transformers,dask,plot,tensorboard,wandb,cloud
 # test-min proves the runtime floors: the test tools and torch, without the optional worlds
 # (whose own floors can exceed the core's); their tests skip there and run in `make test`.
 MIN_EXTRAS := dev,torch

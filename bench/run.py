@@ -7,9 +7,12 @@
 the same computation; (f) ``routelog --version`` wall time; (g) a 40-file directory on a Dask
 ``LocalCluster`` of 2 worker processes vs 1 (scaling); (h) the Dask path with 1 worker vs the
 plain local path with ``--jobs 1`` (overhead). Clusters are started before timing: (g) and
-(h) measure analysis, not cluster start-up; (j) a Megatron-LM router trace with its bf16
-logits sidecar vs the same logits in Parquet, in seconds per byte read; (k, l) training-step
-time with ``routelog.Recorder`` at every=10 and every=1 vs without (``bench/recorder.py``).
+(h) measure analysis, not cluster start-up; (i) a 10-file directory read from an S3 server on
+127.0.0.1 (moto, in its own process) vs the same files on disk, and, for a ``.pt`` object, a
+spill to a temporary file vs reading the zip archive through ranged requests; (j) a Megatron-LM
+router trace with its bf16 logits sidecar vs the same logits in Parquet, in seconds per byte
+read; (k, l) training-step time with ``routelog.Recorder`` at every=10 and every=1 vs without
+(``bench/recorder.py``).
 
 Timings (a)-(c) run in this process through the CLI entry point (``app([...])``), so the
 interpreter's start-up is excluded there and measured on its own in (f). Runs of the things
@@ -50,6 +53,7 @@ TARGETS = {
     "f": ("<", 0.3),
     "g": (">=", 1.7),
     "h": ("<=", 1.15),
+    "i": ("<=", 1.5),
     "j": ("<=", 1.0),
     "k": ("<=", 1.05),
     "l": ("<=", 1.25),
@@ -297,6 +301,105 @@ def bench_g_h(data: Path, tokens: int, experts: int, top_k: int, repeat: int) ->
     }
 
 
+def _s3_server() -> tuple[subprocess.Popen[bytes], str]:
+    """A moto S3 server in its own process on a free port of 127.0.0.1."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    binary = Path(sys.executable).parent / "moto_server"
+    process = subprocess.Popen(
+        [str(binary), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        time.sleep(0.1)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def bench_i(data: Path, tokens: int, experts: int, top_k: int, repeat: int) -> dict[str, Any]:
+    try:
+        import boto3
+    except ImportError:
+        return {"i": {"skipped": "needs moto[server] (the dev extra)"}}
+    import zipfile
+
+    from routelog import api, storage
+
+    per_file = max(tokens // 10, 1000)
+    run = data / f"run10_t{per_file}_e{experts}"
+    run.mkdir(parents=True, exist_ok=True)
+    for i in range(10):
+        target = run / f"step_{i:06d}.parquet"
+        if not target.exists():
+            shutil.copy(_log(data, per_file, experts, seed=500 + i), target)
+    pt = data / f"pt_t{per_file}_e{experts}.pt"
+    if not pt.exists():
+        import numpy as np
+        import torch
+
+        probs = np.random.default_rng(7).dirichlet(np.ones(experts), per_file).astype(np.float32)
+        layers = list(torch.from_numpy(probs).chunk(synth.LAYERS))
+        torch.save({"step": 0, "router_probs": layers, "top_k": top_k}, pt)
+    process, endpoint = _s3_server()
+    saved = {n: os.environ.get(n) for n in ("AWS_ENDPOINT_URL", "AWS_REGION")}
+    secrets = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
+    saved.update({n: os.environ.get(n) for n in secrets})
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1", **secrets})
+    try:
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        s3.create_bucket(Bucket="bench")
+        for file in sorted(run.glob("*.parquet")):
+            s3.upload_file(str(file), "bench", f"run/{file.name}")
+        s3.upload_file(str(pt), "bench", "pt/step_000000.pt")
+        remote_pt = storage.locate("s3://bench/pt/step_000000.pt")
+        assert isinstance(remote_pt, storage.Remote)
+
+        def spill() -> None:
+            with storage.spilled(remote_pt) as local, zipfile.ZipFile(local) as archive:
+                for name in archive.namelist():
+                    archive.read(name)
+
+        def ranged() -> None:
+            with storage.open_random(remote_pt) as handle, zipfile.ZipFile(handle) as archive:
+                for name in archive.namelist():
+                    archive.read(name)
+
+        listed = storage.discover(storage.Remote("s3://bench/run"))
+
+        def fetch() -> None:
+            for remote in listed:
+                with storage.open_stream(remote) as stream:
+                    stream.read()
+
+        times = _median_times(
+            {
+                "GET the 10 objects whole (the server's floor)": fetch,
+                "disk, 10 Parquet files": lambda: api.analyze([run], top_k=top_k),
+                "s3://, the same 10 files": lambda: api.analyze(["s3://bench/run"], top_k=top_k),
+                ".pt object: spill, then read": spill,
+                ".pt object: ranged reads": ranged,
+            },
+            repeat,
+        )
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        process.terminate()
+        process.wait(timeout=10)
+    disk, remote = times["disk, 10 Parquet files"], times["s3://, the same 10 files"]
+    return {"i": {"ratio": remote / disk, "seconds": times}}
+
+
 def bench_j(data: Path, tokens: int, experts: int, top_k: int, repeat: int) -> dict[str, Any]:
     """Seconds per byte of payload: Megatron trace + sidecar over Parquet (same logits)."""
     root = megatron.write_pair(
@@ -353,6 +456,7 @@ def _table(results: dict[str, Any]) -> str:
         "f": "routelog --version (s)",
         "g": "dask local:1 vs local:2, 40 files (speed-up)",
         "h": "dask local:1 vs plain --jobs 1",
+        "i": "s3:// (local server) vs the same files on disk",
         "j": "megatron trace vs parquet, per byte",
         "k": "training step, Recorder every=10 vs none",
         "l": "training step, Recorder every=1 vs none",
@@ -379,7 +483,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5, help="timed rounds per measure")
     parser.add_argument("--quick", action="store_true", help="200k tokens, 3 rounds")
-    parser.add_argument("--only", default="abcdefghjkl", help="measures to run, e.g. ab")
+    parser.add_argument("--only", default="abcdefghijkl", help="measures to run, e.g. ab")
     parser.add_argument("--data", type=Path, default=HERE / "data")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     args = parser.parse_args()
@@ -406,6 +510,7 @@ def main() -> None:
         ("e", lambda: bench_e(args.data, args.tokens, args.experts, args.top_k, args.repeat)),
         ("f", lambda: bench_f(args.repeat)),
         ("gh", lambda: bench_g_h(args.data, args.tokens, args.experts, args.top_k, args.repeat)),
+        ("i", lambda: bench_i(args.data, args.tokens, args.experts, args.top_k, args.repeat)),
         ("j", lambda: bench_j(args.data, args.tokens, args.experts, args.top_k, args.repeat)),
         ("kl", lambda: recorder.bench_k_l(args.repeat)),
     ]

@@ -24,6 +24,7 @@ from routelog.errors import InputError, RoutelogError, UsageError
 from routelog.executor import Done, Executor, Threads, relocated
 from routelog.findings import Finding, sort_findings
 from routelog.options import LayerSet, Options, StepRange, TopKSource, parse_layers, parse_steps
+from routelog.storage import Location, Remote, is_url, locate
 
 if TYPE_CHECKING:
     import polars as pl
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 R = TypeVar("R")
 
-Progress = Callable[[Path, int, int], None]
+Progress = Callable[[Location, int, int], None]
 """Called after each file is read: ``(path, files done, files in the run)``."""
 
 PREFETCH = 2
@@ -47,20 +48,23 @@ while holding at most PREFETCH + 2 chunks of a file in memory."""
 
 @dataclass(frozen=True)
 class RunSpec:
-    """A run named on the command line: ``PATH`` or ``NAME=PATH``."""
+    """A run named on the command line: ``PATH`` or ``NAME=PATH`` (a path or a URL:
+    ``s3://``, ``gs://``, ``file://``)."""
 
     name: str
-    path: Path
+    path: Location
 
     @classmethod
     def parse(cls, text: str) -> RunSpec:
         """``NAME=PATH`` names a run; a bare path is named by its base name."""
-        if "=" in text and not Path(text).exists():
+        if "=" in text and not is_url(text) and not Path(text).exists():
             name, _, location = text.partition("=")
             if not name or not location:
                 raise UsageError(f"cannot read run {text!r}: expected PATH or NAME=PATH")
-            return cls(name, Path(location))
-        path = Path(text)
+            return cls(name, locate(location))
+        path = locate(text)
+        if isinstance(path, Remote):
+            return cls(path.name, path)
         return cls(path.resolve().name or str(path), path)
 
 
@@ -226,7 +230,7 @@ def default_jobs() -> int:
     return os.cpu_count() or 1  # pragma: no cover (macOS, Windows)
 
 
-def read_file(path: Path, options: Options, *, prefetch: int = PREFETCH) -> FileResult:
+def read_file(path: Location, options: Options, *, prefetch: int = PREFETCH) -> FileResult:
     """Read and reduce one log file: the unit that is cached and run in parallel.
 
     The file streams chunk by chunk: each chunk is reduced to statistics as soon as it is
@@ -251,7 +255,7 @@ def read_file(path: Path, options: Options, *, prefetch: int = PREFETCH) -> File
             if reduced.selections is not None:
                 selections.append(reduced.selections)
     stats = kernels.merge(parts)
-    _check_experts(stats, {}, path)
+    _check_experts(stats, {}, str(path))
     _describe(
         info,
         steps=set(stats["step"].to_list()),
@@ -319,7 +323,9 @@ def _prefetched(items: Iterator[T], depth: int) -> Iterator[Iterator[T]]:
         producer.join()
 
 
-def _read_through(path: Path, options: Options, cache: Cache | None, prefetch: int) -> FileResult:
+def _read_through(
+    path: Location, options: Options, cache: Cache | None, prefetch: int
+) -> FileResult:
     """``read_file``, answered from the cache when it holds this file unchanged."""
     if cache is None:
         return read_file(path, options, prefetch=prefetch)
@@ -338,7 +344,7 @@ def _read_through(path: Path, options: Options, cache: Cache | None, prefetch: i
 
 
 def _read_here(
-    files: list[Path], options: Options, cache: Cache | None, runner: Executor, report: Done
+    files: list[Location], options: Options, cache: Cache | None, runner: Executor, report: Done
 ) -> list[FileResult]:
     """Read files on this machine's threads, each answered by the cache when it can be."""
     prefetch = PREFETCH if runner.workers > 1 else 0
@@ -356,7 +362,7 @@ def _read_here(
 
 
 def _read_remotely(
-    files: list[Path], options: Options, cache: Cache | None, runner: Executor, report: Done
+    files: list[Location], options: Options, cache: Cache | None, runner: Executor, report: Done
 ) -> list[FileResult]:
     """Read files on a cluster's workers; the cache, which is this machine's, is consulted
     and filled here, so only the files it cannot answer travel."""
@@ -373,7 +379,7 @@ def _read_remotely(
     misses = [i for i in range(len(files)) if i not in results]
     answered = len(results)
     work = partial(_read_on_worker, options=options)
-    jobs = [(str(files[i].resolve()), str(files[i])) for i in misses]
+    jobs = [(_absolute(files[i]), str(files[i])) for i in misses]
     computed = runner.map(
         work, jobs, lambda position, finished: report(misses[position], answered + finished)
     )
@@ -388,19 +394,24 @@ def _read_remotely(
     return [results[i] for i in range(len(files))]
 
 
-def _read_on_worker(job: tuple[str, str], options: Options) -> FileResult:
+def _absolute(location: Location) -> str | Remote:
+    """How a worker finds a file: a local one by absolute path, an object by its URL."""
+    return location if isinstance(location, Remote) else str(location.resolve())
+
+
+def _read_on_worker(job: tuple[str | Remote, str], options: Options) -> FileResult:
     """``read_file`` in a worker process: by absolute path (a worker has its own working
     directory), reporting the file as the user named it, in its result and in its errors."""
     absolute, shown = job
     try:
-        result = read_file(Path(absolute), options)
+        result = read_file(absolute if isinstance(absolute, Remote) else Path(absolute), options)
     except RoutelogError as error:
-        raise relocated(error, absolute, shown) from None
+        raise relocated(error, str(absolute), shown) from None
     result.info.path = shown
     return result
 
 
-def _reduce(batch: ingest.Batch, options: Options, path: Path) -> kernels.Reduced:
+def _reduce(batch: ingest.Batch, options: Options, path: Location) -> kernels.Reduced:
     if batch.kind == "probs":
         k = options.k_for(batch.top_k)
         if k > batch.n_experts and (options.top_k is not None or batch.top_k is None):
@@ -425,20 +436,23 @@ def _k_origin(options: Options) -> str:
     return f"k={options.default_top_k}"
 
 
-def run_options(path: Path, options: Options) -> tuple[Options, ModelConfig | None]:
+def run_options(path: Location, options: Options) -> tuple[Options, ModelConfig | None]:
     """The options for the run at ``path``, with the k its own files state as the default.
 
     Precedence (highest first): ``--top-k``; the data's own k (per file, at reading); the
     run directory's ``routelog.toml``/``[tool.routelog]`` ``top_k``; a model ``config.json``
     in the run directory or above (:func:`routelog.modelconfig.find_model_config`); the
     configuration's ``top_k``; else 1, assumed. Also returns the model config, whose E the
-    data must match.
+    data must match. A run in object storage (a URL) has neither a run configuration nor a
+    model config looked up: its k is ``--top-k``, the data's own or the configuration's.
     """
     from dataclasses import replace
 
     from routelog.config import run_config
     from routelog.modelconfig import find_model_config
 
+    if isinstance(path, Remote):
+        return options, None
     model = find_model_config(path)
     if options.top_k is not None:
         return options, model
@@ -460,7 +474,7 @@ def run_options(path: Path, options: Options) -> tuple[Options, ModelConfig | No
     return options, model
 
 
-def _check_model_experts(stats: pl.DataFrame, model: ModelConfig | None, path: Path) -> None:
+def _check_model_experts(stats: pl.DataFrame, model: ModelConfig | None, path: str) -> None:
     """The data's E must be the model config's E, when the config states one."""
     if model is None or model.num_experts is None:
         return
@@ -472,7 +486,7 @@ def _check_model_experts(stats: pl.DataFrame, model: ModelConfig | None, path: P
             )
 
 
-def _check_experts(stats: pl.DataFrame, seen: dict[int, tuple[int, str]], path: Path) -> None:
+def _check_experts(stats: pl.DataFrame, seen: dict[int, tuple[int, str]], path: str) -> None:
     """All rows of one (run, layer) must have the same expert count E."""
     for layer, width in stats.select("layer", "n_experts").unique().iter_rows():
         if layer in seen and seen[layer][0] != width:
@@ -492,7 +506,7 @@ def load_run(
     jobs: int | None = None,
     cache: Cache | None = None,
     executor: Executor | None = None,
-    accept: Callable[[Path], bool] | None = None,
+    accept: Callable[[Location], bool] | None = None,
 ) -> Run:
     """Read every log file of a run and merge their statistics.
 
@@ -520,8 +534,8 @@ def load_run(
         results = _read_here(files, options, cache, runner, report)
     seen: dict[int, tuple[int, str]] = {}
     for result in results:
-        _check_experts(result.stats, seen, Path(result.info.path))
-        _check_model_experts(result.stats, model, Path(result.info.path))
+        _check_experts(result.stats, seen, result.info.path)
+        _check_model_experts(result.stats, model, result.info.path)
     stats = kernels.merge([r.stats for r in results])
     if stats.height == 0:
         raise InputError(f"{spec.path}: no routed tokens{_selection_hint(options)}")
@@ -547,7 +561,7 @@ def load_run(
     )
 
 
-def _merged_runs(results: list[FileResult], root: Path) -> dict[str, Any] | None:
+def _merged_runs(results: list[FileResult], root: Location) -> dict[str, Any] | None:
     """Two files of the run logging the same tokens of the same (step, layer, dataset):
     several runs read as one. Shards (:func:`routelog.ingest.is_shard`) are left out; files
     without token positions cannot be told apart and are left out too.
@@ -593,7 +607,10 @@ def _merged_runs(results: list[FileResult], root: Path) -> dict[str, Any] | None
     }
 
 
-def _relative(path: str, root: Path) -> str:
+def _relative(path: str, root: Location) -> str:
+    if isinstance(root, Remote):  # an object under the run's prefix: the rest of its URL
+        prefix = f"{root.url}/"
+        return path.removeprefix(prefix)
     try:
         return str(Path(path).relative_to(root))
     except ValueError:
@@ -638,7 +655,7 @@ def load_runs(
     jobs: int | None = None,
     cache: Cache | None = None,
     executor: Executor | None = None,
-    accept: Callable[[Path], bool] | None = None,
+    accept: Callable[[Location], bool] | None = None,
 ) -> list[Run]:
     """Read several runs; their names must be unique (``jobs``, ``cache``, ``executor``,
     ``accept``: see
@@ -687,7 +704,7 @@ def _with_token_metrics(metrics: pl.DataFrame, runs: list[Run]) -> pl.DataFrame:
     return joined.select(*[c for c in joined.columns if c not in kernels.SHARES], *kernels.SHARES)
 
 
-def inspect_file(path: Path, options: Options) -> ingest.FileInfo:
+def inspect_file(path: Location, options: Options) -> ingest.FileInfo:
     """What one file holds, from the batches ingestion makes of it (no metrics computed).
 
     It reads the file exactly as analysis does, so detection cannot disagree with it; only
@@ -726,7 +743,7 @@ def inspect(
     if not paths:
         raise UsageError("no path given")
     opts = options if options is not None else make_options()
-    files = [f for p in paths for f in ingest.discover(Path(p)).files]
+    files = [f for p in paths for f in ingest.discover(locate(str(p))).files]
     return [inspect_file(path, opts) for path in files]
 
 
@@ -738,13 +755,19 @@ def inspect_k(
     ``top_k_assumed``); ``needed`` is false when every probability file states its own k."""
     out = []
     for path in paths:
-        resolved, _ = run_options(Path(path), options)
-        root = Path(path).resolve()
-        own = [
-            info
-            for info in infos
-            if Path(info.path).resolve() == root or root in Path(info.path).resolve().parents
-        ]
+        location = locate(str(path))
+        if isinstance(location, Remote):
+            resolved, _ = run_options(location, options)
+            prefix = str(location).rstrip("/")
+            own = [i for i in infos if i.path == prefix or i.path.startswith(prefix + "/")]
+        else:
+            resolved, _ = run_options(Path(path), options)
+            root = Path(path).resolve()
+            own = [
+                info
+                for info in infos
+                if Path(info.path).resolve() == root or root in Path(info.path).resolve().parents
+            ]
         needed = any(i.payload in PROBABILITY_PAYLOADS and i.top_k is None for i in own)
         provenance = _k_provenance(resolved, True)
         out.append(
@@ -848,7 +871,7 @@ def analyze(
     jobs: int | None = None,
     cache: Cache | None = None,
     executor: Executor | None = None,
-    accept: Callable[[Path], bool] | None = None,
+    accept: Callable[[Location], bool] | None = None,
     **option_values: Any,
 ) -> Analysis:
     """Analyze runs: ``paths`` is one run or a list of runs (file or directory,

@@ -3,9 +3,11 @@
 An entry belongs to one file read with one set of reduction options. It is keyed by the file's
 absolute path, size, modification time (ns) and a content fingerprint (a hash of its first and
 last 64 KiB, which hold a Parquet file's footer: a log rewritten with the same size and mtime
-is not served stale), routelog's ``KERNEL_VERSION`` and every ``Options`` field except those
-applied after merging (``dead_fraction``). On disk an entry is three files in the cache
-directory, named after a hash of the path and options::
+is not served stale) (an object in a bucket: its URL, size and ETag or generation, from
+:func:`routelog.storage.identity`, so a replaced object is a miss), routelog's
+``KERNEL_VERSION`` and every ``Options`` field except those applied after merging
+(``dead_fraction``). On disk an entry is three files in the cache directory, named after a
+hash of the path and options::
 
     <hash>.json                  {"routelog_cache", "format", "key", "info", "data", "digests",
                                   "selections", "top_k_assumed"}
@@ -42,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from routelog import ingest
 from routelog.ingest import FileInfo
+from routelog.storage import Location, Remote
 
 if TYPE_CHECKING:
     import polars as pl
@@ -103,7 +106,7 @@ class Cache:
         """The cache in ``directory``, or in :func:`default_directory` when None."""
         return cls(Path(directory).expanduser() if directory is not None else default_directory())
 
-    def holds(self, path: Path, options: Options) -> bool:
+    def holds(self, path: Location, options: Options) -> bool:
         """Whether an entry for ``path`` as it is now exists (its frames are checked by load)."""
         key = _key(path, options)
         if key is None:
@@ -115,7 +118,7 @@ class Cache:
             return False
         return isinstance(document, dict) and document.get("key") == key
 
-    def load(self, path: Path, options: Options) -> Entry | None:
+    def load(self, path: Location, options: Options) -> Entry | None:
         """The cached reduction of ``path`` under ``options``, or None when absent or untrusted."""
         key = _key(path, options)
         if key is None:
@@ -149,7 +152,7 @@ class Cache:
         info.path = str(path)
         return Entry(info, stats, selections, assumed)
 
-    def store(self, path: Path, options: Options, entry: Entry) -> None:
+    def store(self, path: Location, options: Options, entry: Entry) -> None:
         """Write an entry for ``path``; a cache that cannot be written is skipped, not an error."""
         key = _key(path, options)
         if key is None:
@@ -255,21 +258,35 @@ def fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _key(path: Path, options: Options) -> dict[str, Any] | None:
+def _key(path: Location, options: Options) -> dict[str, Any] | None:
     """What an entry must match: the file as it is now, the kernel, the reduction options."""
     from routelog import __version__, kernels
 
+    reduction = {
+        f.name: _plain(getattr(options, f.name))
+        for f in dataclasses.fields(options)
+        if f.name not in AFTER_MERGE
+    }
+    if isinstance(path, Remote):
+        from routelog.storage import identity
+
+        found = identity(path)
+        if found is None:
+            return None
+        return {
+            "path": found["url"],
+            "size": found["size"],
+            "version": found["version"],
+            "kernel_version": kernels.KERNEL_VERSION,
+            "routelog_version": __version__,
+            "options": reduction,
+        }
     try:
         absolute = path.resolve()
         stat = absolute.stat()
         content = fingerprint(absolute)
     except OSError:
         return None
-    reduction = {
-        f.name: _plain(getattr(options, f.name))
-        for f in dataclasses.fields(options)
-        if f.name not in AFTER_MERGE
-    }
     try:  # sidecars and config.json the reading depends on: a change to one is a change
         depends = [
             [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in ingest.depends(path)

@@ -249,6 +249,7 @@ def _check_output(output: Path | None, inputs: list[str]) -> None:
     """Refuse an --output that would overwrite a log, or land inside a run being read."""
     from routelog.api import RunSpec
     from routelog.errors import UsageError
+    from routelog.storage import Remote
 
     if output is None:
         return
@@ -258,7 +259,10 @@ def _check_output(output: Path | None, inputs: list[str]) -> None:
         raise UsageError(f"{output}: --output folder {output.parent} does not exist")
     target = output.resolve()
     for text in inputs:
-        run = RunSpec.parse(text).path.resolve()
+        location = RunSpec.parse(text).path
+        if isinstance(location, Remote):  # an object in a bucket: no local file to overwrite
+            continue
+        run = location.resolve()
         if target == run or run in target.parents:
             raise UsageError(
                 f"{output}: --output would write into the input {text}; "

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from routelog import ingest
-from routelog.errors import InputError
+from routelog.errors import InputError, UsageError
 from routelog.findings import SEVERITY_ORDER, Finding, Severity
+from routelog.storage import Location
 
 if TYPE_CHECKING:
     from routelog.api import Analysis, RunSpec
@@ -141,6 +142,8 @@ class Watcher:
         cache: Cache | None = None,
         executor: Executor | None = None,
     ) -> None:
+        for spec in specs:
+            _local(spec.path)
         self.specs = list(specs)
         self.options = options
         self.config = config
@@ -160,7 +163,7 @@ class Watcher:
         ready: list[RunSpec] = []
         waiting: list[str] = []
         for spec in self.specs:
-            files = _log_files(spec.path)
+            files = _log_files(_local(spec.path))
             done = [f for f in files if self.complete(f)]
             complete.update(done)
             pending += [f for f in files if f not in done]
@@ -211,8 +214,20 @@ def _log_files(path: Path) -> list[Path]:
     if not os.path.lexists(path):
         return []
     if not path.is_dir():
-        return ingest.discover(path).files
+        return _paths(ingest.discover(path).files)
     try:
-        return ingest.discover(path).files
+        return _paths(ingest.discover(path).files)
     except InputError:
         return []  # no log written yet
+
+
+def _paths(files: list[Location]) -> list[Path]:
+    """The files of a local run (all of them local paths)."""
+    return [f for f in files if isinstance(f, Path)]
+
+
+def _local(path: Location) -> Path:
+    """A run's directory; a bucket is refused (watch polls a file system's sizes and mtimes)."""
+    if not isinstance(path, Path):
+        raise UsageError(f"{path}: watch follows local directories; analyze reads buckets")
+    return path

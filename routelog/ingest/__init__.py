@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from routelog.errors import InputError
+from routelog.errors import InputError, RoutelogError
+from routelog.storage import Location, Remote
 
 if TYPE_CHECKING:
     import polars as pl
@@ -113,7 +114,7 @@ SIDECARS = re.compile(
 never as logs of their own."""
 
 
-def _module_of(path: Path, *, sniff: bool = False) -> tuple[str, str] | None:
+def _module_of(path: Location, *, sniff: bool = False) -> tuple[str, str] | None:
     """(format name, module) for a log file; None for a sidecar or an unknown file.
 
     ``sniff``: also look into files whose name alone does not decide (see ``LAYOUTS``).
@@ -123,7 +124,7 @@ def _module_of(path: Path, *, sniff: bool = False) -> tuple[str, str] | None:
         return None
     for pattern, fmt, module, by_content in LAYOUTS:
         if pattern.search(name):
-            if sniff and by_content:
+            if sniff and by_content and isinstance(path, Path):
                 recognise = importlib.import_module(f"routelog.ingest.{module}").recognise
                 if not recognise(path):
                     return None
@@ -135,19 +136,19 @@ def _module_of(path: Path, *, sniff: bool = False) -> tuple[str, str] | None:
     return None
 
 
-def format_of(path: Path) -> str | None:
+def format_of(path: Location) -> str | None:
     """The format name for a file: by framework file name, else by suffix (``.jsonl.gz``
     counts as one suffix); None for sidecars and files that are not logs."""
     found = _module_of(path)
     return found[0] if found else None
 
 
-def is_sidecar(path: Path) -> bool:
+def is_sidecar(path: Location) -> bool:
     """Whether a file is one a framework writes beside its logs (see ``SIDECARS``)."""
     return SIDECARS.match(path.name) is not None
 
 
-def _scanner(path: Path) -> Scanner:
+def _scanner(path: Location) -> Scanner:
     found = _module_of(path)
     if found is not None:
         module = importlib.import_module(f"routelog.ingest.{found[1]}")
@@ -180,14 +181,17 @@ class RunFiles:
     """The log files of one run, the files in its directory that are not logs, and why any
     path named like a log was not read (a dangling link, a directory link loop)."""
 
-    files: list[Path]
-    ignored: list[Path]
-    sidecars: list[Path] = field(default_factory=list)
+    files: list[Location]
+    ignored: list[Location]
+    sidecars: list[Location] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
-def discover(path: Path) -> RunFiles:
-    """List the log files of a run: the file itself, or a directory walked recursively."""
+def discover(path: Location) -> RunFiles:
+    """List the log files of a run: the file itself, or a directory walked recursively
+    (a remote prefix: every object under it)."""
+    if isinstance(path, Remote):
+        return _discover_remote(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
     if path.is_file():
@@ -214,7 +218,7 @@ def discover(path: Path) -> RunFiles:
             "router_trace_rank*.jsonl, expert_distribution_recorder_*.pt, rank*.safetensors"
         )
         raise InputError(f"{path}: no routing logs found (looked for {known}, {frameworks})")
-    return RunFiles(sorted(files), sorted(ignored), sorted(sidecars), notes)
+    return RunFiles([*sorted(files)], [*sorted(ignored)], [*sorted(sidecars)], notes)
 
 
 def _walk(root: Path, notes: list[str]) -> list[Path]:
@@ -268,14 +272,73 @@ def is_shard(path: Path) -> bool:
         return False
 
 
-def scan(path: Path, options: Options, info: FileInfo) -> Iterator[Batch]:
+def _discover_remote(prefix: Remote) -> RunFiles:
+    from routelog import storage
+
+    objects = storage.discover(prefix)
+    if len(objects) == 1 and objects[0].url == prefix.url:
+        if format_of(prefix) is None:
+            _scanner(prefix)  # raises the unknown-type error
+        return RunFiles(list(objects), [])
+    files: list[Location] = []
+    ignored: list[Location] = []
+    sidecars: list[Location] = []
+    for child in objects:
+        if any(part.startswith(".") for part in storage.relative_parts(prefix, child)):
+            continue
+        if format_of(child):
+            files.append(child)
+        else:
+            (sidecars if is_sidecar(child) else ignored).append(child)
+    if not files:
+        known = ", ".join(f"*{s}" for s in sorted(FORMATS))
+        raise InputError(f"{prefix}: no routing logs found (looked for {known})")
+    return RunFiles(files, ignored, sidecars)
+
+
+def scan(path: Location, options: Options, info: FileInfo) -> Iterator[Batch]:
     """Read one file into canonical batches, whatever its format.
 
     An operating-system error (the file vanished or is unreadable) is an ``InputError`` too.
     """
+    if isinstance(path, Remote):
+        yield from _scan_remote(path, options, info)
+        return
     try:
         if path.stat().st_size == 0:
             raise InputError(f"{path}: file is empty")
         yield from _scanner(path)(path, options, info)
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+
+
+def _scan_remote(remote: Remote, options: Options, info: FileInfo) -> Iterator[Batch]:
+    """Read one object: Parquet by ranged reads, JSONL as a stream, ``.pt`` spilled to a
+    temporary file. Each reader names the file by a stand-in path with the object's name;
+    its errors are rewritten to name the URL."""
+    from routelog import storage
+    from routelog.executor import relocated
+
+    if remote.size == 0:
+        raise InputError(f"{remote}: file is empty")
+    fmt = format_of(remote)
+    standin = Path(remote.url)
+    try:
+        if fmt == "parquet":
+            from routelog.ingest import parquet
+
+            with storage.open_random(remote) as handle:
+                yield from parquet.scan(standin, options, info, source=handle)
+        elif fmt == "jsonl":
+            from routelog.ingest import jsonl
+
+            with storage.open_stream(remote) as stream:
+                yield from jsonl.scan(standin, options, info, stream=stream)
+        else:
+            with storage.spilled(remote) as local:
+                standin = local
+                yield from _scanner(remote)(local, options, info)
+    except RoutelogError as error:
+        raise relocated(error, str(standin), remote.url) from None
+    except OSError as exc:
+        raise storage.failure(remote, exc) from exc

@@ -17,7 +17,7 @@ import re
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -48,11 +48,17 @@ FLOAT_PAYLOADS = frozenset(PAYLOAD_KINDS)
 COUNT_PAYLOADS = frozenset({*table.COUNT_COLUMNS, table.ID_COLUMN})
 
 
-def scan(path: Path, options: Options, info: FileInfo) -> Iterator[Batch]:
-    """Read a JSONL file block by block into canonical batches."""
+def scan(
+    path: Path, options: Options, info: FileInfo, *, stream: IO[bytes] | None = None
+) -> Iterator[Batch]:
+    """Read a JSONL file block by block into canonical batches.
+
+    ``stream`` (optional) is an open binary stream to read instead of ``path`` (an object in
+    a bucket, still compressed when its name ends in ``.gz``); ``path`` still names it.
+    """
     layout: table.Layout | None = None
     row_offset = 0
-    for block, first_line in _blocks(path, options, info):
+    for block, first_line in _blocks(path, options, info, stream):
         parsed = _parse(block, first_line, path, layout, options, info)
         if parsed is None:
             continue
@@ -103,13 +109,16 @@ def _with_columns(frame: pl.DataFrame, layout: table.Layout) -> pl.DataFrame:
     return frame.with_columns(pl.lit(None).alias(c) for c in missing) if missing else frame
 
 
-def _blocks(path: Path, options: Options, info: FileInfo) -> Iterator[tuple[bytes, int]]:
+def _blocks(
+    path: Path, options: Options, info: FileInfo, source: IO[bytes] | None = None
+) -> Iterator[tuple[bytes, int]]:
     """Blocks of whole lines of the decompressed text, with the number of each first line.
 
     Memory is bounded whatever the file holds: a line longer than ``MAX_LINE_BYTES`` (a
     gigabyte of gzip without a newline) is a bad row, named or (``--skip-bad-rows``) skipped
     and counted while the rest of it is read past, never accumulated. A UTF-8 byte-order mark
-    at the start of the file is dropped.
+    at the start of the file is dropped. ``source`` (optional) is an open binary stream to
+    read instead of ``path`` (an object in a bucket).
     """
     compressed = path.name.lower().endswith(".gz")
     line = 1
@@ -117,7 +126,7 @@ def _blocks(path: Path, options: Options, info: FileInfo) -> Iterator[tuple[byte
     skipping = False  # inside an over-long line, reading past its end
     first = True
     try:
-        with _open(path, compressed) as stream:
+        with _open(path, compressed, source) as stream:
             while True:
                 chunk = stream.read(BLOCK_BYTES)
                 if first:
@@ -159,7 +168,11 @@ def _long_line(path: Path, line: int, options: Options, info: FileInfo) -> None:
     info.skipped_rows += 1
 
 
-def _open(path: Path, compressed: bool) -> gzip.GzipFile | io.BufferedReader:
+def _open(
+    path: Path, compressed: bool, source: IO[bytes] | None = None
+) -> gzip.GzipFile | io.BufferedReader | IO[bytes]:
+    if source is not None:
+        return gzip.GzipFile(fileobj=source, mode="rb") if compressed else source
     return gzip.open(path, "rb") if compressed else path.open("rb")
 
 

@@ -10,7 +10,7 @@ import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
@@ -28,13 +28,23 @@ its own threads) holds much more of a large file in memory; one column chunk of 
 row group at a time keeps peak memory independent of the file's size."""
 
 
-def scan(path: Path, options: Options, info: FileInfo) -> Iterator[Batch]:
-    """Read a Parquet file batch by batch into canonical batches."""
+def scan(path: Path, options: Options, info: FileInfo, *, source: Any = None) -> Iterator[Batch]:
+    """Read a Parquet file batch by batch into canonical batches.
+
+    ``source`` (optional) is an open random-access file to read instead of ``path`` (an
+    object in a bucket: each column chunk is a ranged read); ``path`` still names it.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        reader = pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER)
+        # from object storage every request is a round trip: fetch each row group in a few
+        # coalesced ranged requests (memory: one compressed row group) rather than 1 MB reads
+        reader = pq.ParquetFile(
+            path if source is None else source,
+            pre_buffer=source is not None,
+            buffer_size=READ_BUFFER,
+        )
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{path}: not a valid Parquet file ({_first_line(exc)})") from exc
     columns = reader.schema_arrow.names

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from routelog import __version__
 from routelog.render.text import fmt
+from routelog.storage import is_url
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -77,12 +78,23 @@ def print_inspect(
     from routelog.render.text import Column, grid
 
     paths = [info.path for info in infos]
-    absolute = [Path(p).absolute() for p in paths]  # not resolved: links kept as given
-    base = os.path.commonpath([a.parent for a in absolute]) if paths else ""
-    relative = len(paths) > 1 and base != os.sep
-    shown = [
-        str(a.relative_to(base)) if relative else p for a, p in zip(absolute, paths, strict=True)
-    ]
+    if any(is_url(p) for p in paths):  # objects in a bucket: cut the URLs' common prefix
+        folders = [p.split("/")[:-1] for p in paths]
+        common = next(
+            (i for i, parts in enumerate(zip(*folders, strict=False)) if len(set(parts)) > 1),
+            min(map(len, folders)),
+        )
+        base = "/".join(folders[0][:common])
+        relative = len(paths) > 1 and common >= 3  # scheme, "", bucket
+        shown = [p[len(base) + 1 :] if relative else p for p in paths]
+    else:
+        absolute = [Path(p).absolute() for p in paths]  # not resolved: links kept as given
+        base = os.path.commonpath([a.parent for a in absolute]) if paths else ""
+        relative = len(paths) > 1 and base != os.sep
+        shown = [
+            str(a.relative_to(base)) if relative else p
+            for a, p in zip(absolute, paths, strict=True)
+        ]
     columns = [
         Column("file", key=True),
         Column("format"),
@@ -111,7 +123,8 @@ def print_inspect(
     for line in lines:
         console.print(line, soft_wrap=True)
     if relative:
-        console.print(f"files under {_shown_base(base)}", markup=False)
+        shown_base = base if is_url(base) else _shown_base(base)
+        console.print(f"files under {shown_base}", markup=False)
     for entry in ks or []:
         if entry["needed"]:
             where = escape(entry["path"])

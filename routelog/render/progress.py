@@ -8,6 +8,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from routelog.storage import Location
+
 DELAY_SECONDS = 1.0
 
 
@@ -25,7 +27,7 @@ class FileProgress:
         self._bar: Any = None
         self._task: Any = None
 
-    def __call__(self, path: Path, done: int, total: int) -> None:
+    def __call__(self, path: Location, done: int, total: int) -> None:
         if self._bar is None:
             if not self.stream.isatty() or time.monotonic() - self.started < self.delay:
                 return
@@ -35,7 +37,9 @@ class FileProgress:
             self._bar = Progress(console=Console(file=self.stream), transient=True)
             self._bar.start()
             self._task = self._bar.add_task("reading", total=total)
-        self._bar.update(self._task, completed=done, total=total, description=path.parent.name)
+        self._bar.update(
+            self._task, completed=done, total=total, description=Path(str(path)).parent.name
+        )
 
     def __enter__(self) -> FileProgress:
         return self

@@ -1,0 +1,294 @@
+"""Where bytes come from: local paths, and objects in S3 or GCS buckets named by URL.
+
+A location on the command line is a local path, ``file://PATH`` (the same local path), or
+``s3://BUCKET/PREFIX`` / ``gs://BUCKET/PREFIX``. A remote prefix is listed recursively like a
+directory; each object found is a :class:`Remote` that carries its URL, size and modification
+time from the listing. Local paths never come through here beyond :func:`locate`: they stay on
+the readers' own code paths.
+
+The layer is pyarrow's own file systems (``pyarrow.fs.S3FileSystem``, ``GcsFileSystem``),
+which ship inside the pyarrow wheel routelog already depends on: no new dependency, and
+Parquet row groups are fetched with ranged GETs by the same C++ reader that reads local files.
+Credentials, region and endpoint come from each cloud's standard environment and files
+(``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ``~/.aws/credentials``, ``AWS_REGION``,
+``AWS_ENDPOINT_URL``; ``GOOGLE_APPLICATION_CREDENTIALS``, ``STORAGE_EMULATOR_HOST``); routelog
+reads only the region and endpoint itself and never prints any of them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+from routelog.errors import InputError, UsageError
+
+if TYPE_CHECKING:
+    import pyarrow.fs
+
+CLOUD_EXTRA = "pip install 'routelog[cloud]'"
+SCHEMES = {"s3": "s3", "gs": "gs", "gcs": "gs"}
+"""URL schemes read, and the name each one is shown under."""
+PYARROW_FLOOR = (26, 0, 1)
+"""The pyarrow release the ``cloud`` extra requires (the one its tests ran on)."""
+GCS_RETRY_SECONDS = 8
+"""How long the GCS client retries (without it, no credentials means retrying for minutes)."""
+SPILL_CHUNK = 1 << 23
+"""Bytes copied at a time when a remote object is spilled to a temporary file."""
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+@dataclass(frozen=True)
+class Remote:
+    """An object (or a prefix, before listing) in a bucket, named by its URL."""
+
+    url: str
+    """``s3://bucket/key`` or ``gs://bucket/key``, as normalised by :func:`locate`."""
+    size: int | None = None
+    """Bytes, from the listing (None for a location not listed yet)."""
+    mtime_ns: int | None = None
+    _memo: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def __str__(self) -> str:
+        return self.url
+
+    @property
+    def scheme(self) -> str:
+        return self.url.split("://", 1)[0]
+
+    @property
+    def key(self) -> str:
+        """``bucket/key``: the path pyarrow's file systems take."""
+        return self.url.split("://", 1)[1].rstrip("/")
+
+    @property
+    def name(self) -> str:
+        """The last part of the key (the bucket for a bare bucket)."""
+        return self.key.rsplit("/", 1)[-1]
+
+    def child(self, key: str, size: int | None, mtime_ns: int | None) -> Remote:
+        return Remote(f"{self.scheme}://{key}", size, mtime_ns)
+
+
+Location = Path | Remote
+"""Where a run or a file is: a local path, or an object or prefix in a bucket."""
+
+
+def is_url(text: str) -> bool:
+    """Whether ``text`` starts with ``SCHEME://``."""
+    return _URL.match(text) is not None
+
+
+def locate(text: str) -> Location:
+    """A location from what the user typed: a path, ``file://``, ``s3://`` or ``gs://``."""
+    if not is_url(text):
+        return Path(text)
+    parts = urlsplit(text)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise UsageError(f"{text}: a file:// URL names a local path (file:///PATH)")
+        return Path(unquote(parts.path))
+    if scheme not in SCHEMES:
+        known = ", ".join(f"{s}://" for s in ("s3", "gs", "file"))
+        raise UsageError(f"{text}: unsupported URL scheme {scheme}:// (routelog reads {known})")
+    if not parts.netloc:
+        raise UsageError(f"{text}: no bucket in the URL ({scheme}://BUCKET/PREFIX)")
+    key = unquote(parts.path).strip("/")
+    return Remote(f"{SCHEMES[scheme]}://{parts.netloc}/{key}".rstrip("/"))
+
+
+def filesystem(scheme: str) -> pyarrow.fs.FileSystem:
+    """The file system for ``s3`` or ``gs``, configured from the cloud's environment."""
+    return _filesystem(scheme, _settings(scheme))
+
+
+def _settings(scheme: str) -> tuple[tuple[str, str], ...]:
+    """The environment a file system is built from (so a changed environment is seen)."""
+    names: tuple[str, ...] = ("STORAGE_EMULATOR_HOST",)
+    if scheme == "s3":
+        names = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
+    return tuple((n, os.environ[n]) for n in names if os.environ.get(n))
+
+
+@functools.lru_cache(maxsize=8)
+def _filesystem(scheme: str, settings: tuple[tuple[str, str], ...]) -> pyarrow.fs.FileSystem:
+    fs = _pyarrow_fs()
+    env = dict(settings)
+    try:
+        if scheme == "s3":
+            endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+            region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+            kwargs: dict[str, Any] = {}
+            if region:
+                kwargs["region"] = region
+            if endpoint:
+                parts = urlsplit(endpoint if is_url(endpoint) else f"https://{endpoint}")
+                kwargs["endpoint_override"] = parts.netloc
+                kwargs["scheme"] = parts.scheme or "https"
+            return fs.S3FileSystem(**kwargs)
+        emulator = env.get("STORAGE_EMULATOR_HOST")
+        if emulator:
+            parts = urlsplit(emulator if is_url(emulator) else f"http://{emulator}")
+            return fs.GcsFileSystem(
+                anonymous=True,
+                endpoint_override=parts.netloc,
+                scheme=parts.scheme or "http",
+                retry_time_limit=timedelta(seconds=GCS_RETRY_SECONDS),
+            )
+        return fs.GcsFileSystem(retry_time_limit=timedelta(seconds=GCS_RETRY_SECONDS))
+    except (ImportError, AttributeError) as exc:  # a pyarrow built without S3 or GCS
+        raise UsageError(
+            f"{scheme}:// needs pyarrow with {scheme.upper()} support ({exc}): {CLOUD_EXTRA}"
+        ) from None
+
+
+def _pyarrow_fs() -> Any:
+    """``pyarrow.fs`` at the release the ``cloud`` extra requires, else a one-line error."""
+    try:
+        import pyarrow
+        import pyarrow.fs
+    except ImportError:
+        raise UsageError(f"reading from object storage needs pyarrow.fs: {CLOUD_EXTRA}") from None
+    found = tuple(int(p) for p in re.findall(r"\d+", pyarrow.__version__)[:3])
+    if found < PYARROW_FLOOR:
+        need = ".".join(map(str, PYARROW_FLOOR))
+        raise UsageError(
+            f"reading from object storage needs pyarrow>={need} (found {pyarrow.__version__}): "
+            f"{CLOUD_EXTRA}"
+        )
+    return pyarrow.fs
+
+
+def failure(remote: Remote, exc: BaseException) -> InputError:
+    """An error from the object store as one line naming the URL (never the credentials)."""
+    text = str(exc)
+    upper = text.upper()
+    if "ACCESS_DENIED" in upper or "ACCESSDENIED" in upper or "FORBIDDEN" in upper:
+        reason = "access denied (check the credentials in AWS_* or ~/.aws, and the bucket policy)"
+    elif "NO_SUCH_BUCKET" in upper or "NOSUCHBUCKET" in upper or "BUCKET DOES NOT EXIST" in upper:
+        reason = f"no such bucket {remote.key.split('/', 1)[0]!r}"
+    elif "INVALIDACCESSKEYID" in upper or "INVALID_ACCESS_KEY" in upper:
+        reason = "the access key is not known to the server (check AWS_ACCESS_KEY_ID)"
+    elif "OAUTH2 ACCESS TOKEN" in upper:
+        reason = (
+            "no Google credentials (set GOOGLE_APPLICATION_CREDENTIALS, or run "
+            "gcloud auth application-default login)"
+        )
+    elif "SIGNATURE" in upper:
+        reason = "the request signature was refused (check AWS_SECRET_ACCESS_KEY)"
+    else:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        reason = lines[0] if lines else type(exc).__name__
+    return InputError(f"{remote.url}: cannot read ({reason})")
+
+
+def discover(location: Remote) -> list[Remote]:
+    """The objects at ``location``: the object itself, or every object under the prefix.
+
+    Objects come in key order with their sizes and modification times from the listing.
+    """
+    fs = _pyarrow_fs()
+    system = filesystem(location.scheme)
+    try:
+        info = system.get_file_info(location.key)
+        if info.type == fs.FileType.File:
+            return [_from_info(location, info)]
+        if info.type == fs.FileType.NotFound:
+            bucket = location.key.split("/", 1)[0]
+            if bucket != location.key and system.get_file_info(bucket).type == fs.FileType.NotFound:
+                raise InputError(f"{location.url}: cannot read (no such bucket {bucket!r})")
+            raise InputError(f"{location.url}: no such object or prefix")
+        selector = fs.FileSelector(location.key, recursive=True)
+        listed = system.get_file_info(selector)
+    except OSError as exc:
+        raise failure(location, exc) from None
+    found = [_from_info(location, i) for i in listed if i.type == fs.FileType.File]
+    return sorted(found, key=lambda r: r.url)
+
+
+def relative_parts(prefix: Remote, remote: Remote) -> tuple[str, ...]:
+    """The parts of ``remote``'s key below ``prefix`` (for skipping hidden names)."""
+    below = remote.key[len(prefix.key) :].strip("/")
+    return tuple(below.split("/")) if below else ()
+
+
+def _from_info(location: Remote, info: Any) -> Remote:
+    mtime = info.mtime_ns if info.mtime is not None else None
+    return location.child(info.path, info.size, mtime)
+
+
+def identity(remote: Remote) -> dict[str, Any] | None:
+    """What a cache entry of ``remote`` is keyed by: URL, size and ETag (S3) or generation
+    (GCS), from one HEAD request made once per listed object. None when it cannot be known
+    (then nothing is cached for the object)."""
+    if "identity" in remote._memo:
+        found: dict[str, Any] | None = remote._memo["identity"]
+        return found
+    result: dict[str, Any] | None
+    try:
+        with filesystem(remote.scheme).open_input_file(remote.key) as handle:
+            metadata = handle.metadata()
+            size = handle.size()
+        tags = {
+            k.decode() if isinstance(k, bytes) else str(k): (
+                v.decode() if isinstance(v, bytes) else str(v)
+            )
+            for k, v in metadata.items()
+        }
+        version = tags.get("ETag") or tags.get("generation") or tags.get("Generation")
+        if not version:
+            result = None
+        else:
+            result = {
+                "url": remote.url,
+                "size": int(size),
+                "version": version,
+                "mtime_ns": remote.mtime_ns,
+            }
+    except (OSError, UsageError):
+        result = None
+    remote._memo["identity"] = result
+    return result
+
+
+def open_random(remote: Remote) -> Any:
+    """A random-access file over ``remote``: each read is a ranged GET (Parquet row groups)."""
+    try:
+        return filesystem(remote.scheme).open_input_file(remote.key)
+    except OSError as exc:
+        raise failure(remote, exc) from None
+
+
+def open_stream(remote: Remote) -> Any:
+    """A sequential stream over ``remote`` (one GET, read as it is consumed; no decompression)."""
+    try:
+        return filesystem(remote.scheme).open_input_stream(remote.key, compression=None)
+    except OSError as exc:
+        raise failure(remote, exc) from None
+
+
+@contextmanager
+def spilled(remote: Remote) -> Iterator[Path]:
+    """``remote`` copied to a temporary file of the same name, removed on exit.
+
+    For readers that need a seekable local file (``.pt``, a zip archive read whole): one
+    streamed GET is faster than the many small ranged GETs a zip reader makes.
+    """
+    with tempfile.TemporaryDirectory(prefix="routelog-") as directory:
+        target = Path(directory) / (remote.name or "object")
+        try:
+            with open_stream(remote) as source, target.open("wb") as sink:
+                shutil.copyfileobj(source, sink, SPILL_CHUNK)
+        except OSError as exc:
+            raise failure(remote, exc) from None
+        yield target

@@ -1,0 +1,449 @@
+"""Object storage: runs in an S3 bucket, against a real S3 server (moto) on 127.0.0.1.
+
+Requests go through a counting TCP proxy in front of the server, so the tests can tell how
+many bytes routelog fetched (ranged reads) without trusting routelog's own account.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from routelog import storage
+from routelog.cli import app
+from routelog.storage import Remote, locate
+from tests.conftest import SAMPLES, dirichlet
+
+# the cloud layer (the ``cloud`` extra: pyarrow.fs at the tested release) and the S3 server;
+# `make test-min` installs neither at these versions, so there the module skips
+pytest.importorskip(
+    "pyarrow", minversion=".".join(map(str, storage.PYARROW_FLOOR)), reason="needs routelog[cloud]"
+)
+pytest.importorskip("pyarrow.fs", reason="needs routelog[cloud]")
+boto3 = pytest.importorskip("boto3")
+moto_server = pytest.importorskip("moto.server")
+
+runner = CliRunner()
+BIN = Path(sys.executable).parent
+HEALTHY = SAMPLES / "healthy"
+KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+
+
+class CountingProxy:
+    """Forwards 127.0.0.1:port to a server and counts the bytes the server sends back."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.received = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, count: bool) -> None:
+        try:
+            while chunk := source.recv(1 << 16):
+                if count:
+                    with self.lock:
+                        self.received += len(chunk)
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+            source.close()  # each socket is the source of exactly one of the two pipes
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture(scope="module")
+def s3_server() -> Iterator[CountingProxy]:
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    proxy = CountingProxy((host, port))
+    yield proxy
+    proxy.close()
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server: CountingProxy, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A boto3 client of the test server; routelog sees the same server through AWS_*."""
+    endpoint = f"http://127.0.0.1:{s3_server.port}"
+    for name, value in {
+        **KEYS,
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+
+
+def _bucket(s3: Any, name: str) -> str:
+    existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
+    if name not in existing:
+        s3.create_bucket(Bucket=name)
+    return name
+
+
+def _upload(s3: Any, bucket: str, prefix: str, directory: Path) -> None:
+    for file in sorted(directory.rglob("*")):
+        if file.is_file():
+            key = f"{prefix}/{file.relative_to(directory).as_posix()}"
+            s3.put_object(Bucket=bucket, Key=key, Body=file.read_bytes())
+
+
+def _analyze_json(*args: str) -> dict[str, Any]:
+    result = runner.invoke(app, ["analyze", *args, "--format", "json", "-k", "2"])
+    assert result.exit_code == 0, result.output
+    document: dict[str, Any] = json.loads(result.stdout)
+    return document
+
+
+def _without_locations(document: dict[str, Any]) -> dict[str, Any]:
+    """The JSON document less the fields that name where the run is."""
+    for run in document["runs"]:
+        run.pop("path")
+    return document
+
+
+def test_a_bucket_prefix_gives_the_same_json_as_the_directory(s3: Any) -> None:
+    bucket = _bucket(s3, "runs")
+    _upload(s3, bucket, "exp/healthy", HEALTHY)
+    s3.put_object(Bucket=bucket, Key="exp/healthy/notes.txt", Body=b"not a log")
+    s3.put_object(Bucket=bucket, Key="exp/healthy/.hidden/step_000001.parquet", Body=b"x")
+    remote = _analyze_json("healthy=s3://runs/exp/healthy", "--no-cache")
+    local = _analyze_json(f"healthy={HEALTHY}", "--no-cache")
+    assert remote["runs"][0]["path"] == "s3://runs/exp/healthy"
+    assert remote["runs"][0]["ignored_files"] == ["s3://runs/exp/healthy/notes.txt"]
+    remote["runs"][0]["ignored_files"] = []
+    assert _without_locations(remote) == _without_locations(local)
+    assert remote["runs"][0]["files"] == len(list(HEALTHY.glob("*.parquet")))
+
+
+def test_results_are_byte_for_byte_those_of_the_same_files_on_disk(s3: Any, tmp_path: Path) -> None:
+    """Parquet, JSONL, gzipped JSONL and .pt in one prefix; the JSON differs only in path."""
+    rng = np.random.default_rng(7)
+    run = tmp_path / "mixed"
+    run.mkdir()
+    probs = dirichlet(rng, 64, 8).astype(np.float32)
+    pl.DataFrame(
+        {"step": [0] * 64, "layer": [0] * 64, "token": list(range(64)), "probs": probs.tolist()}
+    ).write_parquet(run / "step_000000.parquet")
+    lines = "".join(
+        json.dumps({"step": 1, "layer": 0, "token": t, "probs": probs[t].tolist()}) + "\n"
+        for t in range(64)
+    )
+    (run / "step_000001.jsonl").write_text(lines)
+    (run / "step_000002.jsonl.gz").write_bytes(
+        gzip.compress(lines.replace('"step": 1', '"step": 2').encode())
+    )
+    torch = pytest.importorskip("torch")
+    torch.save({"step": 3, "router_probs": [torch.tensor(probs)]}, run / "step_000003.pt")
+    bucket = _bucket(s3, "mixed")
+    _upload(s3, bucket, "run", run)
+    remote = runner.invoke(app, ["analyze", "mixed=s3://mixed/run", "-k", "2", "--format", "json"])
+    local = runner.invoke(app, ["analyze", f"mixed={run}", "-k", "2", "--format", "json"])
+    assert remote.exit_code == 0, remote.output
+    assert local.exit_code == 0, local.output
+    assert remote.stdout.replace('"s3://mixed/run"', json.dumps(str(run))) == local.stdout
+    payloads = json.loads(remote.stdout)["runs"][0]
+    assert payloads["files"] == 4
+
+
+def test_file_urls_are_local_paths(tmp_path: Path) -> None:
+    assert locate(f"file://{HEALTHY}") == HEALTHY
+    assert locate("file://localhost/tmp/x") == Path("/tmp/x")
+    url = _analyze_json(f"h=file://{HEALTHY}", "--no-cache")
+    path = _analyze_json(f"h={HEALTHY}", "--no-cache")
+    assert url == path
+
+
+def test_parquet_is_read_by_ranged_requests(s3: Any, s3_server: CountingProxy) -> None:
+    """One column of one row group of a large object costs a small part of the object."""
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    frame = pl.DataFrame(
+        {
+            "step": np.zeros(200_000, dtype=np.int64),
+            "layer": np.repeat(np.arange(4, dtype=np.int32), 50_000),
+            "probs": dirichlet(rng, 200_000, 16).astype(np.float32),
+        }
+    )
+    body = frame.to_arrow()
+    path = Path("big.parquet")
+    pq.write_table(body, path, row_group_size=50_000, compression="none")
+    size = path.stat().st_size
+    bucket = _bucket(s3, "ranged")
+    s3.put_object(Bucket=bucket, Key="big.parquet", Body=path.read_bytes())
+    remote = locate("s3://ranged/big.parquet")
+    assert isinstance(remote, Remote)
+    before = s3_server.received
+    with storage.open_random(remote) as handle:
+        layers = pq.ParquetFile(handle).read_row_group(1, columns=["layer"])
+    fetched = s3_server.received - before
+    assert layers.num_rows == 50_000
+    assert fetched < size / 20, (fetched, size)
+    # a whole analysis fetches the object about once (row group by row group), not more
+    before = s3_server.received
+    _analyze_json("s3://ranged/big.parquet", "--no-cache")
+    fetched = s3_server.received - before
+    assert size * 0.9 < fetched < size * 1.2, (fetched, size)
+
+
+def test_a_missing_bucket_is_one_line(s3: Any) -> None:
+    result = runner.invoke(app, ["analyze", "s3://no-such-bucket/run"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        "routelog: error: s3://no-such-bucket/run: cannot read (no such bucket 'no-such-bucket')"
+    ], result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_a_missing_prefix_is_one_line(s3: Any) -> None:
+    _bucket(s3, "runs")
+    result = runner.invoke(app, ["analyze", "s3://runs/nothing/here"])
+    assert result.exit_code == 2, result.output
+    assert "s3://runs/nothing/here: no such object or prefix" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_unsupported_scheme_is_a_usage_error() -> None:
+    result = runner.invoke(app, ["analyze", "ftp://host/run"])
+    assert result.exit_code == 2, result.output
+    assert "unsupported URL scheme ftp://" in result.stderr
+
+
+def test_without_the_cloud_extra_a_url_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(storage, "PYARROW_FLOOR", (999, 0, 0))
+    result = runner.invoke(app, ["analyze", "s3://runs/exp"])
+    assert result.exit_code == 2, result.output
+    assert "pip install 'routelog[cloud]'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_changed_object_is_never_served_stale(s3: Any, tmp_path: Path) -> None:
+    """Same key, same size, new content: the cache entry is not used; unchanged, it is."""
+    rng = np.random.default_rng(3)
+    bucket = _bucket(s3, "changing")
+
+    def put(alpha: float) -> None:
+        lines = "".join(
+            json.dumps({"step": 0, "layer": 0, "probs": [round(float(x), 6) for x in row]}) + "\n"
+            for row in dirichlet(rng, 32, 4, alpha)
+        )
+        s3.put_object(Bucket=bucket, Key="run/step_000000.jsonl", Body=lines.encode())
+
+    put(1.0)
+    first = _analyze_json("s3://changing/run")
+    cache_files = sorted(Path(os.environ["ROUTELOG_CACHE_DIR"]).iterdir())
+    again = _analyze_json("s3://changing/run")
+    assert again == first
+    assert sorted(Path(os.environ["ROUTELOG_CACHE_DIR"]).iterdir()) == cache_files  # a hit
+    put(0.05)
+    changed = _analyze_json("s3://changing/run")
+    fresh = _analyze_json("s3://changing/run", "--no-cache")
+    assert changed == fresh
+    assert changed["metrics"] != first["metrics"]
+
+
+def test_a_prefix_with_a_thousand_small_objects(s3: Any) -> None:
+    """Listing pages through more than 1,000 keys; every object is read."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    bucket = _bucket(s3, "many")
+    # seeded in the server's own store (1,000 PUTs over HTTP would take moto ~15 s);
+    # everything routelog does still goes through the server and pyarrow's S3 client
+    store = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+    rows = dirichlet(np.random.default_rng(5), 1000, 4)
+    for i in range(1000):
+        line = json.dumps({"step": i, "layer": 0, "probs": rows[i].round(6).tolist()})
+        store.put_object(bucket, f"run/step_{i:06d}.jsonl", line.encode())
+    store.put_object(bucket, "run/README.md", b"about")
+    assert s3.list_objects_v2(Bucket=bucket, Prefix="run/")["IsTruncated"]  # > 1 page
+    # routelog in its own process: the server, in this one, gets this one's interpreter
+    command = [str(BIN / "routelog"), "analyze", "s3://many/run", "--no-cache", "-k", "2"]
+    done = subprocess.run(
+        [*command, "--format", "json"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    summary = document["runs"][0]
+    assert summary["files"] == 1000
+    assert summary["rows"] == 1000
+    assert summary["ignored_files"] == ["s3://many/run/README.md"]
+    steps = sorted({m["step"] for m in document["metrics"]})
+    assert steps == list(range(1000))
+
+
+def test_inspect_and_check_baseline_take_urls(s3: Any) -> None:
+    bucket = _bucket(s3, "runs")
+    _upload(s3, bucket, "exp/healthy", HEALTHY)
+    inspected = runner.invoke(app, ["inspect", "s3://runs/exp/healthy", "--format", "json"])
+    assert inspected.exit_code == 0, inspected.output
+    files = json.loads(inspected.stdout)["files"]
+    assert files[0]["path"].startswith("s3://runs/exp/healthy/step_")
+    checked = runner.invoke(
+        app, ["check", str(HEALTHY), "-k", "2", "--baseline", "s3://runs/exp/healthy"]
+    )
+    assert checked.exit_code in (0, 1), checked.output
+    assert "Traceback" not in checked.output
+
+
+def test_a_bad_object_names_its_url(s3: Any) -> None:
+    bucket = _bucket(s3, "bad")
+    s3.put_object(Bucket=bucket, Key="run/step_000000.jsonl", Body=b'{"step": 0, "layer": 0}\n')
+    s3.put_object(Bucket=bucket, Key="run/step_000001.parquet", Body=b"PAR1 not really")
+    result = runner.invoke(app, ["analyze", "s3://bad/run/step_000000.jsonl"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("routelog: error: s3://bad/run/step_000000.jsonl: "), (
+        result.stderr
+    )
+    result = runner.invoke(app, ["analyze", "s3://bad/run/step_000001.parquet"])
+    assert result.exit_code == 2, result.output
+    assert "s3://bad/run/step_000001.parquet: not a valid Parquet file" in result.stderr
+
+
+def test_credentials_are_never_printed(s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sekrit-value-123")
+    result = runner.invoke(app, ["analyze", "s3://no-such-bucket/run", "--debug"])
+    assert "sekrit-value-123" not in result.output
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def enforcing_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A moto server process that enforces IAM after its first few (setup) requests."""
+    binary = Path(sys.executable).parent / "moto_server"
+    if not binary.exists():
+        pytest.skip("moto_server is not installed")
+    port = _free_port()
+    env = {**os.environ, **KEYS, "INITIAL_NO_AUTH_ACTION_COUNT": "4"}
+    process = subprocess.Popen(
+        [str(binary), "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    try:
+        yield endpoint
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_access_denied_is_one_line(enforcing_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    setup = {"endpoint_url": enforcing_server, "region_name": "us-east-1"}
+    iam = boto3.client("iam", **setup)
+    iam.create_user(UserName="reader")
+    key = iam.create_access_key(UserName="reader")["AccessKey"]
+    s3 = boto3.client("s3", **setup)
+    s3.create_bucket(Bucket="locked")
+    s3.put_object(Bucket="locked", Key="run/step_000000.parquet", Body=b"PAR1")
+    for name, value in {
+        "AWS_ENDPOINT_URL": enforcing_server,
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+        "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+    }.items():
+        monkeypatch.setenv(name, value)
+    result = runner.invoke(app, ["analyze", "s3://locked/run"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (
+        "routelog: error: s3://locked/run: cannot read (access denied (check the credentials "
+        "in AWS_* or ~/.aws, and the bucket policy))"
+    ), result.stderr
+    assert key["SecretAccessKey"] not in result.output
+
+
+def test_storage_is_not_imported_for_help() -> None:
+    code = (
+        "import sys; from typer.testing import CliRunner; from routelog.cli import app; "
+        "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0; "
+        "assert 'pyarrow' not in sys.modules, 'pyarrow imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_spilled_objects_are_removed(s3: Any) -> None:
+    bucket = _bucket(s3, "spill")
+    s3.put_object(Bucket=bucket, Key="x/step_000000.pt", Body=b"abc")
+    remote = locate("s3://spill/x/step_000000.pt")
+    assert isinstance(remote, Remote)
+    with storage.spilled(remote) as local:
+        assert local.read_bytes() == b"abc"
+        assert local.name == "step_000000.pt"
+        directory = local.parent
+    assert not directory.exists()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_dask_workers_read_objects_by_url(s3: Any) -> None:
+    """A worker process opens the object itself (by URL, with the environment's credentials)."""
+    pytest.importorskip("distributed")
+    from routelog import api
+    from routelog.executor import open_executor
+    from routelog.render import data, report
+
+    bucket = _bucket(s3, "runs")
+    _upload(s3, bucket, "exp/healthy", HEALTHY)
+
+    def document(executor: Any) -> str:
+        result = api.analyze(["h=s3://runs/exp/healthy"], top_k=2, executor=executor)
+        return data.to_json(report.analysis_document(result))
+
+    with open_executor("local:1", 1) as cluster:
+        remote = document(cluster)
+    assert remote == document(None)
