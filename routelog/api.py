@@ -443,8 +443,8 @@ def run_options(path: Location, options: Options) -> tuple[Options, ModelConfig 
     run directory's ``routelog.toml``/``[tool.routelog]`` ``top_k``; a model ``config.json``
     in the run directory or above (:func:`routelog.modelconfig.find_model_config`); the
     configuration's ``top_k``; else 1, assumed. Also returns the model config, whose E the
-    data must match. A run in object storage (a URL) has neither a run configuration nor a
-    model config looked up: its k is ``--top-k``, the data's own or the configuration's.
+    data must match. A run in object storage (a URL) is looked up the same way at its prefix
+    and the prefixes above it (:func:`_remote_configs`).
     """
     from dataclasses import replace
 
@@ -452,26 +452,63 @@ def run_options(path: Location, options: Options) -> tuple[Options, ModelConfig 
     from routelog.modelconfig import find_model_config
 
     if isinstance(path, Remote):
-        return options, None
-    model = find_model_config(path)
+        own, own_where, model = _remote_configs(path)
+    else:
+        model = find_model_config(path)
+        own = run_config(path) if options.top_k is None else None
+        own_where = str(own.path) if own is not None else ""
     if options.top_k is not None:
         return options, model
-    own = run_config(path)
     if own is not None and "top_k" in own.sources:
         return replace(
             options,
             default_top_k=own.top_k,
             default_top_k_source="run_config",
-            default_top_k_file=str(own.path),
+            default_top_k_file=own_where,
         ), model
     if model is not None and model.top_k is not None:
         return replace(
             options,
             default_top_k=model.top_k,
             default_top_k_source="model_config",
-            default_top_k_file=str(model.path),
+            default_top_k_file=model.where,
         ), model
     return options, model
+
+
+def _remote_configs(path: Remote) -> tuple[Config | None, str, ModelConfig | None]:
+    """A bucket run's own configuration (``routelog.toml``, else a ``pyproject.toml`` with
+    ``[tool.routelog]``, at its prefix), its URL, and the model's ``config.json`` (at the
+    prefix or a prefix above it, up to the bucket), each copied to a temporary file and read
+    as a local one would be; errors name the URL."""
+    import tempfile
+    from dataclasses import replace
+
+    from routelog import storage
+    from routelog.config import CONFIG_FILE, PYPROJECT, run_config
+    from routelog.modelconfig import CONFIG_NAME, MAX_CONFIG_BYTES, read_model_config
+
+    prefix = Remote(path.url.rsplit("/", 1)[0]) if ingest.format_of(path) else path
+    own_file = storage.find_upward(prefix, (CONFIG_FILE, PYPROJECT), upward=False)
+    model_file = storage.find_upward(prefix, (CONFIG_NAME,))
+    own: Config | None = None
+    model: ModelConfig | None = None
+    with tempfile.TemporaryDirectory(prefix="routelog-") as directory:
+        local = Path(directory)
+        for remote in (own_file, model_file):
+            if remote is None:
+                continue
+            copy = local / remote.name
+            copy.write_bytes(storage.read_small(remote, MAX_CONFIG_BYTES))
+            try:
+                if remote is own_file:
+                    own = run_config(local)
+                else:
+                    model = replace(read_model_config(copy), url=remote.url)
+            except RoutelogError as error:
+                raise relocated(error, str(copy), remote.url) from None
+            copy.unlink()
+    return own, own_file.url if own_file is not None else "", model
 
 
 def _check_model_experts(stats: pl.DataFrame, model: ModelConfig | None, path: str) -> None:
@@ -481,7 +518,7 @@ def _check_model_experts(stats: pl.DataFrame, model: ModelConfig | None, path: s
     for layer, width in stats.select("layer", "n_experts").unique().sort("layer").iter_rows():
         if width != model.num_experts:
             raise InputError(
-                f"{path}: layer {layer} has E={width} experts, but {model.path} says "
+                f"{path}: layer {layer} has E={width} experts, but {model.where} says "
                 f"E={model.num_experts}: is that the model of this run?"
             )
 

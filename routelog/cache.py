@@ -271,12 +271,15 @@ def _key(path: Location, options: Options) -> dict[str, Any] | None:
         from routelog.storage import identity
 
         found = identity(path)
-        if found is None:
+        # the sidecars and config.json a framework reader reads beside the object
+        companions = [identity(c) for c in ingest.companions(path)]
+        if found is None or None in companions:
             return None
         return {
             "path": found["url"],
             "size": found["size"],
             "version": found["version"],
+            "depends": [[c["url"], c["size"], c["version"]] for c in companions if c],
             "kernel_version": kernels.KERNEL_VERSION,
             "routelog_version": __version__,
             "options": reduction,

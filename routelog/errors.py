@@ -57,6 +57,10 @@ class UnsafeFileError(InputError):
     """A .pt file holds something other than tensors and plain containers; nothing was run."""
 
 
+class ChangedError(InputError):
+    """An object in a bucket was replaced while it was read; reading it again is the fix."""
+
+
 class ConfigError(RoutelogError):
     """A configuration file or option value is invalid (names the key)."""
 

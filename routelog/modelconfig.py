@@ -45,6 +45,13 @@ class ModelConfig:
     num_layers: int | None = None
     moe_layers: frozenset[int] | None = None
     """Decoder layers that have an MoE block, when the config says which (else None: all)."""
+    url: str | None = None
+    """The config's URL when it was read from a bucket (``path`` is then a local copy)."""
+
+    @property
+    def where(self) -> str:
+        """Where the config is, for messages: its URL, else its path."""
+        return self.url or str(self.path)
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether decoder layer ``layer`` routes tokens (True when the config does not say)."""

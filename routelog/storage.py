@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from routelog.errors import InputError, UsageError
+from routelog.errors import ChangedError, InputError, UsageError
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -192,10 +192,12 @@ def failure(remote: Remote, exc: BaseException) -> InputError:
     return InputError(f"{remote.url}: cannot read ({reason})")
 
 
-def discover(location: Remote) -> list[Remote]:
+def discover(location: Remote, *, missing_ok: bool = False) -> list[Remote]:
     """The objects at ``location``: the object itself, or every object under the prefix.
 
     Objects come in key order with their sizes and modification times from the listing.
+    ``missing_ok``: a prefix with no object under it (yet) is an empty list, not an error
+    (``watch`` waits for it); a missing bucket is an error all the same.
     """
     fs = _pyarrow_fs()
     system = filesystem(location.scheme)
@@ -207,6 +209,8 @@ def discover(location: Remote) -> list[Remote]:
             bucket = location.key.split("/", 1)[0]
             if bucket != location.key and system.get_file_info(bucket).type == fs.FileType.NotFound:
                 raise InputError(f"{location.url}: cannot read (no such bucket {bucket!r})")
+            if missing_ok:
+                return []
             raise InputError(f"{location.url}: no such object or prefix")
         selector = fs.FileSelector(location.key, recursive=True)
         listed = system.get_file_info(selector)
@@ -227,6 +231,23 @@ def _from_info(location: Remote, info: Any) -> Remote:
     return location.child(info.path, info.size, mtime)
 
 
+def _version(metadata: Any) -> str | None:
+    """The ETag (S3) or generation (GCS) in an object's metadata; None when it has neither."""
+    tags = {
+        k.decode() if isinstance(k, bytes) else str(k): (
+            v.decode() if isinstance(v, bytes) else str(v)
+        )
+        for k, v in metadata.items()
+    }
+    return tags.get("ETag") or tags.get("generation") or tags.get("Generation") or None
+
+
+def _head(remote: Remote) -> tuple[int, str | None]:
+    """(size, version) of ``remote`` as the store has it now: one HEAD request."""
+    with filesystem(remote.scheme).open_input_file(remote.key) as handle:
+        return int(handle.size()), _version(handle.metadata())
+
+
 def identity(remote: Remote) -> dict[str, Any] | None:
     """What a cache entry of ``remote`` is keyed by: URL, size and ETag (S3) or generation
     (GCS), from one HEAD request made once per listed object. None when it cannot be known
@@ -234,24 +255,13 @@ def identity(remote: Remote) -> dict[str, Any] | None:
     if "identity" in remote._memo:
         found: dict[str, Any] | None = remote._memo["identity"]
         return found
-    result: dict[str, Any] | None
+    result: dict[str, Any] | None = None
     try:
-        with filesystem(remote.scheme).open_input_file(remote.key) as handle:
-            metadata = handle.metadata()
-            size = handle.size()
-        tags = {
-            k.decode() if isinstance(k, bytes) else str(k): (
-                v.decode() if isinstance(v, bytes) else str(v)
-            )
-            for k, v in metadata.items()
-        }
-        version = tags.get("ETag") or tags.get("generation") or tags.get("Generation")
-        if not version:
-            result = None
-        else:
+        size, version = _head(remote)
+        if version:
             result = {
                 "url": remote.url,
-                "size": int(size),
+                "size": size,
                 "version": version,
                 "mtime_ns": remote.mtime_ns,
             }
@@ -259,6 +269,62 @@ def identity(remote: Remote) -> dict[str, Any] | None:
         result = None
     remote._memo["identity"] = result
     return result
+
+
+def changed(remote: Remote) -> InputError:
+    """The error for an object replaced while it was read (its parts may mix two versions)."""
+    return ChangedError(
+        f"{remote.url}: the object changed while it was read (nothing of it was used; "
+        "read it again)"
+    )
+
+
+class Pinned:
+    """Reads of one version of an object: the version at opening must be the one the cache
+    keyed (if it did), and :meth:`verify` (after the last read) that it is still current.
+
+    An object is replaced whole, but a reader that makes several ranged GETs (Parquet row
+    groups, a stream read in blocks) could get parts of two versions if it were replaced
+    between them: :meth:`verify` then raises :func:`changed`. A read that made one GET got
+    one version whatever happened after it, and costs no extra request.
+    """
+
+    def __init__(self, remote: Remote, handle: Any) -> None:
+        self.remote = remote
+        self.handle = handle
+        self.gets = 0
+        self.version = _version(handle.metadata())
+        known = remote._memo.get("identity")
+        if known is not None and self.version is not None and known["version"] != self.version:
+            raise changed(remote)
+
+    def __enter__(self) -> Pinned:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """The handle is closed by whoever opened it."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.handle, name)
+
+    def read(self, size: int = -1) -> bytes:
+        """Read like the handle (for stream readers), counting the reads that fetched data."""
+        data: bytes = self.handle.read(size)
+        if data:
+            self.gets += 1
+        return data
+
+    def verify(self, *, always: bool = False) -> None:
+        """Raise :func:`changed` if the object was replaced since it was opened (checked when
+        more than one read fetched data, or ``always``: readers that seek)."""
+        if self.version is None or not (always or self.gets > 1):
+            return
+        try:
+            _, now = _head(self.remote)
+        except OSError:
+            raise changed(self.remote) from None  # deleted while read
+        if now != self.version:
+            raise changed(self.remote)
 
 
 def open_random(remote: Remote) -> Any:
@@ -285,10 +351,64 @@ def spilled(remote: Remote) -> Iterator[Path]:
     streamed GET is faster than the many small ranged GETs a zip reader makes.
     """
     with tempfile.TemporaryDirectory(prefix="routelog-") as directory:
-        target = Path(directory) / (remote.name or "object")
+        yield spill_into(remote, Path(directory))
+
+
+def spill_into(remote: Remote, directory: Path, name: str | None = None) -> Path:
+    """Copy ``remote`` into ``directory`` (as ``name``, default its own name), in chunks of
+    ``SPILL_CHUNK`` bytes (memory stays bounded whatever the size); one version of it."""
+    target = directory / (name or remote.name or "object")
+    try:
+        with open_stream(remote) as source, target.open("wb") as sink:
+            pinned = Pinned(remote, source)
+            shutil.copyfileobj(pinned, sink, SPILL_CHUNK)
+        pinned.verify()
+    except OSError as exc:
+        raise failure(remote, exc) from None
+    return target
+
+
+def siblings(remote: Remote) -> list[Remote]:
+    """The objects in the same "directory" as ``remote`` (not below it), with itself."""
+    fs = _pyarrow_fs()
+    parent = remote.key.rsplit("/", 1)[0] if "/" in remote.key else remote.key
+    try:
+        listed = filesystem(remote.scheme).get_file_info(fs.FileSelector(parent))
+    except OSError as exc:
+        raise failure(remote, exc) from None
+    return sorted(
+        (_from_info(remote, i) for i in listed if i.type == fs.FileType.File), key=lambda r: r.url
+    )
+
+
+def find_upward(start: Remote, names: tuple[str, ...], *, upward: bool = True) -> Remote | None:
+    """The first object named one of ``names`` at the prefix ``start`` or (``upward``) a
+    prefix above it, up to the bucket, as a local search goes up the directories; None when
+    there is none."""
+    fs = _pyarrow_fs()
+    system = filesystem(start.scheme)
+    parts = start.key.split("/")
+    for depth in range(len(parts), len(parts) - 1 if not upward else 0, -1):
+        directory = "/".join(parts[:depth])
         try:
-            with open_stream(remote) as source, target.open("wb") as sink:
-                shutil.copyfileobj(source, sink, SPILL_CHUNK)
+            infos = system.get_file_info([f"{directory}/{n}" for n in names])
         except OSError as exc:
-            raise failure(remote, exc) from None
-        yield target
+            raise failure(start, exc) from None
+        for info in infos:
+            if info.type == fs.FileType.File:
+                return _from_info(start, info)
+    return None
+
+
+def read_small(remote: Remote, limit: int) -> bytes:
+    """The whole of a small object (a config file); larger than ``limit`` is an error."""
+    if remote.size is not None and remote.size > limit:
+        raise InputError(f"{remote.url}: too large ({remote.size:,} bytes) for a config file")
+    try:
+        with open_stream(remote) as stream:
+            data: bytes = stream.read(limit + 1)
+    except OSError as exc:
+        raise failure(remote, exc) from None
+    if len(data) > limit:
+        raise InputError(f"{remote.url}: too large for a config file")
+    return data

@@ -14,6 +14,12 @@ read half-way and never an error:
 - Anything else (gzip streams, other formats): complete once its size and modification time
   are unchanged since the previous round.
 
+A run in a bucket (``s3://``, ``gs://``) is polled by listing its prefix. An object is
+written whole (it appears when its upload completes), so every listed object is complete.
+The cache keys each object by its URL, size and ETag or generation, so a re-uploaded object
+is read again and never served stale; an object replaced while a round reads it is left for
+the next round (its parts could mix two versions: see :class:`routelog.storage.Pinned`).
+
 Nothing here prints; ``routelog.render.watch`` shows the rounds.
 """
 
@@ -26,9 +32,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from routelog import ingest
-from routelog.errors import InputError, UsageError
+from routelog.errors import ChangedError, InputError
 from routelog.findings import SEVERITY_ORDER, Finding, Severity
-from routelog.storage import Location
+from routelog.storage import Location, Remote
 
 if TYPE_CHECKING:
     from routelog.api import Analysis, RunSpec
@@ -110,8 +116,8 @@ class Round:
     """Per run, the steps logged for the first time in this round."""
     new_findings: list[Finding]
     """Findings not reported by an earlier round."""
-    pending: list[Path]
-    """Log files left for a later round: still being written."""
+    pending: list[Location]
+    """Log files left for a later round: still being written (or replaced while read)."""
     waiting: list[str]
     """Runs with no complete log file yet (their directory may not exist yet)."""
 
@@ -142,8 +148,6 @@ class Watcher:
         cache: Cache | None = None,
         executor: Executor | None = None,
     ) -> None:
-        for spec in specs:
-            _local(spec.path)
         self.specs = list(specs)
         self.options = options
         self.config = config
@@ -158,13 +162,13 @@ class Watcher:
         """Analyse every complete file now; new steps and findings since the last poll."""
         from routelog import api
 
-        complete: set[Path] = set()
-        pending: list[Path] = []
+        complete: set[Location] = set()
+        pending: list[Location] = []
         ready: list[RunSpec] = []
         waiting: list[str] = []
         for spec in self.specs:
-            files = _log_files(_local(spec.path))
-            done = [f for f in files if self.complete(f)]
+            files = _log_files(spec.path)
+            done = [f for f in files if isinstance(f, Remote) or self.complete(f)]
             complete.update(done)
             pending += [f for f in files if f not in done]
             if done:
@@ -173,14 +177,18 @@ class Watcher:
                 waiting.append(spec.name)
         if not ready:
             return Round(None, {}, [], pending, waiting)
-        analysis = api.analyze(
-            ready,
-            options=self.options,
-            config=self.config,
-            cache=self.cache,
-            executor=self.executor,
-            accept=complete.__contains__,
-        )
+        try:
+            analysis = api.analyze(
+                ready,
+                options=self.options,
+                config=self.config,
+                cache=self.cache,
+                executor=self.executor,
+                accept=lambda f: f in complete,
+            )
+        except ChangedError as error:  # an object replaced mid-read: the next round reads it
+            changed = [f for f in complete if str(error).startswith(f"{f}:")]
+            return Round(self.last, {}, [], pending + changed, waiting)
         self.last = analysis
         return Round(
             analysis,
@@ -206,28 +214,19 @@ class Watcher:
         return new
 
 
-def _log_files(path: Path) -> list[Path]:
-    """The log files of a run as they are now; none while its directory is empty or missing.
+def _log_files(path: Location) -> list[Location]:
+    """The log files of a run as they are now; none while its directory or prefix is empty
+    or missing (a missing bucket is an error: no job is about to create it).
 
     A file named on the command line must be a log file (an unknown type is an error).
     """
+    if isinstance(path, Remote):
+        return ingest.discover(path, missing_ok=True).files
     if not os.path.lexists(path):
         return []
     if not path.is_dir():
-        return _paths(ingest.discover(path).files)
+        return ingest.discover(path).files
     try:
-        return _paths(ingest.discover(path).files)
+        return ingest.discover(path).files
     except InputError:
         return []  # no log written yet
-
-
-def _paths(files: list[Location]) -> list[Path]:
-    """The files of a local run (all of them local paths)."""
-    return [f for f in files if isinstance(f, Path)]
-
-
-def _local(path: Location) -> Path:
-    """A run's directory; a bucket is refused (watch polls a file system's sizes and mtimes)."""
-    if not isinstance(path, Path):
-        raise UsageError(f"{path}: watch follows local directories; analyze reads buckets")
-    return path

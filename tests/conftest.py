@@ -131,3 +131,6 @@ def dirichlet(rng: np.random.Generator, n: int, e: int, alpha: float = 1.0) -> n
 # (`make fuzz`). Only the fuzz tests read these profiles; the other hypothesis tests keep theirs.
 settings.register_profile("fuzz", max_examples=2000, deadline=None)
 FUZZ_LONG = os.environ.get("ROUTELOG_FUZZ") == "long"
+
+# object-storage servers on 127.0.0.1 (moto S3, a GCS emulator), for any test module that asks
+from tests.objectstore import s3, s3_server  # noqa: E402, F401

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from polars.testing import assert_frame_equal
@@ -247,3 +248,154 @@ def test_a_file_of_unknown_type_is_an_error(tmp_path: Path) -> None:
     assert watch.returncode == 2
     assert err.count("\n") == 1
     assert f"{notes}: unknown file type" in err
+
+
+# --- runs in a bucket (moto's S3 server on 127.0.0.1, see tests/objectstore.py) ---
+
+
+def _uploader(s3: Any, bucket: str, prefix: str, pause: float = 0.05) -> threading.Thread:
+    """Upload the collapse run's step files one at a time, as a trainer syncing to S3 does."""
+
+    def upload() -> None:
+        for source in sorted(COLLAPSE.glob("*.parquet")):
+            s3.put_object(Bucket=bucket, Key=f"{prefix}/{source.name}", Body=source.read_bytes())
+            time.sleep(pause)
+
+    return threading.Thread(target=upload, daemon=True)
+
+
+def _new_bucket(s3: Any, name: str) -> str:
+    pytest.importorskip("pyarrow.fs")
+    if name not in {b["Name"] for b in s3.list_buckets().get("Buckets", [])}:
+        s3.create_bucket(Bucket=name)
+    return name
+
+
+def test_a_bucket_prefix_is_followed_while_objects_are_uploaded(s3: Any, tmp_path: Path) -> None:
+    """Each step is reported once; the last round is `analyze` of the prefix; a re-uploaded
+    object is read again (never served stale from the cache)."""
+    from routelog.cache import Cache
+
+    bucket = _new_bucket(s3, "watched")
+    url = "s3://watched/run"
+    cache = Cache(tmp_path / "cache")
+    options = api.make_options(top_k=2)
+    watcher = Watcher([RunSpec.parse(f"run={url}")], options, Config(), cache, Threads(1))
+    first = watcher.poll()
+    assert (first.analysis, first.waiting) == (None, ["run"])  # no object yet: waiting
+    uploader = _uploader(s3, bucket, "run")
+    uploader.start()
+    rounds = []
+    while uploader.is_alive():
+        rounds.append(watcher.poll())
+        time.sleep(0.01)
+    rounds.append(watcher.poll())
+    seen = [step for r in rounds for step in r.new_steps.get("run", [])]
+    assert seen == STEPS
+    keys = [(f.layer, f.code, f.first_step) for r in rounds for f in r.new_findings]
+    assert len(keys) == len(set(keys))
+    final = api.analyze([f"run={url}"], top_k=2, jobs=1)
+    assert rounds[-1].analysis is not None
+    assert_frame_equal(rounds[-1].analysis.metrics, final.metrics)
+    assert {(f.layer, f.code, f.first_step) for f in final.findings} <= set(keys)
+    # the same key uploaded again with other content: the next round reads it again
+    other = SAMPLES / "healthy" / "step_000000.parquet"
+    s3.put_object(Bucket=bucket, Key="run/step_000000.parquet", Body=other.read_bytes())
+    again = watcher.poll()
+    fresh = api.analyze([f"run={url}"], top_k=2, jobs=1)
+    assert again.analysis is not None
+    assert_frame_equal(again.analysis.metrics, fresh.metrics)
+    assert not again.analysis.metrics.equals(final.metrics)
+    assert again.new_steps == {}  # step 0 was reported already
+
+
+def test_an_object_replaced_while_it_is_read_waits_for_the_next_round(
+    s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Parquet object is read by several ranged GETs: replaced between two of them, the
+    round leaves it pending (nothing of the mixed read is used) and the next reads it whole."""
+    from routelog.ingest import parquet
+
+    bucket = _new_bucket(s3, "replaced")
+    for source in sorted(COLLAPSE.glob("*.parquet"))[:2]:
+        s3.put_object(Bucket=bucket, Key=f"run/{source.name}", Body=source.read_bytes())
+    healthy = (SAMPLES / "healthy" / "step_000100.parquet").read_bytes()
+    scan = parquet.scan
+    replaced: list[str] = []
+
+    def replace_midway(path: Path, *args: Any, **kwargs: Any) -> Any:
+        for number, batch in enumerate(scan(path, *args, **kwargs)):
+            if number == 0 and "step_000100" in str(path) and not replaced:
+                s3.put_object(Bucket=bucket, Key="run/step_000100.parquet", Body=healthy)
+                replaced.append(str(path))
+            yield batch
+
+    monkeypatch.setattr(parquet, "scan", replace_midway)
+    url = "s3://replaced/run"
+    watcher = Watcher([RunSpec.parse(f"run={url}")], api.make_options(top_k=2), Config())
+    first = watcher.poll()
+    assert replaced
+    assert [str(p) for p in first.pending] == [f"{url}/step_000100.parquet"]
+    assert first.analysis is None  # nothing of the mixed read was used
+    second = watcher.poll()
+    assert second.pending == []
+    assert second.new_steps == {"run": [0, 100]}
+    assert second.analysis is not None
+    fresh = api.analyze([f"run={url}"], top_k=2, jobs=1)
+    assert_frame_equal(second.analysis.metrics, fresh.metrics)
+
+
+def test_cli_follows_a_bucket_and_ends_with_the_analyze_report(s3: Any, tmp_path: Path) -> None:
+    bucket = _new_bucket(s3, "followed")
+    url = "s3://followed/run"
+    final = tmp_path / "final.json"
+    watch = _routelog(
+        "watch", url, "-k", "2", "--interval", "0.2", "--format", "json", "-o", str(final),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    uploader = _uploader(s3, bucket, "run")
+    uploader.start()
+    lines = _lines_until(watch, f"step {STEPS[-1]}  ", timeout=60)
+    uploader.join()
+    watch.send_signal(signal.SIGINT)
+    out, err = watch.communicate(timeout=30)
+    assert watch.returncode == 0, err
+    lines += out.decode().splitlines(keepends=True)
+    for step in STEPS:
+        assert sum(f"  run  step {step}  " in line for line in lines) == 1, (step, lines)
+    assert any("FAIL collapse" in line and "layer 2" in line for line in lines)
+    analyzed = subprocess.run(
+        [sys.executable, "-m", "routelog", "analyze", url, "-k", "2", "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(final.read_text()) == json.loads(analyzed.stdout)
+
+
+def test_fail_on_stops_a_bucket_watch(s3: Any) -> None:
+    bucket = _new_bucket(s3, "failing")
+    for source in sorted(COLLAPSE.glob("*.parquet")):
+        s3.put_object(Bucket=bucket, Key=f"run/{source.name}", Body=source.read_bytes())
+    watch = _routelog(
+        "watch", "s3://failing/run", "-k", "2", "--interval", "0.2", "--fail-on", "fail",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    out, err = (text.decode() for text in watch.communicate(timeout=60))
+    assert watch.returncode == 1, err
+    assert "stopping (--fail-on fail)" in err
+    assert "FAIL collapse" in err
+    assert "findings:" in out
+
+
+def test_a_missing_bucket_is_an_error_not_a_wait(s3: Any) -> None:
+    _new_bucket(s3, "exists")
+    watch = _routelog(
+        "watch", "s3://no-such-bucket/run", "--interval", "0.2",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    err = watch.communicate(timeout=60)[1].decode()
+    assert watch.returncode == 2, err
+    assert err.strip() == (
+        "routelog: error: s3://no-such-bucket/run: cannot read (no such bucket 'no-such-bucket')"
+    )

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,9 +125,9 @@ def _module_of(path: Location, *, sniff: bool = False) -> tuple[str, str] | None
         return None
     for pattern, fmt, module, by_content in LAYOUTS:
         if pattern.search(name):
-            if sniff and by_content and isinstance(path, Path):
+            if sniff and by_content:
                 recognise = importlib.import_module(f"routelog.ingest.{module}").recognise
-                if not recognise(path):
+                if not _recognised(recognise, path):
                     return None
             return fmt, module
     lower = name.lower()
@@ -134,6 +135,16 @@ def _module_of(path: Location, *, sniff: bool = False) -> tuple[str, str] | None
         if lower.endswith(suffix):
             return FORMATS[suffix]
     return None
+
+
+def _recognised(recognise: Callable[..., bool], path: Location) -> bool:
+    """``recognise(path)``; for an object, over ranged reads of it (only its header)."""
+    if isinstance(path, Path):
+        return recognise(path)
+    from routelog import storage
+
+    with storage.open_random(path) as handle:
+        return recognise(Path(path.name), source=handle)
 
 
 def format_of(path: Location) -> str | None:
@@ -187,11 +198,12 @@ class RunFiles:
     notes: list[str] = field(default_factory=list)
 
 
-def discover(path: Location) -> RunFiles:
+def discover(path: Location, *, missing_ok: bool = False) -> RunFiles:
     """List the log files of a run: the file itself, or a directory walked recursively
-    (a remote prefix: every object under it)."""
+    (a remote prefix: every object under it). ``missing_ok``: a remote prefix with no
+    object or no log under it (yet) has no files, instead of being an error."""
     if isinstance(path, Remote):
-        return _discover_remote(path)
+        return _discover_remote(path, missing_ok=missing_ok)
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
     if path.is_file():
@@ -272,10 +284,10 @@ def is_shard(path: Path) -> bool:
         return False
 
 
-def _discover_remote(prefix: Remote) -> RunFiles:
+def _discover_remote(prefix: Remote, *, missing_ok: bool = False) -> RunFiles:
     from routelog import storage
 
-    objects = storage.discover(prefix)
+    objects = storage.discover(prefix, missing_ok=missing_ok)
     if len(objects) == 1 and objects[0].url == prefix.url:
         if format_of(prefix) is None:
             _scanner(prefix)  # raises the unknown-type error
@@ -286,11 +298,11 @@ def _discover_remote(prefix: Remote) -> RunFiles:
     for child in objects:
         if any(part.startswith(".") for part in storage.relative_parts(prefix, child)):
             continue
-        if format_of(child):
+        if _module_of(child, sniff=True):
             files.append(child)
         else:
             (sidecars if is_sidecar(child) else ignored).append(child)
-    if not files:
+    if not files and not missing_ok:
         known = ", ".join(f"*{s}" for s in sorted(FORMATS))
         raise InputError(f"{prefix}: no routing logs found (looked for {known})")
     return RunFiles(files, ignored, sidecars)
@@ -313,32 +325,108 @@ def scan(path: Location, options: Options, info: FileInfo) -> Iterator[Batch]:
 
 
 def _scan_remote(remote: Remote, options: Options, info: FileInfo) -> Iterator[Batch]:
-    """Read one object: Parquet by ranged reads, JSONL as a stream, ``.pt`` spilled to a
-    temporary file. Each reader names the file by a stand-in path with the object's name;
-    its errors are rewritten to name the URL."""
+    """Read one object: Parquet by ranged reads, JSONL as a stream, anything else (``.pt``,
+    framework layouts) spilled to a temporary directory with the sidecars and config.json
+    its reader needs (:func:`companions`). Each reader names the file by a stand-in path
+    with the object's name; its errors are rewritten to name the URL. Every read is of one
+    version of the object (:class:`routelog.storage.Pinned`)."""
     from routelog import storage
     from routelog.executor import relocated
 
     if remote.size == 0:
         raise InputError(f"{remote}: file is empty")
-    fmt = format_of(remote)
-    standin = Path(remote.url)
+    found = _module_of(remote)
+    standin, shown = str(Path(remote.url)), remote.url
     try:
-        if fmt == "parquet":
+        if found is not None and found[1] == "parquet":
             from routelog.ingest import parquet
 
             with storage.open_random(remote) as handle:
-                yield from parquet.scan(standin, options, info, source=handle)
-        elif fmt == "jsonl":
+                pinned = storage.Pinned(remote, handle)
+                yield from parquet.scan(Path(remote.url), options, info, source=handle)
+            pinned.verify(always=True)
+        elif found is not None and found[1] == "jsonl":
             from routelog.ingest import jsonl
 
             with storage.open_stream(remote) as stream:
-                yield from jsonl.scan(standin, options, info, stream=stream)
+                pinned = storage.Pinned(remote, stream)
+                yield from jsonl.scan(Path(remote.url), options, info, stream=pinned)  # type: ignore[arg-type]
+            pinned.verify()
         else:
-            with storage.spilled(remote) as local:
-                standin = local
+            with tempfile.TemporaryDirectory(prefix="routelog-") as directory:
+                local = _mirror(remote, Path(directory))
+                standin, shown = directory, remote.url.rsplit("/", 1)[0]
                 yield from _scanner(remote)(local, options, info)
     except RoutelogError as error:
-        raise relocated(error, str(standin), remote.url) from None
+        raise relocated(error, standin, shown) from None
     except OSError as exc:
         raise storage.failure(remote, exc) from exc
+
+
+PLACE_IN_DIRECTORY = frozenset({"sglang"})
+"""Layouts whose step is a file's place among its directory's dumps (SGLang stat dumps):
+a spilled dump is given its siblings' names (empty files) so that its place is the same."""
+
+
+def companions(remote: Remote) -> list[Remote]:
+    """The objects a framework reader of ``remote`` reads besides it, as it would beside a
+    local file: the sidecars its module names (Megatron ``logits_rankN.bin`` and
+    ``router_state_rankN.pt``, TensorRT-LLM ``meta_info.json``) when present, and the
+    model's ``config.json`` at the object's prefix or a prefix above it. Memoized per
+    listed object; the cache keys a remote framework file by these too."""
+    from routelog import storage
+    from routelog.modelconfig import CONFIG_NAME
+
+    if "companions" in remote._memo:
+        known: list[Remote] = remote._memo["companions"]
+        return known
+    found = _module_of(remote)
+    result: list[Remote] = []
+    if found is not None and any(found[1] == module for _, _, module, _ in LAYOUTS):
+        siblings = storage.siblings(remote)
+        remote._memo["siblings"] = siblings
+        wanted = set(_sidecar_names(found[1], remote.name))
+        result = [s for s in siblings if s.name in wanted]
+        parent = Remote(remote.url.rsplit("/", 1)[0])
+        config = storage.find_upward(parent, (CONFIG_NAME,))
+        if config is not None:
+            result.append(config)
+    remote._memo["companions"] = result
+    return result
+
+
+def _sidecar_names(module: str, name: str) -> list[str]:
+    """The sidecar files (by name) the reader ``module`` reads beside the log ``name``."""
+    if module == "megatron_trace":
+        from routelog.ingest.megatron_trace import logits_path, router_state_path
+
+        return [logits_path(Path(name)).name, router_state_path(Path(name)).name]
+    if module == "trtllm":
+        from routelog.ingest.trtllm import META_NAME
+
+        return [META_NAME]
+    return []
+
+
+def _mirror(remote: Remote, directory: Path) -> Path:
+    """``remote`` spilled into ``directory`` with its :func:`companions` beside it (the
+    config.json found above the prefix too, so that the reader's upward search finds it
+    first) and, for ``PLACE_IN_DIRECTORY`` layouts, empty files named like its siblings.
+    A ``.git`` marker stops the reader's upward config.json search at ``directory``, so a
+    stray file above the temporary directory never describes the run."""
+    from routelog import storage
+    from routelog.modelconfig import CONFIG_NAME, MAX_CONFIG_BYTES
+
+    (directory / ".git").touch()
+    for companion in companions(remote):
+        if companion.name == CONFIG_NAME:
+            data = storage.read_small(companion, MAX_CONFIG_BYTES)
+            (directory / CONFIG_NAME).write_bytes(data)
+        else:
+            storage.spill_into(companion, directory)
+    found = _module_of(remote)
+    if found is not None and found[1] in PLACE_IN_DIRECTORY:
+        for sibling in remote._memo.get("siblings", []):
+            if sibling.name != remote.name and _module_of(sibling) == found:
+                (directory / sibling.name).touch()
+    return storage.spill_into(remote, directory)

@@ -38,16 +38,19 @@ CHUNK_TOKENS = 1 << 15
 LAYOUT = "routed-expert ids"
 
 
-def recognise(path: Path) -> bool:
+def recognise(path: Path, source: Any = None) -> bool:
     """Whether a file found in a run directory holds routed-expert ids: its (first) array's
-    header says [tokens, layers, k] integers. Only the header is read."""
+    header says [tokens, layers, k] integers. Only the header is read (from ``source``, an
+    open seekable file such as an object in a bucket, instead of ``path`` if given)."""
     try:
         if path.suffix.lower() == ".npz":
-            with np.load(path, allow_pickle=False) as archive:
+            with np.load(source or path, allow_pickle=False) as archive:
                 if not archive.files:
                     return False
                 with archive.zip.open(f"{archive.files[0]}.npy") as member:
                     return _is_ids(member)
+        if source is not None:
+            return _is_ids(source)
         with path.open("rb") as stream:
             return _is_ids(stream)
     except (ValueError, OSError, EOFError, KeyError):
