@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -363,3 +364,121 @@ def test_dask_workers_read_objects_by_url(s3: Any) -> None:
     with open_executor("local:1", 1) as cluster:
         remote = document(cluster)
     assert remote == document(None)
+
+
+# --- framework layouts in a bucket: sidecars, config.json and routelog.toml as locally ---
+
+
+def _megatron(base: Path) -> None:
+    from tests.ingest.test_megatron_trace import write_trace
+
+    write_trace(base / "run", logits=True, router_state=True)
+
+
+def _megatron_config_above(base: Path) -> None:
+    """No logits: E and k from the model's config.json one prefix above the run."""
+    from tests.ingest.test_megatron_trace import write_trace
+
+    write_trace(base / "run", logits=False)
+    (base / "config.json").write_text(
+        json.dumps({"num_local_experts": 8, "num_experts_per_tok": 2})
+    )
+
+
+def _sglang(base: Path) -> None:
+    from tests.ingest.test_sglang import write_stat
+
+    stamps = ["1700000003.5", "1700000001", "1700000002"]  # steps by time stamp, not by key
+    write_stat(base / "run", stamps, np.random.default_rng(1))
+
+
+def _trtllm(base: Path) -> None:
+    from tests.ingest.test_trtllm import write_statistics
+
+    write_statistics(base / "run", meta=True)
+
+
+def _routed_ids(base: Path) -> None:
+    """.npy ids, a model config.json above (dense layers, E, k) and a .npy that is no log."""
+    from tests.ingest.test_routed_experts import _config, _routing
+
+    run = base / "run"
+    run.mkdir(parents=True)
+    _config(base)
+    rng = np.random.default_rng(4)
+    for step in (0, 10):
+        np.save(run / f"step_{step:04d}.npy", _routing(rng))
+    np.save(run / "embeddings.npy", np.zeros((4, 16), dtype=np.float32))
+
+
+def _parquet_with_run_config(base: Path) -> None:
+    """k stated by the run's routelog.toml at its prefix (no -k given)."""
+    shutil.copytree(HEALTHY, base / "run")
+    (base / "run" / "routelog.toml").write_text("top_k = 2\n")
+
+
+LAYOUTS = {
+    "megatron": _megatron,
+    "megatron-config-above": _megatron_config_above,
+    "sglang": _sglang,
+    "trtllm": _trtllm,
+    "routed-ids": _routed_ids,
+    "run-config": _parquet_with_run_config,
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_framework_layout_in_a_bucket_reads_as_in_a_directory(
+    s3: Any, tmp_path: Path, layout: str
+) -> None:
+    """The JSON of the bucket run is the directory's, but for where it is."""
+    pytest.importorskip("torch")
+    pytest.importorskip("safetensors")
+    base = tmp_path / "base"
+    LAYOUTS[layout](base)
+    bucket = _bucket(s3, "layouts")
+    _upload(s3, bucket, layout, base)
+    url = f"s3://layouts/{layout}"
+    remote = runner.invoke(app, ["analyze", f"run={url}/run", "--format", "json", "--no-cache"])
+    local = runner.invoke(app, ["analyze", f"run={base}/run", "--format", "json", "--no-cache"])
+    assert local.exit_code == 0, local.output
+    assert remote.exit_code == 0, remote.output
+    assert remote.stdout == local.stdout.replace(str(base), url)
+    inspected = runner.invoke(app, ["inspect", f"{url}/run", "--format", "json"])
+    assert inspected.exit_code == 0, inspected.output
+    locally = runner.invoke(app, ["inspect", f"{base}/run", "--format", "json"])
+    assert inspected.stdout == locally.stdout.replace(str(base), url)
+
+
+def test_a_changed_sidecar_in_a_bucket_is_never_served_stale(s3: Any, tmp_path: Path) -> None:
+    """The cache keys a framework file by its sidecars' and config.json's ETags too."""
+    pytest.importorskip("torch")
+    from tests.ingest.test_megatron_trace import write_trace
+
+    bucket = _bucket(s3, "sidecars")
+    write_trace(tmp_path / "a", logits=True, seed=3)
+    write_trace(tmp_path / "b", logits=True, seed=4)
+    _upload(s3, bucket, "run", tmp_path / "a")
+    first = _analyze_json("s3://sidecars/run")
+    assert _analyze_json("s3://sidecars/run") == first
+    logits = (tmp_path / "b" / "logits_rank0.bin").read_bytes()
+    s3.put_object(Bucket=bucket, Key="run/logits_rank0.bin", Body=logits)
+    changed = _analyze_json("s3://sidecars/run")
+    assert changed == _analyze_json("s3://sidecars/run", "--no-cache")
+    assert changed["metrics"] != first["metrics"]
+
+
+def test_spilled_layouts_are_removed(
+    s3: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing is left in the temporary directory once a bucket's framework layout is read."""
+    pytest.importorskip("torch")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    _megatron(tmp_path / "base")
+    _upload(s3, _bucket(s3, "layouts"), "cleaned", tmp_path / "base")
+    result = runner.invoke(app, ["analyze", "s3://layouts/cleaned/run", "--no-cache"])
+    assert result.exit_code == 0, result.output
+    assert list(scratch.iterdir()) == []
