@@ -133,4 +133,4 @@ settings.register_profile("fuzz", max_examples=2000, deadline=None)
 FUZZ_LONG = os.environ.get("ROUTELOG_FUZZ") == "long"
 
 # object-storage servers on 127.0.0.1 (moto S3, a GCS emulator), for any test module that asks
-from tests.objectstore import s3, s3_server  # noqa: E402, F401
+from tests.objectstore import gcs, gcs_server, s3, s3_server, store  # noqa: E402, F401

