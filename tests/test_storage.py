@@ -10,11 +10,9 @@ import gzip
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ from routelog import storage
 from routelog.cli import app
 from routelog.storage import Remote, locate
 from tests.conftest import SAMPLES, dirichlet
-from tests.objectstore import KEYS, Store, _bucket, _upload
+from tests.objectstore import KEYS, Store, _bucket, _upload, free_port, serving
 
 # the cloud layer (the ``cloud`` extra: pyarrow.fs at the tested release) and the S3 server;
 # `make test-min` installs neither at these versions, so there the module skips
@@ -276,40 +274,16 @@ def test_credentials_are_never_printed(s3: Any, monkeypatch: pytest.MonkeyPatch)
     assert "sekrit-value-123" not in result.output
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def enforcing_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A moto server process that enforces IAM after its first few (setup) requests."""
     binary = Path(sys.executable).parent / "moto_server"
     if not binary.exists():
         pytest.skip("moto_server is not installed")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, **KEYS, "INITIAL_NO_AUTH_ACTION_COUNT": "4"}
-    process = subprocess.Popen(
-        [str(binary), "-H", "127.0.0.1", "-p", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    try:
-        yield endpoint
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with serving([str(binary), "-H", "127.0.0.1", "-p", str(port)], port, env):
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_access_denied_is_one_line(enforcing_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -456,6 +430,9 @@ def test_a_framework_layout_in_a_bucket_reads_as_in_a_directory(
     assert local.exit_code == 0, local.output
     assert remote.exit_code == 0, remote.output
     assert remote.stdout == local.stdout.replace(str(base), url)
+    if layout == "run-config":  # k's source is named by its URL in the report
+        table = runner.invoke(app, ["analyze", f"{url}/run", "--no-cache", "--width", "200"])
+        assert f"k=2 (top_k in {url}/run/routelog.toml)" in table.stdout, table.stdout
     inspected = runner.invoke(app, ["inspect", f"{url}/run", "--format", "json"])
     assert inspected.exit_code == 0, inspected.output
     locally = runner.invoke(app, ["inspect", f"{base}/run", "--format", "json"])

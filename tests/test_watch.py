@@ -151,15 +151,13 @@ def _lines_until(process: subprocess.Popen[bytes], needle: str, timeout: float) 
     raise AssertionError(f"no {needle!r} within {timeout} s in: {data.decode()}")
 
 
-def test_cli_follows_a_run_and_ends_with_the_analyze_report(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    final = tmp_path / "final.json"
+def _follow(target: str, writer: threading.Thread, final: Path, *options: str) -> None:
+    """`routelog watch TARGET` while ``writer`` writes the collapse run there: each step is
+    reported once, the collapse is found, and the final report is `analyze`'s."""
     watch = _routelog(
-        "watch", str(run), "-k", "2", "--interval", "0.2", "--no-cache",
-        "--format", "json", "-o", str(final),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        "watch", target, "-k", "2", "--interval", "0.2", "--format", "json", "-o", str(final),
+        *options, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
-    writer = _writer(run)
     writer.start()
     lines = _lines_until(watch, f"step {STEPS[-1]}  ", timeout=60)
     writer.join()
@@ -171,12 +169,17 @@ def test_cli_follows_a_run_and_ends_with_the_analyze_report(tmp_path: Path) -> N
         assert sum(f"  run  step {step}  " in line for line in lines) == 1, (step, lines)
     assert any("FAIL collapse" in line and "layer 2" in line for line in lines)
     analyzed = subprocess.run(
-        [sys.executable, "-m", "routelog", "analyze", str(run), "-k", "2", "--format", "json"],
+        [sys.executable, "-m", "routelog", "analyze", target, "-k", "2", "--format", "json"],
         capture_output=True,
         text=True,
         check=True,
     )
     assert json.loads(final.read_text()) == json.loads(analyzed.stdout)
+
+
+def test_cli_follows_a_run_and_ends_with_the_analyze_report(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _follow(str(run), _writer(run), tmp_path / "final.json", "--no-cache")
 
 
 @pytest.mark.parametrize(("level", "code"), [("fail", "collapse"), ("warn", None)])
@@ -350,30 +353,7 @@ def test_an_object_replaced_while_it_is_read_waits_for_the_next_round(
 
 def test_cli_follows_a_bucket_and_ends_with_the_analyze_report(s3: Any, tmp_path: Path) -> None:
     bucket = _new_bucket(s3, "followed")
-    url = "s3://followed/run"
-    final = tmp_path / "final.json"
-    watch = _routelog(
-        "watch", url, "-k", "2", "--interval", "0.2", "--format", "json", "-o", str(final),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    uploader = _uploader(s3, bucket, "run")
-    uploader.start()
-    lines = _lines_until(watch, f"step {STEPS[-1]}  ", timeout=60)
-    uploader.join()
-    watch.send_signal(signal.SIGINT)
-    out, err = watch.communicate(timeout=30)
-    assert watch.returncode == 0, err
-    lines += out.decode().splitlines(keepends=True)
-    for step in STEPS:
-        assert sum(f"  run  step {step}  " in line for line in lines) == 1, (step, lines)
-    assert any("FAIL collapse" in line and "layer 2" in line for line in lines)
-    analyzed = subprocess.run(
-        [sys.executable, "-m", "routelog", "analyze", url, "-k", "2", "--format", "json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert json.loads(final.read_text()) == json.loads(analyzed.stdout)
+    _follow("s3://followed/run", _uploader(s3, bucket, "run"), tmp_path / "final.json")
 
 
 def test_fail_on_stops_a_bucket_watch(s3: Any) -> None:

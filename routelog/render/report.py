@@ -85,9 +85,13 @@ def k_markup(summary: dict[str, Any]) -> str:
 
 
 def _short_path(path: str) -> str:
-    """A path relative to the current directory when that is shorter."""
+    """A path relative to the current directory when that is shorter (a URL as it is)."""
     import os.path
 
+    from routelog.storage import is_url
+
+    if is_url(path):
+        return path
     try:
         relative = os.path.relpath(path)
     except ValueError:  # pragma: no cover (another drive on Windows)
