@@ -216,9 +216,14 @@ def test_fail_on_does_not_stop_a_healthy_run(tmp_path: Path) -> None:
 
 
 def test_terminal_report_is_redrawn_in_place(tmp_path: Path) -> None:
+    _redrawn(str(COLLAPSE))
+
+
+def _redrawn(target: str) -> None:
+    """On a terminal, `watch TARGET` redraws the report in place, then prints the final one."""
     main, child = pty.openpty()
     watch = _routelog(
-        "watch", str(COLLAPSE), "-k", "2", "--interval", "0.2", "--width", "120",
+        "watch", target, "-k", "2", "--interval", "0.2", "--width", "120",
         stdin=subprocess.DEVNULL, stdout=child, stderr=child, env={"TERM": "xterm"},
     )  # fmt: skip
     os.close(child)
@@ -354,6 +359,13 @@ def test_an_object_replaced_while_it_is_read_waits_for_the_next_round(
 def test_cli_follows_a_bucket_and_ends_with_the_analyze_report(s3: Any, tmp_path: Path) -> None:
     bucket = _new_bucket(s3, "followed")
     _follow("s3://followed/run", _uploader(s3, bucket, "run"), tmp_path / "final.json")
+
+
+def test_terminal_report_of_a_bucket_is_redrawn_in_place(s3: Any) -> None:
+    bucket = _new_bucket(s3, "drawn")
+    for source in sorted(COLLAPSE.glob("*.parquet")):
+        s3.put_object(Bucket=bucket, Key=f"run/{source.name}", Body=source.read_bytes())
+    _redrawn("s3://drawn/run")
 
 
 def test_fail_on_stops_a_bucket_watch(s3: Any) -> None:
