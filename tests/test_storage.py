@@ -439,6 +439,33 @@ def test_a_framework_layout_in_a_bucket_reads_as_in_a_directory(
     assert inspected.stdout == locally.stdout.replace(str(base), url)
 
 
+def test_errors_in_a_layout_name_the_objects_by_url(store: Store, tmp_path: Path) -> None:
+    """A bad config.json one prefix above, a sidecar shorter than its offsets: the one-line
+    error is the local one, naming the object at fault by its URL."""
+    pytest.importorskip("torch")
+    from tests.ingest.test_megatron_trace import write_trace
+
+    base = tmp_path / "base"
+    write_trace(base / "above" / "run", logits=False)
+    (base / "above" / "config.json").write_text("[1, 2]")
+    write_trace(base / "cut", logits=True)
+    logits = base / "cut" / "logits_rank1.bin"
+    logits.write_bytes(logits.read_bytes()[:100])
+    _upload(store.client, _bucket(store.client, "errors"), "x", base)
+    url = f"{store.scheme}://errors/x"
+    cases = (
+        ("above/run", f"{url}/above/config.json: "),
+        ("cut", f"{url}/cut/router_trace_rank1.jsonl:1: "),
+    )
+    for run, named in cases:
+        remote = runner.invoke(app, ["analyze", f"{url}/{run}", "--no-cache"])
+        local = runner.invoke(app, ["analyze", f"{base}/{run}", "--no-cache"])
+        assert remote.exit_code == local.exit_code == 2, remote.output
+        assert remote.stderr == local.stderr.replace(str(base), url)
+        assert len(remote.stderr.strip().splitlines()) == 1
+        assert named in remote.stderr, remote.stderr
+
+
 def test_a_changed_sidecar_in_a_bucket_is_never_served_stale(store: Store, tmp_path: Path) -> None:
     """The cache keys a framework file by its sidecars' and config.json's ETags too."""
     pytest.importorskip("torch")
@@ -471,3 +498,38 @@ def test_spilled_layouts_are_removed(
     result = runner.invoke(app, ["analyze", "s3://layouts/cleaned/run", "--no-cache"])
     assert result.exit_code == 0, result.output
     assert list(scratch.iterdir()) == []
+
+
+def test_an_object_replaced_while_analyze_reads_it_is_one_line(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replaced between two ranged reads: one line naming it, exit 2, nothing cached."""
+    from routelog.ingest import parquet
+
+    bucket = _bucket(store.client, "replacing")
+    store.client.put_object(
+        Bucket=bucket,
+        Key="run/step_000000.parquet",
+        Body=(HEALTHY / "step_000000.parquet").read_bytes(),
+    )
+    scan = parquet.scan
+
+    def replace_midway(path: Path, *args: Any, **kwargs: Any) -> Any:
+        for batch in scan(path, *args, **kwargs):
+            other = (HEALTHY / "step_000100.parquet").read_bytes()
+            store.client.put_object(Bucket=bucket, Key="run/step_000000.parquet", Body=other)
+            yield batch
+
+    monkeypatch.setattr(parquet, "scan", replace_midway)
+    cache = Path(os.environ["ROUTELOG_CACHE_DIR"])
+    before = sorted(cache.iterdir()) if cache.exists() else []
+    url = f"{store.scheme}://replacing/run"
+    result = runner.invoke(app, ["analyze", url, "-k", "2"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"routelog: error: {url}/step_000000.parquet: the object changed while it was read "
+        "(nothing of it was used; read it again)\n"
+    )
+    assert (sorted(cache.iterdir()) if cache.exists() else []) == before
+    monkeypatch.setattr(parquet, "scan", scan)
+    assert _analyze_json(url)["runs"][0]["files"] == 1  # read again: the new version

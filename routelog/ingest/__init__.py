@@ -355,7 +355,7 @@ def _scan_remote(remote: Remote, options: Options, info: FileInfo) -> Iterator[B
         else:
             with tempfile.TemporaryDirectory(prefix="routelog-") as directory:
                 local = _mirror(remote, Path(directory))
-                standin, shown = directory, remote.url.rsplit("/", 1)[0]
+                standin, shown = f"{directory}/", f"{remote.scheme}://"
                 yield from _scanner(remote)(local, options, info)
     except RoutelogError as error:
         raise relocated(error, standin, shown) from None
@@ -409,24 +409,34 @@ def _sidecar_names(module: str, name: str) -> list[str]:
 
 
 def _mirror(remote: Remote, directory: Path) -> Path:
-    """``remote`` spilled into ``directory`` with its :func:`companions` beside it (the
-    config.json found above the prefix too, so that the reader's upward search finds it
-    first) and, for ``PLACE_IN_DIRECTORY`` layouts, empty files named like its siblings.
-    A ``.git`` marker stops the reader's upward config.json search at ``directory``, so a
-    stray file above the temporary directory never describes the run."""
+    """``remote`` spilled into ``directory`` at its key (``directory/BUCKET/KEY``) with its
+    :func:`companions` at theirs (its sidecars beside it, the config.json at the prefix it
+    was found at, so that the reader's upward search finds it as in the bucket) and, for
+    ``PLACE_IN_DIRECTORY`` layouts, empty files named like its siblings. A ``.git`` marker at
+    the bucket's level stops the reader's upward config.json search there, so a stray file
+    above the temporary directory never describes the run. A path under ``directory`` is
+    shown as the object's URL: ``directory/`` stands for ``SCHEME://``."""
     from routelog import storage
     from routelog.modelconfig import CONFIG_NAME, MAX_CONFIG_BYTES
 
-    (directory / ".git").touch()
+    def place(key: str) -> Path:
+        folder = directory / key.rsplit("/", 1)[0]
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    bucket = directory / remote.key.split("/", 1)[0]
+    bucket.mkdir()
+    (bucket / ".git").touch()
     for companion in companions(remote):
         if companion.name == CONFIG_NAME:
             data = storage.read_small(companion, MAX_CONFIG_BYTES)
-            (directory / CONFIG_NAME).write_bytes(data)
+            (place(companion.key) / CONFIG_NAME).write_bytes(data)
         else:
-            storage.spill_into(companion, directory)
+            storage.spill_into(companion, place(companion.key))
+    here = place(remote.key)
     found = _module_of(remote)
     if found is not None and found[1] in PLACE_IN_DIRECTORY:
         for sibling in remote._memo.get("siblings", []):
             if sibling.name != remote.name and _module_of(sibling) == found:
-                (directory / sibling.name).touch()
-    return storage.spill_into(remote, directory)
+                (here / sibling.name).touch()
+    return storage.spill_into(remote, here)
