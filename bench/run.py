@@ -6,10 +6,11 @@
 (d) peak RSS analyzing a log 4x larger than another; (e) a .pt file vs ``torch.load`` plus
 the same computation; (f) ``routelog --version`` wall time; (g) a 40-file directory on a Dask
 ``LocalCluster`` of 2 worker processes vs 1 (scaling); (h) the Dask path with 1 worker vs the
-plain local path with ``--jobs 1`` (overhead). Clusters are started before timing: (g) and
-(h) measure analysis, not cluster start-up; (i) a 10-file directory read from an S3 server on
-127.0.0.1 (moto, in its own process) vs the same files on disk, and, for a ``.pt`` object, a
-spill to a temporary file vs reading the zip archive through ranged requests; (j) a Megatron-LM
+plain local path with ``--jobs 1`` (overhead), both in a child process limited to one
+thread per reader (``bench/cluster.py``), clusters started before timing; (i) a 10-file
+directory read from an S3 server on 127.0.0.1 (moto, in its own process) vs the same files
+on disk, and, for a ``.pt`` object, a spill to a temporary file vs reading the zip archive
+through ranged requests; (j) a Megatron-LM
 router trace with its bf16 logits sidecar vs the same logits in Parquet, in seconds per byte
 read; (k, l) training-step time with ``routelog.Recorder`` at every=10 and every=1 vs without
 (``bench/recorder.py``).
@@ -256,13 +257,12 @@ def bench_f(repeat: int) -> dict[str, Any]:
 
 
 def bench_g_h(data: Path, tokens: int, experts: int, top_k: int, repeat: int) -> dict[str, Any]:
+    import cluster
+
     try:
-        import distributed
+        import distributed  # noqa: F401
     except ImportError:
         return {k: {"skipped": "needs routelog[dask]"} for k in "gh"}
-    from routelog import api
-    from routelog.executor import Cluster
-
     per_file = max(tokens // 40, 1000)
     run = data / f"run40_t{per_file}_e{experts}"
     run.mkdir(parents=True, exist_ok=True)
@@ -270,34 +270,19 @@ def bench_g_h(data: Path, tokens: int, experts: int, top_k: int, repeat: int) ->
         target = run / f"step_{i:06d}.parquet"
         if not target.exists():
             shutil.copy(_log(data, per_file, experts, seed=300 + i), target)
-    clusters = {
-        n: distributed.LocalCluster(
-            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0"
-        )
-        for n in (1, 2)
-    }
-    clients = {n: distributed.Client(cluster) for n, cluster in clusters.items()}
-    try:
-        times = _median_times(
-            {
-                "plain, --jobs 1": lambda: api.analyze([run], top_k=top_k, jobs=1),
-                "dask local:1": lambda: api.analyze(
-                    [run], top_k=top_k, executor=Cluster(clients[1])
-                ),
-                "dask local:2": lambda: api.analyze(
-                    [run], top_k=top_k, executor=Cluster(clients[2])
-                ),
-            },
-            repeat,
-        )
-    finally:
-        for n, client in clients.items():
-            client.close()
-            clusters[n].close()
-    plain, one, two = times.values()
+    child = subprocess.run(
+        [sys.executable, HERE / "cluster.py", run, "--top-k", str(top_k), "--repeat", str(repeat)],
+        env={**os.environ, **cluster.LIKE_FOR_LIKE},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    measured = json.loads(child.stdout.strip().splitlines()[-1])
+    times = measured["seconds"]
+    one, two = times["dask local:1"], times["dask local:2"]
     return {
-        "g": {"ratio": one / two, "seconds": times},
-        "h": {"ratio": one / plain, "seconds": times},
+        "g": {"ratio": one / two, **measured},
+        "h": {"ratio": one / times["plain, --jobs 1"], **measured},
     }
 
 

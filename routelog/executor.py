@@ -30,6 +30,10 @@ R = TypeVar("R")
 SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
 DASK_EXTRA = "pip install 'routelog[dask]'"
 _LOCAL = re.compile(r"^local:(\d+)$")
+WORKER_ENV = {"POLARS_MAX_THREADS": "1"}
+"""The environment of ``local:N`` workers: one process per core, each with single-threaded
+native pools, so N workers on N cores do not oversubscribe them (Dask's nanny already sets
+``OMP_NUM_THREADS=1``, which also sizes pyarrow's pool; Polars reads its own variable)."""
 _ADDRESS = re.compile(r"^(tcp|tls|inproc|ucx|ws|wss)://\S+$")
 
 Done = Callable[[int, int], None]
@@ -150,6 +154,7 @@ def open_executor(scheduler: str | None, jobs: int) -> Iterator[Executor]:
             processes=True,
             dashboard_address=":0",
             silence_logs=50,
+            env=WORKER_ENV,
         )
         try:
             with distributed.Client(cluster) as client:

@@ -58,16 +58,25 @@ class ModelConfig:
         return self.moe_layers is None or layer in self.moe_layers
 
 
+CONFIG_LEVELS_UP = 3
+"""How many parents of a run directory are searched for its model's ``config.json``
+(``ckpt/config.json`` for logs in ``ckpt/routing/rank0/``)."""
+
+
 def find_model_config(start: Path) -> ModelConfig | None:
     """The ``config.json`` describing the run at ``start``, read; None when there is none.
 
-    Looks in ``start`` (or, for a file, its directory) and its parents, stopping after a
-    directory that holds ``.git`` and before leaving the home directory.
+    Looks in ``start`` (or, for a file, its directory) and at most ``CONFIG_LEVELS_UP`` of
+    its parents, stopping after a directory that holds ``.git``, before leaving the home
+    directory, and never at the file system's root: a stray ``/tmp/config.json`` must not
+    describe every run below it.
     """
     here = start if start.is_dir() else start.parent
     here = here.resolve()
     home = Path.home().resolve()
-    for directory in (here, *here.parents):
+    for directory in (here, *here.parents)[: CONFIG_LEVELS_UP + 1]:
+        if directory == directory.parent:
+            return None
         candidate = directory / CONFIG_NAME
         if candidate.is_file():
             return read_model_config(candidate)

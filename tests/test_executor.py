@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from routelog import api
 from routelog.cli import app
-from routelog.executor import Cluster, Threads, check_scheduler, scheduler_from
+from routelog.executor import Cluster, Threads, check_scheduler, open_executor, scheduler_from
 from routelog.render import data, report
 from tests.conftest import SAMPLES
 
@@ -239,3 +239,18 @@ def test_plain_analysis_imports_no_dask() -> None:
         "assert 'distributed' not in sys.modules and 'dask' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def _thread_pools() -> tuple[int, int]:
+    import polars as pl
+    import pyarrow as pa
+
+    return pa.cpu_count(), pl.thread_pool_size()
+
+
+def test_local_workers_have_one_thread_per_native_pool() -> None:
+    """local:N runs N single-threaded workers: N of them on N cores do not oversubscribe."""
+    with open_executor("local:1", 1) as executor:
+        assert isinstance(executor, Cluster)
+        pools = executor.client.run(_thread_pools)
+    assert list(pools.values()) == [(1, 1)]

@@ -86,6 +86,18 @@ def test_found_in_a_parent_but_not_beyond_the_repository_root(tmp_path: Path) ->
     assert (found.num_experts, found.path) == (8, project / "runs" / "config.json")
 
 
+def test_searched_at_most_three_parents_up(tmp_path: Path) -> None:
+    """A config.json far above the run (a stray /tmp/config.json) describes nothing."""
+    _write(tmp_path, {"num_local_experts": 99})
+    near = tmp_path / "a" / "b" / "c"
+    near.mkdir(parents=True)
+    assert find_model_config(near).num_experts == 99  # type: ignore[union-attr]
+    far = near / "d"
+    far.mkdir()
+    assert find_model_config(far) is None
+    assert find_model_config(far / "step_000001.parquet") is None
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
