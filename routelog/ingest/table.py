@@ -659,6 +659,7 @@ def _expert_count_batches(
     for n_experts in sorted(frame["__e"].unique().to_list()):
         part = frame.filter(pl.col("__e") == n_experts)
         groups = part.select(keys).unique(maintain_order=True).with_row_index("__g")
+        info.dense.claim(info.path, groups.height, int(n_experts), part.height, "count rows")
         gid = part.join(groups, on=keys, how="left", nulls_equal=True, maintain_order="left")
         flat = gid["__g"].to_numpy().astype(np.int64) * n_experts + part["expert"].to_numpy()
         summed = np.bincount(

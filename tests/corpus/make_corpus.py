@@ -155,6 +155,26 @@ def jsonl(directory: Path) -> dict[str, dict[str, Any]]:
         2,
         "deep_nesting.jsonl:1:",
     )
+    # One token per (step, layer) group claiming E = 65536: ~600 KB of ids once made routelog
+    # allocate 10,000 x 65,536 int64 counters (5 GiB); refused by the dense-counter bound
+    case(
+        "topk_dense_claim.jsonl",
+        [
+            _line({"step": s, "layer": 0, "topk_ids": [65535], "num_experts": 65536})
+            for s in range(10_000)
+        ],
+        2,
+        "topk_dense_claim.jsonl: E=65536 experts per (step, layer) group would take",
+    )
+    count_rows = [
+        _line({"step": s, "layer": 0, "expert": 65535, "count": 1}) for s in range(10_000)
+    ]
+    case(
+        "expert_count_dense_claim.jsonl",
+        count_rows,
+        2,
+        "expert_count_dense_claim.jsonl: E=65536 experts per (step, layer) group would take",
+    )
     # 96 MiB without a newline, a few hundred KiB compressed: a bad row, read past in bounded memory
     _gzip_stream(
         directory / "no_newline.jsonl.gz", [(good.encode() + b"\n", 1), (b"7" * (1 << 20), 96)]
@@ -296,6 +316,20 @@ def parquet(directory: Path) -> dict[str, dict[str, Any]]:
         "exit": 2,
         "stderr": "not_parquet.parquet: not a valid Parquet file",
     }
+    n = 20_000  # one token per group claiming E = 65536: 10 GiB of counters, once allocated
+    case(
+        "topk_dense_claim.parquet",
+        pl.DataFrame(
+            {
+                "step": range(n),
+                "layer": [0] * n,
+                "topk_ids": [[65535]] * n,
+                "num_experts": [65536] * n,
+            }
+        ),
+        2,
+        "topk_dense_claim.parquet: E=65536 experts per (step, layer) group would take",
+    )
     good = pl.DataFrame({"step": [1] * 50, "layer": [0] * 50, "probs": [[0.25, 0.75]] * 50})
     good.write_parquet(directory / "whole.tmp")
     content = (directory / "whole.tmp").read_bytes()

@@ -292,6 +292,21 @@ def _stride0_small(path: Path) -> object:
     return _one_tensor(0, (8, E), (0, 1))(path)
 
 
+def _sglang_dense_claim(path: Path) -> object:
+    """An SGLang per-pass dump: 20,000 layers of one physical expert mapped to logical expert
+    65535, so E = 65536: ~320 KB of payload once made routelog allocate 10 GiB of counters."""
+    layers = 20_000
+    p = Pickle().raw(pickle.EMPTY_DICT).mark().text("records").raw(pickle.EMPTY_LIST)
+    p.raw(pickle.EMPTY_DICT).mark().text("forward_pass_id").int(0)
+    p.text("global_physical_count").tensor("0", layers, 0, (layers, 1), (1, 1), "LongStorage")
+    p.raw(pickle.SETITEMS + pickle.APPEND)
+    p.text("last_physical_to_logical_map")
+    p.tensor("1", layers, 0, (layers, 1), (1, 1), "LongStorage")
+    ones = np.ones(layers, dtype="<i8").tobytes()
+    mapping = np.full(layers, 65535, dtype="<i8").tobytes()
+    return tz.write(path, p.raw(pickle.SETITEMS).done(), {"0": ones, "1": mapping})
+
+
 CASES: list[Case] = [
     # valid controls: what the reader must keep reading
     Case("valid.pt", lambda p: tz.write(p, _good_pickle(3), _storages(3)), 0),
@@ -408,6 +423,13 @@ CASES: list[Case] = [
         ),
         2,
         "zip compression method 12",
+    ),
+    # 5. dense per-expert counters bounded by the payload, whatever E the file claims
+    Case(
+        "expert_distribution_recorder_1.pt",
+        _sglang_dense_claim,
+        2,
+        "E=65536 experts per (step, layer) group would take",
     ),
 ]
 """Every case; ``valid_neg_inf_f64.pt`` is built by test_pt only (its outcome is the shared
