@@ -35,6 +35,7 @@ import polars as pl
 
 from routelog.errors import InputError
 from routelog.ingest import Batch, FileInfo, _torchfile
+from routelog.ingest.jsonl import repeated_key_lines, unique_keys
 from routelog.ingest.payload import to_probabilities
 from routelog.modelconfig import find_model_config
 
@@ -186,7 +187,9 @@ def _parse(
     if not block.strip():
         return None
     try:
-        return pl.read_ndjson(io.BytesIO(block), schema=SCHEMA)
+        frame = pl.read_ndjson(io.BytesIO(block), schema=SCHEMA)
+        if not repeated_key_lines(block, SCHEMA):
+            return frame
     except pl.exceptions.PolarsError:
         pass
     bad = [(i, p) for i, text in enumerate(lines) if (p := _line_problem(text)) is not None]
@@ -214,7 +217,7 @@ def _line_problem(text: bytes) -> str | None:
     if not text.strip():
         return None
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=unique_keys)
     except (ValueError, RecursionError) as exc:
         message = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
         return f"not valid JSON ({message})"

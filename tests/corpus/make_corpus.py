@@ -61,6 +61,24 @@ def jsonl(directory: Path) -> dict[str, dict[str, Any]]:
         2,
         "repeated_key.jsonl:2: not valid JSON (key 'layer' appears twice)",
     )
+    for name, line, key in (
+        (
+            "repeated_key_space.jsonl",
+            '{"step": 1, "layer": 0, "layer" : 1, "probs": [1, 0]}',
+            "layer",
+        ),
+        (
+            "repeated_key_escaped.jsonl",
+            '{"step": 1, "layer": 0, "l\\u0061yer": 1, "probs": [1, 0]}',
+            "layer",
+        ),
+        (
+            "repeated_key_nested.jsonl",
+            '{"step": 1, "layer": 0, "probs": [1, 0], "m": {"a": 1, "a": 2}}',
+            "a",
+        ),
+    ):
+        case(name, [good, line], 2, f"{name}:2: not valid JSON (key {key!r} appears twice)")
     case(
         "step_2_63.jsonl",
         [good, '{"step": 9223372036854775808, "layer": 0, "probs": [1, 0]}'],
