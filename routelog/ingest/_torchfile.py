@@ -52,7 +52,7 @@ import pickletools
 import re
 import struct
 import zipfile
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -525,22 +525,36 @@ class _Archive:
 
 
 def _load_zip(path: Path) -> Any:
-    try:
+    def read() -> Any:
         size = path.stat().st_size
         with zipfile.ZipFile(path) as archive:
             members = _Archive(path, archive, size)
             data = members.pickle_bytes()
             _scan(data, path)
-            unpickler = _RestrictedUnpickler(data, members)
-            content = unpickler.load()
-            arrays = _materialise(unpickler.tensors.values(), members)
-        return _replace_tensors(content, arrays)
+            return _objects(data, members)
+
+    return _guarded(path, "torch archive", read)
+
+
+def _guarded(path: Path, what: str, read: Callable[[], Any]) -> Any:
+    """``read()``, any failure as one line naming the file: what a crafted pickle raises
+    (anything; nothing it named ran) becomes an ``InputError``."""
+    try:
+        return read()
     except InputError:
         raise
     except _Refused as exc:
         raise UnsafeFileError(f"{path}: {exc}") from exc
-    except Exception as exc:  # a crafted pickle can raise anything; nothing it named ran
-        raise InputError(f"{path}: cannot read the torch archive ({_first_line(exc)})") from exc
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read the {what} ({_first_line(exc)})") from exc
+
+
+def _objects(data: bytes, archive: _Archive | _Legacy) -> Any:
+    """The object pickled in ``data``, its tensors as arrays of ``archive``'s storages."""
+    unpickler = _RestrictedUnpickler(data, archive)
+    content = unpickler.load()
+    arrays = _materialise(unpickler.tensors.values(), archive)
+    return _replace_tensors(content, arrays)
 
 
 def _materialise(tensors: Any, archive: _Archive | _Legacy) -> dict[int, np.ndarray]:
@@ -698,7 +712,7 @@ class _Legacy:
             )
         self._declared[key] = (dtype, numel)
 
-    def _place(self) -> dict[str, int]:
+    def place(self) -> dict[str, int]:
         """Where each storage's bytes start: walked in listed order, each element count read
         and checked against its declaration and the file's size before going on."""
         if self._offsets is not None:
@@ -729,26 +743,20 @@ class _Legacy:
 
     def values(self, storage: _Storage, count: int) -> np.ndarray:
         """The first ``count`` elements of a storage, a view of the file's memory map."""
-        offset = self._place()[storage.key]
+        offset = self.place()[storage.key]
         return np.frombuffer(self._map, dtype=storage.dtype, count=count, offset=offset)
 
 
 def _load_legacy(path: Path) -> Any:
-    try:
+    def read() -> Any:
         with path.open("rb") as stream:
             mapped = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
         legacy = _Legacy(path, mapped)
-        unpickler = _RestrictedUnpickler(legacy.pickle_bytes(), legacy)
-        content = unpickler.load()
-        legacy._place()  # every listed storage checked, even one no tensor reaches
-        arrays = _materialise(unpickler.tensors.values(), legacy)
-        return _replace_tensors(content, arrays)
-    except InputError:
-        raise
-    except _Refused as exc:
-        raise UnsafeFileError(f"{path}: {exc}") from exc
-    except Exception as exc:  # a crafted pickle can raise anything; nothing it named ran
-        raise InputError(f"{path}: cannot read the legacy torch file ({_first_line(exc)})") from exc
+        content = _objects(legacy.pickle_bytes(), legacy)
+        legacy.place()  # every listed storage checked, even one no tensor reaches
+        return content
+
+    return _guarded(path, "legacy torch file", read)
 
 
 def _short(value: object) -> str:
