@@ -69,9 +69,42 @@ class FileInfo:
     layers: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.dense = DenseBudget()  # not a field: travels with the reading, not in the cache
+
     def warn(self, message: str) -> None:
         if message not in self.warnings:
             self.warnings.append(message)
+
+
+DENSE_FLOOR = 1 << 22
+"""Per-expert counters any file may make routelog allocate (4 Mi: 32 MiB of int64)."""
+DENSE_PER_VALUE = 256
+"""Further counters allowed per value of payload the file holds (an id, a count row)."""
+
+
+@dataclass
+class DenseBudget:
+    """The dense per-expert counters ((step, layer) groups x E) a file has made routelog
+    allocate so far, against the payload values it held: the bound that keeps memory
+    proportional to a file's payload whatever E its ids or ``num_experts`` claim."""
+
+    cells: int = 0
+    values: int = 0
+
+    def claim(self, path: object, groups: int, n_experts: int, values: int, what: str) -> None:
+        """Account for ``groups`` x ``n_experts`` counters made from ``values`` payload values,
+        or raise naming the file and its claim when the file's total would pass
+        ``DENSE_FLOOR + DENSE_PER_VALUE`` x its values."""
+        cells = self.cells + groups * n_experts
+        held = self.values + values
+        if cells > DENSE_FLOOR + DENSE_PER_VALUE * held:
+            raise InputError(
+                f"{path}: E={n_experts} experts per (step, layer) group would take "
+                f"{cells:,} counters for {held:,} {what}, beyond the bound of "
+                f"{DENSE_FLOOR:,} + {DENSE_PER_VALUE} per value (is E right?)"
+            )
+        self.cells, self.values = cells, held
 
 
 Scanner = Callable[[Path, "Options", FileInfo], Iterator[Batch]]
@@ -314,14 +347,42 @@ def scan(path: Location, options: Options, info: FileInfo) -> Iterator[Batch]:
     An operating-system error (the file vanished or is unreadable) is an ``InputError`` too.
     """
     if isinstance(path, Remote):
-        yield from _scan_remote(path, options, info)
+        yield from _bounded(_scan_remote(path, options, info), path, info)
         return
     try:
         if path.stat().st_size == 0:
             raise InputError(f"{path}: file is empty")
-        yield from _scanner(path)(path, options, info)
+        yield from _bounded(_scanner(path)(path, options, info), path, info)
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+
+
+def _bounded(batches: Iterator[Batch], path: Location, info: FileInfo) -> Iterator[Batch]:
+    """Claim, before the kernels allocate them, the per-expert counters of each top-k batch
+    (one row of E counts per group from k ids per token); readers that build dense counts
+    themselves claim them before they allocate."""
+    for batch in batches:
+        if batch.kind == "topk" and batch.frame.height:
+            groups = _group_count(batch.frame)
+            values = batch.frame.height * (batch.top_k or 1)
+            info.dense.claim(path, groups, batch.n_experts, values, "selected expert ids")
+        yield batch
+
+
+def _group_count(frame: pl.DataFrame) -> int:
+    """How many (step, layer[, dataset]) groups a canonical frame holds (sorted in numpy)."""
+    import numpy as np
+    import polars as pl
+
+    columns = [frame["step"].to_numpy(), frame["layer"].to_numpy()]
+    if "dataset" in frame.columns:
+        columns.append(frame["dataset"].fill_null("").cast(pl.Categorical).to_physical().to_numpy())
+    order = np.lexsort(columns)
+    changes = np.zeros(len(order) - 1, dtype=bool)
+    for column in columns:
+        ordered = column[order]
+        changes |= ordered[1:] != ordered[:-1]
+    return int(changes.sum()) + 1
 
 
 def _scan_remote(remote: Remote, options: Options, info: FileInfo) -> Iterator[Batch]:

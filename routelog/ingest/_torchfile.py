@@ -29,8 +29,15 @@ The pickle is untrusted input, read in three guarded steps:
    a budget proportional to the file's size (zip bombs). bfloat16, which numpy lacks, becomes
    float32.
 
-The pre-zip ("legacy") format is read with ``torch.load(weights_only=True)`` when torch is
-installed, and refused with a hint otherwise.
+The pre-zip ("legacy") format, ``torch.save(..., _use_new_zipfile_serialization=False)``, is
+three small pickles (a magic number, the protocol version 1001, a dict of the writer's byte
+order and type sizes), the pickle of the object (its storages are persistent ids
+``("storage", torch.FloatStorage, key, location, numel, None)``), a pickle of the list of
+storage keys, then each storage in that order: an int64 element count and its bytes. It goes
+through the same three steps, by :class:`_Legacy`: every pickle is scanned and bounded before
+it is read, the header pickles may hold nothing but plain values, and each storage's count is
+checked against the one its persistent id declares and, with its bytes, against the file's real
+size before the bytes are mapped. torch is never imported.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ import pickletools
 import re
 import struct
 import zipfile
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,6 +78,8 @@ STORAGE_DTYPES: dict[str, str] = {
 
 LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 """How a pre-zip torch file starts: protocol 2, then the magic number 0x1950a86a20f9469cfc6c."""
+LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL = 1001
 
 MAX_PICKLE_BYTES = 4 << 20
 """Largest ``data.pkl`` read; a router dump's is a few kilobytes (tensors are other members)."""
@@ -262,13 +271,14 @@ def _size(n: int) -> str:
     return f"{value:.1f} TiB"
 
 
-def _scan(data: bytes, path: Path) -> None:
+def _scan(data: bytes, path: Path, what: str = "data.pkl") -> int:
     """Walk every opcode before anything is built: refused opcodes, arguments that claim more
     bytes than the pickle holds, memo indices beyond the opcode count.
 
     The C unpickler allocates what an opcode claims (a BINBYTES8 of 2^40 bytes, a memo of
     2^28 slots) before it finds the data missing; after this scan every claim is bounded by
-    the pickle's own length.
+    the pickle's own length. Returns the length of the pickle (up to its STOP); ``what``
+    names it in messages.
     """
     end = len(data)
     pos = count = 0
@@ -278,13 +288,13 @@ def _scan(data: bytes, path: Path) -> None:
     while pos < end:
         entry = table[data[pos]]
         if entry is None:
-            raise InputError(f"{path}: data.pkl holds an unknown pickle opcode at byte {pos}")
+            raise InputError(f"{path}: {what} holds an unknown pickle opcode at byte {pos}")
         name, width, special = entry
         pos += 1
         count += 1
         if count > MAX_OPCODES:
             raise InputError(
-                f"{path}: data.pkl holds more than {MAX_OPCODES} opcodes "
+                f"{path}: {what} holds more than {MAX_OPCODES} opcodes "
                 "(routelog reads router dumps, not arbitrary pickles)"
             )
         start = pos
@@ -300,13 +310,13 @@ def _scan(data: bytes, path: Path) -> None:
             pos += size + max(length, 0)
             if length < 0 or pos > end:
                 raise InputError(
-                    f"{path}: data.pkl: {name} at byte {start - 1} claims {length} bytes, "
+                    f"{path}: {what}: {name} at byte {start - 1} claims {length} bytes, "
                     f"more than the pickle's {end} (truncated or forged)"
                 )
         if special:
             if name in REFUSED_OPCODES:
                 raise UnsafeFileError(
-                    f"{path}: refused pickle opcode {name} in data.pkl "
+                    f"{path}: refused pickle opcode {name} in {what} "
                     "(torch.save never writes it; nothing was run)"
                 )
             if name == "STOP":
@@ -314,11 +324,12 @@ def _scan(data: bytes, path: Path) -> None:
                 break
             highest = max(highest, _memo_index(name, data[start:pos]))
     if not stopped or pos > end:
-        raise InputError(f"{path}: data.pkl ends before its STOP opcode (truncated)")
+        raise InputError(f"{path}: {what} ends before its STOP opcode (truncated)")
     if highest >= count:
         raise InputError(
-            f"{path}: data.pkl names memo entry {highest} but holds only {count} opcodes"
+            f"{path}: {what} names memo entry {highest} but holds only {count} opcodes"
         )
+    return pos
 
 
 def _memo_index(name: str, arg: bytes) -> int:
@@ -332,7 +343,7 @@ def _memo_index(name: str, arg: bytes) -> int:
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickles ``data.pkl``: tensor records, storages and plain containers, nothing else."""
 
-    def __init__(self, data: bytes, archive: _Archive) -> None:
+    def __init__(self, data: bytes, archive: _Archive | _Legacy) -> None:
         super().__init__(io.BytesIO(data))
         self._archive = archive
         self._rebuilder = _Rebuilder(self)
@@ -360,7 +371,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> _Storage:
         if not (
             isinstance(pid, tuple)
-            and len(pid) == 5
+            and (len(pid) == 5 or (len(pid) == 6 and pid[5] is None))  # 6: legacy format
             and pid[0] == "storage"
             and isinstance(pid[1], _StorageType)
             and isinstance(pid[2], str)
@@ -368,7 +379,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         ):
             # never repr(pid): a pickle can make its repr exponentially long
             raise ValueError(f"unexpected persistent id (a {type(pid).__name__})")
-        _, storage_type, key, _location, numel = pid
+        storage_type, key, numel = pid[1], pid[2], pid[4]
         if not 0 <= numel < INT64_LIMIT:
             raise ValueError(f"storage {key[:64]!r} declares {numel} elements")
         known = self._storages.get(key)
@@ -514,25 +525,39 @@ class _Archive:
 
 
 def _load_zip(path: Path) -> Any:
-    try:
+    def read() -> Any:
         size = path.stat().st_size
         with zipfile.ZipFile(path) as archive:
             members = _Archive(path, archive, size)
             data = members.pickle_bytes()
             _scan(data, path)
-            unpickler = _RestrictedUnpickler(data, members)
-            content = unpickler.load()
-            arrays = _materialise(unpickler.tensors.values(), members)
-        return _replace_tensors(content, arrays)
+            return _objects(data, members)
+
+    return _guarded(path, "torch archive", read)
+
+
+def _guarded(path: Path, what: str, read: Callable[[], Any]) -> Any:
+    """``read()``, any failure as one line naming the file: what a crafted pickle raises
+    (anything; nothing it named ran) becomes an ``InputError``."""
+    try:
+        return read()
     except InputError:
         raise
     except _Refused as exc:
         raise UnsafeFileError(f"{path}: {exc}") from exc
-    except Exception as exc:  # a crafted pickle can raise anything; nothing it named ran
-        raise InputError(f"{path}: cannot read the torch archive ({_first_line(exc)})") from exc
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read the {what} ({_first_line(exc)})") from exc
 
 
-def _materialise(tensors: Any, archive: _Archive) -> dict[int, np.ndarray]:
+def _objects(data: bytes, archive: _Archive | _Legacy) -> Any:
+    """The object pickled in ``data``, its tensors as arrays of ``archive``'s storages."""
+    unpickler = _RestrictedUnpickler(data, archive)
+    content = unpickler.load()
+    arrays = _materialise(unpickler.tensors.values(), archive)
+    return _replace_tensors(content, arrays)
+
+
+def _materialise(tensors: Any, archive: _Archive | _Legacy) -> dict[int, np.ndarray]:
     """numpy arrays of the tensor records (by ``id``), each storage read once, as far as needed."""
     records: list[_Tensor] = list(tensors)
     reach: dict[str, int] = {}
@@ -606,38 +631,140 @@ def _hashable_key(key: Hashable) -> None:
         raise ValueError("a tensor used as a dict key")
 
 
-def _load_legacy(path: Path) -> Any:
-    try:
-        import torch
-    except ImportError:
-        raise InputError(
-            f"{path}: legacy (pre-zip) torch format; re-save with torch.save(...) or install torch"
-        ) from None
-    try:
-        content = torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as exc:
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles the small pickles around a legacy file's object: plain values only."""
+
+    def __init__(self, data: bytes, path: Path) -> None:
+        super().__init__(io.BytesIO(data))
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
         raise UnsafeFileError(
-            f"{path}: refused by torch.load(weights_only=True) ({_first_line(exc)})"
-        ) from exc
-    except Exception as exc:
-        raise InputError(f"{path}: cannot read legacy torch file ({_first_line(exc)})") from exc
-    return _to_numpy(content, torch)
+            f"{self._path}: refused to load global {_printable(module)}.{_printable(name)} "
+            "in a legacy torch file's header (nothing was run)"
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise ValueError("a persistent id outside the object's pickle")
 
 
-def _to_numpy(value: Any, torch: Any) -> Any:
-    """Tensors -> numpy arrays, through plain containers (what weights_only loading yields)."""
-    if isinstance(value, torch.Tensor):
-        tensor = value.detach().cpu()
-        if tensor.dtype == torch.bfloat16:
-            tensor = tensor.float()
-        return tensor.numpy()
-    if isinstance(value, dict):
-        return {k: _to_numpy(v, torch) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_to_numpy(v, torch) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_to_numpy(v, torch) for v in value)
-    return value
+class _Legacy:
+    """A pre-zip torch file: its pickles and storages, checked against the file's real size.
+
+    Offers the object's pickle (``pickle_bytes``) and, to the unpickler and
+    :func:`_materialise`, what ``_Archive`` offers: ``check_storage`` and ``values``.
+    """
+
+    def __init__(self, path: Path, mapped: mmap.mmap) -> None:
+        self.path = path
+        self._map = mapped
+        self.size = len(mapped)
+        self.byteorder: Literal["<", ">"] = "<"
+        magic, pos = self._plain(0, "magic number")
+        if magic != LEGACY_MAGIC_NUMBER:
+            raise InputError(f"{path}: not a PyTorch file (a pickle, but not torch's magic number)")
+        version, pos = self._plain(pos, "protocol version")
+        if version != LEGACY_PROTOCOL:
+            raise InputError(
+                f"{path}: legacy torch file of protocol version {_short(version)} "
+                f"(routelog reads {LEGACY_PROTOCOL})"
+            )
+        info, pos = self._plain(pos, "system info")
+        if not isinstance(info, dict) or info.get("little_endian") is not True:
+            raise InputError(
+                f"{path}: legacy torch file not written on a little-endian machine "
+                "(re-save it with a current torch.save)"
+            )
+        window = bytes(self._map[pos : pos + MAX_PICKLE_BYTES])
+        length = _scan(window, path, "the pickle")
+        self._pickle = window[:length]
+        keys, self._data_start = self._plain(pos + length, "storage key list")
+        if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+            raise InputError(f"{path}: the storage key list is not a list of strings")
+        repeated = [k for k, n in collections.Counter(keys).items() if n > 1]
+        if repeated:
+            raise InputError(f"{path}: storage {_printable(repeated[0])!r} listed twice")
+        self._keys: list[str] = keys
+        self._listed = set(keys)
+        self._declared: dict[str, tuple[np.dtype[Any], int]] = {}
+        self._offsets: dict[str, int] | None = None
+
+    def _plain(self, pos: int, what: str) -> tuple[Any, int]:
+        """The plain value pickled at ``pos`` (scanned, at most MAX_PICKLE_BYTES) and where
+        the next byte after it is."""
+        if pos >= self.size:
+            raise InputError(f"{self.path}: legacy torch file ends before its {what} (truncated)")
+        window = bytes(self._map[pos : pos + MAX_PICKLE_BYTES])
+        length = _scan(window, self.path, f"the {what} pickle")
+        return _PlainUnpickler(window[:length], self.path).load(), pos + length
+
+    def pickle_bytes(self) -> bytes:
+        return self._pickle
+
+    def check_storage(self, key: str, dtype: np.dtype[Any], numel: int) -> None:
+        """A storage the pickle declares: listed, and no larger than the file's data could be."""
+        if key not in self._listed:
+            raise ValueError(f"no storage {key[:64]!r} in the file's storage list")
+        if numel * dtype.itemsize > self.size - self._data_start:
+            raise ValueError(
+                f"storage {key!r} declares {numel} values, more than the file's "
+                f"{self.size - self._data_start} bytes of storage data hold"
+            )
+        self._declared[key] = (dtype, numel)
+
+    def place(self) -> dict[str, int]:
+        """Where each storage's bytes start: walked in listed order, each element count read
+        and checked against its declaration and the file's size before going on."""
+        if self._offsets is not None:
+            return self._offsets
+        offsets: dict[str, int] = {}
+        pos = self._data_start
+        for key in self._keys:
+            if key not in self._declared:
+                raise ValueError(f"storage {key[:64]!r} is listed but no tensor declares it")
+            dtype, numel = self._declared[key]
+            if pos + 8 > self.size:
+                raise ValueError(f"the file ends before storage {key!r} (truncated)")
+            count = int.from_bytes(self._map[pos : pos + 8], "little", signed=True)
+            if count != numel:
+                raise ValueError(
+                    f"storage {key!r} holds {count} values, but its tensors declare {numel}"
+                )
+            end = pos + 8 + count * dtype.itemsize
+            if end > self.size:
+                raise ValueError(
+                    f"storage {key!r} ends {end - self.size} bytes beyond the end of the file "
+                    "(truncated)"
+                )
+            offsets[key] = pos + 8
+            pos = end
+        self._offsets = offsets
+        return offsets
+
+    def values(self, storage: _Storage, count: int) -> np.ndarray:
+        """The first ``count`` elements of a storage, a view of the file's memory map."""
+        offset = self.place()[storage.key]
+        return np.frombuffer(self._map, dtype=storage.dtype, count=count, offset=offset)
+
+
+def _load_legacy(path: Path) -> Any:
+    def read() -> Any:
+        with path.open("rb") as stream:
+            mapped = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
+        legacy = _Legacy(path, mapped)
+        content = _objects(legacy.pickle_bytes(), legacy)
+        legacy.place()  # every listed storage checked, even one no tensor reaches
+        return content
+
+    return _guarded(path, "legacy torch file", read)
+
+
+def _short(value: object) -> str:
+    """A value from a header pickle, for a message: short, escaped, never a huge int's digits."""
+    if _is_int(value):
+        assert isinstance(value, int)
+        return str(value) if abs(value) < 10**20 else "a number beyond 10^20"
+    return _printable(type(value).__name__)
 
 
 def _first_line(exc: BaseException) -> str:

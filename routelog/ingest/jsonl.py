@@ -15,7 +15,7 @@ import json
 import math
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -42,6 +42,11 @@ does not parse it, so it is rewritten to the lowest float64, which payload check
 LOWEST = b"-1.7976931348623157e308"
 
 WHITESPACE = np.array([ord(c) for c in " \t\r\n"], dtype=np.uint8)
+MAX_KEY_NAMES = 64
+"""Key names (a block's columns) compared byte for byte; other keys are compared by parts."""
+MAX_SPACES = 8
+"""Whitespace bytes looked past between a key and its colon in bulk; lines with more are
+checked one by one."""
 
 INTEGER_KEYS = frozenset({*table.STEP_COLUMNS, "layer", *table.EXPERT_COLUMNS, "expert", "count"})
 FLOAT_PAYLOADS = frozenset(PAYLOAD_KINDS)
@@ -238,29 +243,97 @@ def _read(block: bytes, layout: table.Layout | None) -> tuple[pl.DataFrame | Non
         frame = pl.read_ndjson(io.BytesIO(block), infer_schema_length=None)
     except pl.exceptions.PolarsError as exc:
         return None, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if _has_repeated_key(block, frame.columns):
+    if repeated_key_lines(block, frame.columns):
         return None, "a repeated key"
     if layout is not None and frame.height:
         return frame, table.type_problem(_with_columns(frame, layout).schema, layout)
     return frame, None
 
 
-def _has_repeated_key(block: bytes, keys: list[str]) -> bool:
-    """Whether a line holds one of ``keys`` twice (``{"layer": 0, "layer": "x"}``), found
-    without parsing: the line of each ``"key":`` occurrence, vectorized over the block."""
+def repeated_key_lines(block: bytes, names: Iterable[str] = ()) -> list[int]:
+    """Indices (in ``block.split(b"\\n")``) of the lines of a parsed JSONL block in which an
+    object holds one key twice, exactly as ``json.loads(object_pairs_hook=unique_keys)`` says.
+
+    Vectorized for the usual line, a flat object without escapes: its keys are the strings
+    followed by ``:`` (after any whitespace), compared byte for byte with ``names`` (the
+    first MAX_KEY_NAMES) and counted per line; other keys are compared by length and their
+    first and last 8 bytes (equal keys always agree there). Lines that could hide a repeat
+    from this (a backslash, so an escaped key such as ``"l\\u0061yer"``; more than one
+    ``{``, so nested objects; more than MAX_SPACES spaces before a colon) and lines where two
+    keys agree are parsed with ``json`` to decide.
+    """
     data = np.frombuffer(block, dtype=np.uint8)
-    quotes = np.flatnonzero(data == ord('"'))
-    if not len(quotes) or not keys:
-        return False
     newlines = np.flatnonzero(data == ord("\n"))
-    for key in keys:
-        pattern = np.frombuffer(json.dumps(key).encode() + b":", dtype=np.uint8)
-        starts = quotes[quotes + len(pattern) <= len(data)]
-        windows = np.lib.stride_tricks.sliding_window_view(data, len(pattern))
-        hits = starts[(windows[starts] == pattern).all(axis=1)]
-        if len(hits) > 1 and len(np.unique(np.searchsorted(newlines, hits))) < len(hits):
-            return True
-    return False
+    n_lines = len(newlines) + 1
+
+    def line_of(positions: np.ndarray) -> np.ndarray:
+        found: np.ndarray = np.searchsorted(newlines, positions)
+        return found
+
+    check = np.zeros(n_lines, dtype=bool)
+    check[line_of(np.flatnonzero(data == ord("\\")))] = True
+    check |= np.bincount(line_of(np.flatnonzero(data == ord("{"))), minlength=n_lines) > 1
+    quotes = np.flatnonzero(data == ord('"'))
+    where = line_of(quotes)
+    clean = ~check[where]
+    quotes, where = quotes[clean], where[clean]
+    opens, closes = quotes[0::2], quotes[1::2]
+    if len(opens) != len(closes) or (where[0::2] != where[1::2]).any():
+        return _exact(block, np.arange(n_lines))  # not JSON the parser accepted: decide slowly
+    lines = where[0::2]
+    after = closes + 1  # the next byte that is not whitespace: a colon after a key
+    for _ in range(MAX_SPACES):
+        spaced = np.flatnonzero(np.isin(data[np.minimum(after, len(data) - 1)], WHITESPACE))
+        if not len(spaced):
+            break
+        after[spaced] += 1
+    else:
+        check[lines[np.isin(data[np.minimum(after, len(data) - 1)], WHITESPACE)]] = True
+    is_key = data[np.minimum(after, len(data) - 1)] == ord(":")
+    opens, closes, lines = opens[is_key], closes[is_key], lines[is_key]
+    lengths = closes - opens - 1
+    ident = np.full(len(opens), -1, dtype=np.int64)
+    for number, name in enumerate([n.encode() for n in dict.fromkeys(names)][:MAX_KEY_NAMES]):
+        candidates = np.flatnonzero(lengths == len(name))
+        if len(name):
+            window = data[opens[candidates, None] + 1 + np.arange(len(name))]
+            candidates = candidates[(window == np.frombuffer(name, dtype=np.uint8)).all(axis=1)]
+        ident[candidates] = number
+    known = ident >= 0
+    pairs = np.sort(lines[known] * MAX_KEY_NAMES + ident[known])
+    check[pairs[1:][pairs[1:] == pairs[:-1]] // MAX_KEY_NAMES] = True
+    other = ~known  # keys beyond the names: equal keys share length, first and last 8 bytes
+    if other.any():
+        start, length, line = opens[other] + 1, lengths[other], lines[other]
+        head = _word(data, start, np.minimum(length, 8))
+        tail = _word(data, start + np.maximum(length - 8, 0), np.minimum(length, 8))
+        rows = np.stack([line, length, head, tail])[:, np.lexsort((tail, head, length, line))]
+        check[rows[0, 1:][(rows[:, 1:] == rows[:, :-1]).all(axis=0)]] = True
+    return _exact(block, np.flatnonzero(check))
+
+
+def _word(data: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``counts[i]`` (at most 8) bytes of ``data`` from ``starts[i]``, as one int64 each."""
+    index = np.minimum(starts[:, None] + np.arange(8), len(data) - 1)
+    window = data[index]
+    window[np.arange(8) >= counts[:, None]] = 0
+    words: np.ndarray = np.ascontiguousarray(window).view(np.int64).ravel()
+    return words
+
+
+def _exact(block: bytes, candidates: np.ndarray) -> list[int]:
+    if not len(candidates):
+        return []
+    lines = block.split(b"\n")
+    found = []
+    for index in candidates.tolist():
+        try:
+            json.loads(lines[index], object_pairs_hook=unique_keys)
+        except RepeatedKey:
+            found.append(index)
+        except (ValueError, RecursionError):
+            continue  # another problem, found and named by the line checks
+    return found
 
 
 def _checked(frame: pl.DataFrame, block: bytes) -> tuple[pl.DataFrame, bytes] | None:
@@ -315,7 +388,7 @@ def line_problem(text: bytes, depths: dict[str, int]) -> str | None:
             text.removeprefix(BOM),
             parse_constant=_reject_constant,
             parse_float=_finite_float,
-            object_pairs_hook=_unique_keys,
+            object_pairs_hook=unique_keys,
         )
     except (ValueError, RecursionError) as exc:
         message = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
@@ -335,11 +408,17 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+class RepeatedKey(ValueError):
+    """A JSON object holds one key twice."""
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` refusing a key repeated within one object (at any depth): the one
+    rule for repeated keys, in the line checks and in :func:`repeated_key_lines`."""
     seen: dict[str, Any] = {}
     for key, value in pairs:
         if key in seen:
-            raise ValueError(f"key {key!r} appears twice")
+            raise RepeatedKey(f"key {key!r} appears twice")
         seen[key] = value
     return seen
 

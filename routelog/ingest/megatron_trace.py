@@ -34,8 +34,9 @@ import numpy as np
 import polars as pl
 
 from routelog.errors import InputError
-from routelog.ingest import Batch, FileInfo, _torchfile
-from routelog.ingest.payload import to_probabilities
+from routelog.ingest import Batch, FileInfo, _torchfile, table
+from routelog.ingest.jsonl import repeated_key_lines, unique_keys
+from routelog.ingest.payload import bad_ids, to_probabilities
 from routelog.modelconfig import find_model_config
 
 if TYPE_CHECKING:
@@ -162,7 +163,7 @@ def _block_batches(block: bytes, first_line: int, context: _Context) -> Iterator
     frame = frame.with_columns(pl.Series("__line", numbers[: frame.height]))
     frame = _drop_mtp(frame, context)
     frame = _check_required(frame, context)
-    frame = _select(frame, context.options)
+    frame = table.select_rows(frame, context.options)
     if frame.height == 0:
         return
     context.info.rows += int(frame["top_indices"].list.len().sum())
@@ -186,7 +187,9 @@ def _parse(
     if not block.strip():
         return None
     try:
-        return pl.read_ndjson(io.BytesIO(block), schema=SCHEMA)
+        frame = pl.read_ndjson(io.BytesIO(block), schema=SCHEMA)
+        if not repeated_key_lines(block, SCHEMA):
+            return frame
     except pl.exceptions.PolarsError:
         pass
     bad = [(i, p) for i, text in enumerate(lines) if (p := _line_problem(text)) is not None]
@@ -214,7 +217,7 @@ def _line_problem(text: bytes) -> str | None:
     if not text.strip():
         return None
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=unique_keys)
     except (ValueError, RecursionError) as exc:
         message = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
         return f"not valid JSON ({message})"
@@ -287,17 +290,6 @@ def _check_required(frame: pl.DataFrame, context: _Context) -> pl.DataFrame:
     return _reject(frame, wrong_k, "a 'top_indices' row does not hold 'topk' expert ids", context)
 
 
-def _select(frame: pl.DataFrame, options: Options) -> pl.DataFrame:
-    if options.layers is not None:
-        frame = frame.filter(options.layers.expression("layer"))
-    if options.steps is not None:
-        if options.steps.start is not None:
-            frame = frame.filter(pl.col("step") >= options.steps.start)
-        if options.steps.stop is not None:
-            frame = frame.filter(pl.col("step") <= options.steps.stop)
-    return frame
-
-
 def _experts(frame: pl.DataFrame, context: _Context) -> int:
     """E from the logits' shape, router_state_rank{r}.pt or config.json, else an error."""
     shapes = frame["logit_shape"].drop_nulls()
@@ -339,20 +331,17 @@ def _ids(frame: pl.DataFrame, k: int) -> np.ndarray:
 def _checked_ids(frame: pl.DataFrame, k: int, context: _Context) -> pl.DataFrame:
     """Drop or reject records with an id outside [0, E) or an id repeated within a token."""
     assert context.n_experts is not None
-    ids = _ids(frame, k)
-    record = np.repeat(np.arange(frame.height), frame["top_indices"].list.len().to_numpy())
-    outside = (ids < 0) | (ids >= context.n_experts)
-    bad = np.bincount(record, weights=outside.any(axis=1), minlength=frame.height) > 0
-    message = f"an expert id outside [0, {context.n_experts}) in 'top_indices'"
-    frame = _reject(frame, bad, message, context)
-    if frame.height == 0:
-        return frame
-    ids = _ids(frame, k)
-    record = np.repeat(np.arange(frame.height), frame["top_indices"].list.len().to_numpy())
-    ordered = np.sort(ids, axis=1)
-    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(axis=1)
-    bad = np.bincount(record, weights=repeated, minlength=frame.height) > 0
-    return _reject(frame, bad, "an expert id repeated within one token", context)
+    for which, message in (
+        (0, f"an expert id outside [0, {context.n_experts}) in 'top_indices'"),
+        (1, "an expert id repeated within one token"),
+    ):
+        if frame.height == 0:
+            break
+        record = np.repeat(np.arange(frame.height), frame["top_indices"].list.len().to_numpy())
+        tokens = bad_ids(_ids(frame, k), context.n_experts)[which]
+        bad = np.bincount(record, weights=tokens, minlength=frame.height) > 0
+        frame = _reject(frame, bad, message, context)
+    return frame
 
 
 def _topk_batches(frame: pl.DataFrame, context: _Context) -> Iterator[Batch]:

@@ -178,3 +178,22 @@ def looks_like_probabilities(matrix: np.ndarray) -> bool:
     if values.size == 0 or not np.isfinite(values).all() or (values < 0).any():
         return False
     return bool((np.abs(values.sum(axis=1, dtype=np.float64) - 1.0) <= SUM_TOLERANCE).all())
+
+
+def bad_ids(ids: np.ndarray, n_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of a [T, k] matrix of selected expert ids: whether an id lies outside
+    [0, E) (a fill value such as -1), and whether an id is repeated within the row.
+
+    The one check of selected ids held as numpy arrays (.pt selections, Megatron traces,
+    routed-expert arrays); table layouts check theirs with ``table.checked_ids``.
+
+    Examples
+    --------
+    >>> outside, repeated = bad_ids(np.array([[0, 1], [1, 8], [3, 3]]), 8)
+    >>> outside.tolist(), repeated.tolist()
+    ([False, True, False], [False, False, True])
+    """
+    outside = np.asarray(((ids < 0) | (ids >= n_experts)).any(axis=1))
+    ordered = np.sort(ids, axis=1)
+    repeated = np.asarray((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))
+    return outside, repeated

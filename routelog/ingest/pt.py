@@ -32,6 +32,7 @@ from routelog.ingest import Batch, FileInfo, _torchfile
 from routelog.ingest.payload import (
     PAYLOAD_KINDS,
     Locate,
+    bad_ids,
     looks_like_probabilities,
     step_from_name,
     to_probabilities,
@@ -373,7 +374,8 @@ def _layer_batches(
         ids = None
         if selected is not None:
             ids = selected[tokens]
-            bad = ((ids < 0) | (ids >= n_experts)).any(axis=1) | _repeated(ids)
+            outside, repeated = bad_ids(ids, n_experts)
+            bad = outside | repeated
             if bad.any() and not options.skip_bad_rows:
                 raise InputError(
                     f"{locate(int(np.flatnonzero(bad)[0]))}: 'topk_ids' outside [0, {n_experts}) "
@@ -400,10 +402,3 @@ def _layer_batches(
                 pl.Series("topk_ids", ids).cast(pl.Array(pl.Int32, ids.shape[1]))
             )
         yield Batch("probs", frame, n_experts, top_k)
-
-
-def _repeated(ids: np.ndarray) -> np.ndarray:
-    """Rows of an id matrix in which some id appears twice."""
-    ordered = np.sort(ids, axis=1)
-    repeated: np.ndarray = (ordered[:, 1:] == ordered[:, :-1]).any(axis=1)
-    return repeated

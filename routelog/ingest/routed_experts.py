@@ -27,7 +27,7 @@ import polars as pl
 
 from routelog.errors import InputError
 from routelog.ingest import Batch, FileInfo
-from routelog.ingest.payload import step_from_name
+from routelog.ingest.payload import bad_ids, step_from_name
 from routelog.modelconfig import ModelConfig, find_model_config
 
 if TYPE_CHECKING:
@@ -182,9 +182,7 @@ def _batch(
     """One chunk [c, layers, k] -> top-k id rows, layer by layer; bad token rows raise or go."""
     tokens, _, k = block.shape
     ids = block.transpose(1, 0, 2).reshape(-1, k)
-    outside = ((ids < 0) | (ids >= n_experts)).any(axis=1)
-    ordered = np.sort(ids, axis=1)
-    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(axis=1)
+    outside, repeated = bad_ids(ids, n_experts)
     bad = outside | repeated
     if bad.any():
         row = int(np.flatnonzero(bad)[0])

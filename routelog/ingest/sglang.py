@@ -32,6 +32,7 @@ import polars as pl
 from routelog.errors import InputError
 from routelog.ingest import Batch, FileInfo, _torchfile
 from routelog.modelconfig import find_model_config
+from routelog.options import MAX_EXPERTS
 
 if TYPE_CHECKING:
     from routelog.options import Options
@@ -129,6 +130,11 @@ def _records(
         n_experts = config.num_experts
     if n_experts is None:
         n_experts = int(mapping.max()) + 1 if mapping.size else 1
+    if n_experts > MAX_EXPERTS:
+        raise InputError(
+            f"{path}: 'last_physical_to_logical_map' names logical expert {n_experts - 1}, "
+            f"beyond the {MAX_EXPERTS} experts routelog handles"
+        )
     if mapping.size and (mapping.min() < 0 or mapping.max() >= n_experts):
         raise InputError(
             f"{path}: 'last_physical_to_logical_map' names logical experts outside [0, {n_experts})"
@@ -195,6 +201,7 @@ def _per_pass(
         return
     info.rows += 1
     n_layers = len(mapping)
+    info.dense.claim(info.path, n_layers, n_experts, physical.size, "physical counts")
     flat = (np.arange(n_layers)[:, None] * n_experts + mapping).ravel()
     weights = physical.astype(np.int64).ravel()
     logical = np.bincount(flat, weights=weights, minlength=n_layers * n_experts)

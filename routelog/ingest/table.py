@@ -261,7 +261,7 @@ def batches(
     frame = _integers_in_range(frame, layout, options, info, locate)
     frame = _with_step(frame, layout, path, options, info, locate)
     frame = _drop_masked(frame, info, path)
-    frame = _select(frame, options)
+    frame = select_rows(frame, options)
     if frame.height == 0:
         return
     if layout.wide:
@@ -415,8 +415,9 @@ def _drop_masked(frame: pl.DataFrame, info: FileInfo, path: Path) -> pl.DataFram
     return frame.filter(keep)
 
 
-def _select(frame: pl.DataFrame, options: Options) -> pl.DataFrame:
-    """Apply --layers and --steps before any payload work."""
+def select_rows(frame: pl.DataFrame, options: Options) -> pl.DataFrame:
+    """Apply --layers and --steps (to ``layer`` and ``step`` columns) before any payload work;
+    table layouts and Megatron traces alike."""
     if options.layers is not None:
         frame = frame.filter(options.layers.expression("layer"))
     if options.steps is not None:
@@ -516,22 +517,10 @@ def _selected_batches(
     column = layout.selection
     assert column is not None
     frame = _required(frame, column, options, info, locate)
-    ids = pl.col(column)
-    outside = frame.select(
-        ids.list.eval(pl.element().is_null() | (pl.element() < 0) | (pl.element() >= width))
-        .list.any()
-        .fill_null(True)
-    ).to_series()
-    message = f"{column!r}: expert id outside [0, {width}) (or a fill value such as -1)"
-    frame = _skip(frame, outside, message, options, info, locate)
-    empty = frame.select(ids.list.len() == 0).to_series()
-    frame = _skip(frame, empty, f"empty {column!r} list", options, info, locate)
-    repeated = frame.select(ids.list.n_unique() < ids.list.len()).to_series()
-    message = f"{column!r}: an expert id repeated within one token"
-    frame = _skip(frame, repeated, message, options, info, locate)
+    frame = checked_ids(frame, column, width, f"{column!r}: ", options, info, locate)
     if frame.height == 0:
         return
-    ks = frame.select(ids.list.len().alias("_k"), "layer")
+    ks = frame.select(pl.col(column).list.len().alias("_k"), "layer")
     _one_k_per_layer(ks, Path(info.path))
     for k in sorted(ks["_k"].unique().to_list()):
         part = frame.filter(ks["_k"] == k)
@@ -541,6 +530,39 @@ def _selected_batches(
                 "is ignored for them"
             )
         yield from _probability_batch(part, width, layout, options, info, locate)
+
+
+def checked_ids(
+    frame: pl.DataFrame,
+    column: str,
+    n_experts: int | str,
+    prefix: str,
+    options: Options,
+    info: FileInfo,
+    locate: Locate,
+) -> pl.DataFrame:
+    """Rows whose list of selected expert ids (``column``) is fit to count, the others
+    rejected naming the first or dropped and counted (--skip-bad-rows): an id that is null,
+    negative (a fill value such as -1) or at least E (``n_experts``: a number, or the column
+    holding each row's E), an empty list, an id repeated within the list. ``prefix`` starts
+    the messages (``"'topk_ids': "``). One k per layer is checked where rows are split by k.
+    """
+    ids = pl.col(column)
+    limit = pl.col(n_experts) if isinstance(n_experts, str) else pl.lit(n_experts)
+    outside = frame.select(
+        (
+            ids.list.eval(pl.element().is_null() | (pl.element() < 0)).list.any()
+            | (ids.list.max() >= limit).fill_null(False)
+        ).fill_null(True)
+    ).to_series()
+    shown = "E" if isinstance(n_experts, str) else n_experts
+    message = f"{prefix}expert id outside [0, {shown}) (or a fill value such as -1)"
+    frame = _skip(frame, outside, message, options, info, locate)
+    empty = frame.select(ids.list.len() == 0).to_series()
+    frame = _skip(frame, empty, f"empty {column!r} list", options, info, locate)
+    repeated = frame.select(ids.list.n_unique() < ids.list.len()).to_series()
+    message = f"{prefix}an expert id repeated within one token"
+    return _skip(frame, repeated, message, options, info, locate)
 
 
 def _one_k_per_layer(ks: pl.DataFrame, path: Path) -> None:
@@ -608,20 +630,7 @@ def _topk_batches(
 ) -> Iterator[Batch]:
     frame = _experts(frame, layout, options, info, locate)
     ids = pl.col(ID_COLUMN)
-    outside = frame.select(
-        ids.list.eval(pl.element().is_null() | (pl.element() < 0)).list.any()
-        | (ids.list.max() >= pl.col("__e"))
-    ).to_series()
-    frame = _skip(
-        frame,
-        outside,
-        "expert id outside [0, E) (or a fill value such as -1)",
-        options,
-        info,
-        locate,
-    )
-    repeated = frame.select(ids.list.n_unique() < ids.list.len()).to_series()
-    frame = _skip(frame, repeated, "an expert id repeated within one token", options, info, locate)
+    frame = checked_ids(frame, ID_COLUMN, "__e", "", options, info, locate)
     if WEIGHT_COLUMN in frame.columns:
         weights = pl.col(WEIGHT_COLUMN)
         bad = frame.select(
@@ -659,6 +668,7 @@ def _expert_count_batches(
     for n_experts in sorted(frame["__e"].unique().to_list()):
         part = frame.filter(pl.col("__e") == n_experts)
         groups = part.select(keys).unique(maintain_order=True).with_row_index("__g")
+        info.dense.claim(info.path, groups.height, int(n_experts), part.height, "count rows")
         gid = part.join(groups, on=keys, how="left", nulls_equal=True, maintain_order="left")
         flat = gid["__g"].to_numpy().astype(np.int64) * n_experts + part["expert"].to_numpy()
         summed = np.bincount(

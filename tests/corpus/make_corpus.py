@@ -61,6 +61,24 @@ def jsonl(directory: Path) -> dict[str, dict[str, Any]]:
         2,
         "repeated_key.jsonl:2: not valid JSON (key 'layer' appears twice)",
     )
+    for name, line, key in (
+        (
+            "repeated_key_space.jsonl",
+            '{"step": 1, "layer": 0, "layer" : 1, "probs": [1, 0]}',
+            "layer",
+        ),
+        (
+            "repeated_key_escaped.jsonl",
+            '{"step": 1, "layer": 0, "l\\u0061yer": 1, "probs": [1, 0]}',
+            "layer",
+        ),
+        (
+            "repeated_key_nested.jsonl",
+            '{"step": 1, "layer": 0, "probs": [1, 0], "m": {"a": 1, "a": 2}}',
+            "a",
+        ),
+    ):
+        case(name, [good, line], 2, f"{name}:2: not valid JSON (key {key!r} appears twice)")
     case(
         "step_2_63.jsonl",
         [good, '{"step": 9223372036854775808, "layer": 0, "probs": [1, 0]}'],
@@ -154,6 +172,26 @@ def jsonl(directory: Path) -> dict[str, dict[str, Any]]:
         ['{"step": 1, "layer": 0, "probs": ' + "[" * 5000 + "]" * 5000 + "}"],
         2,
         "deep_nesting.jsonl:1:",
+    )
+    # One token per (step, layer) group claiming E = 65536: ~600 KB of ids once made routelog
+    # allocate 10,000 x 65,536 int64 counters (5 GiB); refused by the dense-counter bound
+    case(
+        "topk_dense_claim.jsonl",
+        [
+            _line({"step": s, "layer": 0, "topk_ids": [65535], "num_experts": 65536})
+            for s in range(10_000)
+        ],
+        2,
+        "topk_dense_claim.jsonl: E=65536 experts per (step, layer) group would take",
+    )
+    count_rows = [
+        _line({"step": s, "layer": 0, "expert": 65535, "count": 1}) for s in range(10_000)
+    ]
+    case(
+        "expert_count_dense_claim.jsonl",
+        count_rows,
+        2,
+        "expert_count_dense_claim.jsonl: E=65536 experts per (step, layer) group would take",
     )
     # 96 MiB without a newline, a few hundred KiB compressed: a bad row, read past in bounded memory
     _gzip_stream(
@@ -296,6 +334,20 @@ def parquet(directory: Path) -> dict[str, dict[str, Any]]:
         "exit": 2,
         "stderr": "not_parquet.parquet: not a valid Parquet file",
     }
+    n = 20_000  # one token per group claiming E = 65536: 10 GiB of counters, once allocated
+    case(
+        "topk_dense_claim.parquet",
+        pl.DataFrame(
+            {
+                "step": range(n),
+                "layer": [0] * n,
+                "topk_ids": [[65535]] * n,
+                "num_experts": [65536] * n,
+            }
+        ),
+        2,
+        "topk_dense_claim.parquet: E=65536 experts per (step, layer) group would take",
+    )
     good = pl.DataFrame({"step": [1] * 50, "layer": [0] * 50, "probs": [[0.25, 0.75]] * 50})
     good.write_parquet(directory / "whole.tmp")
     content = (directory / "whole.tmp").read_bytes()

@@ -42,12 +42,12 @@ def _storages(layers: int = 1) -> dict[str, bytes]:
     return {str(i): _logits(i) for i in range(layers)}
 
 
-def build_on_storage(state: dict[str, object] | None = None) -> Pickle:
+def build_on_storage(state: dict[str, object] | None = None, *, legacy: bool = False) -> Pickle:
     """The audit's out-of-bounds read: a stride-0 view of a one-element storage claims N
     elements; BUILD puts it in place of another storage's data (or size), and a dense view
     of that storage then reads N elements from where the first one lies, past its end."""
     n = 64 * E
-    p = Pickle()
+    p = Pickle(legacy=legacy)
     p.tensor("0", 1, 0, (n,), (0,)).put(0).raw(pickle.POP)
     p.storage("1", 1).put(1)
     p.raw(pickle.EMPTY_DICT)
@@ -292,6 +292,49 @@ def _stride0_small(path: Path) -> object:
     return _one_tensor(0, (8, E), (0, 1))(path)
 
 
+def _legacy(
+    pickle_: Pickle | None = None, cut: int = 0, **options: object
+) -> Callable[[Path], object]:
+    """A pre-zip file (3 layers of T x E float32 logits unless ``pickle_`` says otherwise),
+    ``cut`` bytes short of its end; ``options`` go to ``torchzip.write_legacy``."""
+
+    def write(path: Path) -> object:
+        p = pickle_ or tz.router_pickle(3, T, E, legacy=True)
+        tz.write_legacy(path, p.done(), _storages(3), **options)  # type: ignore[arg-type]
+        if cut:
+            path.write_bytes(path.read_bytes()[:-cut])
+        return path
+
+    return write
+
+
+def _legacy_one_tensor(numel: int, size: tuple[int, ...], stride: tuple[int, ...]) -> Pickle:
+    p = Pickle(legacy=True).raw(pickle.EMPTY_DICT).mark().text("step").int(1)
+    p.text("router_logits").tensor("0", numel, 0, size, stride)
+    return p.raw(pickle.TUPLE1 + pickle.SETITEMS)
+
+
+def _legacy_header_global() -> list[bytes]:
+    evil = Pickle().global_("os", "system").text("true").raw(pickle.TUPLE1 + pickle.REDUCE)
+    magic, version = (pickle.dumps(n, protocol=2) for n in (tz.LEGACY_MAGIC_NUMBER, 1001))
+    return [magic, version, evil.done()]
+
+
+def _sglang_dense_claim(path: Path) -> object:
+    """An SGLang per-pass dump: 20,000 layers of one physical expert mapped to logical expert
+    65535, so E = 65536: ~320 KB of payload once made routelog allocate 10 GiB of counters."""
+    layers = 20_000
+    p = Pickle().raw(pickle.EMPTY_DICT).mark().text("records").raw(pickle.EMPTY_LIST)
+    p.raw(pickle.EMPTY_DICT).mark().text("forward_pass_id").int(0)
+    p.text("global_physical_count").tensor("0", layers, 0, (layers, 1), (1, 1), "LongStorage")
+    p.raw(pickle.SETITEMS + pickle.APPEND)
+    p.text("last_physical_to_logical_map")
+    p.tensor("1", layers, 0, (layers, 1), (1, 1), "LongStorage")
+    ones = np.ones(layers, dtype="<i8").tobytes()
+    mapping = np.full(layers, 65535, dtype="<i8").tobytes()
+    return tz.write(path, p.raw(pickle.SETITEMS).done(), {"0": ones, "1": mapping})
+
+
 CASES: list[Case] = [
     # valid controls: what the reader must keep reading
     Case("valid.pt", lambda p: tz.write(p, _good_pickle(3), _storages(3)), 0),
@@ -408,6 +451,69 @@ CASES: list[Case] = [
         ),
         2,
         "zip compression method 12",
+    ),
+    # 5. the legacy (pre-zip) format, read by the same restricted unpickler, never by torch
+    Case("legacy_valid.pt", _legacy(), 0),
+    Case(
+        "legacy_truncated_storage.pt",
+        _legacy(cut=10),
+        2,
+        "storage '2' ends 10 bytes beyond the end of the file (truncated)",
+    ),
+    Case(
+        "legacy_count_beyond_file.pt",
+        _legacy(counts={"1": 1 << 62}),
+        2,
+        "storage '1' holds 4611686018427387904 values, but its tensors declare 64",
+    ),
+    Case(
+        "legacy_huge_numel.pt",
+        _legacy(_legacy_one_tensor(1 << 40, (1 << 20, 1 << 20), (1 << 20, 1))),
+        2,
+        "storage '0' declares 1099511627776 values, more than the file's",
+    ),
+    Case(
+        "legacy_stride0_claim.pt",
+        _legacy(_legacy_one_tensor(1, (10**6, 10**6), (0, 0))),
+        2,
+        "tensors claim more than",
+    ),
+    Case(
+        "legacy_repeated_key.pt",
+        _legacy(keys=["0", "1", "2", "1"]),
+        2,
+        "storage '1' listed twice",
+    ),
+    Case(
+        "legacy_unlisted_storage.pt",
+        _legacy(keys=["0", "1"]),
+        2,
+        "no storage '2' in the file's storage list",
+    ),
+    Case(
+        "legacy_build_on_storage.pt",
+        _legacy(build_on_storage(legacy=True)),
+        2,
+        "refused to set the state of a storage",
+    ),
+    Case(
+        "legacy_header_global.pt",
+        _legacy(header=_legacy_header_global()),
+        2,
+        "refused to load global os.system in a legacy torch file's header",
+    ),
+    Case(
+        "legacy_only_magic.pt",
+        lambda path: path.write_bytes(pickle.dumps(tz.LEGACY_MAGIC_NUMBER, protocol=2)),
+        2,
+        "legacy torch file ends before its protocol version (truncated)",
+    ),
+    # 6. dense per-expert counters bounded by the payload, whatever E the file claims
+    Case(
+        "expert_distribution_recorder_1.pt",
+        _sglang_dense_claim,
+        2,
+        "E=65536 experts per (step, layer) group would take",
     ),
 ]
 """Every case; ``valid_neg_inf_f64.pt`` is built by test_pt only (its outcome is the shared

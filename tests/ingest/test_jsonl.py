@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 import routelog
 from routelog.cli import app
 from routelog.ingest import FileInfo, jsonl, scan
+from routelog.ingest.jsonl import line_problem, repeated_key_lines
 from routelog.options import Options
 from tests.conftest import WriteRun, dirichlet
 
@@ -422,3 +423,95 @@ def test_errors_name_one_line_never_a_range(tmp_path: Path) -> None:
     assert result.exit_code == 2, result.output
     assert f"{path}:3: " in result.output
     assert f"{path}:1-" not in result.output
+
+
+REPEATED_KEYS = [
+    ('{"step": 1, "layer": 0, "layer" : 1, "probs": [0.5, 0.5]}', "key 'layer' appears twice"),
+    ('{"step": 1, "layer": 0,\t"layer"\t:1, "probs": [0.5, 0.5]}', "key 'layer' appears twice"),
+    ('{"step": 1, "layer": 0, "l\\u0061yer": 1, "probs": [0.5, 0.5]}', "key 'layer' appears twice"),
+    (
+        '{"step": 1, "layer": 0, "probs": [0.5, 0.5], "m": {"a": 1, "a": 2}}',
+        "key 'a' appears twice",
+    ),
+    ('{"step": 1, "layer": 0, "probs": [0.5, 0.5], "x": 1, "x": 2}', "key 'x' appears twice"),
+]
+"""Repeated keys the old byte match (``"key":``, known columns, top level only) let through."""
+
+NOT_REPEATED = [
+    '{"step": 1, "layer": 0, "probs": [0.5, 0.5], "m": {"layer": 7}}',  # another object
+    '{"step": 1, "layer": 0, "probs": [0.5, 0.5], "dataset": "layer"}',  # a value, not a key
+    '{"step": 1, "layer": 0, "probs": [0.5, 0.5], "dataset": "a\\"layer\\": 1"}',
+    '{"step": 1, "lay": 0, "layer": 0, "probs": [0.5, 0.5]}',
+    '{"step": 1, "layer": 0, "probs": [1, 0], "abcdefgh_1_abcdefgh": 1, "abcdefgh_2_abcdefgh": 2}',
+]
+
+
+@pytest.mark.parametrize(("line", "message"), REPEATED_KEYS)
+def test_repeated_key_is_refused_however_written(tmp_path: Path, line: str, message: str) -> None:
+    good = '{"step": 1, "layer": 0, "probs": [0.5, 0.5]}'
+    path = write_lines(tmp_path / "f.jsonl", [good, good, line, good])
+    assert line_problem(line.encode(), {}) == f"not valid JSON ({message})"  # the validator
+    result = runner.invoke(app, ["analyze", str(path)])
+    assert result.exit_code == 2, result.output
+    assert f"f.jsonl:3: not valid JSON ({message})" in " ".join(result.output.split())
+    result = runner.invoke(app, ["analyze", str(path), "--skip-bad-rows", "-f", "json"])
+    assert result.exit_code == 0, result.output
+    assert '"skipped_rows": 1' in result.output
+
+
+@pytest.mark.parametrize("line", NOT_REPEATED)
+def test_keys_alike_but_not_repeated_are_read(tmp_path: Path, line: str) -> None:
+    good = '{"step": 1, "layer": 0, "probs": [0.5, 0.5]}'
+    path = write_lines(tmp_path / "f.jsonl", [good, line, good])
+    result = runner.invoke(app, ["analyze", str(path)])
+    assert result.exit_code == 0, result.output
+
+
+def _has_repeat(line: bytes) -> bool:
+    """The rule, independently: some object of the line holds a key twice."""
+    found = []
+
+    def hook(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        keys = [k for k, _ in pairs]
+        found.append(len(set(keys)) < len(keys))
+        return dict(pairs)
+
+    json.loads(line, object_pairs_hook=hook)
+    return any(found)
+
+
+_KEY = st.sampled_from(["step", "layer", "probs", "x", "é", ""])
+_SPACE = st.sampled_from(["", " ", "\t", "  "])
+
+
+@st.composite
+def _json_line(draw: st.DrawFn, depth: int = 0) -> str:
+    """An object of a few keys, some repeated, written with odd spacing and escapes, with
+    string values that look like keys and nested objects."""
+    items = []
+    for _ in range(draw(st.integers(0, 4))):
+        key = draw(_KEY)
+        ascii_only = draw(st.booleans())
+        written = json.dumps(key, ensure_ascii=ascii_only)
+        if key and draw(st.integers(0, 3)) == 0:  # escape the key's first character
+            written = f'"\\u{ord(key[0]):04x}' + json.dumps(key[1:], ensure_ascii=ascii_only)[1:]
+        value = draw(
+            st.one_of(
+                st.integers(0, 9).map(str),
+                _KEY.map(lambda k: json.dumps(k + '":')),
+                *([_json_line(depth + 1)] if depth < 2 else []),
+            )
+        )
+        items.append(f"{written}{draw(_SPACE)}:{draw(_SPACE)}{value}")
+    return "{" + draw(_SPACE) + ",".join(items) + "}"
+
+
+@given(lines=st.lists(_json_line(), min_size=1, max_size=6))
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_repeated_key_lines_agree_with_json(lines: list[str]) -> None:
+    block = "\n".join(lines).encode()
+    expected = [i for i, line in enumerate(lines) if _has_repeat(line.encode())]
+    assert repeated_key_lines(block, ["step", "layer"]) == expected
+    for i, line in enumerate(lines):  # the line validator says the same, line by line
+        problem = line_problem(line.encode(), {}) or ""
+        assert ("appears twice" in problem) == (i in expected)

@@ -262,3 +262,17 @@ def test_a_sidecar_is_not_a_log(tmp_path: Path) -> None:
     trace = tmp_path / "trace" / "router_trace_rank0.jsonl"
     output = _bad(trace, "--num-experts", "16")
     assert f"{trace}:1: 'logit_shape' does not have E=16 columns (--num-experts)" in output
+
+
+@pytest.mark.parametrize(
+    ("written", "key"), [('"layer" : 9', "layer"), ('"l\\u0061yer": 9', "layer")]
+)
+def test_repeated_key_in_a_trace_record_is_refused(tmp_path: Path, written: str, key: str) -> None:
+    """The JSONL rule for repeated keys holds for traces too (polars would keep one value)."""
+    write_trace(tmp_path / "trace", logits=False)
+    trace = tmp_path / "trace" / "router_trace_rank0.jsonl"
+    lines = trace.read_text().splitlines()
+    lines[1] = lines[1][:-1] + f", {written}}}"
+    trace.write_text("\n".join(lines) + "\n")
+    output = _bad(trace, "--num-experts", "8")
+    assert f"{trace}:2: not valid JSON (key {key!r} appears twice)" in " ".join(output.split())

@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 from typer.testing import CliRunner
 
+import routelog
 from routelog import api
 from routelog.cli import app
 from routelog.errors import InputError, UnsafeFileError
@@ -266,19 +268,89 @@ def test_storages_are_memory_mapped_not_copied(tmp_path: Path) -> None:
     assert type(base.obj).__name__ == "mmap"
 
 
-def test_legacy_format_with_torch_installed(tmp_path: Path) -> None:
+def _legacy_and_zip(obj: object, directory: Path) -> tuple[Path, Path]:
+    legacy = _save(obj, directory / "legacy.pt", _use_new_zipfile_serialization=False)
+    return legacy, _save(obj, directory / "zip.pt")
+
+
+def _same(a: Any, b: Any) -> None:
+    """The same content, arrays equal in dtype, shape and values (bit for bit)."""
+    assert type(a) is type(b)
+    if isinstance(a, np.ndarray):
+        assert (a.dtype, a.shape) == (b.dtype, b.shape)
+        np.testing.assert_array_equal(a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for key in a:
+            _same(a[key], b[key])
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _same(x, y)
+    else:
+        assert a == b
+
+
+def test_legacy_format_reads_like_the_zip_format(tmp_path: Path) -> None:
+    """torch 2.13 writes both formats of the same tensors; routelog reads them alike: every
+    dtype, views with offsets and strides, two tensors sharing one storage, a scalar, an
+    empty tensor."""
+    torch = _torch()
+    torch.manual_seed(0)
+    base = torch.randn(12, 8)
+    obj = {
+        "step": 3,
+        "router_logits": (base[2:10], base[:, :4], base.t(), torch.randn(5, 8).bfloat16()),
+        "more": [torch.randn(3, 4).half(), torch.randn(3, 4).double(), torch.arange(6)],
+        "small": {"i": torch.arange(4, dtype=torch.int32), "b": torch.tensor([True, False])},
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 8),
+        "bytes": torch.arange(5, dtype=torch.uint8),
+        "chars": torch.arange(-2, 2, dtype=torch.int8),
+        "short": torch.arange(3, dtype=torch.int16),
+    }
+    legacy, archive = _legacy_and_zip(obj, tmp_path)
+    assert not zipfile.is_zipfile(legacy)
+    _same(_torchfile.load(legacy), _torchfile.load(archive))
+    ids = {"step": 1, "router_logits": (base,), "topk_ids": (base.topk(2).indices,)}
+    legacy, archive = _legacy_and_zip(ids, tmp_path / "ids")
+    got = [routelog.analyze([str(p)]).metrics.drop("run") for p in (legacy, archive)]
+    assert_frame_equal(got[0], got[1])
+
+
+def test_legacy_format_needs_no_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     torch = _torch()
     logits = torch.randn(9, 4).bfloat16()
+    legacy, archive = _legacy_and_zip({"step": 2, "router_logits": (logits,)}, tmp_path)
+    expected = _softmax(logits)
+    monkeypatch.setitem(sys.modules, "torch", None)  # importing torch now fails
+    batches, _ = _read(legacy)
+    np.testing.assert_allclose(batches[0].frame["probs"].to_numpy(), expected, rtol=1e-5, atol=1e-7)
+    assert_frame_equal(_rows(batches), _rows(_read(archive)[0]))
+
+
+def test_hand_made_legacy_files_read_by_torch_alike(tmp_path: Path) -> None:
+    """The corpus's pre-zip writer lays files out as torch does: torch 2.13 reads its valid
+    file to the same arrays as routelog."""
+    torch = _torch()
+    path = tmp_path / "legacy_valid.pt"
+    next(c for c in pt_cases.CASES if c.name == path.name).write(path)
+    theirs = torch.load(path, weights_only=True)
+    ours = _torchfile.load(path)
+    assert ours["step"] == theirs["step"]
+    for a, b in zip(ours["router_logits"], theirs["router_logits"], strict=True):
+        np.testing.assert_array_equal(a, b.numpy())
+
+
+def test_legacy_storages_are_memory_mapped(tmp_path: Path) -> None:
+    torch = _torch()
     path = _save(
-        {"step": 2, "router_logits": (logits,)},
-        tmp_path / "legacy.pt",
-        _use_new_zipfile_serialization=False,
+        {"t": torch.randn(100, 8)}, tmp_path / "m.pt", _use_new_zipfile_serialization=False
     )
-    assert not zipfile.is_zipfile(path)
-    batches, _ = _read(path)
-    np.testing.assert_allclose(
-        batches[0].frame["probs"].to_numpy(), _softmax(logits), rtol=1e-5, atol=1e-7
-    )
+    base = _torchfile.load(path)["t"]
+    while getattr(base, "base", None) is not None:
+        base = base.base
+    assert type(base.obj).__name__ == "mmap"
 
 
 # --- attention mask, step, top_k, selection ----------------------------------------------
@@ -502,17 +574,6 @@ def test_zip_without_data_pkl(tmp_path: Path) -> None:
     _fails(path, "no data.pkl")
 
 
-def test_legacy_format_without_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    torch = _torch()
-    path = _save(
-        {"step": 1, "router_logits": (torch.randn(4, 4),)},
-        tmp_path / "legacy.pt",
-        _use_new_zipfile_serialization=False,
-    )
-    monkeypatch.setitem(sys.modules, "torch", None)
-    _fails(path, "legacy (pre-zip) torch format; re-save with torch.save(...) or install torch")
-
-
 class _Custom:
     """A class no routing dump should hold."""
 
@@ -542,7 +603,7 @@ def test_legacy_format_with_unknown_class(tmp_path: Path) -> None:
         tmp_path / "legacy.pt",
         _use_new_zipfile_serialization=False,
     )
-    _fails(path, "refused by torch.load(weights_only=True)")
+    _fails(path, f"refused to load global {__name__}._Custom", "nothing was run")
 
 
 class _Evil:

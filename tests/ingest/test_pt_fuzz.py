@@ -100,10 +100,25 @@ _mutation = st.tuples(
 )
 
 
+LEGACY_SKELETON = torchzip.router_pickle(2, T, E, legacy=True).done()
+
+
+def _legacy_file() -> bytes:
+    """The skeleton in the pre-zip format (`_use_new_zipfile_serialization=False`)."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = torchzip.write_legacy(Path(directory) / "f.pt", LEGACY_SKELETON, _storages())
+        return path.read_bytes()
+
+
 @FUZZ
-@given(st.booleans(), st.lists(_mutation, min_size=1, max_size=6))
-def test_mutated_files(deflated: bool, mutations: list[tuple[str, float, bytes]]) -> None:
-    data = bytearray(_file(SKELETON, compress=deflated))
+@given(
+    st.sampled_from(["stored", "deflated", "legacy"]), st.lists(_mutation, min_size=1, max_size=6)
+)
+def test_mutated_files(layout: str, mutations: list[tuple[str, float, bytes]]) -> None:
+    if layout == "legacy":
+        data = bytearray(_legacy_file())
+    else:
+        data = bytearray(_file(SKELETON, compress=layout == "deflated"))
     for kind, where, value in mutations:
         if not data:
             break

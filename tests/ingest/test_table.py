@@ -12,6 +12,7 @@ from polars.testing import assert_frame_equal
 from typer.testing import CliRunner
 
 import routelog
+from routelog import ingest
 from routelog.cli import app
 from routelog.errors import InputError
 from routelog.ingest import table
@@ -255,3 +256,45 @@ def test_wrong_column_type_names_the_column(tmp_path: Path) -> None:
     result = runner.invoke(app, ["analyze", str(path)])
     assert result.exit_code == 2, result.output
     assert "step_5.parquet: column 'layer' must hold integers" in result.output
+
+
+def test_dense_counters_are_bounded_by_the_payload() -> None:
+    budget = ingest.DenseBudget()
+    floor, per = ingest.DENSE_FLOOR, ingest.DENSE_PER_VALUE
+    budget.claim("f.jsonl", floor // 64, 64, 0, "ids")  # the floor alone: allowed
+    budget.claim("f.jsonl", 1, per * 10, 10, "ids")  # 10 values pay for 10 x 256 more
+    assert (budget.cells, budget.values) == (floor + per * 10, 10)
+    budget.claim("f.jsonl", 1, per, 1, "ids")
+    with pytest.raises(InputError, match=r"^f\.jsonl: E=2 experts .* for 11 ids"):
+        budget.claim("f.jsonl", 1, 2, 0, "ids")  # claims add up across batches of a file
+    assert (budget.cells, budget.values) == (floor + per * 11, 11)  # a refusal claims nothing
+
+
+def test_dense_counter_bound_keeps_real_shapes_and_refuses_claims(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no floor, a log of real shape (64 experts, 64 tokens per group, k=1) still reads;
+    one token per group claiming E=65536 is refused naming the file, for Parquet and JSONL."""
+    monkeypatch.setattr(ingest, "DENSE_FLOOR", 0)
+    rng = np.random.default_rng(3)
+    real = pl.DataFrame(
+        {
+            "step": np.repeat(np.arange(20), 64),
+            "layer": [0] * 1280,
+            "topk_ids": rng.integers(0, 64, (1280, 1)).tolist(),
+            "num_experts": [64] * 1280,
+        }
+    )
+    real.write_parquet(tmp_path / "real.parquet")
+    assert metrics(tmp_path / "real.parquet").height == 20
+    claim = pl.DataFrame(
+        {"step": range(3), "layer": [0] * 3, "topk_ids": [[65535]] * 3, "num_experts": [65536] * 3}
+    )
+    claim.write_parquet(tmp_path / "claim.parquet")
+    claim.write_ndjson(tmp_path / "claim.jsonl")
+    for name in ("claim.parquet", "claim.jsonl"):
+        result = runner.invoke(app, ["analyze", str(tmp_path / name)])
+        assert result.exit_code == 2, result.output
+        assert f"{name}: E=65536 experts per (step, layer) group would take 196,608" in " ".join(
+            result.output.split()
+        )

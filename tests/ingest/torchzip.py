@@ -20,8 +20,9 @@ REBUILD = ("torch._utils", "_rebuild_tensor_v2")
 class Pickle:
     """A protocol-2 pickle built one opcode at a time; each method returns ``self``."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, legacy: bool = False) -> None:
         self.data = bytearray(pickle.PROTO + b"\x02")
+        self.legacy = legacy  # persistent ids as the pre-zip format writes them
 
     def raw(self, code: bytes) -> Pickle:
         self.data += code
@@ -60,8 +61,11 @@ class Pickle:
         return self.raw(pickle.LONG_BINGET + struct.pack("<I", index))
 
     def storage(self, key: str, numel: int, kind: str = "FloatStorage") -> Pickle:
-        """Push the persistent id torch writes for a storage (``BINPERSID``)."""
+        """Push the persistent id torch writes for a storage (``BINPERSID``); the legacy
+        format adds a sixth item, ``view_metadata`` (None)."""
         self.mark().text("storage").global_("torch", kind).text(key).text("cpu").int(numel)
+        if self.legacy:
+            self.raw(pickle.NONE)  # view_metadata
         return self.raw(pickle.TUPLE + pickle.BINPERSID)
 
     def tensor_call(self) -> Pickle:
@@ -100,10 +104,16 @@ def contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def router_pickle(
-    layers: int, tokens: int, experts: int, step: int | None = 1, key: str = "router_logits"
+    layers: int,
+    tokens: int,
+    experts: int,
+    step: int | None = 1,
+    key: str = "router_logits",
+    *,
+    legacy: bool = False,
 ) -> Pickle:
     """``{"step": step, key: (t0, ..., tL-1)}``, layer i in storage ``str(i)``, float32."""
-    p = Pickle().raw(pickle.EMPTY_DICT).mark()
+    p = Pickle(legacy=legacy).raw(pickle.EMPTY_DICT).mark()
     if step is not None:
         p.text("step").int(step)
     p.text(key).mark()
@@ -144,3 +154,41 @@ def member(name: str, method: int = zipfile.ZIP_STORED) -> zipfile.ZipInfo:
     info.compress_type = method
     info.external_attr = 0o644 << 16
     return info
+
+
+LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+LEGACY_SYS_INFO = {
+    "protocol_version": 1001,
+    "little_endian": True,
+    "type_sizes": {"short": 2, "int": 4, "long": 4},
+}
+
+
+def write_legacy(
+    path: Path,
+    object_pkl: bytes,
+    storages: dict[str, bytes],
+    *,
+    itemsize: int = 4,
+    counts: dict[str, int] | None = None,
+    keys: list[str] | None = None,
+    header: list[bytes] | None = None,
+) -> Path:
+    """A file laid out like ``torch.save(..., _use_new_zipfile_serialization=False)``: the
+    magic number, protocol version and system info pickles (``header`` replaces them), the
+    object's pickle (built with ``Pickle(legacy=True)``), the list of storage ``keys``, then
+    per key an int64 element count (``counts`` overrides it) and the storage's bytes."""
+    keys = list(storages) if keys is None else keys
+    parts = header or [
+        pickle.dumps(LEGACY_MAGIC_NUMBER, protocol=2),
+        pickle.dumps(1001, protocol=2),
+        pickle.dumps(LEGACY_SYS_INFO, protocol=2),
+    ]
+    parts += [object_pkl, pickle.dumps(keys, protocol=2)]
+    for key in keys:
+        data = storages.get(key, b"")
+        count = (counts or {}).get(key, len(data) // itemsize)
+        parts += [struct.pack("<q", count), data]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(parts))
+    return path
