@@ -244,8 +244,13 @@ def _version(metadata: Any) -> str | None:
 
 def _head(remote: Remote) -> tuple[int, str | None]:
     """(size, version) of ``remote`` as the store has it now: one HEAD request."""
-    with filesystem(remote.scheme).open_input_file(remote.key) as handle:
-        return int(handle.size()), _version(handle.metadata())
+    try:
+        with filesystem(remote.scheme).open_input_file(remote.key) as handle:
+            return int(handle.size()), _version(handle.metadata())
+    except ValueError as exc:
+        # pyarrow's GCS client can hand back an already closed file for an object that is
+        # being replaced ("I/O operation on closed file"): as if the object were not there.
+        raise OSError(f"{remote.url}: {exc}") from None
 
 
 def identity(remote: Remote) -> dict[str, Any] | None:
@@ -327,20 +332,30 @@ class Pinned:
             raise changed(self.remote)
 
 
+def _open(remote: Remote, handle: Any) -> Any:
+    """``handle``, unless pyarrow handed back a closed file (GCS, for an object being
+    replaced): then the object changed while it was opened (``watch`` reads it next round)."""
+    if handle.closed:
+        raise changed(remote)
+    return handle
+
+
 def open_random(remote: Remote) -> Any:
     """A random-access file over ``remote``: each read is a ranged GET (Parquet row groups)."""
     try:
-        return filesystem(remote.scheme).open_input_file(remote.key)
+        handle = filesystem(remote.scheme).open_input_file(remote.key)
     except OSError as exc:
         raise failure(remote, exc) from None
+    return _open(remote, handle)
 
 
 def open_stream(remote: Remote) -> Any:
     """A sequential stream over ``remote`` (one GET, read as it is consumed; no decompression)."""
     try:
-        return filesystem(remote.scheme).open_input_stream(remote.key, compression=None)
+        handle = filesystem(remote.scheme).open_input_stream(remote.key, compression=None)
     except OSError as exc:
         raise failure(remote, exc) from None
+    return _open(remote, handle)
 
 
 @contextmanager
