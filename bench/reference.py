@@ -2,14 +2,16 @@
 
 It reads the same Parquet file and computes the same metrics per (step, layer) as
 ``routelog analyze`` (token, load and assignment entropy, max load share, max_vio, load_cv,
-dead experts, aux loss, top-1 probability): the whole file in one ``pyarrow`` read (on all
-cores), the probabilities as one zero-copy (T, E) numpy view, and each statistic as one
-vectorized pass over all tokens (``argpartition`` for the top-k, ``bincount`` and
-``add.reduceat`` to sum per group); no validation, no streaming, the whole file in memory.
+dead experts, aux loss, top-1 probability) with vectorized numpy: the whole file in one
+multi-threaded ``pyarrow`` read, the probabilities as one zero-copy (T, E) view, then per
+(step, layer) block one vectorized pass per statistic (``argpartition`` for the top-k); no
+validation, no streaming. Whole-file passes instead of per-block ones were measured slower
+(1.5x: temporaries of the whole file's size), and so was ``np.add.reduceat`` along rows.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -18,7 +20,8 @@ import pyarrow.parquet as pq
 
 
 def _entropy(q: np.ndarray) -> np.ndarray:
-    """-sum q ln q along the last axis (0 ln 0 = 0: zeros are clipped to the tiniest float)."""
+    """-sum q ln q along the last axis; zeros are clipped to the tiniest float, so 0 ln 0 = 0
+    (a masked ``np.log(q, where=q > 0)`` is 3 to 4 times slower)."""
     logs = np.log(np.maximum(q, np.finfo(q.dtype).tiny))
     result: np.ndarray = -(q * logs).sum(axis=-1, dtype=np.float64)
     return result
@@ -41,45 +44,42 @@ def metrics_of_arrays(
     """The metrics of (T,) step and layer ids and (T, E) probabilities."""
     n_experts = probs.shape[1]
     keys = step * 1_000_003 + layer
-    if np.any(keys[1:] < keys[:-1]):  # rows come sorted by (step, layer) in most logs
-        order = np.argsort(keys, kind="stable")
-        step, layer, probs, keys = step[order], layer[order], probs[order], keys[order]
-    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-    n_tokens = np.diff(np.r_[starts, len(keys)])
-    group = np.repeat(np.arange(len(starts)), n_tokens)
-    if top_k == 1:
-        chosen = probs.argmax(axis=1)[:, None]
-    else:
-        chosen = np.argpartition(probs, n_experts - top_k, axis=1)[:, n_experts - top_k :]
-    counts = np.bincount(
-        (group[:, None] * n_experts + chosen).ravel(), minlength=len(starts) * n_experts
-    ).reshape(len(starts), n_experts)
-    token_entropy = np.add.reduceat(_entropy(probs), starts) / n_tokens
-    mean_probs = np.add.reduceat(probs, starts, axis=0, dtype=np.float64) / n_tokens[:, None]
-    top1 = np.add.reduceat(probs.max(axis=1), starts, dtype=np.float64) / n_tokens
-    log_e = np.log(n_experts)
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    bounds = np.r_[starts, len(keys)]
+    contiguous = bool(np.all(order == np.arange(len(order))))
     rows = []
-    for g, start in enumerate(starts):  # one row per (step, layer), from E-sized vectors
-        c = counts[g].astype(np.float64)
-        share = c / c.sum()
-        load_entropy = float(_entropy(mean_probs[g]))
+    for start, stop in itertools.pairwise(bounds):
+        block = probs[start:stop] if contiguous else probs[order[start:stop]]
+        n_tokens = len(block)
+        token_entropy = float(_entropy(block).mean())
+        if top_k == 1:
+            chosen = block.argmax(axis=1)[:, None]
+        else:
+            chosen = np.argpartition(block, n_experts - top_k, axis=1)[:, n_experts - top_k :]
+        counts = np.bincount(chosen.ravel(), minlength=n_experts).astype(np.float64)
+        share = counts / counts.sum()
+        mean_probs = block.mean(axis=0, dtype=np.float64)
+        load_entropy = float(_entropy(mean_probs))
+        log_e = np.log(n_experts)
         rows.append(
             {
-                "step": int(step[start]),
-                "layer": int(layer[start]),
-                "n_tokens": int(n_tokens[g]),
-                "token_entropy": float(token_entropy[g]),
-                "token_entropy_norm": float(token_entropy[g]) / log_e,
+                "step": int(step[order[start]]),
+                "layer": int(layer[order[start]]),
+                "n_tokens": n_tokens,
+                "token_entropy": token_entropy,
+                "token_entropy_norm": token_entropy / log_e,
                 "load_entropy": load_entropy,
                 "load_entropy_norm": load_entropy / log_e,
                 "assign_entropy": float(_entropy(share)),
-                "mutual_info": load_entropy - float(token_entropy[g]),
+                "mutual_info": load_entropy - token_entropy,
                 "max_load_share": float(share.max()),
-                "max_vio": float(c.max() / c.mean() - 1),
-                "load_cv": float(c.std() / c.mean()),
+                "max_vio": float(counts.max() / counts.mean() - 1),
+                "load_cv": float(counts.std() / counts.mean()),
                 "dead_experts": int((share < dead_fraction / n_experts).sum()),
-                "aux_loss": float(n_experts * (c / n_tokens[g] * mean_probs[g]).sum()),
-                "top1_prob": float(top1[g]),
+                "aux_loss": float(n_experts * (counts / n_tokens * mean_probs).sum()),
+                "top1_prob": float(block.max(axis=1).mean(dtype=np.float64)),
             }
         )
     return rows

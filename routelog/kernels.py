@@ -41,7 +41,7 @@ import polars as pl
 
 from routelog.errors import InputError
 
-KERNEL_VERSION = 2
+KERNEL_VERSION = 3
 """Bump when the statistics a kernel produces change meaning: it invalidates cached results."""
 
 KEYS = ["step", "layer", "dataset"]
