@@ -506,7 +506,8 @@ def main() -> None:
 
     print(
         f"routelog {__version__} bench: {args.tokens} tokens x {args.experts} experts, "
-        f"k={args.top_k}, {args.repeat} rounds, {api.default_jobs()} cores",
+        f"k={args.top_k} ((a), (b): {args.ab_tokens} tokens; (a2), (b2): "
+        f"{args.ab_tokens // 2} x 256, k=8), {args.repeat} rounds, {api.default_jobs()} cores",
         file=sys.stderr,
     )
     log = _log(args.data, args.tokens, args.experts)
