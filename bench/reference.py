@@ -2,8 +2,11 @@
 
 It reads the same Parquet file and computes the same metrics per (step, layer) as
 ``routelog analyze`` (token, load and assignment entropy, max load share, max_vio, load_cv,
-dead experts, aux loss, top-1 probability) with vectorized numpy: no validation, no
-streaming, the whole file in memory.
+dead experts, aux loss, top-1 probability) with vectorized numpy: the whole file in one
+multi-threaded ``pyarrow`` read, the probabilities as one zero-copy (T, E) view, then per
+(step, layer) block one vectorized pass per statistic (``argpartition`` for the top-k); no
+validation, no streaming. Whole-file passes instead of per-block ones were measured slower
+(1.5x: temporaries of the whole file's size), and so was ``np.add.reduceat`` along rows.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import pyarrow.parquet as pq
 
 
 def _entropy(q: np.ndarray) -> np.ndarray:
-    logs = np.log(q, out=np.zeros_like(q), where=q > 0)
+    """-sum q ln q along the last axis; zeros are clipped to the tiniest float, so 0 ln 0 = 0
+    (a masked ``np.log(q, where=q > 0)`` is 3 to 4 times slower)."""
+    logs = np.log(np.maximum(q, np.finfo(q.dtype).tiny))
     result: np.ndarray = -(q * logs).sum(axis=-1, dtype=np.float64)
     return result
 

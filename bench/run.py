@@ -2,6 +2,8 @@
 
 (a) ``routelog analyze --format json`` end to end vs reading the same Parquet columns with
     Polars (the decode floor); (b) vs a hand-written numpy script (``bench/reference.py``);
+    both cold (``--no-cache``) on a log of ``--ab-tokens`` (1M) x 64 experts, k=2, and as
+    (a2), (b2) on half as many tokens x 256 experts, k=8 (DeepSeek-V3's shape);
 (c) re-analysis of a 20-file directory after one file is added (cache) vs a full analysis;
 (d) peak RSS analyzing a log 4x larger than another; (e) a .pt file vs ``torch.load`` plus
 the same computation; (f) ``routelog --version`` wall time; (g) a 40-file directory on a Dask
@@ -48,6 +50,8 @@ import synth  # noqa: E402
 TARGETS = {
     "a": ("<=", 1.3),
     "b": ("<=", 0.9),
+    "a2": ("<=", 1.3),
+    "b2": ("<=", 0.9),
     "c": ("<=", 0.1),
     "d": ("<", 0.25),
     "e": ("<=", 1.2),
@@ -109,7 +113,8 @@ def _log(data: Path, tokens: int, experts: int, seed: int = 0, step: int = 0) ->
     return path
 
 
-def bench_a_b(log: Path, top_k: int, repeat: int) -> dict[str, Any]:
+def bench_a_b(log: Path, top_k: int, repeat: int, suffix: str = "") -> dict[str, Any]:
+    """(a) and (b) on one log; ``suffix`` names a second shape ("2": ``a2``, ``b2``)."""
     import polars as pl
     import reference
 
@@ -129,8 +134,8 @@ def bench_a_b(log: Path, top_k: int, repeat: int) -> dict[str, Any]:
     )
     floor, ours, script, _ = times.values()
     return {
-        "a": {"ratio": ours / floor, "seconds": times},
-        "b": {"ratio": ours / script, "seconds": times},
+        f"a{suffix}": {"ratio": ours / floor, "seconds": times, "log": log.name, "top_k": top_k},
+        f"b{suffix}": {"ratio": ours / script, "seconds": times, "log": log.name, "top_k": top_k},
     }
 
 
@@ -435,6 +440,8 @@ def _table(results: dict[str, Any]) -> str:
     labels = {
         "a": "analyze vs decode floor",
         "b": "analyze vs hand-written script",
+        "a2": "analyze vs decode floor, E=256 k=8",
+        "b2": "analyze vs hand-written script, E=256 k=8",
         "c": "re-analysis (1 of 21 files new) vs full",
         "d": "peak RSS growth for 4x data",
         "e": ".pt vs torch.load + script",
@@ -467,24 +474,37 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5, help="timed rounds per measure")
-    parser.add_argument("--quick", action="store_true", help="200k tokens, 3 rounds")
+    parser.add_argument(
+        "--ab-tokens",
+        type=int,
+        default=1_000_000,
+        help="tokens of the (a), (b) log (--experts, --top-k); (a2), (b2): half, E=256, k=8",
+    )
+    parser.add_argument("--quick", action="store_true", help="200k tokens (a2: 100k), 3 rounds")
     parser.add_argument("--only", default="abcdefghijkl", help="measures to run, e.g. ab")
     parser.add_argument("--data", type=Path, default=HERE / "data")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     args = parser.parse_args()
     if args.quick:
-        args.tokens, args.repeat = 200_000, 3
+        args.tokens, args.ab_tokens, args.repeat = 200_000, 200_000, 3
     from routelog import __version__, api
 
     print(
         f"routelog {__version__} bench: {args.tokens} tokens x {args.experts} experts, "
-        f"k={args.top_k}, {args.repeat} rounds, {api.default_jobs()} cores",
+        f"k={args.top_k} ((a), (b): {args.ab_tokens} tokens; (a2), (b2): "
+        f"{args.ab_tokens // 2} x 256, k=8), {args.repeat} rounds, {api.default_jobs()} cores",
         file=sys.stderr,
     )
     log = _log(args.data, args.tokens, args.experts)
     results: dict[str, Any] = {}
     steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
-        ("ab", lambda: bench_a_b(log, args.top_k, args.repeat)),
+        (
+            "ab",
+            lambda: {
+                **bench_a_b(_log(args.data, args.ab_tokens, args.experts), args.top_k, args.repeat),
+                **bench_a_b(_log(args.data, args.ab_tokens // 2, 256), 8, args.repeat, "2"),
+            },
+        ),
         ("c", lambda: bench_c(args.data, args.tokens, args.experts, args.top_k, args.repeat)),
         (
             "d",
@@ -502,7 +522,7 @@ def main() -> None:
     for names, measure in steps:
         if set(names) & set(args.only):
             print(f"  measuring {names}", file=sys.stderr)
-            results.update({k: v for k, v in measure().items() if k in args.only})
+            results.update({k: v for k, v in measure().items() if k[0] in args.only})
     print(_table(results))
     document = {
         "routelog_version": __version__,
@@ -514,7 +534,12 @@ def main() -> None:
             "python": platform.python_version(),
             "load_average_1min_at_end": os.getloadavg()[0],
         },
-        "config": {"tokens": args.tokens, "experts": args.experts, "top_k": args.top_k},
+        "config": {
+            "tokens": args.tokens,
+            "ab_tokens": args.ab_tokens,
+            "experts": args.experts,
+            "top_k": args.top_k,
+        },
         "targets": {k: f"{op} {v}" for k, (op, v) in TARGETS.items()},
         "results": {k: {**v, "verdict": _verdict(k, v)} for k, v in results.items()},
     }

@@ -353,3 +353,32 @@ def test_top1_share_merges_across_chunks() -> None:
     expected = np.bincount(probs.argmax(axis=1), minlength=6) / 300
     assert m["top1_share"] == pytest.approx(expected.tolist())
     assert m["mass_share"] == pytest.approx(probs.astype(np.float64).mean(axis=0).tolist())
+
+
+@pytest.mark.parametrize(("n", "e", "k"), [(3000, 64, 2), (1500, 256, 8), (70, 8, 8), (5, 3, 1)])
+def test_token_stats_match_scipy_and_a_stable_sort(n: int, e: int, k: int) -> None:
+    """The blocked one-pass kernel, across several cache blocks and a partial last one."""
+    probs = _probs(np.random.default_rng(e), n, e)
+    probs[1::7] = np.round(probs[1::7], 2)  # ties
+    probs /= probs.sum(axis=1, keepdims=True)
+    entropies, top1, ids = kernels.token_stats(probs, k)
+    expected = scipy_entropy(probs.astype(np.float64), axis=1)
+    np.testing.assert_allclose(entropies, expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(top1, probs.max(axis=1))
+    np.testing.assert_array_equal(ids, np.argsort(-probs, axis=1, kind="stable")[:, :k])
+    assert len(probs) > kernels._block_rows(probs) or e < 64
+
+
+@pytest.mark.parametrize(
+    "layers",
+    [[0, 0, 1, 1, 1, 2], [0, 1, 0, 1], [3], [2, 2, 0, 0, 2]],
+    ids=["runs", "interleaved", "one", "group-returns"],
+)
+def test_group_ids_from_runs_match_the_general_grouping(layers: list[int]) -> None:
+    frame = pl.DataFrame({"step": [5] * len(layers), "layer": layers})
+    ids, groups = kernels._group_ids(frame)
+    general = frame.with_columns(pl.lit("x").alias("dataset"))  # takes the general path
+    expected_ids, expected = kernels._group_ids(general)
+    np.testing.assert_array_equal(ids, expected_ids)
+    assert groups.drop("dataset").equals(expected.drop("dataset"))
+    assert groups.schema == expected.schema

@@ -18,6 +18,9 @@ from routelog.errors import InputError
 from routelog.ingest import Batch, FileInfo, table
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from routelog.options import Options
 
 BATCH_ROWS = 1 << 16
@@ -56,8 +59,7 @@ def scan(path: Path, options: Options, info: FileInfo, *, source: Any = None) ->
     info.payload = layout.payload_name
     offset = 0
     try:
-        batches = reader.iter_batches(batch_size=BATCH_ROWS, columns=columns, use_threads=False)
-        for record_batch in batches:
+        for record_batch in _record_batches(reader, path if source is None else None, columns):
             frame = pl.from_arrow(record_batch)
             assert isinstance(frame, pl.DataFrame)
             yield from table.batches(
@@ -72,6 +74,53 @@ def scan(path: Path, options: Options, info: FileInfo, *, source: Any = None) ->
             offset += frame.height
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{path}: cannot read row {offset} onwards ({_first_line(exc)})") from exc
+
+
+def _record_batches(
+    reader: pq.ParquetFile, path: Path | None, columns: list[str]
+) -> Iterator[pa.RecordBatch]:
+    """The file's record batches in order, BATCH_ROWS rows at most each.
+
+    A local file of several row groups none larger than PARALLEL_ROW_GROUP_BYTES decoded is
+    decoded DECODE_THREADS row groups at a time (each on its own thread, in its own reader:
+    pyarrow decodes one column chunk on one thread, and a routing log is one big column);
+    otherwise one batch at a time, as pyarrow streams it.
+    """
+    metadata = reader.metadata
+    sizes = [metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups)]
+    if path is None or len(sizes) < 2 or max(sizes) > PARALLEL_ROW_GROUP_BYTES:
+        yield from reader.iter_batches(batch_size=BATCH_ROWS, columns=columns, use_threads=False)
+        return
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+
+    def row_group(index: int) -> list[pa.RecordBatch]:
+        own = pq.ParquetFile(path, buffer_size=READ_BUFFER)
+        parts = own.iter_batches(
+            batch_size=BATCH_ROWS, row_groups=[index], columns=columns, use_threads=False
+        )
+        return list(parts)
+
+    with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="routelog-decode") as pool:
+        pending: list[Future[list[pa.RecordBatch]]] = []
+        try:
+            for index in range(len(sizes)):
+                pending.append(pool.submit(row_group, index))
+                if len(pending) > DECODE_THREADS:  # this many decode while one is used
+                    yield from pending.pop(0).result()
+            for future in pending:
+                yield from future.result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+DECODE_THREADS = 2
+"""Row groups decoded at once, ahead of the one in use (memory: DECODE_THREADS + 1 decoded
+row groups)."""
+PARALLEL_ROW_GROUP_BYTES = 256 << 20
+"""Files with a row group larger than this (decoded) stream one batch at a time instead."""
 
 
 def _stated_score(metadata: dict[bytes, bytes] | None, path: Path, options: Options) -> Options:

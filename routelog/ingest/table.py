@@ -250,7 +250,10 @@ def batches(
     problem = type_problem(frame.schema, layout)
     if problem is not None:
         raise InputError(f"{path}: {problem}")
-    frame = _as_lists(frame).with_row_index(ROW, offset=row_offset)
+    # a flat payload of probabilities or logits stays a fixed-size array: its numpy view needs
+    # no copy, and all its rows have one width
+    flat = layout.payload if layout.kind in ("probs", "logits") and not layout.nested else None
+    frame = _as_lists(frame, keep=flat).with_row_index(ROW, offset=row_offset)
     if layout.kind == "counts":
         info.rows += frame.height
     if layout.nested:
@@ -290,12 +293,15 @@ def batches(
             yield from _topk_batches(part, width, layout, options, info, locate)
 
 
-def _as_lists(frame: pl.DataFrame) -> pl.DataFrame:
-    """Fixed-size lists (Parquet's FixedSizeList) as lists, so one code path checks both."""
+def _as_lists(frame: pl.DataFrame, keep: str | None = None) -> pl.DataFrame:
+    """Fixed-size lists (Parquet's FixedSizeList) as lists, so one code path checks both;
+    ``keep`` (optional) names a column left as it is when it is an array of numbers."""
     arrays = {
         name: _list_type(dtype)
         for name, dtype in frame.schema.items()
-        if _depth(dtype) and _list_type(dtype) != dtype
+        if _depth(dtype)
+        and _list_type(dtype) != dtype
+        and not (name == keep and _depth(dtype) == 1 and _leaf(dtype).is_numeric())
     }
     return frame.with_columns(pl.col(n).cast(d) for n, d in arrays.items()) if arrays else frame
 
@@ -362,6 +368,14 @@ INT32 = (-(1 << 31), (1 << 31) - 1)
 INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
+_SMALL: tuple[pl.DataType, ...] = (pl.Int8(), pl.Int16(), pl.Int32(), pl.UInt8(), pl.UInt16())
+_FITS: dict[tuple[int, int], tuple[pl.DataType, ...]] = {
+    INT32: _SMALL,
+    INT64: (*_SMALL, pl.Int64(), pl.UInt32()),
+}
+"""Integer types whose every value lies within each range (no row to check)."""
+
+
 def _integers_in_range(
     frame: pl.DataFrame, layout: Layout, options: Options, info: FileInfo, locate: Locate
 ) -> pl.DataFrame:
@@ -377,6 +391,11 @@ def _integers_in_range(
             continue
         dtype = frame.schema[column]
         if not dtype.is_integer():
+            continue
+        if (lo, hi) in _FITS and dtype in _FITS[(lo, hi)]:  # no value of the type is outside
+            frame = frame.with_columns(
+                pl.col(column).cast(pl.Int32 if hi == INT32[1] else pl.Int64)
+            )
             continue
         outside = frame.select(
             ((pl.col(column) < lo) | (pl.col(column) > hi)).fill_null(False)
@@ -481,13 +500,16 @@ def _probability_batch(
 ) -> Iterator[Batch]:
     column = frame[layout.payload]
     if column.explode().null_count() > column.null_count():
+        column = column.cast(_list_type(column.dtype))
         nulls = column.list.eval(pl.element().is_null()).list.any()
         frame = _skip(frame, nulls, f"null value in {layout.payload!r}", options, info, locate)
         column = column.filter(~nulls)
     kind: Literal["probs", "logits"] = "probs" if layout.kind == "probs" else "logits"
     # logits in float64: a finite 1e39 must not become inf by a cast to float32
     precision = pl.Float32 if kind == "probs" else pl.Float64
-    matrix = column.list.to_array(width).cast(pl.Array(precision, width)).to_numpy()
+    if isinstance(column.dtype, pl.List):
+        column = column.list.to_array(width)
+    matrix = column.cast(pl.Array(precision, width)).to_numpy()
     rows = frame[ROW].to_numpy()
     result = to_probabilities(matrix, kind, options, lambda i: locate(int(rows[i])))
     info.skipped_rows += result.skipped

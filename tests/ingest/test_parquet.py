@@ -252,3 +252,55 @@ def test_file_that_vanished_is_an_input_error(tmp_path: Path) -> None:
     gone = tmp_path / "step_2.parquet"
     with pytest.raises(InputError, match=r"step_2\.parquet: cannot read \(No such file"):
         list(ingest.scan(gone, Options(), ingest.FileInfo(str(gone), "parquet")))
+
+
+def _row_groups(tmp_path: Path, probs: np.ndarray, layer: np.ndarray, rows: int) -> Path:
+    """A Parquet file of FixedSizeList probabilities in row groups of ``rows`` rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n, e = probs.shape
+    table = pa.table(
+        {
+            "step": pa.array(np.zeros(n, dtype=np.int64)),
+            "layer": pa.array(layer.astype(np.int32)),
+            "token": pa.array(np.arange(n, dtype=np.int64)),
+            "probs": pa.FixedSizeListArray.from_arrays(pa.array(probs.ravel()), e),
+        }
+    )
+    path = tmp_path / "step_000003.parquet"
+    pq.write_table(table, path, row_group_size=rows, compression="zstd")
+    return path
+
+
+def test_row_groups_decoded_in_parallel_give_the_serial_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several row groups decode on two threads; the batches keep the file's order, so the
+    statistics, the token selections and the row numbers of errors are those of a serial read."""
+    from routelog.ingest import parquet
+
+    rng = np.random.default_rng(5)
+    probs = dirichlet(rng, 5000, 8).astype(np.float32)
+    layer = np.repeat(np.arange(5), 1000)
+    path = _row_groups(tmp_path, probs, layer, rows=700)
+    monkeypatch.setattr(parquet, "BATCH_ROWS", 300)
+    parallel = routelog.analyze([path], jobs=1)
+    monkeypatch.setattr(parquet, "PARALLEL_ROW_GROUP_BYTES", 0)  # serial: one batch at a time
+    serial = routelog.analyze([path], jobs=1)
+    assert parallel.metrics.equals(serial.metrics)
+    assert parallel.metrics["n_tokens"].to_list() == [1000] * 5
+    probs[4321] = [0.6, 0.6, 0, 0, 0, 0, 0, 0]
+    bad = _row_groups(tmp_path, probs, layer, rows=700)
+    monkeypatch.setattr(parquet, "PARALLEL_ROW_GROUP_BYTES", 256 << 20)
+    with pytest.raises(InputError, match=f"{bad} row 4321: probabilities do not sum to 1"):
+        routelog.analyze([bad])
+
+
+def test_sums_near_the_tolerance_are_decided_in_float64(tmp_path: Path) -> None:
+    """float32 row sums decide only rows far from the 1e-3 edge; the others are summed in
+    float64: 0.5 + 0.501 is refused, 0.5 + 0.5009 accepted, whatever float32 rounds them to."""
+    ok = _one_file(tmp_path, layer=[0, 0], probs=np.array([[0.5, 0.5], [0.5, 0.5009]]))
+    assert routelog.analyze([ok]).metrics["n_tokens"][0] == 2
+    off = _one_file(tmp_path, layer=[0, 0], probs=np.array([[0.5, 0.5], [0.5, 0.50101]]))
+    assert f"{off} row 1: probabilities do not sum to 1" in _bad(tmp_path, str(off))
