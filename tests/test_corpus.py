@@ -49,10 +49,19 @@ def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
 
 
-def run_capped(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``python -m routelog ARGS`` under the memory cap and timeout, without colour."""
+def capped_env() -> dict[str, str]:
+    """The environment of a capped run: this one, without colour or --debug. Taken in the
+    calling thread: reading os.environ from a pool thread races tests that monkeypatch it."""
     env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "100"}
     env.pop("ROUTELOG_DEBUG", None)
+    return env
+
+
+def run_capped(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m routelog ARGS`` under the memory cap and timeout, without colour."""
+    env = capped_env() if env is None else env
     return subprocess.run(
         [sys.executable, "-m", "routelog", *args],
         cwd=cwd,
@@ -86,8 +95,9 @@ def _args(name: str, case: dict[str, Any]) -> list[str]:
 def outcomes() -> dict[tuple[Path, str], Future[subprocess.CompletedProcess[str]]]:
     """Every case started at once (at most WORKERS at a time); each test waits for its own."""
     pool = ThreadPoolExecutor(max_workers=WORKERS)
+    env = capped_env()
     futures = {
-        (reader, name): pool.submit(run_capped, _args(name, case), reader)
+        (reader, name): pool.submit(run_capped, _args(name, case), reader, env)
         for reader, name, case in (param.values for param in _cases())
     }
     pool.shutdown(wait=False)
