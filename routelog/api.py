@@ -54,6 +54,15 @@ class RunSpec:
     name: str
     path: Location
 
+    def __post_init__(self) -> None:
+        # A name that is not UTF-8 (bytes of a file name or an argument, surrogates in
+        # Python) cannot be stored in a frame or written out: its bytes are named, \xff.
+        try:
+            name = os.fsencode(self.name).decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            name = self.name.encode("utf-8", "backslashreplace").decode("utf-8")
+        object.__setattr__(self, "name", name)
+
     @classmethod
     def parse(cls, text: str) -> RunSpec:
         """``NAME=PATH`` names a run; a bare path is named by its base name."""

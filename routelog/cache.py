@@ -412,6 +412,7 @@ _INFO_TYPES: dict[str, type | tuple[type, ...]] = {
     "steps": list,
     "layers": list,
     "warnings": list,
+    "recorded": (dict, type(None)),
 }
 
 

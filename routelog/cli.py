@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Annotated, NoReturn, Optional
+from typing import IO, TYPE_CHECKING, Annotated, Any, Literal, NoReturn, Optional
 
 import typer
+from typer._click import exceptions as click  # typer >= 0.26 carries its own click
+from typer.core import TyperGroup
 
 from routelog import __version__
 from routelog.errors import ExitCode, RoutelogError, printable
@@ -28,7 +31,103 @@ if TYPE_CHECKING:
     from routelog.findings import Finding
     from routelog.options import Options
 
+_BOUNDS = {"ge": "at least", "gt": "above", "le": "at most", "lt": "below"}
+_KINDS = {"int_parsing": "a whole number", "float_parsing": "a number", "bool_parsing": "a bool"}
+
+
+def _usage_line(exc: click.UsageError, command: str) -> str:
+    """A click usage error as one line: the command, the option, what is wrong, where to look.
+
+    ``routelog analyze: error: --jobs: must be at least 1 (got 0); see 'routelog analyze
+    --help'``. click's own words are kept where they help (``possible options: --format``,
+    ``did you mean 'analyze'?``); what the user typed is shown with control characters
+    escaped.
+    """
+    detail = exc.format_message()
+    param = getattr(exc, "param", None)
+    bad_value = isinstance(exc, click.BadParameter) and not isinstance(exc, click.MissingParameter)
+    if bad_value and param is not None:
+        opts = [o for o in param.opts if o.startswith("--")] or param.opts
+        name = max(opts, key=len) if param.param_type_name == "option" else None
+        name = name or str(param.metavar or param.name).upper()
+        detail = f"{name}: {_value_problem(exc)}"  # type: ignore[arg-type]
+    detail = detail.strip().rstrip(".")
+    detail = re.sub(r"\. Did you mean (.*\?)$", r" (did you mean \1)", detail)
+    detail = detail.replace("(Possible options", "(possible options")
+    if detail[1:2].islower():  # "Missing argument" -> "missing argument", not "PATH" -> "pATH"
+        detail = detail[:1].lower() + detail[1:]
+    return f"{command}: error: {printable(detail)}; see '{command} --help'"
+
+
+def _command_path(group: TyperGroup, args: Sequence[str]) -> str:
+    """``routelog cache clear``: the (sub)commands named at the start of ``args``."""
+    path = ["routelog"]
+    current: object = group
+    for arg in args:
+        commands = getattr(current, "commands", {})
+        if arg not in commands:
+            break
+        path.append(arg)
+        current = commands[arg]
+    return " ".join(path)
+
+
+def _value_problem(exc: click.BadParameter) -> str:
+    """What is wrong with an option's value, in words: ``must be at least 1 (got 0)``.
+
+    typer checks values with pydantic, whose structured error says which bound failed and
+    what was given; anything else keeps typer's message.
+    """
+    errors = getattr(exc.__cause__, "errors", None)
+    found: dict[str, Any] = errors()[0] if callable(errors) and errors() else {}
+    message = str(found.get("msg", exc.message)).removeprefix("Value error, ")
+    bounds = found.get("ctx") or {}
+    words = next(
+        (f"must be {_BOUNDS[b]} {bounds[b]}" for b in _BOUNDS if b in bounds),
+        f"must be {_KINDS[found['type']]}" if found.get("type") in _KINDS else None,
+    )
+    if words is None:
+        return message.replace("Input should be", "must be")
+    return f"{words} (got {found['input']})" if "input" in found else words
+
+
+class _Group(TyperGroup):
+    """The ``routelog`` group: a usage error of any command is one line on stderr, exit 2.
+
+    click prints a usage block and the error over four lines; scripts and CI logs read one
+    line per error better, and ``--help`` still shows the usage. This is the one place that
+    turns click's usage errors into text, for every command and the bare ``routelog``.
+    """
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        except click.UsageError as exc:
+            given = sys.argv[1:] if args is None else list(args)
+            typer.echo(_usage_line(exc, _command_path(self, given)), err=True)
+            sys.exit(ExitCode.BAD_INPUT)
+        except click.ClickException as exc:
+            typer.echo(f"routelog: error: {printable(exc.format_message())}", err=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.echo("routelog: aborted", err=True)
+            sys.exit(ExitCode.INTERRUPTED)
+        # click returns a command's own return value, or the code of the Exit it raised.
+        sys.exit(code if isinstance(code, int) else ExitCode.OK)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="routelog",
     help="Analyze the routing logs of Mixture-of-Experts models: entropy, load, collapse.",
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -126,6 +225,12 @@ Output = Annotated[
     ),
 ]
 
+Width = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(
+        "--width", min=40, max=1000, metavar="COLUMNS", help="Width of the report in columns."
+    ),
+]
 Jobs = Annotated[
     Optional[int],  # noqa: UP045
     typer.Option(
@@ -212,6 +317,11 @@ def _errors(debug: bool) -> Iterator[None]:
             err=True,
         )
         raise typer.Exit(ExitCode.INTERNAL) from None
+
+
+def _say(line: str) -> None:
+    """One line on stderr (what was written, why watch stopped), names in it escaped."""
+    typer.echo(printable(line), err=True)
 
 
 def _pipe_closed() -> NoReturn:
@@ -363,12 +473,7 @@ def analyze(
     values: Annotated[
         bool, typer.Option("--values", help="Print load shares in the heatmap.")
     ] = False,
-    width: Annotated[
-        Optional[int],  # noqa: UP045
-        typer.Option(
-            "--width", min=40, max=1000, metavar="COLUMNS", help="Width of the report in columns."
-        ),
-    ] = None,
+    width: Width = None,
     jobs: Jobs = None,
     no_cache: NoCache = False,
     cache_dir: CacheDir = None,
@@ -470,10 +575,7 @@ def watch(
         typer.Option("--output", "-o", help="Write the final report to FILE."),
     ] = None,
     config: ConfigOpt = None,
-    width: Annotated[
-        Optional[int],  # noqa: UP045
-        typer.Option("--width", min=40, help="Width of the report in columns."),
-    ] = None,
+    width: Width = None,
     jobs: Jobs = None,
     no_cache: NoCache = False,
     cache_dir: CacheDir = None,
@@ -531,7 +633,7 @@ def watch(
                     display.show(round_)
                     hit = _first_at(round_.new_findings, fail_on)
                     if hit is not None and fail_on is not None:
-                        typer.echo(view.fail_line(hit, fail_on.value), err=True)
+                        _say(view.fail_line(hit, fail_on.value))
                         code = ExitCode.CHECK_FAILED
                         break
                     time.sleep(interval)
@@ -555,24 +657,9 @@ def _final_report(
 ) -> None:
     """``watch``'s last analysis, written like ``analyze`` writes it."""
     if result is None:
-        typer.echo("routelog: watch: no complete log file was seen", err=True)
+        _say("routelog: watch: no complete log file was seen")
         return
     _emit(output, _analysis_writer(result, fmt, width=width, color=color))
-
-
-class SortOpt(str, enum.Enum):
-    """How ``experts`` orders its rows."""
-
-    death = "death"
-    final = "final"
-    expert = "expert"
-
-
-class ShareOpt(str, enum.Enum):
-    """Which share ``experts`` draws."""
-
-    load = "load"
-    mass = "mass"
 
 
 @app.command()
@@ -587,9 +674,9 @@ def experts(
         ),
     ] = None,
     sort: Annotated[
-        SortOpt,
+        Literal["death", "final", "expert"],
         typer.Option(help="Row order: death (dead first, earliest first), final share, or id."),
-    ] = SortOpt.death,
+    ] = "death",
     rows: Annotated[
         int,
         typer.Option(
@@ -597,9 +684,9 @@ def experts(
         ),
     ] = 40,
     share: Annotated[
-        ShareOpt,
+        Literal["load", "mass"],
         typer.Option(help="load: count share f_i; mass: probability mass P_i (needs probs)."),
-    ] = ShareOpt.load,
+    ] = "load",
     top_k: TopK = None,
     layers: Layers = None,
     steps: Steps = None,
@@ -610,10 +697,7 @@ def experts(
     fmt: FormatOpt = Format.table,
     output: Output = None,
     config: ConfigOpt = None,
-    width: Annotated[
-        Optional[int],  # noqa: UP045
-        typer.Option("--width", min=40, help="Width of the report in columns."),
-    ] = None,
+    width: Width = None,
     jobs: Jobs = None,
     no_cache: NoCache = False,
     cache_dir: CacheDir = None,
@@ -651,7 +735,7 @@ def experts(
             scheduler,
         ).analysis([path])
         history = result.expert_histories()
-        metric = "load_share" if share is ShareOpt.load else "mass_share"
+        metric = "load_share" if share == "load" else "mass_share"
         if metric == "mass_share" and all(h.mass is None for h in history):
             raise UsageError(
                 f"{path}: --share mass needs router probabilities; these logs hold "
@@ -681,21 +765,13 @@ def experts(
                     chosen,
                     console,
                     dead_fraction=dead_fraction,
-                    sort=sort.value,
+                    sort=sort,
                     rows=rows,
                     metric=metric,
                     why=why,
                 )
 
         _emit(output, write)
-
-
-class KindOpt(str, enum.Enum):
-    """Which panels ``plot`` draws."""
-
-    both = "both"
-    entropy = "entropy"
-    experts = "experts"
 
 
 @app.command()
@@ -707,12 +783,12 @@ def plot(
         Path, typer.Option("--output", "-o", help="The figure: FILE.png, FILE.svg or FILE.pdf.")
     ],
     kind: Annotated[
-        KindOpt,
+        Literal["both", "entropy", "experts"],
         typer.Option(
             help="both: per layer, entropy and expert load side by side; entropy or experts: "
             "a grid of that panel."
         ),
-    ] = KindOpt.both,
+    ] = "both",
     per_layer: Annotated[
         bool,
         typer.Option("--per-layer", help="One file per layer: FILE_layer03.png, ..."),
@@ -760,14 +836,12 @@ def plot(
             written = []
             for layer in sorted(set(result.metrics["layer"].to_list())):
                 target = figures.per_layer_path(output, layer)
-                figures.save(figures.draw(result, kind=kind.value, layers=[layer]), target, dpi=dpi)
+                figures.save(figures.draw(result, kind=kind, layers=[layer]), target, dpi=dpi)
                 written.append(target)
-            typer.echo(
-                f"wrote {len(written)} figures: {written[0]} ... {written[-1].name}", err=True
-            )
+            _say(f"wrote {len(written)} figures: {written[0]} ... {written[-1].name}")
         else:
-            figures.save(figures.draw(result, kind=kind.value), output, dpi=dpi)
-            typer.echo(f"wrote {output}", err=True)
+            figures.save(figures.draw(result, kind=kind), output, dpi=dpi)
+            _say(f"wrote {output}")
 
 
 @app.command()
@@ -839,12 +913,12 @@ def export(
             from routelog.export import tensorboard as to_tensorboard
 
             done = to_tensorboard.export(tensorboard, run, result.metrics, result.findings)
-            typer.echo(f"tensorboard {tensorboard}: {done.describe()}", err=True)
+            _say(f"tensorboard {tensorboard}: {done.describe()}")
         if wandb is not None:
             from routelog.export import wandb as to_wandb
 
             done = to_wandb.export(wandb, run, result.metrics, result.findings)
-            typer.echo(f"wandb {wandb} (run {done.where}): {done.describe()}", err=True)
+            _say(f"wandb {wandb} (run {done.where}): {done.describe()}")
 
 
 @app.command()
@@ -852,10 +926,7 @@ def demo(
     path: Annotated[
         bool, typer.Option("--path", help="Print the sample's directory instead of analyzing it.")
     ] = False,
-    width: Annotated[
-        Optional[int],  # noqa: UP045
-        typer.Option("--width", min=40, metavar="COLUMNS", help="Width of the report in columns."),
-    ] = None,
+    width: Width = None,
     debug: Debug = False,
 ) -> None:
     """Analyze the small collapsing run shipped with routelog (8 experts, top-2; layers 2 and 3
@@ -1004,12 +1075,7 @@ def compare(
     plot: Annotated[
         bool, typer.Option("--plot", help="Chart each run's token entropy, one chart per layer.")
     ] = False,
-    width: Annotated[
-        Optional[int],  # noqa: UP045
-        typer.Option(
-            "--width", min=40, max=1000, metavar="COLUMNS", help="Width of the report in columns."
-        ),
-    ] = None,
+    width: Width = None,
     color: ColorOpt = Color.auto,
     debug: Debug = False,
 ) -> None:
@@ -1128,7 +1194,9 @@ def check(
     ] = None,
     window: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(metavar="N", help="Check each metric's mean over the last N logged steps."),
+        typer.Option(
+            min=1, metavar="N", help="Check each metric's mean over the last N logged steps."
+        ),
     ] = None,
     strict: Annotated[
         bool, typer.Option("--strict", help="Also fail on findings no longer active.")
@@ -1179,8 +1247,6 @@ def check(
         from routelog.render import check as render_check
         from routelog.render import data, make_console
 
-        if window is not None and window < 1:
-            raise UsageError(f"--window must be at least 1, got {window}")
         read = _Reading(
             config,
             top_k,
@@ -1313,7 +1379,7 @@ def cache_info(
         usage = Cache.at(cache_dir).usage()
         console = make_console(sys.stdout, color=color)
         for key, value in (
-            ("directory", str(usage.directory)),
+            ("directory", printable(str(usage.directory))),
             ("entries", f"{usage.entries:,}"),
             ("size", f"{usage.bytes / 1e6:.1f} MB"),
         ):
@@ -1329,8 +1395,6 @@ def cache_clear(
     Example: routelog cache clear --cache-dir /tmp/routelog-cache
     """
     with _errors(debug):
-        from rich.text import Text
-
         from routelog.cache import Cache
         from routelog.render import make_console
         from routelog.render.text import plural
@@ -1338,9 +1402,8 @@ def cache_clear(
         cache = Cache.at(cache_dir)
         removed = cache.clear()
         make_console(sys.stdout, color=color).print(
-            Text(
-                f"removed {plural(removed, 'cache entry', 'cache entries')} from {cache.directory}"
-            ),
+            f"removed {plural(removed, 'cache entry', 'cache entries')} from {cache.directory}",
+            markup=False,
             soft_wrap=True,
         )
 

@@ -9,19 +9,21 @@ from __future__ import annotations
 import re
 from enum import IntEnum
 
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
 def printable(text: str) -> str:
-    """``text`` with control characters (ESC, newlines, C0, DEL, C1) shown as escapes.
+    r"""``text`` with control characters (ESC, newlines, C0, DEL, C1) shown as escapes.
 
     Every name routelog prints (file and run names in messages and reports) goes through
     this, so a file named ``ESC[2J`` cannot clear the terminal or split a message in two.
+    A byte of a file name that is not UTF-8 (a lone surrogate in Python) is shown as that
+    byte, ``\xff``: it could not be written to a UTF-8 stream.
 
     Examples
     --------
-    >>> printable("run\x1b[2J\nname")
-    'run\\x1b[2J\\nname'
+    >>> printable("run\x1b[2J\nname"), printable("caf\udce9")
+    ('run\\x1b[2J\\nname', 'caf\\xe9')
     """
     return _CONTROL.sub(_escape, text)
 
@@ -29,7 +31,10 @@ def printable(text: str) -> str:
 def _escape(match: re.Match[str]) -> str:
     char = match.group()
     named = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-    return named.get(char, f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # os.fsdecode's stand-in for the undecodable byte code - 0xDC00
+        code -= 0xDC00
+    return named.get(char, f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
 
 
 class ExitCode(IntEnum):

@@ -496,7 +496,7 @@ def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
     [
         (["/no/such/run"], "/no/such/run"),
         ([HEALTHY, "--min", "entropy=0.1"], "unknown metric 'entropy'"),
-        ([HEALTHY, "--window", "0"], "--window must be at least 1"),
+        ([HEALTHY, "--window", "0"], "--window: must be at least 1 (got 0)"),
         ([HEALTHY, "--max-regression", "max_vio=0.1"], "needs a baseline"),
         ([HEALTHY, "--baseline", "/no/such/base", "--max-regression", "max_vio=1"], "/no/such"),
         ([HEALTHY, "--github", "--format", "json"], "--github"),

@@ -101,6 +101,53 @@ def test_start_up_imports_no_heavy_module(argv: list[str]) -> None:
     assert done.stderr.strip().splitlines()[-1] == "[]", done.stderr
 
 
+OPTIONAL = ("dask", "distributed", "torch", "transformers", "matplotlib", "tensorboard", "wandb")
+"""Top-level packages of the optional worlds (extras): none is imported to read local files."""
+
+
+def test_plain_commands_import_no_optional_extra(tmp_path: Path) -> None:
+    """analyze, compare, check, experts and inspect on local files, through the console entry
+    point in one process: after each, no module of an extra is loaded (all are installed here,
+    so an import would succeed silently), and routelog's object-storage path (``pyarrow.fs``
+    file systems, the ``cloud`` extra) was never taken. pyarrow.parquet imports pyarrow.fs
+    itself, so the module's presence alone says nothing: the probe counts routelog's calls.
+    """
+    run, other = str(SAMPLES / "collapse"), str(SAMPLES / "healthy")
+    commands = [
+        ["analyze", run, "-k", "2", "-f", "json", "--no-cache"],
+        ["analyze", run, "-k", "2", "--plot", "--no-cache"],
+        ["analyze", run, "-k", "2", "-f", "html", "--no-cache"],
+        ["compare", other, run, "-k", "2", "--no-cache"],
+        ["check", run, "-k", "2", "--junit", str(tmp_path / "junit.xml"), "--no-cache"],
+        ["experts", run, "-k", "2", "--no-cache"],
+        ["inspect", run, "-f", "json"],
+    ]
+    probe = f"""
+import contextlib, io, sys
+import routelog.storage
+cloud = []
+real = routelog.storage._pyarrow_fs
+routelog.storage._pyarrow_fs = lambda: cloud.append(1) or real()
+from routelog.cli import main
+for argv in {commands!r}:
+    sys.argv = ["routelog", *argv]
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main()
+        except SystemExit as exc:
+            assert exc.code in (0, 1, None), (argv, exc.code)
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in {OPTIONAL!r})
+    print(argv[0], "extras:", loaded, "cloud:", len(cloud), file=sys.stderr)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=False, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    reports = [line for line in done.stderr.splitlines() if " extras: " in line]
+    assert len(reports) == len(commands), done.stderr
+    assert all(line.endswith(" extras: [] cloud: 0") for line in reports), done.stderr
+
+
 def test_analyze_uses_and_bypasses_the_cache(tmp_path: Path, isolated_cache: Path) -> None:
     sample = str(SAMPLES / "healthy")
     plain = runner.invoke(app, ["analyze", sample, "--format", "json", "--no-cache"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,8 @@ def _fuzz(short: int) -> settings:
 
 def assert_clean(args: list[str], *, usage_errors: bool = False) -> None:
     """Exit 0 with metrics in range, or exit 2 with one line; ``usage_errors`` also admits
-    click's own (multi-line) usage message for values it rejects before routelog runs."""
+    the command's usage error (``routelog analyze: error: ...``) for values click rejects
+    before routelog runs."""
     result = runner.invoke(app, args)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
@@ -52,9 +54,10 @@ def assert_clean(args: list[str], *, usage_errors: bool = False) -> None:
         assert_metrics_in_range(json.loads(result.stdout))
         return
     lines = result.stderr.splitlines()
-    if usage_errors and any(line.startswith("Error: ") for line in lines):
-        return
     assert len(lines) == 1, result.stderr
+    if usage_errors:  # click's, one line too: "routelog analyze: error: --width: must be ..."
+        assert re.match(r"routelog( [a-z]+)*: error: ", lines[0]), lines[0]
+        return
     assert lines[0].startswith("routelog: error: "), lines[0]
 
 

@@ -91,15 +91,11 @@ def findings_markdown(findings: list[Finding]) -> str:
     """The findings as a Markdown list (TensorBoard's text plugin and W&B render it)."""
     if not findings:
         return "no findings: every rule passed on every layer"
-    lines = []
-    for f in findings:
-        span = (
-            f"step {f.first_step}"
-            if f.first_step == f.last_step
-            else f"steps {f.first_step}–{f.last_step}"
-        )
-        active = ", still holds" if f.active else ""
-        lines.append(
-            f"- **{f.severity.upper()}** `{f.code}` layer {f.layer} ({span}{active}): {f.message}"
-        )
-    return "\n".join(lines)
+    from routelog.render.markdown import inline
+    from routelog.render.report import finding_span
+
+    return "\n".join(
+        f"- **{f.status.upper()}** `{f.code}` layer {f.layer} "
+        f"({finding_span(f, ', still holds')}): {inline(f.message)}"
+        for f in findings
+    )

@@ -29,7 +29,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from routelog.errors import InputError, RoutelogError
 from routelog.storage import Location, Remote
@@ -68,6 +68,7 @@ class FileInfo:
     steps: list[int] = field(default_factory=list)
     layers: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    recorded: dict[str, Any] | None = None  # a routelog.record file's own metadata
 
     def __post_init__(self) -> None:
         self.dense = DenseBudget()  # not a field: travels with the reading, not in the cache

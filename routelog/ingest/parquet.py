@@ -51,7 +51,7 @@ def scan(path: Path, options: Options, info: FileInfo, *, source: Any = None) ->
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{path}: not a valid Parquet file ({_first_line(exc)})") from exc
     columns = reader.schema_arrow.names
-    options = _stated_score(reader.schema_arrow.metadata, path, options)
+    options = _stated_score(reader.schema_arrow.metadata, path, options, info)
     empty = pl.from_arrow(reader.schema_arrow.empty_table())
     assert isinstance(empty, pl.DataFrame)
     layout = table.detect_layout(empty.schema, path)
@@ -123,8 +123,11 @@ PARALLEL_ROW_GROUP_BYTES = 256 << 20
 """Files with a row group larger than this (decoded) stream one batch at a time instead."""
 
 
-def _stated_score(metadata: dict[bytes, bytes] | None, path: Path, options: Options) -> Options:
-    """Options with the score function the file states (``routelog`` metadata), if any."""
+def _stated_score(
+    metadata: dict[bytes, bytes] | None, path: Path, options: Options, info: FileInfo
+) -> Options:
+    """Options with the score function the file states (``routelog`` metadata), if any;
+    the metadata is kept in ``info.recorded`` (``inspect`` shows it)."""
     raw = (metadata or {}).get(b"routelog")
     if raw is None:
         return options
@@ -132,6 +135,7 @@ def _stated_score(metadata: dict[bytes, bytes] | None, path: Path, options: Opti
         stated = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: 'routelog' metadata is not valid JSON ({exc})") from None
+    info.recorded = stated if isinstance(stated, dict) else None
     score = stated.get("score") if isinstance(stated, dict) else None
     if score is None or score == options.score:
         return options

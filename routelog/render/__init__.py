@@ -14,7 +14,10 @@ import sys
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from rich.console import Console
+    from rich.segment import Segment
     from rich.text import Text
 
 
@@ -84,14 +87,25 @@ def make_console(
     if width is None and not terminal:
         width = _pipe_width()
 
+    from rich.text import Text
+
     from routelog.errors import printable
+    from routelog.render.text import inert
 
     class _Console(Console):
-        """Strings reach the terminal with control characters escaped (file and run names
-        are data: a name holding ESC[2J must not drive the terminal); a closed pipe raises."""
+        """Strings and rich texts reach the terminal with control characters escaped (file
+        and run names are data: a name holding ESC[2J must not drive the terminal); a
+        closed pipe raises."""
 
         def render_str(self, text: str, **kwargs: Any) -> Text:
             return super().render_str(printable(text), **kwargs)
+
+        def render(self, renderable: Any, options: Any = None) -> Iterable[Segment]:
+            # every renderable, nested ones included (table cells, padding, groups), is
+            # rendered through here: the one place a Text built from a name is made inert
+            if isinstance(renderable, Text):
+                renderable = inert(renderable, lines=True)
+            return super().render(renderable, options)
 
         def on_broken_pipe(self) -> None:
             # rich exits with status 1 here, the code of a failed check; the CLI turns a

@@ -6,10 +6,12 @@ Readable without colour: every rule says ``PASS`` or ``FAIL`` as a word.
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING, Any
 
-from routelog.render.markdown import cell
+from routelog.errors import printable
+from routelog.render.markdown import inline
 from routelog.render.text import fmt, plural
 
 if TYPE_CHECKING:
@@ -181,6 +183,9 @@ def junit_xml(result: CheckResult) -> bytes:
         else:
             out = ET.SubElement(case, "system-out")
             out.text = rule.message
+    for element in suite.iter():  # names and messages: no character XML 1.0 forbids
+        element.attrib = {key: _xml_text(value) for key, value in element.attrib.items()}
+        element.text = _xml_text(element.text) if element.text else element.text
     suites = ET.Element("testsuites", name=JUNIT_SUITE)
     suites.append(suite)
     ET.indent(suites)
@@ -188,12 +193,29 @@ def junit_xml(result: CheckResult) -> bytes:
     return document + b"\n"
 
 
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml_text(text: str) -> str:
+    """``text`` with what XML 1.0 forbids (and DEL, C1) shown as escapes; tabs and line
+    breaks are kept (XML allows them)."""
+    return _NOT_XML.sub(_xml_escape, text)
+
+
+def _xml_escape(found: re.Match[str]) -> str:
+    char = found.group()
+    shown = printable(char)
+    return shown if shown != char else f"\\u{ord(char):04x}"  # U+FFFE, U+FFFF
+
+
 # --- GitHub Actions --------------------------------------------------------------------------
 
 
 def escape_data(text: str) -> str:
-    """A workflow command's message: ``%``, carriage return and newline are escaped."""
-    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    """A workflow command's message: ``%``, carriage return and newline are escaped (so a
+    name's newline cannot start a workflow command of its own), then any other control
+    character shown as an escape (:func:`routelog.errors.printable`)."""
+    return printable(text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A"))
 
 
 def escape_property(text: str) -> str:
@@ -215,7 +237,7 @@ def markdown_summary(result: CheckResult) -> str:
     table of rules, the failures."""
     lines = [f"## {TITLE}: {_status(result.passed)}", ""]
     for line, run in zip(run_lines(result), result.runs, strict=True):
-        lines.append(f"**{cell(line)}**  " if run.get("top_k_assumed") else f"{cell(line)}  ")
+        lines.append(f"**{inline(line)}**  " if run.get("top_k_assumed") else f"{inline(line)}  ")
     if result.runs:
         lines.append("")
     lines += ["| status | rule | failed layers | worst layer |", "|---|---|---|---|"]
@@ -224,13 +246,13 @@ def markdown_summary(result: CheckResult) -> str:
         mark = f"**{status}**" if not summary.passed else status
         lines.append(
             f"| {mark} | `{summary.rule}` | {summary.failed}/{summary.total} | "
-            f"{cell(_worst_text(summary))} |"
+            f"{inline(_worst_text(summary))} |"
         )
     if result.failures:
         lines += ["", "### Failures", ""]
-        lines += [f"- `{f.rule}`: {cell(f.message)}" for f in result.failures]
+        lines += [f"- `{f.rule}`: {inline(f.message)}" for f in result.failures]
     if result.notes:
-        lines += ["", *[f"> {cell(note)}" for note in result.notes]]
+        lines += ["", *[f"> {inline(note)}" for note in result.notes]]
     lines += ["", final_line(result), ""]
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ from routelog import __version__
 from routelog.compare import COMPARED
 from routelog.kernels import TOWARDS_COLLAPSE
 from routelog.render.data import records
-from routelog.render.markdown import cell
+from routelog.render.markdown import inline
 from routelog.render.report import k_markup, with_k_columns
 from routelog.render.text import fmt, signed
 
@@ -91,18 +91,28 @@ def delta_text(metric: str, delta: float | int | None) -> str:
     return number + mark
 
 
-def _title(comparison: Comparison) -> list[str]:
+def _title(comparison: Comparison, *, markdown: bool = False) -> list[str]:
+    """The header lines: rich markup, or Markdown (``markdown``) for :func:`to_markdown`."""
     from rich.markup import escape
+
+    from routelog.render.markdown import inline
+    from routelog.render.report import k_plain
+
+    def name(text: str) -> str:
+        return f"**{inline(text)}**" if markdown else f"[bold]{escape(text)}[/bold]"
+
+    def k(summary: dict[str, Any]) -> str:
+        if not markdown:
+            return k_markup(summary)
+        text = inline(k_plain(summary))
+        return f"**{text}**" if summary.get("top_k_assumed") else text
 
     what = "dataset" if comparison.by == "dataset" else "run"
     lines = []
     summaries = {run.name: run.summary() for run in comparison.runs}
     if comparison.by == "dataset":
         summary = summaries[comparison.runs[0].name]
-        lines.append(
-            f"[bold]{escape(comparison.runs[0].name)}[/bold]: datasets compared · "
-            f"{k_markup(summary)}"
-        )
+        lines.append(f"{name(comparison.runs[0].name)}: datasets compared · {k(summary)}")
     for group in comparison.groups:
         span = (
             f"steps {group.steps[0]}–{group.steps[-1]} ({len(group.steps)} logged)"
@@ -110,16 +120,15 @@ def _title(comparison: Comparison) -> list[str]:
             else f"step {group.steps[0]}"
         )
         role = "baseline" if group.name == comparison.baseline else what
-        k = f" · {k_markup(summaries[group.name])}" if group.name in summaries else ""
-        lines.append(
-            f"{role} [bold]{escape(group.name)}[/bold]  {span} · compared at step {group.step}{k}"
-        )
+        known = group.name in summaries
+        shown_k = f" · {k(summaries[group.name])}" if known else ""
+        lines.append(f"{role} {name(group.name)}  {span} · compared at step {group.step}{shown_k}")
     how = (
         "each at its latest logged step at or before the baseline's"
         if comparison.align == "nearest"
         else "the same step in every " + what
     )
-    lines.append(f"[dim]aligned: {how}[/dim]")
+    lines.append(f"aligned: {how}" if markdown else f"[dim]aligned: {how}[/dim]")
     return lines
 
 
@@ -131,15 +140,19 @@ def print_comparison(comparison: Comparison, console: Console, *, plot: bool = F
         console.print(title)
     for run in comparison.runs:
         for warning in run.warnings:
-            console.print(f"[bold yellow]warning[/bold yellow]: {run.name}: {escape(warning)}")
+            console.print(
+                f"[bold yellow]warning[/bold yellow]: {escape(run.name)}: {escape(warning)}"
+            )
     for line in _table(comparison, console.width):
         console.print(line, soft_wrap=True)
     console.print(CAPTION.format(by=comparison.by), style="dim")
     for item in comparison.left_out:
         where = "every layer" if item.layer is None else f"layer {item.layer}"
-        console.print(f"left out: {item.run} {where} ({item.what}): {item.reason}", style="dim")
+        text = f"left out: {item.run} {where} ({item.what}): {item.reason}"
+        console.print(text, style="dim", markup=False)
     for finding in comparison.findings:
-        console.print(f"[yellow]{finding.severity}[/yellow] {finding.code}: {finding.message}")
+        text = f"{finding.code}: {finding.message}"
+        console.print(f"[yellow]{finding.severity}[/yellow] {escape(text)}")
     if plot:
         for chart in charts(comparison, console):
             console.print()
@@ -233,15 +246,13 @@ def _table(comparison: Comparison, width: int) -> list[Text]:
 
 def to_markdown(comparison: Comparison) -> str:
     """A GitHub-flavoured Markdown report (for a pull request)."""
-    lines = [line.replace("[bold]", "**").replace("[/bold]", "**") for line in _title(comparison)]
-    lines = [line.replace("[yellow]", "**").replace("[/yellow]", "**") for line in lines]
-    lines = [line.replace("[dim]", "").replace("[/dim]", "") + "  " for line in lines]
+    lines = [line + "  " for line in _title(comparison, markdown=True)]
     lines.append("")
     names = [comparison.by if name == "run" else name for name in _COLUMN_NAMES]
     lines.append("| " + " | ".join(names) + " |")
     lines.append("|" + "|".join("---" if n == "run" else "---:" for n in _COLUMN_NAMES) + "|")
     for cells in _cells(comparison):
-        lines.append("| " + " | ".join(cell(text) for text, _ in cells) + " |")
+        lines.append("| " + " | ".join(inline(text) for text, _ in cells) + " |")
     lines.append("")
     lines.append(CAPTION.format(by=comparison.by) + ".")
     if comparison.left_out:
@@ -250,11 +261,11 @@ def to_markdown(comparison: Comparison) -> str:
         lines.append("")
         for item in comparison.left_out:
             where = "every layer" if item.layer is None else f"layer {item.layer}"
-            lines.append(f"- {item.run} {where} ({item.what}): {item.reason}")
+            lines.append(f"- {inline(item.run)} {where} ({item.what}): {inline(item.reason)}")
     if comparison.findings:
         lines.append("")
         lines.append("Findings:")
         lines.append("")
         for finding in comparison.findings:
-            lines.append(f"- **{finding.severity}** `{finding.code}`: {finding.message}")
+            lines.append(f"- **{finding.severity}** `{finding.code}`: {inline(finding.message)}")
     return "\n".join(lines) + "\n"

@@ -31,10 +31,22 @@ def to_json(document: dict[str, Any]) -> str:
 
 
 def to_csv(frame: pl.DataFrame) -> str:
-    """CSV of the scalar columns (list columns such as ``load_share`` are left out)."""
+    """CSV of the scalar columns (list columns such as ``load_share`` are left out), text
+    with control characters escaped (:func:`routelog.errors.printable`)."""
     import polars as pl
+
+    from routelog.errors import printable
 
     scalar = [
         name for name, dtype in frame.schema.items() if not isinstance(dtype, pl.List | pl.Array)
     ]
-    return frame.select(scalar).write_csv(float_precision=6)
+    # Names are the text a CSV carries (runs, rules, messages): shown with their control
+    # characters escaped, as everywhere routelog prints them. A column holds few distinct
+    # names, so each is escaped once.
+    escaped = []
+    for name in (n for n in scalar if frame.schema[n] == pl.String):
+        distinct = frame[name].drop_nulls().unique().to_list()
+        changed = {text: printable(text) for text in distinct if printable(text) != text}
+        if changed:
+            escaped.append(pl.col(name).replace(changed))
+    return frame.select(scalar).with_columns(escaped).write_csv(float_precision=6)

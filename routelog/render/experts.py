@@ -88,6 +88,7 @@ def print_experts(
     why: str = "",
 ) -> None:
     """The heatmap of one layer's experts over steps, with dead-since and final columns."""
+    from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
 
@@ -102,7 +103,7 @@ def print_experts(
     fair = 1.0 / h.n_experts
     what = "load share f_i" if metric == "load_share" else "probability mass P_i"
     header = (
-        f"[bold]{h.run}[/bold]  layer {h.layer}{why} · E={h.n_experts} · "
+        f"[bold]{escape(h.run)}[/bold]  layer {h.layer}{why} · E={h.n_experts} · "
         f"steps {steps[0]}–{steps[-1]} "
         f"({len(steps)} logged{'' if len(shown) == len(steps) else f', {len(shown)} shown'})"
     )

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from routelog import __version__
+from routelog.errors import printable
 from routelog.render import palette
 
 if TYPE_CHECKING:
@@ -55,8 +56,9 @@ class _Page:
             "charts": self.charts,
         }
         payload = json.dumps(data, separators=(",", ":"), allow_nan=False)
-        # "</" cannot appear inside the script element (it would end it).
-        payload = payload.replace("</", "<\\/")
+        # No "<" inside the script element: "</script" would end it, "<!--" change how it
+        # parses. In JSON a "<" is only ever inside a string, where \u003c says the same.
+        payload = payload.replace("<", "\\u003c")
         return (
             '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
@@ -72,7 +74,8 @@ class _Page:
 
 
 def _e(text: object) -> str:
-    return html.escape(str(text), quote=True)
+    """Text for HTML: control characters shown as escapes, then HTML-escaped."""
+    return html.escape(printable(str(text)), quote=True)
 
 
 def _num(value: float | int | None, digits: int = 3) -> str:
@@ -94,25 +97,17 @@ def encode_cells(ratio: np.ndarray, dead: np.ndarray) -> str:
 def _findings_html(findings: Sequence[Finding]) -> str:
     """Findings grouped by severity and rule (as in the terminal report), each group a
     ``<details>`` with one line per layer; small groups open, large ones folded."""
-    from routelog.render.report import finding_groups, where
+    from routelog.render.report import finding_groups, finding_span, headline, where
 
     if not findings:
         return '<p class="ok">no findings: every rule passed on every layer</p>'
-    fails = sum(f.severity == "fail" for f in findings)
     groups = []
     for severity, code, group in finding_groups(list(findings)):
-        items = []
-        for f in group:
-            span = (
-                f"step {f.first_step}"
-                if f.first_step == f.last_step
-                else f"steps {f.first_step}–{f.last_step}"
-            )
-            active = " · still holds" if f.active else ""
-            items.append(
-                f'<li class="finding {f.severity}"><span class="muted">{_e(f.run)} · layer '
-                f"{_e(f.layer)} · {span}{active}</span><br>{_e(f.message)}</li>"
-            )
+        items = [
+            f'<li class="finding {f.severity}"><span class="muted">{_e(f.run)} · layer '
+            f"{_e(f.layer)} · {finding_span(f, ' · still holds')}</span><br>{_e(f.message)}</li>"
+            for f in group
+        ]
         is_open = " open" if len(group) <= 3 else ""
         groups.append(
             f'<details class="group {severity}"{is_open}><summary><span class="sev">'
@@ -121,7 +116,7 @@ def _findings_html(findings: Sequence[Finding]) -> str:
             f'<ul class="findings">{"".join(items)}</ul></details>'
         )
     head = (
-        f'<p>{fails} fail, {len(findings) - fails} warn · <span class="muted">'
+        f'<p>{headline(list(findings))} · <span class="muted">'
         "(* = still holds at the latest step; click a rule to fold or unfold it)</span></p>"
     )
     return head + "".join(groups)
@@ -516,7 +511,8 @@ th{font-weight:600}td:last-child,th:last-child{text-align:left}
 .fail .sev,.status.fail,.verdict.fail{color:#c62828}.status.ok,.verdict.ok{color:#2e7d32}
 .verdict{font-size:17px;font-weight:600}
 .group{margin:4px 0}.group summary{cursor:pointer}.group.fail .sev{color:#c62828}
-.group.warn .sev{color:#b26a00}.findings{list-style:none;padding:0 0 0 18px;margin:2px 0}
+.group.warn .sev{color:#b26a00}.group.earlier .sev{color:#777}
+.findings{list-style:none;padding:0 0 0 18px;margin:2px 0}
 .finding{margin:6px 0;padding-left:8px;
 border-left:3px solid #e69f00}.finding.fail{border-left-color:#c62828}
 .grid{display:flex;flex-wrap:wrap;gap:10px}

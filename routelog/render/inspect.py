@@ -129,6 +129,85 @@ def print_inspect(
         if entry["needed"]:
             where = escape(entry["path"])
             console.print(f"{where}: files without their own k: {k_markup(entry)}")
+    for line in recorded_lines(infos, console.width):
+        console.print(line, soft_wrap=True)
     for info in infos:
         for warning in info.warnings:
             console.print(f"{info.path}: {warning}", style="yellow", markup=False)
+
+
+def _count(value: object) -> int | None:
+    """An integer the metadata states, or None (the metadata is the file's, not trusted)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _recorded_layers(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    layers = meta.get("layers")
+    if not isinstance(layers, dict):
+        return {}
+    return {str(k): v for k, v in layers.items() if isinstance(v, dict)}
+
+
+def recorded_lines(infos: list[FileInfo], width: int) -> list[Any]:
+    """What ``routelog.record`` wrote in its files' metadata, for the files that carry it:
+    per kind of recording (payload, score function, ranks) one line, then per layer the
+    router module and class, E, k and the tokens not recorded (summed over the files:
+    beyond ``max_tokens`` at each recorded step)."""
+    from rich.text import Text
+
+    from routelog.render.text import Column, grid
+
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for info in infos:
+        meta = info.recorded
+        if not meta:
+            continue
+        world = _count(meta.get("world_size"))
+        key = (
+            str(meta.get("payload", "?")),
+            str(meta.get("score", "?")),
+            f"{world} ranks" if world and world > 1 else "one rank",
+        )
+        groups.setdefault(key, []).append(meta)
+    lines: list[Any] = []
+    for (payload, score, ranks), metas in groups.items():
+        files = "file" if len(metas) == 1 else "files"
+        lines.append(Text(""))
+        lines.append(
+            Text.assemble(
+                ("recorded by routelog.record", "bold"),
+                f": {len(metas)} {files}, {payload} (score {score}), {ranks}",
+            )
+        )
+        layers: dict[str, dict[str, Any]] = {}
+        for meta in metas:
+            for layer, stated in _recorded_layers(meta).items():
+                row = layers.setdefault(layer, {**stated, "tokens_not_recorded": 0})
+                skipped = _count(stated.get("tokens_not_recorded"))
+                row["tokens_not_recorded"] = (
+                    row["tokens_not_recorded"] + skipped
+                    if skipped is not None and row["tokens_not_recorded"] is not None
+                    else None
+                )
+        columns = [
+            Column("layer", "right", key=True),
+            Column("router", wrap=True),
+            Column("class"),
+            Column("E", "right"),
+            Column("k", "right"),
+            Column("tokens not recorded", "right"),
+        ]
+        rows = [
+            [
+                layer,
+                str(row.get("router", "?")),
+                str(row.get("class", "?")),
+                fmt(_count(row.get("num_experts"))),
+                fmt(_count(row.get("top_k"))),
+                fmt(row["tokens_not_recorded"]),
+            ]
+            for layer, row in sorted(layers.items(), key=lambda item: (len(item[0]), item[0]))
+        ]
+        table, _ = grid(columns, rows, width=width, gap=2)
+        lines.extend(table)
+    return lines

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import polars as pl
 
+from routelog.errors import printable
 from routelog.findings import worst
 from routelog.render.report import finding_groups, headline, k_plain, layer_status, where
 from routelog.render.text import fmt, plural
@@ -14,9 +16,21 @@ if TYPE_CHECKING:
     from routelog.api import Analysis
 
 
-def cell(text: str) -> str:
-    """Text made safe for one Markdown table cell (no pipe, no line break)."""
-    return text.replace("|", "\\|").replace("\n", " ")
+_SYNTAX = re.compile(r"([\\`*\[\]|]|<(?=[A-Za-z/!?]))")  # "<" only where a tag could start
+
+
+def inline(text: str) -> str:
+    r"""Text from the data (run and file names, messages) made inert in Markdown: control
+    characters escaped (one line), and the characters that would start Markdown or HTML
+    (``\ ` * [ ] |``, a ``<`` before a tag name) backslash-escaped; it renders as the
+    text it is.
+
+    Examples
+    --------
+    >>> inline("a|b*<script>\n"), inline("0.1 < 0.2")
+    ('a\\|b\\*\\<script>\\\\n', '0.1 < 0.2')
+    """
+    return _SYNTAX.sub(r"\\\1", printable(text))
 
 
 def analysis_markdown(analysis: Analysis) -> str:
@@ -27,23 +41,24 @@ def analysis_markdown(analysis: Analysis) -> str:
         findings = [f for f in analysis.findings if f.run == run.name]
         steps = metrics["step"].unique().sort().to_list()
         summary = run.summary()
+        k = inline(k_plain(summary))
         out += [
-            f"### routelog: {run.name}",
+            f"### routelog: {inline(run.name)}",
             "",
             f"Steps {steps[0]}–{steps[-1]} ({len(steps)} logged), "
             f"{plural(metrics['layer'].n_unique(), 'layer')}, "
-            + (f"**{k_plain(summary)}**" if summary["top_k_assumed"] else k_plain(summary))
+            + (f"**{k}**" if summary["top_k_assumed"] else k)
             + ".",
             "",
         ]
         if findings:
             out += [f"Findings: {headline(findings)}.", ""]
-            out += ["| severity | finding | where (* = still holds) | what to look at |"]
+            out += ["| status | finding | where (* = still holds) | what to look at |"]
             out += ["|---|---|---|---|"]
             for severity, code, group in finding_groups(findings):
                 out.append(
-                    f"| **{severity}** | `{code}` | {cell(where(group))} | "
-                    f"{cell(worst(group).message)} |"
+                    f"| **{severity}** | `{code}` | {inline(where(group))} | "
+                    f"{inline(worst(group).message)} |"
                 )
         else:
             out.append("No findings: every rule passed on every layer.")
@@ -61,7 +76,7 @@ def analysis_markdown(analysis: Analysis) -> str:
                 f"| {row['layer']} | {fmt(row['token_entropy_norm'])} | "
                 f"{fmt(row['load_entropy_norm'])} | {fmt(row['assign_entropy_norm'])} | "
                 f"{fmt(row['max_load_share'])} | {fmt(row['dead_experts'])}/{row['n_experts']} | "
-                f"{status} | {cell(', '.join(codes))} |"
+                f"{status} | {inline(', '.join(codes))} |"
             )
         out.append("")
     return "\n".join(out)

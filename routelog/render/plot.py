@@ -13,6 +13,8 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from routelog.errors import printable
+
 MARKERS = "0123456789abcdefghijklmnopqrstuvwxyz"
 THRESHOLD_MARKERS = "-=~"
 MIN_WIDTH = 30
@@ -127,10 +129,10 @@ def line_chart(
             continue
         marker = line.marker or marker_for(index)
         signal = fig.signal([p[0] for p in points], [p[1] for p in points], marker=marker)
-        signal.label(line.label)
+        signal.label(printable(line.label))  # run names: escaped
         signal.lines()
         fig.draw(signal)
-        lines.append(f"{marker} {line.label}")
+        lines.append(f"{marker} {printable(line.label)}")
     legend = lines + legend
     if xs:
         ticks = axis_ticks(min(xs), max(xs), max(2, max(width, MIN_WIDTH) // 12))
@@ -138,7 +140,7 @@ def line_chart(
     if ylim is not None:
         fig.ruler("y").lim(*ylim)
     fig.legend(False)
-    fig.title(title)
+    fig.title(printable(title))
     chart: str = fig.build().string(colorless=not color)
     fig.clear()
     body = "\n".join(row.rstrip() for row in chart.rstrip("\n").split("\n"))

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from routelog.api import Analysis, Run
     from routelog.findings import Finding
 
-STATUS_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red"}
+STATUS_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "earlier": "dim"}
+STATUS_ORDER = ("fail", "warn", "earlier")
 WIDE = 120  # below this width, a layer's codes go on lines under the table
 HEATMAP_TITLE = "load share f_i per expert at the latest step"
 MASS_TITLE = "probability mass share P_i per expert at the latest step"
@@ -222,19 +223,28 @@ def layer_status(findings: list[Finding], layer: int) -> tuple[str, list[str]]:
     return status, codes
 
 
-def _span(finding: Finding) -> str:
+def finding_span(finding: Finding, holds: str = "") -> str:
+    """``step 500`` or ``steps 500–1100``: the steps a finding held (every output says it
+    so), then ``holds`` if it still holds at the latest step."""
+    still = holds if finding.active else ""
     if finding.first_step == finding.last_step:
-        return f"step {finding.first_step}"
-    return f"steps {finding.first_step}–{finding.last_step}"
+        return f"step {finding.first_step}{still}"
+    return f"steps {finding.first_step}–{finding.last_step}{still}"
 
 
 def finding_groups(findings: list[Finding]) -> list[tuple[str, str, list[Finding]]]:
-    """Findings grouped by (severity, code), fail first, in first-seen order within each."""
+    """Findings grouped by (severity, code), each group labelled by the one status rule
+    (:attr:`Finding.status`): ``fail`` or ``warn`` while one of its findings holds at the
+    latest step, ``earlier`` when all ended before it. Fail first, then warn, then earlier;
+    in first-seen order within each."""
     groups: dict[tuple[str, str], list[Finding]] = {}
     for finding in sorted(findings, key=lambda f: (f.severity != "fail", f.layer or 0)):
         groups.setdefault((finding.severity, finding.code), []).append(finding)
-    ordered = sorted(groups.items(), key=lambda item: (item[0][0] != "fail", item[0][1]))
-    return [(severity, code, group) for (severity, code), group in ordered]
+    labelled = [
+        (severity if any(f.active for f in group) else "earlier", code, group)
+        for (severity, code), group in groups.items()
+    ]
+    return sorted(labelled, key=lambda item: (STATUS_ORDER.index(item[0]), item[1]))
 
 
 def where(group: list[Finding]) -> str:
@@ -243,8 +253,8 @@ def where(group: list[Finding]) -> str:
     marks = [f"{f.layer}{'*' if f.active else ''}" for f in group]
     noun = "layer" if len(group) == 1 else "layers"  # the count is the list that follows
     if len(spans) == 1:
-        return f"{noun} {', '.join(marks)} · {_span(group[0])}"
-    return ", ".join(f"layer {m} ({_span(f)})" for m, f in zip(marks, group, strict=True))
+        return f"{noun} {', '.join(marks)} · {finding_span(group[0])}"
+    return ", ".join(f"layer {m} ({finding_span(f)})" for m, f in zip(marks, group, strict=True))
 
 
 def finding_counts(findings: list[Finding]) -> dict[str, int]:
@@ -272,6 +282,8 @@ def findings_lines(findings: list[Finding], width: int = 120) -> list[Any]:
     sentence of the group's worst layer."""
     import textwrap
 
+    from rich.markup import escape
+
     from routelog.findings import worst
 
     if not findings:
@@ -279,24 +291,30 @@ def findings_lines(findings: list[Finding], width: int = 120) -> list[Any]:
     lines: list[Any] = [
         f"[bold]findings[/bold]: {headline(findings)} (* = still holds at the latest step)"
     ]
-    for severity, code, group in finding_groups(findings):
-        style = STATUS_STYLE[severity]
-        head = f"  {severity.upper():<4}  {code}  "
+    groups = finding_groups(findings)
+    label = max(len(status) for status, _, _ in groups)  # 4, or 7 with an earlier group
+    indent = 2 + label + 2
+    for status, code, group in groups:
+        style = STATUS_STYLE[status]
+        head = f"  {status.upper():<{label}}  {escape(code)}  "
         places = where(group)
         first = (textwrap.wrap(places, max(width - len(head), 20)) or [""])[0]
-        rest = textwrap.wrap(places[len(first) :].strip(), max(width - 8, 20))
-        lines.append(f"  [{style}]{severity.upper():<4}[/{style}]  [bold]{code}[/bold]  {first}")
-        lines.extend(f"        {more}" for more in rest)
-        lines.append(_indented(worst(group).message))
+        rest = textwrap.wrap(places[len(first) :].strip(), max(width - indent, 20))
+        lines.append(
+            f"  [{style}]{status.upper():<{label}}[/{style}]  [bold]{escape(code)}[/bold]  "
+            f"{escape(first)}"
+        )
+        lines.extend(" " * indent + escape(more) for more in rest)
+        lines.append(_indented(worst(group).message, indent))
     return lines
 
 
-def _indented(message: str) -> Any:
+def _indented(message: str, indent: int = 8) -> Any:
     """A finding's message, wrapped under its header with a hanging indent."""
     from rich.padding import Padding
     from rich.text import Text
 
-    return Padding(Text(message, style="dim"), (0, 0, 0, 8))
+    return Padding(Text(message, style="dim"), (0, 0, 0, indent))
 
 
 def _header(summary: dict[str, Any], metrics: pl.DataFrame) -> str:
@@ -313,8 +331,10 @@ def _header(summary: dict[str, Any], metrics: pl.DataFrame) -> str:
         if len(steps) > 1
         else f"step {steps[0]} (1 logged)"
     )
+    from rich.markup import escape
+
     return (
-        f"[bold]{summary['run']}[/bold]  {span} · "
+        f"[bold]{escape(summary['run'])}[/bold]  {span} · "
         f"{plural(metrics['layer'].n_unique(), 'layer')} · E={'/'.join(map(str, experts))} · "
         f"{k_markup(summary)} · {per_step}"
     )

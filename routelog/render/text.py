@@ -21,6 +21,40 @@ MISSING = "–"
 """A missing value (null) in a table cell."""
 
 
+def inert(text: str | Text, *, lines: bool = False) -> Text:
+    """``text`` as rich text whose control characters are shown as escapes (see
+    :func:`routelog.errors.printable`), its styles kept on the characters they styled.
+
+    A name is data: an ESC in a run name must not drive the terminal, a newline must not
+    split a table cell. ``lines`` keeps newlines (a multi-line renderable built on
+    purpose); the console applies that to every text it prints, the table layout the
+    strict form to every cell.
+    """
+    from rich.text import Span, Text
+
+    from routelog.errors import printable
+
+    rich = text if isinstance(text, Text) else Text(text)
+    plain = rich.plain
+    pieces = plain.split("\n") if lines else [plain]
+    if all(printable(piece) == piece for piece in pieces):
+        return rich
+    # where each original character starts in the escaped text, for the spans
+    starts = [0]
+    for char in plain:
+        starts.append(starts[-1] + len(char if lines and char == "\n" else printable(char)))
+    out = Text(
+        "\n".join(printable(piece) for piece in pieces),
+        style=rich.style,
+        justify=rich.justify,
+        overflow=rich.overflow,
+        no_wrap=rich.no_wrap,
+        end=rich.end,
+    )
+    out.spans = [Span(starts[span.start], starts[span.end], span.style) for span in rich.spans]
+    return out
+
+
 def fmt(value: float | int | None, digits: int = 3) -> str:
     """A number for a table cell: ints with thousands separators, floats with ``digits``
     decimals and never a negative zero; missing values print as an en dash.
@@ -168,7 +202,7 @@ def grid(
     from rich.cells import cell_len
     from rich.text import Text
 
-    cells = [[c if isinstance(c, Text) else Text(c) for c in row] for row in rows]
+    cells = [[inert(c) for c in row] for row in rows]
     widths = [
         max([cell_len(col.header), *(row[i].cell_len for row in cells)])
         for i, col in enumerate(columns)

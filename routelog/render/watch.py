@@ -8,12 +8,12 @@ what a person tailing a log, or a script grepping it, wants.
 
 from __future__ import annotations
 
-import io
 import time
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Protocol
 
-from routelog.render.report import print_report
+from routelog.errors import printable
+from routelog.render import report
 
 if TYPE_CHECKING:
     import polars as pl
@@ -137,7 +137,8 @@ class LiveDisplay:
         )
         parts: list[RenderableType] = [header]
         if round_.waiting:
-            parts.append(Text(f"waiting for logs in: {', '.join(round_.waiting)}", "yellow"))
+            waiting = printable(", ".join(round_.waiting))
+            parts.append(Text(f"waiting for logs in: {waiting}", "yellow"))
         if round_.pending:
             parts.append(Text(f"{_plural(len(round_.pending), 'file')} still being written", "dim"))
         if round_.analysis is not None:
@@ -153,23 +154,12 @@ class LiveDisplay:
 
 
 def report_text(analysis: Analysis, console: Console) -> RenderableType:
-    """The ``analyze`` report as one renderable, styled as ``console`` would print it."""
-    from rich.console import Console
+    """The ``analyze`` report as one renderable, at ``console``'s width and in colour when
+    ``console`` colours (:func:`routelog.render.report.report_text`, read back as rich text)."""
     from rich.text import Text
 
-    buffer = io.StringIO()
-    offscreen = Console(
-        file=buffer,
-        width=console.width,
-        color_system=cast(Any, console.color_system),
-        force_terminal=console.is_terminal,
-        no_color=console.no_color,
-        highlight=False,
-        emoji=False,
-        soft_wrap=False,
-    )
-    print_report(analysis, offscreen)
-    return Text.from_ansi(buffer.getvalue().rstrip("\n"))
+    text = report.report_text(analysis, width=console.width, color=console.color_system is not None)
+    return Text.from_ansi(text.rstrip("\n"))
 
 
 def fail_line(finding: Finding, level: str) -> str:
