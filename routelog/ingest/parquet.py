@@ -37,6 +37,11 @@ def scan(path: Path, options: Options, info: FileInfo, *, source: Any = None) ->
     ``source`` (optional) is an open random-access file to read instead of ``path`` (an
     object in a bucket: each column chunk is a ranged read); ``path`` still names it.
     """
+    if source is None and not _utf8(path):
+        # pyarrow takes file names as UTF-8 only: read an undecodable one through Python
+        with Path(path).open("rb") as stream:
+            yield from scan(path, options, info, source=stream)
+        return
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -74,6 +79,14 @@ def scan(path: Path, options: Options, info: FileInfo, *, source: Any = None) ->
             offset += frame.height
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{path}: cannot read row {offset} onwards ({_first_line(exc)})") from exc
+
+
+def _utf8(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _record_batches(

@@ -304,3 +304,20 @@ def test_sums_near_the_tolerance_are_decided_in_float64(tmp_path: Path) -> None:
     assert routelog.analyze([ok]).metrics["n_tokens"][0] == 2
     off = _one_file(tmp_path, layer=[0, 0], probs=np.array([[0.5, 0.5], [0.5, 0.50101]]))
     assert f"{off} row 1: probabilities do not sum to 1" in _bad(tmp_path, str(off))
+
+
+def test_a_directory_name_that_is_not_utf8_is_read(tmp_path: Path) -> None:
+    """pyarrow takes UTF-8 file names only; such a run is read through Python (was exit 70)."""
+    import os
+    import shutil
+
+    from tests.conftest import SAMPLES
+
+    run = Path(os.fsdecode(os.fsencode(tmp_path) + b"/run\xff"))
+    run.mkdir()
+    shutil.copy(SAMPLES / "collapse" / "step_000000.parquet", run / "step_000000.parquet")
+    result = CliRunner().invoke(app, ["analyze", str(run), "-k", "2", "-f", "json", "--no-cache"])
+    assert result.exit_code == 0, result.output
+    here = routelog.analyze(SAMPLES / "collapse" / "step_000000.parquet", top_k=2).metrics
+    there = routelog.analyze(run, top_k=2).metrics
+    assert there.drop("run").equals(here.drop("run"))
