@@ -97,12 +97,18 @@ def _record_batches(
     A local file of several row groups none larger than PARALLEL_ROW_GROUP_BYTES decoded is
     decoded DECODE_THREADS row groups at a time (each on its own thread, in its own reader:
     pyarrow decodes one column chunk on one thread, and a routing log is one big column);
-    otherwise one batch at a time, as pyarrow streams it.
+    otherwise one batch at a time, as pyarrow streams it. Either way no batch spans two row
+    groups, so a file gives the same sums whichever path reads it (a bucket's or a disk's).
     """
     metadata = reader.metadata
     sizes = [metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups)]
     if path is None or len(sizes) < 2 or max(sizes) > PARALLEL_ROW_GROUP_BYTES:
-        yield from reader.iter_batches(batch_size=BATCH_ROWS, columns=columns, use_threads=False)
+        # row group by row group, as the parallel path: batches never span two row groups,
+        # so sums are added in the same order and the results are identical bit for bit
+        for index in range(len(sizes)):
+            yield from reader.iter_batches(
+                batch_size=BATCH_ROWS, row_groups=[index], columns=columns, use_threads=False
+            )
         return
     from concurrent.futures import Future, ThreadPoolExecutor
 
