@@ -108,8 +108,9 @@ class Recorder:
         self._mask: Any = None
         self._pending_events: list[Any] = []
         self._writer = Writer(self.directory, self.holds, size=queue_size, on_full=on_full)
-        self._handles = [r.module.register_forward_hook(self._hook(r)) for r in self.routers]
-        self._handles.append(model.register_forward_pre_hook(self._see_inputs, with_kwargs=True))
+        self._handles: list[Any] = []
+        """The hooks, attached only while a step is recorded: the other steps run the model
+        exactly as without a recorder (no hook call, no Python work in the forward)."""
         self._closed = False
 
     # -- public API ----------------------------------------------------------------------
@@ -191,9 +192,7 @@ class Recorder:
         try:
             self._finish()
         finally:
-            for handle in self._handles:
-                handle.remove()
-            self._handles.clear()
+            self._detach()
             self._writer.close()
 
     def __enter__(self) -> Recorder:
@@ -232,23 +231,29 @@ class Recorder:
         self._chunks = {r.layer: [] for r in self.routers}
         self._taken = dict.fromkeys(self.layers, 0)
         self._skipped = dict.fromkeys(self.layers, 0)
+        self._handles = [r.module.register_forward_hook(self._hook(r)) for r in self.routers]
+        self._handles.append(
+            self.model.register_forward_pre_hook(self._see_inputs, with_kwargs=True)
+        )
 
     def _discard(self) -> None:
         self._recording = None
         self._chunks = {}
         self._mask = None
+        self._detach()
+
+    def _detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     def _see_inputs(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
         """Keep the padding mask of the forward about to run (``attention_mask`` [B, S])."""
-        if self._recording is None:
-            return
         mask = kwargs.get("attention_mask")
         self._mask = mask.detach().reshape(-1).to("cpu") != 0 if mask is not None else None
 
     def _hook(self, router: Router) -> Any:
         def hook(module: Any, args: Any, output: Any) -> None:
-            if self._recording is None:
-                return
             try:
                 values, ids = router.adapter.read(module, output)
                 self._take(router, values, ids)

@@ -26,6 +26,11 @@ from routelog.errors import RecordError
 METADATA_KEY = b"routelog"
 FORMAT_VERSION = 1
 OnFull = Literal["block", "drop"]
+_DICTIONARY_COLUMNS = ["step", "layer", "rank"]
+"""The columns worth a Parquet dictionary (a few distinct values). Router outputs and token
+positions are nearly all distinct: a dictionary for them was two thirds of the writer's CPU
+time and made the file larger (on 4 layers x 4,096 tokens x E=8: 13 ms and 790 kB, against
+4.4 ms and 516 kB without)."""
 
 
 @dataclass
@@ -69,7 +74,7 @@ def write_step(directory: Path, record: StepRecord, holds: str) -> Path:
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
     target = directory / file_name(record.step, record.rank, record.world_size)
     temporary = directory / f".{target.name}.{os.getpid()}.tmp"
-    pq.write_table(table, temporary, compression="zstd")
+    pq.write_table(table, temporary, compression="zstd", use_dictionary=_DICTIONARY_COLUMNS)
     temporary.replace(target)
     return target
 

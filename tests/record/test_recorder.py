@@ -20,6 +20,7 @@ from routelog.cli import app
 from routelog.errors import MissingExtraError, RecordError
 from routelog.ingest.payload import step_from_name
 from tests.conftest import REPO
+from tests.record.models import mixtral
 
 pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")
@@ -183,6 +184,7 @@ def test_a_layer_that_stops_firing_warns_and_is_counted(out: Path) -> None:
 
 def test_hooks_removed_on_close_and_on_error(out: Path) -> None:
     model, rec = _toy_recorder(out, every=1)
+    rec.step(0)
     assert _hooks(model) == 3  # two routers and the input hook
     rec.close()
     assert _hooks(model) == 0
@@ -204,6 +206,44 @@ def test_hooks_removed_on_close_and_on_error(out: Path) -> None:
     assert _hooks(model) == 0
     with pytest.raises(RecordError, match="closed"):
         rec.step(6)
+
+
+def test_hooks_are_attached_only_while_a_step_is_recorded(out: Path) -> None:
+    model = Toy()
+    model.train()
+    with Recorder(model, out, routers=ROUTERS, top_k=2, every=10) as rec:
+        assert _hooks(model) == 0  # a step that is not recorded runs no recorder code
+        for step in range(12):
+            rec.step(step)
+            assert _hooks(model) == (3 if step % 10 == 0 else 0), step
+            model(torch.randn(2, H))
+        with rec.capture(15):
+            assert _hooks(model) == 3
+            model(torch.randn(2, H))
+        assert _hooks(model) == 0
+        rec.probe(torch.randn(2, H), step=16)
+        assert _hooks(model) == 0
+    assert sorted(p.name for p in out.glob("*.parquet")) == [
+        "step_000000.parquet",
+        "step_000010.parquet",
+        "step_000015.parquet",
+        "step_000016.parquet",
+    ]
+
+
+def test_payload_columns_are_not_dictionary_encoded(out: Path) -> None:
+    import pyarrow.parquet as pq
+
+    model, rec = _toy_recorder(out)
+    with rec, rec.capture(0):
+        model(torch.randn(64, H))
+    metadata = pq.ParquetFile(out / "step_000000.parquet").metadata.row_group(0)
+    encodings = {
+        metadata.column(i).path_in_schema.split(".")[0]: metadata.column(i).encodings
+        for i in range(metadata.num_columns)
+    }
+    dictionary = {name for name, used in encodings.items() if "RLE_DICTIONARY" in used}
+    assert dictionary == {"step", "layer", "rank"}  # logits, topk_ids, token: plain
 
 
 def test_capture_records_whatever_every_says(out: Path) -> None:
@@ -376,23 +416,12 @@ def _hooks(model: Any) -> int:
 
 
 def test_readme_plain_pytorch_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Recording from a live model", 1)[1]
     example = section.split("```python\n", 1)[1].split("```", 1)[0]
-    torch.manual_seed(0)
-    config = transformers.MixtralConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-    )
-    model = transformers.MixtralForCausalLM(config)
-    ids = torch.randint(0, 32, (2, 6))
+    model = mixtral()
+    ids = torch.randint(0, 64, (2, 6))
     loader = [{"input_ids": ids, "labels": ids}] * 3
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     monkeypatch.chdir(tmp_path)

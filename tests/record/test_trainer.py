@@ -15,22 +15,7 @@ pytest.importorskip("accelerate")
 
 import routelog  # noqa: E402
 from routelog.integrations.transformers import RoutelogCallback  # noqa: E402
-
-
-def _model() -> Any:
-    torch.manual_seed(0)
-    config = transformers.MixtralConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-    )
-    return transformers.MixtralForCausalLM(config)
+from tests.record.models import mixtral  # noqa: E402
 
 
 class Tokens(torch.utils.data.Dataset):  # type: ignore[misc]
@@ -58,7 +43,7 @@ def _train(out: Path, callback: RoutelogCallback) -> None:
         disable_tqdm=True,
     )
     transformers.Trainer(
-        model=_model(), args=args, train_dataset=Tokens(), callbacks=[callback]
+        model=mixtral(), args=args, train_dataset=Tokens(), callbacks=[callback]
     ).train()
 
 
