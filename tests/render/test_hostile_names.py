@@ -199,6 +199,7 @@ def test_watch_lines_are_inert(hostile_run: Path) -> None:
 
 
 def test_export_names_the_directory_inert(hostile_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
     target = tmp_path / f"tb{HOSTILE}"
     result = runner.invoke(
         app, ["export", str(hostile_run), "-k", "2", "--tensorboard", str(target)]
