@@ -15,24 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 
+from timing import median_times
+
 LIKE_FOR_LIKE = {"POLARS_MAX_THREADS": "1", "OMP_NUM_THREADS": "1"}
-
-
-def _medians(named: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
-    for work in named.values():  # warm-up: imports, workers' first task
-        work()
-    times: dict[str, list[float]] = {name: [] for name in named}
-    for _ in range(repeat):
-        for name, work in named.items():
-            start = time.perf_counter()
-            work()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -62,7 +50,7 @@ def main() -> None:
     clients = {n: distributed.Client(cluster) for n, cluster in clusters.items()}
     started = (time.perf_counter() - start) / 2
     try:
-        seconds = _medians(
+        seconds = median_times(
             {
                 "plain, --jobs 1": lambda: api.analyze([args.run], top_k=args.top_k, jobs=1),
                 "plain, --jobs 2": lambda: api.analyze([args.run], top_k=args.top_k, jobs=2),

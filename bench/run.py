@@ -46,6 +46,7 @@ sys.path.insert(0, str(HERE))
 import megatron  # noqa: E402
 import recorder  # noqa: E402
 import synth  # noqa: E402
+from timing import median_times  # noqa: E402
 
 TARGETS = {
     "a": ("<=", 1.3),
@@ -78,19 +79,6 @@ print(int(status.split()[0]) * 1024)
 """
 
 
-def _median_times(named: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
-    """Median wall time of each callable; one warm-up each, then rounds interleaving them."""
-    for work in named.values():
-        work()
-    times: dict[str, list[float]] = {name: [] for name in named}
-    for _ in range(repeat):
-        for name, work in named.items():
-            start = time.perf_counter()
-            work()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def _cli(*args: str) -> Callable[[], None]:
     from routelog.cli import app
 
@@ -113,13 +101,24 @@ def _log(data: Path, tokens: int, experts: int, seed: int = 0, step: int = 0) ->
     return path
 
 
+def _run_dir(data: Path, files: int, per_file: int, experts: int, seed: int) -> Path:
+    """A directory of ``files`` step files of ``per_file`` tokens (written once, then kept)."""
+    run = data / f"run{files}_t{per_file}_e{experts}"
+    run.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        target = run / f"step_{i:06d}.parquet"
+        if not target.exists():
+            shutil.copy(_log(data, per_file, experts, seed=seed + i), target)
+    return run
+
+
 def bench_a_b(log: Path, top_k: int, repeat: int, suffix: str = "") -> dict[str, Any]:
     """(a) and (b) on one log; ``suffix`` names a second shape ("2": ``a2``, ``b2``)."""
     import polars as pl
     import reference
 
     columns = ["step", "layer", "token", "probs"]
-    times = _median_times(
+    times = median_times(
         {
             "decode floor (polars read_parquet)": lambda: pl.read_parquet(log, columns=columns),
             "routelog analyze --format json": _cli(
@@ -141,12 +140,7 @@ def bench_a_b(log: Path, top_k: int, repeat: int, suffix: str = "") -> dict[str,
 
 def bench_c(data: Path, tokens: int, experts: int, top_k: int, repeat: int) -> dict[str, Any]:
     per_file = max(tokens // 20, 1000)
-    run = data / f"run20_t{per_file}_e{experts}"
-    run.mkdir(parents=True, exist_ok=True)
-    for i in range(20):
-        target = run / f"step_{i:06d}.parquet"
-        if not target.exists():
-            shutil.copy(_log(data, per_file, experts, seed=100 + i), target)
+    run = _run_dir(data, 20, per_file, experts, seed=100)
     extra = _log(data, per_file, experts, seed=200)
     added = run / "step_000020.parquet"
     args = ["analyze", str(run), "--format", "json", "-k", str(top_k)]
@@ -236,7 +230,7 @@ def bench_e(data: Path, tokens: int, experts: int, top_k: int, repeat: int) -> d
         layer = np.repeat(np.arange(len(tensors)), [len(t) for t in tensors])
         reference.metrics_of_arrays(np.zeros(len(probs), dtype=np.int64), layer, probs, top_k)
 
-    times = _median_times(
+    times = median_times(
         {
             "routelog analyze (.pt)": _cli(
                 "analyze", str(path), "-f", "json", "-k", str(top_k), "--no-cache"
@@ -269,12 +263,7 @@ def bench_g_h(data: Path, tokens: int, experts: int, top_k: int, repeat: int) ->
     except ImportError:
         return {k: {"skipped": "needs routelog[dask]"} for k in "gh"}
     per_file = max(tokens // 40, 1000)
-    run = data / f"run40_t{per_file}_e{experts}"
-    run.mkdir(parents=True, exist_ok=True)
-    for i in range(40):
-        target = run / f"step_{i:06d}.parquet"
-        if not target.exists():
-            shutil.copy(_log(data, per_file, experts, seed=300 + i), target)
+    run = _run_dir(data, 40, per_file, experts, seed=300)
     child = subprocess.run(
         [sys.executable, HERE / "cluster.py", run, "--top-k", str(top_k), "--repeat", str(repeat)],
         env={**os.environ, **cluster.LIKE_FOR_LIKE},
@@ -323,12 +312,7 @@ def bench_i(data: Path, tokens: int, experts: int, top_k: int, repeat: int) -> d
     from routelog import api, storage
 
     per_file = max(tokens // 10, 1000)
-    run = data / f"run10_t{per_file}_e{experts}"
-    run.mkdir(parents=True, exist_ok=True)
-    for i in range(10):
-        target = run / f"step_{i:06d}.parquet"
-        if not target.exists():
-            shutil.copy(_log(data, per_file, experts, seed=500 + i), target)
+    run = _run_dir(data, 10, per_file, experts, seed=500)
     pt = data / f"pt_t{per_file}_e{experts}.pt"
     if not pt.exists():
         import numpy as np
@@ -368,7 +352,7 @@ def bench_i(data: Path, tokens: int, experts: int, top_k: int, repeat: int) -> d
                 with storage.open_stream(remote) as stream:
                     stream.read()
 
-        times = _median_times(
+        times = median_times(
             {
                 "GET the 10 objects whole (the server's floor)": fetch,
                 "disk, 10 Parquet files": lambda: api.analyze([run], top_k=top_k),
@@ -399,7 +383,7 @@ def bench_j(data: Path, tokens: int, experts: int, top_k: int, repeat: int) -> d
         top_k=top_k,
     )
     sizes = megatron.payload_bytes(root)
-    times = _median_times(
+    times = median_times(
         {
             "routelog analyze (megatron trace + sidecar)": _cli(
                 "analyze", str(root / "trace"), "-f", "json", "--no-cache"

@@ -244,27 +244,40 @@ def discover(path: Location, *, missing_ok: bool = False) -> RunFiles:
         if format_of(path) is None:
             _scanner(path)  # raises the unknown-type error
         return RunFiles([path], [])
-    files: list[Path] = []
-    ignored: list[Path] = []
-    sidecars: list[Path] = []
     notes: list[str] = []
-    for child in _walk(path, notes):
-        if child.is_file():
-            if _module_of(child, sniff=True):
-                files.append(child)
-            else:
-                (sidecars if is_sidecar(child) else ignored).append(child)
-        elif child.is_symlink():
-            ignored.append(child)
+    entries = _walk(path, notes)
+    found = _sort_out([c for c in entries if c.is_file()], notes)
+    for child in entries:
+        if not child.is_file() and child.is_symlink():
+            found.ignored.append(child)
             if format_of(child):
                 notes.append(f"{child.relative_to(path)}: a link to a missing file (not read)")
-    if not files:
-        known = ", ".join([*(f"*{s}" for s in sorted(FORMATS)), "*.npy", "*.npz"])
-        frameworks = (
-            "router_trace_rank*.jsonl, expert_distribution_recorder_*.pt, rank*.safetensors"
-        )
-        raise InputError(f"{path}: no routing logs found (looked for {known}, {frameworks})")
-    return RunFiles([*sorted(files)], [*sorted(ignored)], [*sorted(sidecars)], notes)
+    if not found.files:
+        raise _no_logs(path)
+    return RunFiles(_sorted(found.files), _sorted(found.ignored), _sorted(found.sidecars), notes)
+
+
+def _sorted(paths: list[Location]) -> list[Location]:
+    return sorted(paths, key=lambda p: p.parts if isinstance(p, Path) else (p.url,))
+
+
+def _sort_out(children: list[Location], notes: list[str] | None = None) -> RunFiles:
+    """Which of a run's files are logs, which are sidecars, which are neither (ignored)."""
+    files: list[Location] = []
+    ignored: list[Location] = []
+    sidecars: list[Location] = []
+    for child in children:
+        if _module_of(child, sniff=True):
+            files.append(child)
+        else:
+            (sidecars if is_sidecar(child) else ignored).append(child)
+    return RunFiles(files, ignored, sidecars, notes if notes is not None else [])
+
+
+def _no_logs(path: Location) -> InputError:
+    known = ", ".join([*(f"*{s}" for s in sorted(FORMATS)), "*.npy", "*.npz"])
+    frameworks = "router_trace_rank*.jsonl, expert_distribution_recorder_*.pt, rank*.safetensors"
+    return InputError(f"{path}: no routing logs found (looked for {known}, {frameworks})")
 
 
 def _walk(root: Path, notes: list[str]) -> list[Path]:
@@ -326,20 +339,15 @@ def _discover_remote(prefix: Remote, *, missing_ok: bool = False) -> RunFiles:
         if format_of(prefix) is None:
             _scanner(prefix)  # raises the unknown-type error
         return RunFiles(list(objects), [])
-    files: list[Location] = []
-    ignored: list[Location] = []
-    sidecars: list[Location] = []
-    for child in objects:
-        if any(part.startswith(".") for part in storage.relative_parts(prefix, child)):
-            continue
-        if _module_of(child, sniff=True):
-            files.append(child)
-        else:
-            (sidecars if is_sidecar(child) else ignored).append(child)
-    if not files and not missing_ok:
-        known = ", ".join(f"*{s}" for s in sorted(FORMATS))
-        raise InputError(f"{prefix}: no routing logs found (looked for {known})")
-    return RunFiles(files, ignored, sidecars)
+    visible = [
+        child
+        for child in objects
+        if not any(part.startswith(".") for part in storage.relative_parts(prefix, child))
+    ]
+    found = _sort_out(list(visible))
+    if not found.files and not missing_ok:
+        raise _no_logs(prefix)
+    return found
 
 
 def scan(path: Location, options: Options, info: FileInfo) -> Iterator[Batch]:
