@@ -33,20 +33,10 @@ def main() -> None:
     import distributed
 
     from routelog import api
-    from routelog.executor import WORKER_ENV, Cluster
+    from routelog.executor import Cluster, local_cluster
 
     start = time.perf_counter()
-    clusters = {
-        n: distributed.LocalCluster(
-            n_workers=n,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=":0",
-            silence_logs=50,
-            env=WORKER_ENV,
-        )
-        for n in (1, 2)
-    }
+    clusters = {n: local_cluster(n) for n in (1, 2)}
     clients = {n: distributed.Client(cluster) for n, cluster in clusters.items()}
     started = (time.perf_counter() - start) / 2
     try:

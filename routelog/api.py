@@ -86,6 +86,18 @@ class FileResult:
     selections: pl.DataFrame | None
     top_k_assumed: bool = False
 
+    def __getstate__(self) -> dict[str, Any]:
+        # a Dask worker's result: the selections travel packed (a fifth of the bytes)
+        state = dict(self.__dict__)
+        if self.selections is not None:
+            state["selections"] = kernels.pack_selections(self.selections)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if state["selections"] is not None:
+            state["selections"] = kernels.unpack_selections(state["selections"])
+        self.__dict__.update(state)
+
 
 @dataclass(repr=False)
 class Run:
@@ -410,10 +422,13 @@ def _absolute(location: Location) -> str | Remote:
 
 def _read_on_worker(job: tuple[str | Remote, str], options: Options) -> FileResult:
     """``read_file`` in a worker process: by absolute path (a worker has its own working
-    directory), reporting the file as the user named it, in its result and in its errors."""
+    directory), reporting the file as the user named it, in its result and in its errors.
+    No background decoding thread: Dask gives each task one of the worker's threads."""
     absolute, shown = job
     try:
-        result = read_file(absolute if isinstance(absolute, Remote) else Path(absolute), options)
+        result = read_file(
+            absolute if isinstance(absolute, Remote) else Path(absolute), options, prefetch=0
+        )
     except RoutelogError as error:
         raise relocated(error, str(absolute), shown) from None
     result.info.path = shown
