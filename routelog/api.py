@@ -634,15 +634,19 @@ def _merged_runs(results: list[FileResult], root: Location) -> dict[str, Any] | 
     import polars as pl
 
     keys = ["step", "layer", "dataset"]
-    ranges = [
-        r.selections.group_by(keys)
-        .agg(pl.col("token").min().alias("lo"), pl.col("token").max().alias("hi"))
-        .with_columns(pl.lit(i, pl.Int32).alias("file"))
+    eligible = [
+        (i, r.selections)
         for i, r in enumerate(results)
         if r.selections is not None and not ingest.is_shard(Path(r.info.path))
     ]
-    if len(ranges) < 2:
+    if len(eligible) < 2:  # one file cannot overlap another: skip grouping its tokens
         return None
+    ranges = [
+        selections.group_by(keys)
+        .agg(pl.col("token").min().alias("lo"), pl.col("token").max().alias("hi"))
+        .with_columns(pl.lit(i, pl.Int32).alias("file"))
+        for i, selections in eligible
+    ]
     spans = (
         pl.concat(ranges)
         .sort([*keys, "lo"], nulls_last=True)
