@@ -99,8 +99,9 @@ def _record_batches(
     pyarrow decodes one column chunk on one thread, and a routing log is one big column),
     but for its first row group, which streams batch by batch (the first batch is ready
     after a fraction of a row group's decoding: 1M x 64 cold 1.51 -> 1.43 times the decode
-    floor, 500k x 256 1.02 -> 0.91); otherwise one batch at a time, as pyarrow streams it. Either way no batch spans two row
-    groups, so a file gives the same sums whichever path reads it (a bucket's or a disk's).
+    floor, 500k x 256 1.02 -> 0.91); otherwise one batch at a time, as pyarrow streams it.
+    Either way no batch spans two row groups, so a file gives the same sums whichever path
+    reads it (a bucket's or a disk's).
     """
     metadata = reader.metadata
     sizes = [metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups)]
