@@ -8,7 +8,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Annotated, Any, Literal, NoReturn, Optional
 
@@ -397,6 +397,12 @@ class _Reading:
     cache_dir: Path | None = None
     scheduler: str | None = None
 
+    @classmethod
+    def of(cls, flags: dict[str, Any]) -> _Reading:
+        """The reading flags among a command's parameters (``locals()``), by name; a flag the
+        command does not take keeps its default."""
+        return cls(**{f.name: flags[f.name] for f in fields(cls) if f.name in flags})
+
     def prepare(self) -> tuple[Config, Options, Cache | None]:
         """The configuration, the reading options built from it and the flags, the cache."""
         from routelog import api
@@ -487,20 +493,7 @@ def analyze(
     """
     with _errors(debug):
         _check_output(output, paths)
-        result = _Reading(
-            config,
-            top_k,
-            layers,
-            steps,
-            skip_bad_rows,
-            temperature,
-            score,
-            num_experts,
-            jobs,
-            no_cache,
-            cache_dir,
-            scheduler,
-        ).analysis(paths)
+        result = _Reading.of(locals()).analysis(paths)
 
         _emit(
             output,
@@ -600,20 +593,7 @@ def watch(
         from routelog.render import watch as view
         from routelog.watch import Watcher
 
-        reading = _Reading(
-            config,
-            top_k,
-            layers,
-            steps,
-            skip_bad_rows,
-            temperature,
-            score,
-            num_experts,
-            jobs,
-            no_cache,
-            cache_dir,
-            scheduler,
-        )
+        reading = _Reading.of(locals())
         settings, options, cache = reading.prepare()
         console = make_console(sys.stdout, width=width, color=color)
         display: view.Display = (
@@ -720,20 +700,7 @@ def experts(
 
         if fmt not in (Format.table, Format.json, Format.csv):
             raise UsageError(f"experts writes --format table, json or csv, not {fmt.value}")
-        result = _Reading(
-            config,
-            top_k,
-            layers,
-            steps,
-            skip_bad_rows,
-            temperature,
-            score,
-            num_experts,
-            jobs,
-            no_cache,
-            cache_dir,
-            scheduler,
-        ).analysis([path])
+        result = _Reading.of(locals()).analysis([path])
         history = result.expert_histories()
         metric = "load_share" if share == "load" else "mass_share"
         if metric == "mass_share" and all(h.mass is None for h in history):
@@ -818,20 +785,7 @@ def plot(
 
         figures.figure_format(output)
         figures.matplotlib_figure()  # a missing extra fails before the run is read
-        result = _Reading(
-            config,
-            top_k,
-            layers,
-            steps,
-            skip_bad_rows,
-            temperature,
-            score,
-            num_experts,
-            jobs,
-            no_cache,
-            cache_dir,
-            scheduler,
-        ).analysis([path])
+        result = _Reading.of(locals()).analysis([path])
         if per_layer:
             written = []
             for layer in sorted(set(result.metrics["layer"].to_list())):
@@ -894,20 +848,7 @@ def export(
 
             to_wandb.parse_target(wandb)
             require("wandb", "wandb", "routelog export --wandb")
-        result = _Reading(
-            config,
-            top_k,
-            layers,
-            steps,
-            skip_bad_rows,
-            temperature,
-            score,
-            num_experts,
-            jobs,
-            no_cache,
-            cache_dir,
-            scheduler,
-        ).analysis([path])
+        result = _Reading.of(locals()).analysis([path])
         run = result.runs[0].name
         if tensorboard is not None:
             from routelog.export import tensorboard as to_tensorboard
@@ -968,9 +909,7 @@ def inspect(
         from routelog.render import data, make_console
         from routelog.render import inspect as render_inspect
 
-        _, options, _ = _Reading(
-            config, top_k, skip_bad_rows=skip_bad_rows, num_experts=num_experts
-        ).prepare()
+        _, options, _ = _Reading.of(locals()).prepare()
         infos = api.inspect(paths, options=options)
         ks = api.inspect_k(paths, infos, options)
 
@@ -1096,20 +1035,7 @@ def compare(
             raise UsageError(
                 "--base names a dataset (with --by dataset); the first run is the baseline"
             )
-        settings, options, runs = _Reading(
-            config,
-            top_k,
-            layers,
-            steps,
-            skip_bad_rows,
-            temperature,
-            score,
-            num_experts,
-            jobs,
-            no_cache,
-            cache_dir,
-            scheduler,
-        ).runs(paths)
+        settings, options, runs = _Reading.of(locals()).runs(paths)
         if by is By.dataset:
             (run,) = runs
             result = compare_datasets(
@@ -1247,20 +1173,7 @@ def check(
         from routelog.render import check as render_check
         from routelog.render import data, make_console
 
-        read = _Reading(
-            config,
-            top_k,
-            layers,
-            steps,
-            skip_bad_rows,
-            temperature,
-            score,
-            num_experts,
-            jobs,
-            no_cache,
-            cache_dir,
-            scheduler,
-        ).analysis
+        read = _Reading.of(locals()).analysis
         if suggest is not None:
             if paths:
                 raise UsageError("--suggest reads the healthy run only: give no PATH with it")
