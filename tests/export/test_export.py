@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -127,10 +128,17 @@ def wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return directory
 
 
+def _next_second() -> None:
+    """Wait for the clock's next second: W&B names an offline run's directory by the second
+    it starts, so two exports within one second would write into one directory."""
+    time.sleep(1 - time.time() % 1 + 0.01)
+
+
 def test_wandb_offline_logs_every_metric_and_resumes(wandb_offline: Path) -> None:
     from tests.export.wandb_records import history, summary
 
     assert "6 new steps" in _export("--wandb", "moe-lab/run42", "--steps", ":500")
+    _next_second()
     assert "6 new steps (steps 600–1100)" in _export("--wandb", "moe-lab/run42")
     assert "up to date" in _export("--wandb", "moe-lab/run42")
     files = sorted(wandb_offline.glob("wandb/offline-run-*-run42/run-run42.wandb"))
