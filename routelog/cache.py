@@ -57,7 +57,6 @@ ENTRY_FORMAT = 3
 AFTER_MERGE = frozenset({"dead_fraction", "default_top_k_source", "default_top_k_file"})
 """Options that do not change a file's statistics: ``dead_fraction`` applies in
 ``kernels.finish``; where the default k came from is reported, not used (its value is)."""
-SELECTION_KEYS = {"step": "Int64", "layer": "Int32", "dataset": "String", "token": "Int64"}
 MARKER = "routelog_cache"
 """Key present in every file routelog writes to the cache (JSON field, Parquet metadata)."""
 FINGERPRINT_BYTES = 1 << 16
@@ -373,6 +372,8 @@ def _flatten(selections: pl.DataFrame) -> pl.DataFrame:
     """Top-k ids as k Int32 columns: a fixed-size list column decodes several times slower."""
     import polars as pl
 
+    from routelog.kernels import SELECTION_KEYS
+
     k = selections.schema["topk"].size  # type: ignore[attr-defined]
     return selections.select(
         *SELECTION_KEYS,
@@ -384,12 +385,14 @@ def _unflatten(stored: pl.DataFrame) -> pl.DataFrame | None:
     """The selections frame back from its stored form; None when the schema is not ours."""
     import polars as pl
 
+    from routelog.kernels import SELECTION_KEYS
+
     schema = stored.schema
     names = list(schema)
     k = len(names) - len(SELECTION_KEYS)
     if k < 1 or names != [*SELECTION_KEYS, *[f"topk_{i}" for i in range(k)]]:
         return None
-    if any(str(schema[name]) != dtype for name, dtype in SELECTION_KEYS.items()):
+    if any(schema[name] != dtype for name, dtype in SELECTION_KEYS.items()):
         return None
     if any(schema[f"topk_{i}"] != pl.Int32 for i in range(k)):
         return None

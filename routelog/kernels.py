@@ -475,15 +475,22 @@ def check_count_total(totals: np.ndarray) -> None:
         )
 
 
+SELECTION_KEYS: dict[str, pl.DataType] = {
+    "step": pl.Int64(),
+    "layer": pl.Int32(),
+    "dataset": pl.String(),
+    "token": pl.Int64(),
+}
+"""The columns of a selections frame before ``topk`` (Array of Int32, k wide), and their types."""
+
+
 def _selections(frame: pl.DataFrame, ids: np.ndarray) -> pl.DataFrame | None:
     if "token" not in frame.columns:
         return None
-    dataset = pl.col("dataset") if "dataset" in frame.columns else pl.lit(None)
+    absent = {} if "dataset" in frame.columns else {"dataset": pl.lit(None)}
     return frame.select(
-        pl.col("step").cast(pl.Int64),
-        pl.col("layer").cast(pl.Int32),
-        dataset.cast(pl.String).alias("dataset"),
-        pl.col("token").cast(pl.Int64),
+        absent.get(name, pl.col(name)).cast(dtype).alias(name)
+        for name, dtype in SELECTION_KEYS.items()
     ).with_columns(pl.Series("topk", ids))
 
 
@@ -493,12 +500,12 @@ def pack_selections(frame: pl.DataFrame) -> dict[str, Any]:
     integer type. At k=2 a token takes 8 bytes instead of about 44, and numpy arrays travel
     out of band (pickle protocol 5) instead of through a serialized frame;
     :func:`unpack_selections` gives back an equal frame, dtypes included."""
-    keys = frame.select(pl.struct("step", "layer", "dataset").rle_id()).to_series().to_numpy()
-    starts = np.flatnonzero(np.diff(keys, prepend=-1)) if frame.height else np.zeros(0, np.int64)
+    keys = frame.select(pl.struct(*_RUN_KEYS).rle_id()).to_series().to_numpy()
+    starts = np.flatnonzero(np.diff(keys, prepend=-1))
     token = frame["token"].to_numpy()
     ids = frame["topk"].to_numpy()
     return {
-        "runs": frame.select("step", "layer", "dataset")[starts].to_dict(as_series=False),
+        "runs": frame.select(_RUN_KEYS)[starts].to_dict(as_series=False),
         "lengths": np.diff(np.append(starts, frame.height)),
         "token": _narrowest(token, np.int32),
         "topk": _narrowest(ids, np.uint16),
@@ -508,7 +515,7 @@ def pack_selections(frame: pl.DataFrame) -> dict[str, Any]:
 
 def unpack_selections(packed: dict[str, Any]) -> pl.DataFrame:
     """The selections frame :func:`pack_selections` was given."""
-    runs = pl.DataFrame(packed["runs"], schema=SELECTION_KEYS_SCHEMA)
+    runs = pl.DataFrame(packed["runs"], schema={k: SELECTION_KEYS[k] for k in _RUN_KEYS})
     ids = np.asarray(packed["topk"], dtype=np.int32).reshape(-1, packed["k"])
     return runs[np.repeat(np.arange(runs.height), packed["lengths"])].with_columns(
         pl.Series("token", np.asarray(packed["token"], dtype=np.int64)),
@@ -516,7 +523,7 @@ def unpack_selections(packed: dict[str, Any]) -> pl.DataFrame:
     )
 
 
-SELECTION_KEYS_SCHEMA = {"step": pl.Int64, "layer": pl.Int32, "dataset": pl.String}
+_RUN_KEYS = ["step", "layer", "dataset"]
 
 
 def _narrowest(values: np.ndarray, narrow: type[np.integer[Any]]) -> np.ndarray:
