@@ -85,9 +85,20 @@ class FileResult:
     stats: pl.DataFrame
     selections: pl.DataFrame | None
     top_k_assumed: bool = False
+    _ranges: pl.DataFrame | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def token_ranges(self) -> pl.DataFrame | None:
+        """:func:`routelog.tokens.token_ranges` of the selections (None without), computed
+        once: on a Dask worker before the result travels, so the client only reads them."""
+        if self._ranges is None and self.selections is not None:
+            self._ranges = tokens.token_ranges(self.selections)
+        return self._ranges
 
     def __getstate__(self) -> dict[str, Any]:
-        # a Dask worker's result: the selections travel packed (a fifth of the bytes)
+        # a Dask worker's result: the selections travel packed (a fifth of the bytes), with
+        # their token ranges (the client's check for merged runs needs nothing else of them)
+        self.token_ranges  # noqa: B018 (computed here, where the file was read)
         state = dict(self.__dict__)
         if self.selections is not None:
             state["selections"] = kernels.pack_selections(self.selections)
@@ -624,28 +635,28 @@ def load_run(
 
 def _merged_runs(results: list[FileResult], root: Location) -> dict[str, Any] | None:
     """Two files of the run logging the same tokens of the same (step, layer, dataset):
-    several runs read as one. Shards (:func:`routelog.ingest.is_shard`) are left out; files
-    without token positions cannot be told apart and are left out too.
+    several runs read as one. Shards named ``rankN`` (:func:`routelog.ingest.is_shard`) are
+    left out; files without token positions cannot be told apart and are left out too.
 
-    Vectorized: each file's token range per (step, layer, dataset), sorted by its first
-    token; two ranges of a group overlap exactly when some range starts at or before the end
-    of the one sorted just before it (the first overlapping pair is always adjacent).
+    Vectorized: each file's token range per (step, layer, dataset) (``FileResult.token_ranges``,
+    computed where the file was read), sorted by its first token; two ranges of a group
+    overlap exactly when some range starts at or before the end of the one sorted just before
+    it (the first overlapping pair is always adjacent).
     """
     import polars as pl
 
     keys = ["step", "layer", "dataset"]
     eligible = [
-        (i, r.selections)
+        (i, r)
         for i, r in enumerate(results)
-        if r.selections is not None and not ingest.is_shard(Path(r.info.path))
+        if r.selections is not None and not ingest.is_shard(r.info.path)
     ]
-    if len(eligible) < 2:  # one file cannot overlap another: skip grouping its tokens
+    if len(eligible) < 2:  # one file cannot overlap another: its ranges are not needed
         return None
     ranges = [
-        selections.group_by(keys)
-        .agg(pl.col("token").min().alias("lo"), pl.col("token").max().alias("hi"))
-        .with_columns(pl.lit(i, pl.Int32).alias("file"))
-        for i, selections in eligible
+        found.with_columns(pl.lit(i, pl.Int32).alias("file"))
+        for i, r in eligible
+        if (found := r.token_ranges) is not None
     ]
     spans = (
         pl.concat(ranges)

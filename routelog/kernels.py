@@ -41,7 +41,7 @@ import polars as pl
 
 from routelog.errors import InputError
 
-KERNEL_VERSION = 3
+KERNEL_VERSION = 4
 """Bump when the statistics a kernel produces change meaning: it invalidates cached results."""
 
 KEYS = ["step", "layer", "dataset"]
@@ -307,7 +307,7 @@ def _group_sum(gid: np.ndarray, n_groups: int, matrix: np.ndarray) -> np.ndarray
     they are not): several times faster than ``np.add.reduceat`` or ``np.add.at``.
     """
     if n_groups == 1:
-        first: np.ndarray = matrix.sum(axis=0, dtype=np.float64)[None, :]
+        first: np.ndarray = _column_sums(matrix)[None, :]
         return first
     if not np.all(gid[1:] >= gid[:-1]):
         order = np.argsort(gid, kind="stable")
@@ -316,8 +316,15 @@ def _group_sum(gid: np.ndarray, n_groups: int, matrix: np.ndarray) -> np.ndarray
     stops = np.r_[starts[1:], len(gid)]
     out = np.zeros((n_groups, matrix.shape[1]), dtype=np.float64)
     for group, start, stop in zip(gid[starts], starts, stops, strict=True):  # one per group
-        out[group] = matrix[start:stop].sum(axis=0, dtype=np.float64)
+        out[group] = _column_sums(matrix[start:stop])
     return out
+
+
+def _column_sums(matrix: np.ndarray) -> np.ndarray:
+    """Column sums in float64, row after row: the same sums as ``sum(axis=0, dtype=float64)``
+    bit for bit, a third faster."""
+    sums: np.ndarray = np.einsum("ij->j", matrix, dtype=np.float64)
+    return sums
 
 
 def _counts(gid: np.ndarray, n_groups: int, ids: np.ndarray, n_experts: int) -> np.ndarray:
@@ -537,7 +544,8 @@ def _narrowest(values: np.ndarray, narrow: type[np.integer[Any]]) -> np.ndarray:
 def merge(parts: list[pl.DataFrame]) -> pl.DataFrame:
     """Add up statistics of the same group; vectors (``sum_probs``, ``counts``) elementwise.
 
-    The group is ``run`` (when present), step, layer, dataset, n_experts and top_k.
+    The group is ``run`` (when present), step, layer, dataset, n_experts and top_k. Rows are
+    added in their order, so the same parts give the same sums bit for bit.
     """
     frames = [p for p in parts if p.height]
     if not frames:
@@ -546,35 +554,77 @@ def merge(parts: list[pl.DataFrame]) -> pl.DataFrame:
     keys = [c for c in ("run", *GROUP) if c in stats.columns]
     if stats.select(keys).is_unique().all():
         return stats
-    totals = stats.group_by(keys).agg(
-        pl.col("counts").cast(pl.List(pl.Float64)).list.sum().sum().alias("_total")
+    grouped = stats.with_row_index(_ROW).group_by(keys, maintain_order=True).agg(pl.col(_ROW))
+    gid = np.empty(stats.height, dtype=np.int64)
+    rows = grouped[_ROW]
+    gid[rows.explode().to_numpy()] = np.repeat(
+        np.arange(grouped.height), rows.list.len().to_numpy()
     )
-    check_count_total(totals["_total"].to_numpy())
-    merged = stats.group_by(keys, maintain_order=True).agg(pl.col(SUMS).sum())
-    for name in VECTORS:
-        merged = merged.join(
-            _merge_vector(stats, keys, name),
-            on=keys,
-            how="left",
-            nulls_equal=True,
-            maintain_order="left",
+    counts = _VectorSums(stats["counts"], gid, grouped.height)
+    check_count_total(counts.totals())
+    columns = [_scalar_sums(stats[name], gid, grouped.height) for name in SUMS]
+    columns += [
+        counts.series(),
+        _VectorSums(stats["sum_probs"], gid, grouped.height).series(),
+        _VectorSums(stats["top1_counts"], gid, grouped.height).series(),
+    ]
+    return grouped.drop(_ROW).with_columns(columns).select(stats.columns)
+
+
+def _scalar_sums(column: pl.Series, gid: np.ndarray, n_groups: int) -> pl.Series:
+    """Per group, the sum of a number column, added row after row (nulls count as 0)."""
+    values = column.fill_null(0).to_numpy()
+    sums = np.zeros(n_groups, dtype=values.dtype)
+    np.add.at(sums, gid, values)
+    return pl.Series(column.name, sums, dtype=column.dtype)
+
+
+_ROW = "__row"
+
+
+class _VectorSums:
+    """Elementwise sums of a list column per group (``gid``: each row's group); a group
+    whose rows are all null stays null. All rows of a group have one length (E is a key).
+
+    The rows' numbers are added with ``np.add.at`` in row order, over the flat values of
+    all rows at once (no loop over rows or groups)."""
+
+    def __init__(self, column: pl.Series, gid: np.ndarray, n_groups: int) -> None:
+        valid = column.is_not_null().to_numpy()
+        lists = column.filter(pl.Series(valid)).to_arrow()
+        self.name, self.dtype = column.name, column.dtype
+        self.flat = lists.flatten().to_numpy(zero_copy_only=False)
+        self.lengths = np.diff(lists.offsets.to_numpy())
+        self.gid = gid[valid]
+        self.n_groups = n_groups
+
+    def totals(self) -> np.ndarray:
+        """Each group's sum of all its numbers, in float64 (which cannot wrap)."""
+        per_row = np.bincount(
+            np.repeat(np.arange(len(self.lengths)), self.lengths),
+            weights=self.flat.astype(np.float64),
+            minlength=len(self.lengths),
         )
-    return merged.select(stats.columns)
+        return np.bincount(self.gid, weights=per_row, minlength=self.n_groups)
 
+    def series(self) -> pl.Series:
+        import pyarrow as pa
 
-def _merge_vector(stats: pl.DataFrame, keys: list[str], name: str) -> pl.DataFrame:
-    """Elementwise sum of a list column per group; groups whose rows are all null stay null."""
-    return (
-        stats.select(*keys, name)
-        .filter(pl.col(name).is_not_null())
-        .with_columns(pl.int_ranges(pl.col(name).list.len()).alias("_i"))
-        .explode([name, "_i"])
-        .group_by([*keys, "_i"])
-        .agg(pl.col(name).sum())
-        .sort("_i")
-        .group_by(keys, maintain_order=True)
-        .agg(pl.col(name))
-    )
+        width = np.zeros(self.n_groups, dtype=np.int64)
+        width[self.gid] = self.lengths
+        present = np.zeros(self.n_groups, dtype=bool)
+        present[self.gid] = True
+        offsets = np.concatenate([[0], np.cumsum(width)])
+        row_starts = np.cumsum(self.lengths) - self.lengths
+        within = np.arange(len(self.flat)) - np.repeat(row_starts, self.lengths)
+        target = np.repeat(offsets[self.gid], self.lengths) + within
+        sums = np.zeros(int(offsets[-1]), dtype=self.flat.dtype)
+        np.add.at(sums, target, self.flat)
+        lists = pa.LargeListArray.from_arrays(
+            pa.array(offsets), pa.array(sums), mask=pa.array(~present)
+        )
+        series: pl.Series = pl.Series(self.name, lists).cast(self.dtype)
+        return series
 
 
 def entropy(q: np.ndarray) -> np.ndarray:

@@ -207,6 +207,14 @@ def token_metrics(selections: pl.DataFrame) -> pl.DataFrame:
     return _concat(parts)
 
 
+def token_ranges(selections: pl.DataFrame) -> pl.DataFrame:
+    """The first and last token position (``lo``, ``hi``) per (step, layer, dataset) of one
+    file's selections: enough to tell whether two files log the same tokens."""
+    return selections.group_by("step", "layer", "dataset", maintain_order=True).agg(
+        pl.col("token").min().alias("lo"), pl.col("token").max().alias("hi")
+    )
+
+
 def _runs(selections: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Start and stop of each run of consecutive rows of one (step, layer)."""
     changed = (pl.col("step") != pl.col("step").shift()) | (

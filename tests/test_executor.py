@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from routelog import api
+from routelog import api, tokens
 from routelog.cli import app
 from routelog.executor import Cluster, Threads, check_scheduler, open_executor, scheduler_from
 from routelog.render import data, report
@@ -296,3 +296,6 @@ def test_a_file_result_pickles_to_an_equal_one(many_files: Path) -> None:
     assert_frame_equal(back.stats, result.stats)
     assert back.selections is not None
     assert_frame_equal(back.selections, result.selections)
+    # the token ranges travel computed (the worker's work, not the client's)
+    assert back._ranges is not None
+    assert_frame_equal(back._ranges, tokens.token_ranges(result.selections))

@@ -192,6 +192,63 @@ def test_merge_of_chunks_equals_whole(
     assert_frame_equal(whole, merged, check_exact=False, rel_tol=1e-9)
 
 
+def _stats_rows(rng: np.random.Generator, rows: int) -> list[dict[str, object]]:
+    """Statistics rows of random groups: layer 2's vectors are always null, widths differ
+    by layer, and a vector is sometimes null in a group that has others."""
+    widths = {0: 2, 1: 5, 2: 3}
+    out = []
+    for _ in range(rows):
+        layer = int(rng.integers(0, 3))
+        width = widths[layer]
+        present = layer != 2 and rng.random() < 0.8
+        out.append(
+            {
+                "step": int(rng.integers(0, 2)),
+                "layer": layer,
+                "dataset": None,
+                "n_experts": width,
+                "top_k": 1,
+                **{name: int(rng.integers(0, 9)) for name in kernels.SUMS if "sum" not in name},
+                **{name: float(rng.random()) for name in kernels.SUMS if "sum" in name},
+                "sum_probs": (rng.random(width) * 1e3).tolist() if present else None,
+                "counts": rng.integers(0, 1000, width).tolist() if present else None,
+                "top1_counts": rng.integers(0, 1000, width).tolist() if layer != 2 else None,
+            }
+        )
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), rows=st.integers(1, 40), cut=st.floats(0, 1))
+def test_merge_adds_each_group_in_row_order(seed: int, rows: int, cut: float) -> None:
+    """Against running sums kept by hand: per group (in order of first appearance), scalars
+    and vectors (elementwise) added row after row, so exactly; a group whose vectors are
+    all null keeps a null vector."""
+    table = _stats_rows(np.random.default_rng(seed), rows)
+    expected: dict[tuple[object, ...], dict[str, object]] = {}
+    for row in table:
+        key = tuple(row[name] for name in kernels.GROUP)
+        if key not in expected:
+            expected[key] = dict(row)
+            continue
+        total = expected[key]
+        for name in kernels.SUMS:
+            total[name] += row[name]  # type: ignore[operator]
+        for name in kernels.VECTORS:
+            if row[name] is not None:
+                before = total[name]
+                total[name] = (
+                    row[name]
+                    if before is None
+                    else [a + b for a, b in zip(before, row[name], strict=True)]  # type: ignore[call-overload]
+                )
+    frame = pl.DataFrame(table, schema=kernels.STATS_SCHEMA)
+    split = int(cut * rows)
+    merged = kernels.merge([frame[:split], frame[split:]])
+    want = pl.DataFrame(list(expected.values()), schema=kernels.STATS_SCHEMA)
+    assert_frame_equal(merged, want, check_exact=True)
+
+
 def test_entropy_zero_log_zero() -> None:
     assert kernels.entropy(np.array([1.0, 0.0])) == 0.0
     assert kernels.entropy_rows(np.array([[1.0, 0.0]], dtype=np.float32))[0] == 0.0
@@ -299,6 +356,22 @@ def test_validation_fast_path_reports_the_same_problem(row: list[float], message
     kept = payload.to_probabilities(matrix, "probs", Options(skip_bad_rows=True), str)
     assert kept.skipped == 1
     assert kept.keep.tolist() == [True] * 4 + [False, True]
+
+
+@pytest.mark.parametrize("width", [8, payload.FLOAT32_SUM_WIDTH, payload.FLOAT32_SUM_WIDTH + 1])
+def test_row_sum_check_at_the_tolerance_whatever_the_width(width: int) -> None:
+    """Rows off by 0.9x the tolerance pass and by 1.1x fail, in float32 sums (up to
+    FLOAT32_SUM_WIDTH experts) and in float64 ones beyond."""
+    rng = np.random.default_rng(width)
+    rows = rng.random((4, width))
+    rows /= rows.sum(axis=1, keepdims=True)
+    rows[1] *= 1 + 0.9 * payload.SUM_TOLERANCE
+    rows[2] *= 1 - 1.1 * payload.SUM_TOLERANCE
+    rows[3] *= 1 + 1.1 * payload.SUM_TOLERANCE
+    kept = payload.to_probabilities(
+        rows.astype(np.float32), "probs", Options(skip_bad_rows=True), str
+    )
+    assert kept.keep.tolist() == [True, True, False, False]
 
 
 def test_validation_accepts_valid_rows() -> None:

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from routelog import api
+from routelog import api, ingest
 from routelog.cli import app
 from routelog.errors import ExitCode
 from tests.conftest import REAL_LOGS, dirichlet
@@ -96,6 +96,27 @@ def test_rank_named_shards_never_warn(tmp_path: Path, names: tuple[str, str]) ->
         _write(tmp_path / "run" / name, 100, np.arange(64))
     [run] = api.analyze([tmp_path / "run"], top_k=2).runs
     assert run.merged is None
+
+
+@pytest.mark.parametrize(
+    ("name", "shard"),
+    [
+        ("s3://bucket/run/step_000100.rank3.parquet", True),
+        ("gs://bucket/run/router_trace_rank0.jsonl", True),
+        ("s3://bucket/rank3/step_000100.parquet", False),  # a prefix is not the file's name
+        ("/logs/run/step_000100.parquet", False),
+    ],
+)
+def test_shards_are_told_by_name_also_in_buckets(name: str, shard: bool) -> None:
+    assert ingest.is_shard(name) is shard
+
+
+def test_one_rank_in_two_files_of_one_step_warns(tmp_path: Path) -> None:
+    """A rank column tells ranks apart; the same rank's tokens logged twice are not shards."""
+    _write(tmp_path / "run" / "a.parquet", 100, np.arange(64), rank=0)
+    _write(tmp_path / "run" / "b.parquet", 100, np.arange(64), rank=0)
+    [run] = api.analyze([tmp_path / "run"], top_k=2).runs
+    assert run.merged is not None
 
 
 def test_rank_column_shards_never_warn(tmp_path: Path) -> None:

@@ -314,21 +314,13 @@ def _walk(root: Path, notes: list[str]) -> list[Path]:
 _RANK_NAME = re.compile(r"(?:^|[^a-z])rank[_-]?\d+", re.IGNORECASE)
 
 
-def is_shard(path: Path) -> bool:
-    """Whether a file is one rank's shard of a step: ``rankN`` in its name
-    (``step_000200.rank3.parquet``, Megatron's ``router_trace_rank3.jsonl``), or a ``rank``
-    column in a Parquet file's schema. Shards of one step may repeat token positions (each
-    rank numbers its own batch), so they are never taken for merged runs."""
-    if _RANK_NAME.search(path.name):
-        return True
-    if format_of(path) != "parquet":
-        return False
-    import pyarrow.parquet as pq
-
-    try:
-        return "rank" in pq.read_schema(path).names
-    except (OSError, ValueError):
-        return False
+def is_shard(path: str | Path) -> bool:
+    """Whether a file (a path or an object's URL) is one rank's shard of a step, by its name:
+    ``rankN`` (``step_000200.rank3.parquet``, Megatron's ``router_trace_rank3.jsonl``).
+    Shards of one step may repeat token positions (each rank numbers its own batch), so they
+    are never taken for merged runs. Rows with a ``rank`` column need no such exception:
+    their token positions are already told apart by rank (``table.RANK_STRIDE``)."""
+    return bool(_RANK_NAME.search(str(path).rsplit("/", 1)[-1]))
 
 
 def _discover_remote(prefix: Remote, *, missing_ok: bool = False) -> RunFiles:

@@ -127,9 +127,7 @@ def _bad_probability_rows(values: np.ndarray) -> tuple[np.ndarray, dict[str, np.
     """Which rows break which rule. Valid data, the common case, costs one row sum and one
     global minimum; the per-rule masks are only built when something is wrong."""
     with np.errstate(invalid="ignore", over="ignore"):
-        # summed in the input's precision (float32: twice as fast), pairwise, so off by far
-        # less than half the tolerance; rows that far from 1 are summed again in float64
-        sums = values.sum(axis=1)
+        sums = _row_sums(values)
         lowest = values.min() if values.size else 0.0
         off = np.abs(sums - 1.0) > SUM_TOLERANCE / 2
         if off.any():
@@ -138,6 +136,21 @@ def _bad_probability_rows(values: np.ndarray) -> tuple[np.ndarray, dict[str, np.
         fine = np.zeros(len(values), dtype=bool)
         return fine, {}
     return _classify_rows(values)
+
+
+def _row_sums(values: np.ndarray) -> np.ndarray:
+    """Row sums for the tolerance check: in float32 up to FLOAT32_SUM_WIDTH columns (a sum of
+    E non-negative terms adding up to about 1 is then off by at most E x 2^-24 < 2.5e-4,
+    under half the tolerance; rows beyond half of it are summed again in float64), else in
+    float64. ``einsum`` sums a row three times as fast as ``sum(axis=1)``."""
+    if values.dtype == np.float32 and values.shape[1] <= FLOAT32_SUM_WIDTH:
+        sums: np.ndarray = np.einsum("ij->i", values)
+        return sums
+    wide: np.ndarray = np.einsum("ij->i", values, dtype=np.float64)
+    return wide
+
+
+FLOAT32_SUM_WIDTH = 4096
 
 
 def _classify_rows(values: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
