@@ -20,6 +20,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Protocol, TypeVar
 
 from routelog.errors import RoutelogError, UsageError
@@ -102,23 +103,60 @@ class Cluster:
         as_completed = _dask().as_completed
         if not items:
             return []
-        futures = self.client.map(work, list(items), pure=False)
+        chunks = _chunks(len(items), self.workers)
+        futures = self.client.map(
+            partial(_each, work=work), [[items[i] for i in c] for c in chunks], pure=False
+        )
         index = {future.key: i for i, future in enumerate(futures)}
-        results: dict[int, R] = {}
+        results: dict[int, list[R]] = {}
+        count = 0
         try:
-            # results travel as each file finishes, while the workers read the next ones
+            # results travel as each task finishes, while the workers read the next ones
             finished = as_completed(
                 futures, loop=self.client.loop, with_results=True, raise_errors=False
             )
-            for count, (future, result) in enumerate(finished, start=1):
+            for future, result in finished:
                 if future.status == "error":
                     break  # raised below, in order
-                results[index[future.key]] = result
-                if on_done is not None:
-                    on_done(index[future.key], count)
-            return [results[i] if i in results else f.result() for i, f in enumerate(futures)]
+                chunk = index[future.key]
+                results[chunk] = result
+                for item in chunks[chunk]:
+                    count += 1
+                    if on_done is not None:
+                        on_done(item, count)
+            return [
+                one
+                for i, f in enumerate(futures)
+                for one in (results[i] if i in results else f.result())
+            ]
         finally:
             self.client.cancel([f for f in futures if not f.done()])
+
+
+def _chunks(n_items: int, workers: int) -> list[range]:
+    """``range(n_items)`` cut into runs of consecutive items, one task each, largest first:
+    each run takes 1/(2 x workers) of the items left (a "guided" schedule).
+
+    Dask spends some milliseconds of CPU on every task (scheduler, client and worker: about
+    5 ms here, as much as reading a small file takes), so a task reads several files; the
+    runs shrink to one file at the end, so the workers also finish together.
+
+    Examples
+    --------
+    >>> [len(r) for r in _chunks(40, 2)]
+    [10, 8, 6, 4, 3, 3, 2, 1, 1, 1, 1]
+    """
+    runs, start = [], 0
+    while start < n_items:
+        size = -(-(n_items - start) // (2 * max(1, workers)))
+        runs.append(range(start, start + size))
+        start += size
+    return runs
+
+
+def _each(items: list[T], work: Callable[[T], R]) -> list[R]:
+    """One task: ``work`` on consecutive items (the first failing one raises)."""
+    return [work(item) for item in items]
 
 
 def scheduler_from(option: str | None, configured: str | None) -> str | None:

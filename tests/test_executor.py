@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 import shutil
 import signal
 import socket
@@ -15,11 +16,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from routelog import api, tokens
 from routelog.cli import app
-from routelog.executor import Cluster, Threads, check_scheduler, open_executor, scheduler_from
+from routelog.errors import InputError
+from routelog.executor import (
+    Cluster,
+    Threads,
+    _chunks,
+    check_scheduler,
+    open_executor,
+    scheduler_from,
+)
 from routelog.render import data, report
 from tests.conftest import SAMPLES
 
@@ -76,6 +87,30 @@ def test_a_bad_file_is_the_same_error_as_locally(tmp_path: Path, local_cluster: 
         errors.append((type(caught.value), str(caught.value)))
     assert errors[0] == errors[1]
     assert errors[0][1].startswith("run/step_000150.parquet: not a valid Parquet file")
+
+
+def test_the_first_bad_file_in_order_is_the_error_on_a_cluster(
+    tmp_path: Path, local_cluster: Cluster
+) -> None:
+    """Files travel several to a task: the error is still the first failing file in order."""
+    run = tmp_path / "run"
+    shutil.copytree(COLLAPSE, run)
+    files = sorted(run.glob("*.parquet"))
+    for bad in (files[1], files[-1]):  # in the first task and in the last one
+        bad.write_bytes(b"not parquet at all")
+    for executor in (Threads(2), local_cluster):
+        with pytest.raises(InputError, match=rf"^{re.escape(str(files[1]))}: not a valid"):
+            api.analyze([run], top_k=2, executor=executor)
+
+
+@given(items=st.integers(0, 2000), workers=st.integers(1, 64))
+def test_tasks_cover_the_files_in_order_largest_first(items: int, workers: int) -> None:
+    chunks = _chunks(items, workers)
+    assert [i for chunk in chunks for i in chunk] == list(range(items))
+    sizes = [len(chunk) for chunk in chunks]
+    assert sizes == sorted(sizes, reverse=True)
+    assert not items or sizes[-1] == 1  # the last task is one file: workers finish together
+    assert all(size <= -(-items // (2 * workers)) for size in sizes)
 
 
 def test_cli_local_scheduler_matches_threads(tmp_path: Path) -> None:
