@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import re
@@ -380,6 +381,20 @@ def _check_output(output: Path | None, inputs: list[str]) -> None:
             )
 
 
+def _arrow_memory_pool() -> None:
+    """Read with pyarrow's jemalloc pool when pyarrow has one and the environment does not
+    choose (``ARROW_DEFAULT_MEMORY_POOL``): it hands the memory of decoded row groups back
+    sooner than the default mimalloc pool (bench (d), the peak RSS growth for 4x the data:
+    31% with mimalloc, 20% with jemalloc, at the same speed). The CLI's process only: the
+    Python API leaves the pool of the process it runs in alone."""
+    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+        return
+    import pyarrow as pa
+
+    with contextlib.suppress(NotImplementedError):  # a pyarrow built without jemalloc
+        pa.set_memory_pool(pa.jemalloc_memory_pool())
+
+
 @dataclass(frozen=True)
 class _Reading:
     """The input flags that analyze, compare and check share, as one value."""
@@ -409,6 +424,7 @@ class _Reading:
         from routelog.cache import Cache
         from routelog.config import load_config
 
+        _arrow_memory_pool()
         settings = load_config(self.config)
         options = api.options_from(
             settings,

@@ -192,3 +192,30 @@ def test_cache_clear_defaults_to_the_user_cache(isolated_cache: Path) -> None:
     cleared = runner.invoke(app, ["cache", "clear"])
     assert cleared.exit_code == 0, cleared.output
     assert cleared.output == f"removed 12 cache entries from {isolated_cache}\n"
+
+
+POOL_PROBE = """
+import contextlib, io, sys
+import pyarrow as pa
+from routelog.cli import app
+with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
+    app(["analyze", sys.argv[1], "-f", "json", "--no-cache"])
+print(pa.default_memory_pool().backend_name)
+"""
+
+
+@pytest.mark.parametrize(("chosen", "used"), [(None, "jemalloc"), ("mimalloc", "mimalloc")])
+def test_the_cli_reads_with_jemalloc_unless_the_environment_chooses(
+    chosen: str | None, used: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """jemalloc hands decoded row groups back sooner (bench (d)); a user's choice stands."""
+    monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
+    if chosen is not None:
+        monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", chosen)
+    done = subprocess.run(
+        [sys.executable, "-c", POOL_PROBE, str(SAMPLES / "collapse")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.split() == [used]
