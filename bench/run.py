@@ -9,10 +9,10 @@
 the same computation; (f) ``routelog --version`` wall time; (g) a 40-file directory on a Dask
 ``LocalCluster`` of 2 worker processes vs 1 (scaling); (h) the Dask path with 1 worker vs the
 plain local path with ``--jobs 1`` (overhead), both in a child process limited to one
-thread per reader (``bench/cluster.py``), clusters started before timing; (i) a 10-file
-directory read from an S3 server on 127.0.0.1 (moto, in its own process) vs the same files
-on disk, and, for a ``.pt`` object, a spill to a temporary file vs reading the zip archive
-through ranged requests; (j) a Megatron-LM
+thread per reader (``bench/cluster.py``), each cluster the only one running, started and
+warmed up before timing; (i) a 10-file directory read from an S3 server on 127.0.0.1
+(moto, in its own process) vs the same files on disk, and, for a ``.pt`` object, a spill to
+a temporary file vs reading the zip archive through ranged requests; (j) a Megatron-LM
 router trace with its bf16 logits sidecar vs the same logits in Parquet, in seconds per byte
 read; (k, l) training-step time with ``routelog.Recorder`` at every=10 and every=1 vs without
 (``bench/recorder.py``).
