@@ -67,8 +67,8 @@ browser:  ## install headless Chromium (Debian's package) for the HTML report te
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
 		>/dev/null; } || echo "chromium could not be installed: the browser tests skip (fail on CI)"
 
-test: lint browser  ## ruff, mypy strict, then the whole pytest suite
-	$(BIN)/python -m pytest
+test: lint browser  ## ruff, mypy strict, then the whole pytest suite and the docstrings' examples
+	$(BIN)/python -m pytest tests routelog --doctest-modules
 
 readme: $(STAMP)  ## rewrite the README's console examples from what routelog prints now
 	ROUTELOG_UPDATE_SNAPSHOTS=1 $(BIN)/python -m pytest -q tests/test_readme.py

@@ -17,14 +17,13 @@ Nothing here prints: :mod:`routelog.render.check` does.
 Examples
 --------
 >>> import polars as pl
->>> from routelog.compare import Align, align_steps
-from routelog.config import Bound, CheckSettings
+>>> from routelog.config import Bound, CheckSettings
 >>> metrics = pl.DataFrame({"run": ["r", "r"], "step": [0, 0], "layer": [0, 1],
 ...     "token_entropy_norm": [0.5, 0.1]})
 >>> settings = CheckSettings(bounds=(Bound("min", "token_entropy_norm", 0.2),))
 >>> result = evaluate(metrics, [], settings)
->>> [(r.layer, r.passed) for r in result.rules], result.passed
-([(0, True), (1, False)], False)
+>>> [(r.rule, r.layer, r.passed) for r in result.rules if r.metric], result.passed
+([('min_token_entropy_norm', 0, True), ('min_token_entropy_norm', 1, False)], False)
 """
 
 from __future__ import annotations

@@ -45,8 +45,8 @@ def agreement_top1(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
     Examples
     --------
-    >>> agreement_top1(np.array([[0, 1], [2, 3]]), np.array([[0, 2], [3, 2]]))
-    array(0.5)
+    >>> float(agreement_top1(np.array([[0, 1], [2, 3]]), np.array([[0, 2], [3, 2]])))
+    0.5
     """
     same: np.ndarray = (a[..., 0] == b[..., 0]).mean(axis=-1)
     return same
@@ -83,12 +83,13 @@ def step_series(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     >>> ids = np.array([[[0, 1], [2, 3]], [[1, 0], [2, 3]], [[1, 0], [2, 4]]])
     >>> flips, saturation = step_series(ids)
     >>> flips.tolist(), saturation.tolist()
-    ([nan, 0.5, 0.0], [0.5, 0.75, 1.0])
+    ([nan, 0.5, 0.0], [0.75, 0.75, 1.0])
     """
     flips = np.full(ids.shape[0], np.nan)
+    saturation = np.ones(ids.shape[0])
     if ids.shape[0] > 1:
         flips[1:] = 1.0 - agreement_top1(ids[1:], ids[:-1])
-    saturation = overlap_topk(ids, ids[-1:])
+        saturation[:-1] = overlap_topk(ids[:-1], ids[-1:])
     return flips, saturation
 
 
@@ -129,7 +130,8 @@ def token_metrics(selections: pl.DataFrame) -> pl.DataFrame:
     --------
     >>> sel = pl.DataFrame({"step": [0, 0, 1, 1], "layer": [0, 0, 0, 0],
     ...     "dataset": [None, None, None, None], "token": [0, 1, 0, 1],
-    ...     "topk": [[0], [1], [0], [2]]}, schema_overrides={"dataset": pl.String})
+    ...     "topk": [[0], [1], [0], [2]]}, schema_overrides={"layer": pl.Int32,
+    ...     "dataset": pl.String, "topk": pl.Array(pl.Int32, 1)})
     >>> token_metrics(sel)
     shape: (2, 4)
     ┌──────┬───────┬───────────┬────────────┐

@@ -380,8 +380,8 @@ def line_problem(text: bytes, depths: dict[str, int]) -> str | None:
     Examples
     --------
     >>> line_problem(b'{"step": 1, "layer": 0, "probs": [0.5, 0.5]}', {})
-    >>> line_problem(b'{"step": 1, "layer": "x", "probs": [1.0]}', {})
-    "'layer' must be an integer, not 'x'"
+    >>> print(line_problem(b'{"step": 1, "layer": "x", "probs": [1.0]}', {}))
+    'layer' must be an integer, not "x"
     """
     try:
         value = json.loads(

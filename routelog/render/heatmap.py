@@ -49,7 +49,7 @@ def cell(share: float, n_experts: int, dead: bool) -> tuple[str, str]:
     Examples
     --------
     >>> cell(0.125, 8, False), cell(0.5, 8, False), cell(0.0, 8, True)
-    (('▃', 'other'), ('█', 'dominant'), ('×', 'dead'))
+    (('▃', 'other'), ('▆', 'dominant'), ('×', 'dead'))
     """
     if dead:
         return DEAD_GLYPH, "dead"
