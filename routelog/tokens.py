@@ -279,19 +279,20 @@ def _sorted_token_metrics(selections: pl.DataFrame) -> pl.DataFrame:
 
 
 def _layer_frame(steps: np.ndarray, layer: object, ids: np.ndarray) -> pl.DataFrame:
-    """One layer's rows from its ``(S, T, k)`` ids, steps in order."""
+    """One layer's rows from its ``(S, T, k)`` ids, steps in order (no flip rate: null)."""
     flips, saturation = step_series(ids)
+    columns = [
+        pl.Series("step", steps),
+        pl.Series("layer", [layer] * len(steps)),
+        pl.Series("flip_rate", flips, nan_to_null=True),
+        pl.Series("saturation", saturation),
+    ]
     return pl.DataFrame(
-        {
-            "step": steps,
-            "layer": [layer] * len(steps),
-            "flip_rate": flips,
-            "saturation": saturation,
-        }
-    ).with_columns(pl.col("flip_rate").fill_nan(None))
+        [c.cast(dtype) for c, dtype in zip(columns, TOKEN_METRICS_SCHEMA.values(), strict=True)]
+    )
 
 
 def _concat(parts: list[pl.DataFrame]) -> pl.DataFrame:
     if not parts:
         return pl.DataFrame(schema=TOKEN_METRICS_SCHEMA)
-    return pl.concat([p.cast(TOKEN_METRICS_SCHEMA) for p in parts])  # type: ignore[arg-type]
+    return pl.concat(parts)
