@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import os
@@ -112,6 +113,23 @@ def _run_dir(data: Path, files: int, per_file: int, experts: int, seed: int) -> 
     return run
 
 
+@functools.cache
+def _user_pool() -> Any:
+    """pyarrow's default memory pool, as a script of the user's has it (taken at start-up,
+    before the CLI, run in this process, sets the jemalloc pool it reads with)."""
+    import pyarrow as pa
+
+    return pa.default_memory_pool()
+
+
+def _as_a_script(work: Callable[..., object], *args: object) -> None:
+    """Run ``work`` with pyarrow's default pool: the CLI's pool is the CLI's own choice."""
+    import pyarrow as pa
+
+    pa.set_memory_pool(_user_pool())
+    work(*args)
+
+
 def bench_a_b(log: Path, top_k: int, repeat: int, suffix: str = "") -> dict[str, Any]:
     """(a) and (b) on one log; ``suffix`` names a second shape ("2": ``a2``, ``b2``)."""
     import polars as pl
@@ -124,7 +142,7 @@ def bench_a_b(log: Path, top_k: int, repeat: int, suffix: str = "") -> dict[str,
             "routelog analyze --format json": _cli(
                 "analyze", str(log), "--format", "json", "-k", str(top_k), "--no-cache"
             ),
-            "hand-written numpy script": lambda: reference.metrics(log, top_k),
+            "hand-written numpy script": lambda: _as_a_script(reference.metrics, log, top_k),
             "routelog analyze --jobs 1 (for the --jobs default)": _cli(
                 "analyze", str(log), "--format", "json", "-k", str(top_k), "--no-cache", "-j", "1"
             ),
@@ -480,6 +498,8 @@ def main() -> None:
     if args.quick:
         args.tokens, args.ab_tokens, args.repeat = 200_000, 200_000, 3
     from routelog import __version__, api
+
+    _user_pool()  # before any measure runs the CLI
 
     print(
         f"routelog {__version__} bench: {args.tokens} tokens x {args.experts} experts, "

@@ -217,14 +217,15 @@ def local_cluster(workers: int) -> Any:
     afresh, which made a worker's reading 8 to 16% slower than the same reading here. A
     ``local:N`` cluster lives for one analysis, so its workers keep glibc's defaults (a
     nanny started earlier in this process leaves the variable in ``os.environ``, which the
-    workers would inherit: it is left out while they start).
+    workers would inherit: it is left out while they start). Nor do they run Dask's
+    statistical profiler, which samples every worker's stack 100 times a second.
     """
     import dask
 
     distributed = _dask()
     trim = os.environ.pop(_TRIM, None)
     try:
-        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{_TRIM}": None}):
+        with dask.config.set(_LOCAL_CONFIG):
             return distributed.LocalCluster(
                 n_workers=workers,
                 threads_per_worker=1,
@@ -239,6 +240,12 @@ def local_cluster(workers: int) -> Any:
 
 
 _TRIM = "MALLOC_TRIM_THRESHOLD_"
+_LOCAL_CONFIG = {
+    f"distributed.nanny.pre-spawn-environ.{_TRIM}": None,
+    # the statistical profiler samples each worker's stack every 10 ms for the dashboard's
+    # profile page; a local:N cluster has no dashboard anyone looks at
+    "distributed.worker.profile.enabled": False,
+}
 
 
 def _dask() -> Any:

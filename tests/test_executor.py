@@ -295,14 +295,16 @@ def _initial_environment(name: str) -> str | None:
 
 def test_local_workers_have_one_thread_per_native_pool() -> None:
     """local:N runs N single-threaded workers: N of them on N cores do not oversubscribe;
-    and glibc's default allocator settings (Dask's nanny would set MALLOC_TRIM_THRESHOLD_,
-    which made reading 8 to 16% slower)."""
+    with glibc's default allocator settings (Dask's nanny would set MALLOC_TRIM_THRESHOLD_,
+    which made reading 8 to 16% slower) and no statistical profiler."""
     with open_executor("local:1", 1) as executor:
         assert isinstance(executor, Cluster)
         pools = executor.client.run(_thread_pools)
         trim = executor.client.run(_initial_environment, "MALLOC_TRIM_THRESHOLD_")
+        profiling = executor.client.run(dask.config.get, "distributed.worker.profile.enabled")
     assert list(pools.values()) == [(1, 1)]
     assert list(trim.values()) == [None]
+    assert list(profiling.values()) == [False]
 
 
 def test_two_clients_at_once_each_gets_its_own_results(tmp_path: Path) -> None:
