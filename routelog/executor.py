@@ -138,7 +138,7 @@ def _chunks(n_items: int, workers: int) -> list[range]:
     each run takes 1/(2 x workers) of the items left (a "guided" schedule).
 
     Dask spends some milliseconds of CPU on every task (scheduler, client and worker: about
-    5 ms here, as much as reading a small file takes), so a task reads several files; the
+    5 ms here, a tenth of reading a 50k-token file), so a task reads several files; the
     runs shrink to one file at the end, so the workers also finish together.
 
     Examples

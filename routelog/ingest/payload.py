@@ -151,6 +151,7 @@ def _row_sums(values: np.ndarray) -> np.ndarray:
 
 
 FLOAT32_SUM_WIDTH = 4096
+"""Rows up to this wide are summed in float32 for the check (see :func:`_row_sums`)."""
 
 
 def _classify_rows(values: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
