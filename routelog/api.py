@@ -97,9 +97,9 @@ class FileResult:
 
     def __getstate__(self) -> dict[str, Any]:
         # a Dask worker's result: the selections travel packed (a fifth of the bytes), with
-        # their token ranges (the client's check for merged runs needs nothing else of them)
-        self.token_ranges  # noqa: B018 (computed here, where the file was read)
-        state = dict(self.__dict__)
+        # their token ranges, computed here where the file was read (the client's check for
+        # merged runs needs nothing else of them)
+        state = {**self.__dict__, "_ranges": self.token_ranges}
         if self.selections is not None:
             state["selections"] = kernels.pack_selections(self.selections)
         return state

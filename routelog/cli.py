@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import os
 import re
@@ -391,7 +390,7 @@ def _arrow_memory_pool() -> None:
         return
     import pyarrow as pa
 
-    with contextlib.suppress(NotImplementedError):  # a pyarrow built without jemalloc
+    if "jemalloc" in pa.supported_memory_backends():  # not in every pyarrow build
         pa.set_memory_pool(pa.jemalloc_memory_pool())
 
 
