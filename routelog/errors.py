@@ -44,6 +44,7 @@ class ExitCode(IntEnum):
     CHECK_FAILED = 1
     BAD_INPUT = 2
     INTERNAL = 70  # a bug in routelog (EX_SOFTWARE); the message asks for a report
+    OUT_OF_MEMORY = 71  # the machine or its limits, not the input (EX_OSERR)
     INTERRUPTED = 130
     BROKEN_PIPE = 141  # stdout closed early (`routelog ... | head`): 128 + SIGPIPE, as a shell says
 

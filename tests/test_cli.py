@@ -196,19 +196,34 @@ def test_cache_clear_defaults_to_the_user_cache(isolated_cache: Path) -> None:
 
 POOL_PROBE = """
 import contextlib, io, sys
-import pyarrow as pa
 from routelog.cli import app
 with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
     app(["analyze", sys.argv[1], "-f", "json", "--no-cache"])
+import pyarrow as pa
 print(pa.default_memory_pool().backend_name)
 """
 
 
-@pytest.mark.parametrize(("chosen", "used"), [(None, "jemalloc"), ("mimalloc", "mimalloc")])
-def test_the_cli_reads_with_jemalloc_unless_the_environment_chooses(
-    chosen: str | None, used: str, monkeypatch: pytest.MonkeyPatch
+def _cap_address_space() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, resource.RLIM_INFINITY))
+
+
+@pytest.mark.parametrize(
+    ("chosen", "capped", "used"),
+    [
+        (None, False, "jemalloc"),
+        ("mimalloc", False, "mimalloc"),
+        (None, True, "system"),
+        ("mimalloc", True, "mimalloc"),
+    ],
+)
+def test_the_cli_reads_with_jemalloc_unless_capped_or_the_environment_chooses(
+    chosen: str | None, capped: bool, used: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """jemalloc hands decoded row groups back sooner (bench (d)); a user's choice stands."""
+    """jemalloc hands decoded row groups back sooner (bench (d)); under ulimit -v the system
+    allocator reserves no address space ahead (tests/test_corpus.py); a user's choice stands."""
     monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
     if chosen is not None:
         monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", chosen)
@@ -217,5 +232,6 @@ def test_the_cli_reads_with_jemalloc_unless_the_environment_chooses(
         capture_output=True,
         text=True,
         check=True,
+        preexec_fn=_cap_address_space if capped else None,
     )
     assert done.stdout.split() == [used]

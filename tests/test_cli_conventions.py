@@ -245,3 +245,48 @@ def test_demo_path_is_a_run_directory_the_other_commands_read() -> None:
 def test_help_texts_do_not_point_at_the_source_checkout() -> None:
     for command in ("analyze", "inspect", "compare", "check", "demo", "config"):
         assert "sample_logs" not in _help(command)
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "line"),
+    [
+        (
+            RuntimeError("a bug"),
+            ExitCode.INTERNAL,
+            "routelog: internal error: RuntimeError: a bug (rerun with --debug and report it)",
+        ),
+        (MemoryError(), ExitCode.OUT_OF_MEMORY, "routelog: error: out of memory"),
+    ],
+)
+def test_an_unexpected_failure_is_one_line_and_its_own_exit_code(
+    raised: Exception, code: ExitCode, line: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug asks for a report (70); running out of memory is the machine, not routelog (71)."""
+    import routelog.api
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise raised
+
+    monkeypatch.setattr(routelog.api, "load_runs", fail)
+    monkeypatch.delenv("ROUTELOG_DEBUG", raising=False)
+    result = runner.invoke(app, ["analyze", str(SAMPLES / "healthy"), "--no-cache"])
+    assert (result.exit_code, result.stderr.splitlines()) == (code, [line])
+    debugged = runner.invoke(app, ["analyze", str(SAMPLES / "healthy"), "--debug"])
+    assert debugged.exception is raised
+
+
+def test_out_of_memory_under_ulimit_names_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import resource
+
+    import routelog.api
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(routelog.api, "load_runs", fail)
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (3 << 30, resource.RLIM_INFINITY))
+    monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", "system")  # the CLI would set it: capped
+    result = runner.invoke(app, ["analyze", str(SAMPLES / "healthy"), "--no-cache"])
+    assert result.stderr.splitlines() == [
+        "routelog: error: out of memory: the address space is limited to 3.0 GiB (ulimit -v)"
+    ]
