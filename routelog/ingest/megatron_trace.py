@@ -38,6 +38,7 @@ from routelog.ingest import Batch, FileInfo, _torchfile, table
 from routelog.ingest.jsonl import repeated_key_lines, unique_keys
 from routelog.ingest.payload import bad_ids, to_probabilities
 from routelog.modelconfig import find_model_config
+from routelog.options import MAX_EXPERTS
 
 if TYPE_CHECKING:
     from routelog.options import Options
@@ -292,17 +293,27 @@ def _check_required(frame: pl.DataFrame, context: _Context) -> pl.DataFrame:
 
 def _experts(frame: pl.DataFrame, context: _Context) -> int:
     """E from the logits' shape, router_state_rank{r}.pt or config.json, else an error."""
+    found, source = _experts_and_source(frame, context)
+    if not 0 < found <= MAX_EXPERTS:
+        raise InputError(
+            f"{context.path}: {source} gives E={found}, outside the 1 to {MAX_EXPERTS} experts "
+            "routelog handles (pass --num-experts E)"
+        )
+    return found
+
+
+def _experts_and_source(frame: pl.DataFrame, context: _Context) -> tuple[int, str]:
     shapes = frame["logit_shape"].drop_nulls()
     if len(shapes) and len(shapes[0]) == 2:
-        return int(shapes[0][1])
+        return int(shapes[0][1]), "'logit_shape'"
     state = router_state_path(context.path)
     if state.is_file():
         found = _experts_in_router_state(state)
         if found is not None:
-            return found
+            return found, state.name
     config = find_model_config(context.path)
     if config is not None and config.num_experts is not None:
-        return config.num_experts
+        return config.num_experts, config.where
     raise InputError(
         f"{context.path}: the trace does not say how many experts there are: pass "
         f"--num-experts E, or keep {logits_path(context.path).name}, "

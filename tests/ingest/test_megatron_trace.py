@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 import routelog
 from routelog.cli import app
 from routelog.errors import InputError
+from routelog.options import MAX_EXPERTS
 
 torch = pytest.importorskip("torch")
 runner = CliRunner()
@@ -153,6 +154,24 @@ def test_expert_count_from_config_or_option(tmp_path: Path) -> None:
     assert routelog.analyze([str(tmp_path / "trace")], num_experts=E).metrics.height == 9
     (tmp_path / "trace" / "config.json").write_text(json.dumps({"num_local_experts": E}))
     assert routelog.analyze([str(tmp_path / "trace")]).metrics["n_experts"].max() == E
+
+
+@pytest.mark.parametrize("experts", [0, MAX_EXPERTS + 1, 10**12])
+def test_an_expert_count_routelog_cannot_handle_is_refused(experts: int, tmp_path: Path) -> None:
+    """E from the trace is held to the bound --num-experts is held to."""
+    write_trace(tmp_path / "trace", mtp=False)
+    trace = tmp_path / "trace" / "router_trace_rank0.jsonl"
+    _rewrite(trace, 1, {"logit_shape": [T, experts]})
+    expected = f"{trace}: 'logit_shape' gives E={experts}, outside the 1 to {MAX_EXPERTS} experts"
+    assert expected in _bad(tmp_path / "trace")
+
+
+def test_an_expert_count_from_config_json_is_bounded_too(tmp_path: Path) -> None:
+    write_trace(tmp_path / "trace", logits=False)
+    config = tmp_path / "trace" / "config.json"
+    config.write_text(json.dumps({"num_local_experts": MAX_EXPERTS + 1}))
+    expected = f"{config} gives E={MAX_EXPERTS + 1}, outside the 1 to {MAX_EXPERTS} experts"
+    assert expected in _bad(tmp_path / "trace")
 
 
 def _bad(path: Path, *args: str) -> str:
