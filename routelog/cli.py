@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import errno
 import os
 import re
 import sys
@@ -308,14 +309,12 @@ def _errors(debug: bool) -> Iterator[None]:
         raise typer.Exit(ExitCode.INTERRUPTED) from None
     except (typer.Exit, typer.Abort):
         raise
-    except MemoryError:
-        if debug:
-            raise
-        typer.echo(f"routelog: error: out of memory{_memory_limit()}", err=True)
-        raise typer.Exit(ExitCode.OUT_OF_MEMORY) from None
     except Exception as exc:
         if debug:
             raise
+        if _out_of_memory(exc):
+            typer.echo(f"routelog: error: out of memory{_memory_limit()}", err=True)
+            raise typer.Exit(ExitCode.OUT_OF_MEMORY) from None
         typer.echo(
             f"routelog: internal error: {type(exc).__name__}: {printable(str(exc))} "
             "(rerun with --debug and report it)",
@@ -407,14 +406,25 @@ def _arrow_memory_pool() -> None:
         pa.set_memory_pool(pa.jemalloc_memory_pool())
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says memory ran out: a MemoryError, an OSError with ENOMEM, or a library
+    that could not be mapped into the address space (a lazy import under ``ulimit -v``)."""
+    if isinstance(exc, MemoryError):
+        return True
+    if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
+        return True
+    return isinstance(exc, ImportError) and "failed to map segment" in str(exc)
+
+
 def _memory_limit() -> str:
     """What follows "out of memory": the address-space limit, if there is one."""
     if not _address_space_limited():
         return ""
     import resource
 
-    limit = resource.getrlimit(resource.RLIMIT_AS)[0] / 2**30
-    return f": the address space is limited to {limit:.1f} GiB (ulimit -v)"
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    size = f"{limit / 2**30:.1f} GiB" if limit >= 2**30 else f"{limit // 2**20} MiB"
+    return f": the address space is limited to {size} (ulimit -v)"
 
 
 def _address_space_limited() -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -256,6 +257,18 @@ def test_help_texts_do_not_point_at_the_source_checkout() -> None:
             "routelog: internal error: RuntimeError: a bug (rerun with --debug and report it)",
         ),
         (MemoryError(), ExitCode.OUT_OF_MEMORY, "routelog: error: out of memory"),
+        (OSError(errno.ENOMEM, "Cannot allocate memory"), 71, "routelog: error: out of memory"),
+        (
+            ImportError("libparquet.so.2600: failed to map segment from shared object"),
+            ExitCode.OUT_OF_MEMORY,
+            "routelog: error: out of memory",
+        ),
+        (
+            ImportError("No module named 'x'"),
+            70,
+            "routelog: internal error: ImportError: No "
+            "module named 'x' (rerun with --debug and report it)",
+        ),
     ],
 )
 def test_an_unexpected_failure_is_one_line_and_its_own_exit_code(
@@ -275,7 +288,10 @@ def test_an_unexpected_failure_is_one_line_and_its_own_exit_code(
     assert debugged.exception is raised
 
 
-def test_out_of_memory_under_ulimit_names_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("limit", "said"), [(3 << 30, "3.0 GiB"), (768 << 20, "768 MiB")])
+def test_out_of_memory_under_ulimit_names_the_limit(
+    limit: int, said: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import resource
 
     import routelog.api
@@ -284,9 +300,9 @@ def test_out_of_memory_under_ulimit_names_the_limit(monkeypatch: pytest.MonkeyPa
         raise MemoryError
 
     monkeypatch.setattr(routelog.api, "load_runs", fail)
-    monkeypatch.setattr(resource, "getrlimit", lambda which: (3 << 30, resource.RLIM_INFINITY))
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (limit, resource.RLIM_INFINITY))
     monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", "system")  # the CLI would set it: capped
     result = runner.invoke(app, ["analyze", str(SAMPLES / "healthy"), "--no-cache"])
     assert result.stderr.splitlines() == [
-        "routelog: error: out of memory: the address space is limited to 3.0 GiB (ulimit -v)"
+        f"routelog: error: out of memory: the address space is limited to {said} (ulimit -v)"
     ]
