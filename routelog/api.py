@@ -84,6 +84,9 @@ class FileResult:
     info: ingest.FileInfo
     stats: pl.DataFrame
     selections: pl.DataFrame | None
+    """Each token's top-k expert ids, where tokens have positions (else None): ``step``,
+    ``layer``, ``dataset``, ``token``, ``topk`` (``kernels.Reduced``). The run's name is not
+    repeated on every token (16 of 44 bytes a token at k=2): it is :attr:`name`."""
     top_k_assumed: bool = False
     _ranges: pl.DataFrame | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -120,6 +123,9 @@ class Run:
     ignored_files: list[str]
     stats: pl.DataFrame
     selections: pl.DataFrame | None
+    """Each token's top-k expert ids, where tokens have positions (else None): ``step``,
+    ``layer``, ``dataset``, ``token``, ``topk`` (``kernels.Reduced``). The run's name is not
+    repeated on every token (16 of 44 bytes a token at k=2): it is :attr:`name`."""
     top_k_assumed: bool = False
     """Nothing stated k (no --top-k, data, run or model config, configuration): k=1 is used."""
     top_k_source: TopKSource = "data"
@@ -621,11 +627,7 @@ def load_run(
         ignored_files=[str(p) for p in found.ignored],
         sidecar_files=[str(p) for p in found.sidecars],
         stats=stats,
-        selections=(
-            pl.concat(selections).with_columns(pl.lit(spec.name).alias("run"))
-            if selections
-            else None
-        ),
+        selections=pl.concat(selections) if selections else None,
         **_k_provenance(options, any(r.top_k_assumed for r in results)),
         merged=merged,
         warnings=[] if merged is None else [merged_message(merged)],

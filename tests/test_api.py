@@ -60,6 +60,7 @@ def test_selections_kept_when_tokens_known() -> None:
     assert run.selections is not None
     assert run.selections.height == 12 * 4 * 512
     assert run.selections.schema["topk"].shape == (2,)  # type: ignore[attr-defined]
+    assert run.selections.columns == ["step", "layer", "dataset", "token", "topk"]
 
 
 runner = CliRunner()
