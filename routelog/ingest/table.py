@@ -334,6 +334,8 @@ def _skip(
 def _required(
     frame: pl.DataFrame, column: str, options: Options, info: FileInfo, locate: Locate
 ) -> pl.DataFrame:
+    if frame[column].null_count() == 0:  # known without a pass over the column
+        return frame
     return _skip(frame, frame[column].is_null(), f"missing {column!r} value", options, info, locate)
 
 
