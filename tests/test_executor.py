@@ -307,6 +307,38 @@ def test_local_workers_have_one_thread_per_native_pool() -> None:
     assert list(profiling.values()) == [False]
 
 
+WORKER_POOL_PROBE = """
+import resource
+resource.setrlimit(resource.RLIMIT_AS, (16 << 30, resource.RLIM_INFINITY))
+from routelog import cli
+from routelog.executor import open_executor
+
+def pool():
+    import pyarrow as pa
+    return pa.default_memory_pool().backend_name
+
+if __name__ == "__main__":
+    cli._arrow_memory_pool()  # as the CLI chooses before it starts a cluster
+    with open_executor("local:1", 1) as executor:
+        print(*executor.client.run(pool).values())
+"""
+
+
+def test_local_workers_under_ulimit_read_with_the_system_allocator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Workers inherit the CLI's choice under an address-space limit (tests/test_corpus.py)."""
+    monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
+    done = subprocess.run(
+        [sys.executable, "-c", WORKER_POOL_PROBE],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    assert done.stdout.split() == ["system"]
+
+
 def test_two_clients_at_once_each_gets_its_own_results(tmp_path: Path) -> None:
     """Results are gathered on the executor's own client, not Dask's default client (the
     last one made): with two clusters open, reading through the first used to hang."""
