@@ -85,8 +85,7 @@ class FileResult:
     stats: pl.DataFrame
     selections: pl.DataFrame | None
     """Each token's top-k expert ids, where tokens have positions (else None): ``step``,
-    ``layer``, ``dataset``, ``token``, ``topk`` (``kernels.Reduced``). The run's name is not
-    repeated on every token (16 of 44 bytes a token at k=2): it is :attr:`name`."""
+    ``layer``, ``dataset``, ``token``, ``topk`` (``kernels.Reduced``)."""
     top_k_assumed: bool = False
     _ranges: pl.DataFrame | None = field(default=None, init=False, repr=False, compare=False)
 

@@ -390,9 +390,9 @@ def _arrow_memory_pool() -> None:
     sooner than the default mimalloc pool (bench (d), the peak RSS growth for 4x the data:
     31% with mimalloc, 20% with jemalloc, at the same speed). Under an address-space limit
     (``ulimit -v``) the system allocator instead: jemalloc and mimalloc reserve address space
-    in large pieces per thread, and under a 2 GiB limit with 16 threads a run aborted, hung or
-    failed to start a thread in 5 runs out of 5 (the system pool: 0 out of 5). The CLI's
-    process only: the Python API leaves the pool of the process it runs in alone."""
+    in large pieces per thread, and under a 2 GiB limit with 32 threads every one of 5 runs
+    aborted, hung or failed to start a thread (16 threads: 4 of 5; the system pool: none).
+    The CLI's process only: the Python API leaves the pool of the process it runs in alone."""
     if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
         return
     if _address_space_limited():

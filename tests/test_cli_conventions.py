@@ -257,7 +257,11 @@ def test_help_texts_do_not_point_at_the_source_checkout() -> None:
             "routelog: internal error: RuntimeError: a bug (rerun with --debug and report it)",
         ),
         (MemoryError(), ExitCode.OUT_OF_MEMORY, "routelog: error: out of memory"),
-        (OSError(errno.ENOMEM, "Cannot allocate memory"), 71, "routelog: error: out of memory"),
+        (
+            OSError(errno.ENOMEM, "Cannot allocate memory"),
+            ExitCode.OUT_OF_MEMORY,
+            "routelog: error: out of memory",
+        ),
         (
             ImportError("libparquet.so.2600: failed to map segment from shared object"),
             ExitCode.OUT_OF_MEMORY,
@@ -265,9 +269,9 @@ def test_help_texts_do_not_point_at_the_source_checkout() -> None:
         ),
         (
             ImportError("No module named 'x'"),
-            70,
-            "routelog: internal error: ImportError: No "
-            "module named 'x' (rerun with --debug and report it)",
+            ExitCode.INTERNAL,
+            "routelog: internal error: ImportError: No module named 'x' "
+            "(rerun with --debug and report it)",
         ),
     ],
 )

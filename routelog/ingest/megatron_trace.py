@@ -297,7 +297,7 @@ def _experts(frame: pl.DataFrame, context: _Context) -> int:
     if not 0 < found <= MAX_EXPERTS:
         raise InputError(
             f"{context.path}: {source} gives E={found}, outside the 1 to {MAX_EXPERTS} experts "
-            "routelog handles (pass --num-experts E)"
+            "routelog handles"
         )
     return found
 
