@@ -395,7 +395,7 @@ def _arrow_memory_pool() -> None:
     The CLI's process only: the Python API leaves the pool of the process it runs in alone."""
     if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
         return
-    if _address_space_limited():
+    if _address_space_limit() is not None:
         # Through the environment: Arrow's C++ code allocates from the pool it reads there
         # (set_memory_pool changes pyarrow's only), and local Dask workers inherit it.
         os.environ["ARROW_DEFAULT_MEMORY_POOL"] = "system"
@@ -418,22 +418,21 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 def _memory_limit() -> str:
     """What follows "out of memory": the address-space limit, if there is one."""
-    if not _address_space_limited():
+    limit = _address_space_limit()
+    if limit is None:
         return ""
-    import resource
-
-    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
     size = f"{limit / 2**30:.1f} GiB" if limit >= 2**30 else f"{limit // 2**20} MiB"
     return f": the address space is limited to {size} (ulimit -v)"
 
 
-def _address_space_limited() -> bool:
-    """Whether this process runs under a limit on its address space (``ulimit -v``)."""
+def _address_space_limit() -> int | None:
+    """The limit on this process's address space in bytes (``ulimit -v``), or None."""
     try:
         import resource
     except ImportError:  # not on Windows
-        return False
-    return resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY
+        return None
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return None if limit == resource.RLIM_INFINITY else limit
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from routelog.errors import InputError
+from routelog.options import MAX_EXPERTS
 
 CONFIG_NAME = "config.json"
 
@@ -105,6 +106,10 @@ def model_config_from(document: dict[str, Any], path: Path) -> ModelConfig:
     nested = document.get("text_config")
     sources = [document, nested] if isinstance(nested, dict) else [document]
     experts = _first_int(sources, EXPERT_KEYS, path)
+    if experts is not None and experts > MAX_EXPERTS:
+        raise InputError(
+            f"{path}: {experts} experts, beyond the {MAX_EXPERTS} experts routelog handles"
+        )
     num_layers = _first_int(sources, LAYER_KEYS, path)
     return ModelConfig(
         path=path,

@@ -105,6 +105,7 @@ def test_searched_at_most_three_parents_up(tmp_path: Path) -> None:
         ("[1, 2]", "must be a JSON object"),
         ('{"num_local_experts": -3}', "num_local_experts must be a positive integer"),
         ('{"num_experts_per_tok": true}', "num_experts_per_tok must be a positive integer"),
+        ('{"n_routed_experts": 65537}', "65537 experts, beyond the 65536 experts routelog"),
         ('{"num_hidden_layers": 4, "mlp_only_layers": "0"}', "mlp_only_layers must be a list"),
         (b"\xff\xfe".decode("latin-1"), "not valid JSON"),
     ],

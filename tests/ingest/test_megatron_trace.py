@@ -170,7 +170,7 @@ def test_an_expert_count_from_config_json_is_bounded_too(tmp_path: Path) -> None
     write_trace(tmp_path / "trace", logits=False)
     config = tmp_path / "trace" / "config.json"
     config.write_text(json.dumps({"num_local_experts": MAX_EXPERTS + 1}))
-    expected = f"{config} gives E={MAX_EXPERTS + 1}, outside the 1 to {MAX_EXPERTS} experts"
+    expected = f"{config}: {MAX_EXPERTS + 1} experts, beyond the {MAX_EXPERTS} experts"
     assert expected in _bad(tmp_path / "trace")
 
 
