@@ -21,7 +21,12 @@ help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-9s %s\n", $$1, $$2}'
 
 # routelog alone (what a user installs): enough for the demo, no test tools, no torch.
-$(RUNTIME): pyproject.toml
+# The install compiles the C kernels (routelog/_native.c) in place: a change to them reinstalls.
+NATIVE := setup.py routelog/_native.c
+$(RUNTIME): pyproject.toml $(NATIVE)
+	@command -v $${CC:-cc} >/dev/null 2>&1 || { echo "routelog compiles its C kernels when \
+	installed: install a C compiler and Python's headers (Debian: apt-get install gcc python3-dev)"; \
+	exit 2; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e .
@@ -40,7 +45,7 @@ demo: $(RUNTIME)  ## analyze the bundled collapsing sample run (installs routelo
 
 # The lowest declared version of every runtime dependency, installed exactly: the constraints
 # are derived from pyproject.toml, so the floors and this test cannot drift apart.
-$(MIN_STAMP): pyproject.toml scripts/min_requirements.py
+$(MIN_STAMP): pyproject.toml scripts/min_requirements.py $(NATIVE)
 	@test -x $(MIN_BIN)/python || $(PYTHON) -m venv $(VENV_MIN)
 	$(MIN_BIN)/python -m pip install --quiet --upgrade pip
 	$(MIN_BIN)/python scripts/min_requirements.py > $(VENV_MIN)/constraints.txt

@@ -32,17 +32,18 @@ probabilities), S_t is that selection, not the k largest p_t, and::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import polars as pl
 
+from routelog import native
 from routelog.errors import InputError
 
-KERNEL_VERSION = 4
-"""Bump when the statistics a kernel produces change meaning: it invalidates cached results."""
+KERNEL_VERSION = 5
+"""Bump when the statistics a kernel produces change, in meaning or in their last bits (5: the
+compiled kernels' entropies): it invalidates cached results, so a run never mixes the two."""
 
 KEYS = ["step", "layer", "dataset"]
 GROUP = [*KEYS, "n_experts", "top_k"]
@@ -159,51 +160,14 @@ class Reduced:
 
 
 def entropy_rows(probs: np.ndarray) -> np.ndarray:
-    """H(p_t) = -sum_i p_t,i ln p_t,i per row, with 0 ln 0 = 0.
-
-    Logs and products are formed in the input's precision, one cache-sized block of rows at
-    a time (:func:`token_stats`); each row's E products are summed in that precision too
-    (float32: a relative error below 1e-6, checked against scipy up to E=256) and the rows
-    are added up in float64 by the caller. Zeros are raised to the smallest normal float
-    before the log, so that their term is exactly 0 x ln(tiny) = 0 without a masked log
-    (which is slower).
+    """H(p_t) = -sum_i p_t,i ln p_t,i per row, with 0 ln 0 = 0 (:func:`token_stats`).
 
     Examples
     --------
     >>> entropy_rows(np.array([[0.5, 0.5, 0.0]], dtype=np.float32)).round(6)
     array([0.693147])
     """
-    out = np.empty(len(probs), dtype=np.float64)
-    scratch = np.empty((min(_block_rows(probs), len(probs)), probs.shape[1]), dtype=probs.dtype)
-    for rows in _blocks(probs):
-        block = probs[rows]
-        out[rows] = _entropy_block(block, scratch[: len(block)])
-    return out
-
-
-def _entropy_block(block: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    np.maximum(block, _TINY, out=scratch)
-    np.log(scratch, out=scratch)
-    sums: np.ndarray = -np.einsum("ij,ij->i", block, scratch)
-    return sums
-
-
-_TINY = np.finfo(np.float32).tiny
-BLOCK_BYTES = 1 << 19
-"""Rows are processed in blocks of about this size, which stay in the CPU's L2 cache while
-the entropy, the maximum and the top-k pass over them (several times faster than passing
-over a whole batch of 65,536 rows once per statistic)."""
-
-
-def _block_rows(probs: np.ndarray) -> int:
-    row_bytes = int(probs.shape[1]) * int(probs.itemsize)
-    return max(64, BLOCK_BYTES // max(1, row_bytes))
-
-
-def _blocks(probs: np.ndarray) -> Iterator[slice]:
-    """Slices of consecutive rows, one cache-sized block each (a loop over blocks, not tokens)."""
-    step = _block_rows(probs)
-    return (slice(start, start + step) for start in range(0, len(probs), step))
+    return token_stats(probs, 1)[0]
 
 
 def top_k_ids(probs: np.ndarray, k: int) -> np.ndarray:
@@ -220,13 +184,17 @@ def top_k_ids(probs: np.ndarray, k: int) -> np.ndarray:
 def token_stats(
     probs: np.ndarray, k: int, *, entropy: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row: H(p_t) (:func:`entropy_rows`; zeros when ``entropy`` is false), the largest
-    probability max_i p_t,i, and the ids of the k largest (:func:`top_k_ids`).
+    """Per row of probabilities: H(p_t) (zeros when ``entropy`` is false), the largest
+    probability max_i p_t,i, and the ids of the k largest, largest first, ties to the lower
+    index (k >= E orders the whole row).
 
-    One pass over cache-sized blocks of rows computes all three while the block is in the
-    CPU cache. The top-k takes k argmax passes over the block (argmax returns the first of
-    equal maxima, so ties go to the lower index), each chosen entry set to -inf in a scratch
-    copy; k >= E sorts the row (stable).
+    One pass of compiled code (``routelog/_native.c``) reads each row once and forms all
+    three while it is in the CPU cache, in float32 (the canonical precision; other inputs are
+    converted). The entropy's logs agree with numpy's to a few ulp and each row's terms are
+    summed in float32 lanes, then in float64: a relative error below 1e-6, checked against
+    scipy up to E=256. Zeros are raised to the smallest normal float before the log, so that
+    their term is exactly 0 x ln(tiny) = 0. Rows must be finite and non-negative (validated
+    probabilities); other values give unspecified results, never an out-of-bounds access.
 
     Examples
     --------
@@ -234,29 +202,26 @@ def token_stats(
     >>> h.round(4), top1, ids
     (array([0.8979]), array([0.6], dtype=float32), array([[1, 2]], dtype=int32))
     """
-    n_rows, n_experts = probs.shape
-    k = min(k, n_experts)
-    entropies = np.zeros(n_rows, dtype=np.float64)
-    top1 = np.empty(n_rows, dtype=probs.dtype)
-    ids = np.empty((n_rows, k), dtype=np.int32)
-    scratch = np.empty((min(_block_rows(probs), n_rows), n_experts), dtype=probs.dtype)
-    index = np.arange(len(scratch))
-    for rows in _blocks(probs):
-        block = probs[rows]
-        work, chosen, at = scratch[: len(block)], ids[rows], index[: len(block)]
-        if entropy:
-            entropies[rows] = _entropy_block(block, work)
-        if k == n_experts:
-            chosen[:] = np.argsort(-block, axis=1, kind="stable")
-        else:
-            chosen[:, 0] = block.argmax(axis=1)
-        top1[rows] = block[at, chosen[:, 0]]
-        if 1 < k < n_experts:
-            work[:] = block
-            for slot in range(1, k):  # k passes over the block, not a loop over tokens
-                work[at, chosen[:, slot - 1]] = -np.inf
-                chosen[:, slot] = work.argmax(axis=1)
+    entropies, top1, ids, _ = _token_stats(probs, k, entropy, None, 0)
     return entropies, top1, ids
+
+
+def _token_stats(
+    probs: np.ndarray, k: int, entropy: bool, gid: np.ndarray | None, n_groups: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`token_stats`, and with group ids the column sums of each group (float64, rows
+    added in order), formed in the same visit to each row."""
+    rows = np.ascontiguousarray(probs, dtype=np.float32)
+    n_rows, n_experts = rows.shape
+    k = max(1, min(k, n_experts))
+    entropies = np.zeros(n_rows, dtype=np.float64)
+    top1 = np.empty(n_rows, dtype=np.float32)
+    ids = np.empty((n_rows, k), dtype=np.int32)
+    groups = None if gid is None else gid.astype(np.int64, copy=False)
+    sums = None if gid is None else np.zeros((n_groups, n_experts), dtype=np.float64)
+    if n_rows:
+        native.token_stats(rows, n_experts, k, entropy, entropies, top1, ids, groups, sums)
+    return entropies, top1, ids, sums
 
 
 def _group_ids(frame: pl.DataFrame) -> tuple[np.ndarray, pl.DataFrame]:
@@ -298,34 +263,6 @@ def _run_ids(frame: pl.DataFrame) -> tuple[np.ndarray, pl.DataFrame] | None:
         schema={"step": pl.Int64, "layer": pl.Int32, "dataset": pl.String},
     )
     return ids, groups
-
-
-def _group_sum(gid: np.ndarray, n_groups: int, matrix: np.ndarray) -> np.ndarray:
-    """Column sums of ``matrix`` per group id, accumulated in float64.
-
-    One ``sum(axis=0)`` per contiguous run of a group (rows are sorted by group first when
-    they are not): several times faster than ``np.add.reduceat`` or ``np.add.at``.
-    """
-    if n_groups == 1:
-        first: np.ndarray = _column_sums(matrix)[None, :]
-        return first
-    if not np.all(gid[1:] >= gid[:-1]):
-        order = np.argsort(gid, kind="stable")
-        gid, matrix = gid[order], matrix[order]
-    starts = np.flatnonzero(np.r_[True, gid[1:] != gid[:-1]])
-    stops = np.r_[starts[1:], len(gid)]
-    out = np.zeros((n_groups, matrix.shape[1]), dtype=np.float64)
-    for group, start, stop in zip(gid[starts], starts, stops, strict=True):  # one per group
-        out[group] = _column_sums(matrix[start:stop])
-    return out
-
-
-def _column_sums(matrix: np.ndarray) -> np.ndarray:
-    """Column sums in float64, added row after row: a third faster than
-    ``sum(axis=0, dtype=float64)``, whose sums they equal except for a matrix of a single
-    column (which numpy sums pairwise)."""
-    sums: np.ndarray = np.einsum("ij->j", matrix, dtype=np.float64)
-    return sums
 
 
 def _counts(gid: np.ndarray, n_groups: int, ids: np.ndarray, n_experts: int) -> np.ndarray:
@@ -381,20 +318,20 @@ def reduce_probs(frame: pl.DataFrame, top_k: int) -> Reduced:
     n_groups = groups.height
     mismatch: dict[str, object] = {}
     if "topk_ids" in frame.columns:
-        entropies, top1, first = token_stats(probs, 1)
+        entropies, top1, first, sum_probs = _token_stats(probs, 1, True, gid, n_groups)
         ids = frame["topk_ids"].to_numpy().astype(np.int32)
         k = ids.shape[1]
         mismatch = _mismatch_columns(gid, n_groups, probs, ids)
     else:
         k = min(top_k, n_experts)
-        entropies, top1, ids = token_stats(probs, k)
+        entropies, top1, ids, sum_probs = _token_stats(probs, k, True, gid, n_groups)
         first = ids[:, :1]
     columns: dict[str, object] = {
         "n_tokens": np.bincount(gid, minlength=n_groups),
         "sum_entropy": np.bincount(gid, weights=entropies, minlength=n_groups),
         "sum_top1": np.bincount(gid, weights=top1, minlength=n_groups),
         "n_selected": np.bincount(gid, minlength=n_groups),
-        "sum_probs": _group_sum(gid, n_groups, probs),
+        "sum_probs": sum_probs,
         "counts": _counts(gid, n_groups, ids, n_experts),
         "top1_counts": _counts(gid, n_groups, first, n_experts),
         **mismatch,

@@ -1,0 +1,274 @@
+/* routelog._native: the per-token kernels, one pass over each row while it is in the cache.
+ *
+ * numpy computes a statistic of a batch in one pass over it per operation (a maximum, a log,
+ * a product, an argmax, ...); each pass is fast, but a batch of 65,536 x 64 probabilities
+ * went through a dozen of them. Here each row is read once from memory and every statistic
+ * of it is formed while it sits in the L1 cache, in loops the compiler vectorizes. The
+ * callers (routelog/kernels.py) check shapes, dtypes and contiguity; this file checks them
+ * again, because a wrong length here would read or write outside a buffer.
+ *
+ * Preconditions, met by every caller (rows are validated probabilities): values are finite
+ * and non-negative. Results are deterministic on a machine; the vector width chosen for the
+ * CPU (AVX-512, AVX2 or SSE2) may change the last bit of an entropy between machines, as
+ * numpy's own vectorized sums do.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
+    !defined(ROUTELOG_NO_DISPATCH)
+/* one compiled copy per instruction-set level, chosen at load time for the CPU at hand
+ * (tests/test_native.py builds each level alone, with ROUTELOG_NO_DISPATCH, and checks it) */
+#define DISPATCH __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DISPATCH
+#endif
+
+/* ln x from the bits of a positive normal float x. The reduction and polynomial are those of
+ * Arm's optimized-routines v_logf (relative error below 3.5 ulp): x = 2^n (1 + r) with
+ * 2/3 < 1 + r < 4/3, ln x = n ln 2 + r + r^2 P(r). Plain arithmetic, so loops over it
+ * vectorize, unlike a call to logf. ln 1 is exactly 0. */
+static inline float log_bits(uint32_t u) {
+    u -= 0x3f2aaaabu;
+    int32_t n = (int32_t)u >> 23;
+    u = (u & 0x007fffffu) + 0x3f2aaaabu;
+    float m;
+    memcpy(&m, &u, sizeof m);
+    float r = m - 1.0f;
+    float r2 = r * r;
+    float p = 0x1.5a9aa2p-3f * r - 0x1.4f9934p-3f;
+    float q = 0x1.961348p-3f * r - 0x1.00187cp-2f;
+    float y = 0x1.555d7cp-2f * r - 0x1.ffffc8p-2f;
+    p = -0x1.3e737cp-3f * r2 + p;
+    q = p * r2 + q;
+    y = q * r2 + y;
+    return y * r2 + ((float)n * 0x1.62e43p-1f + r);
+}
+
+/* -sum_j p_j ln p_j with 0 ln 0 = 0: zeros are raised to the smallest normal float before
+ * the log (compared as integers, which orders non-negative floats), so their term is
+ * 0 x ln(tiny) = 0. Terms are summed in float32 lanes, the row total in float64. */
+static inline double row_entropy(const float *restrict p, Py_ssize_t e) {
+    float h = 0.0f;
+#pragma omp simd reduction(+ : h)
+    for (Py_ssize_t j = 0; j < e; j++) {
+        float v = p[j];
+        uint32_t u;
+        memcpy(&u, &v, sizeof u);
+        u = u > 0x00800000u ? u : 0x00800000u;
+        h += v * log_bits(u);
+    }
+    return -(double)h;
+}
+
+/* The k largest of a row, largest first, ties to the lower index: k passes, each a maximum
+ * and the first index holding it; a chosen entry is set to -inf in a copy of the row. */
+static inline void row_top_k(const float *restrict p, Py_ssize_t e, Py_ssize_t k,
+                             int32_t *restrict ids, float *restrict top1, float *restrict copy) {
+    const float *row = p;
+    for (Py_ssize_t slot = 0; slot < k; slot++) {
+        float peak = -INFINITY;
+#pragma omp simd reduction(max : peak)
+        for (Py_ssize_t j = 0; j < e; j++) peak = row[j] > peak ? row[j] : peak;
+        int32_t at = (int32_t)e;
+#pragma omp simd reduction(min : at)
+        for (Py_ssize_t j = 0; j < e; j++) {
+            int32_t here = row[j] == peak ? (int32_t)j : (int32_t)e;
+            at = here < at ? here : at;
+        }
+        ids[slot] = at;
+        if (slot == 0) *top1 = peak;
+        if (slot + 1 < k) {
+            if (slot == 0) {
+                memcpy(copy, p, (size_t)e * sizeof *copy);
+                row = copy;
+            }
+            copy[at] = -INFINITY;
+        }
+    }
+}
+
+/* sums += row in float64 */
+static inline void add_row(const float *restrict row, Py_ssize_t e, double *restrict sums) {
+#pragma omp simd
+    for (Py_ssize_t j = 0; j < e; j++) sums[j] += (double)row[j];
+}
+
+/* Everything per row in one visit: entropy, top-k, and (when groups is not NULL) the row
+ * added to its group's column sums, rows in order. */
+DISPATCH
+static void token_stats_rows(const float *restrict probs, Py_ssize_t n, Py_ssize_t e,
+                             Py_ssize_t k, int entropy, double *restrict entropies,
+                             float *restrict top1, int32_t *restrict ids,
+                             const int64_t *restrict groups, double *restrict sums,
+                             float *restrict copy) {
+    for (Py_ssize_t t = 0; t < n; t++) {
+        const float *row = probs + t * e;
+        if (entropy) entropies[t] = row_entropy(row, e);
+        row_top_k(row, e, k, ids + t * k, top1 + t, copy);
+        if (groups) add_row(row, e, sums + groups[t] * e);
+    }
+}
+
+static int check_length(const Py_buffer *buffer, Py_ssize_t items, Py_ssize_t item_size,
+                        const char *name) {
+    if (buffer->len != items * item_size) {
+        PyErr_Format(PyExc_ValueError, "%s holds %zd bytes, expected %zd", name, buffer->len,
+                     items * item_size);
+        return -1;
+    }
+    return 0;
+}
+
+/* rows of float32 probabilities, E wide: n rows when the length is a whole number of rows */
+static Py_ssize_t count_rows(const Py_buffer *probs, Py_ssize_t e) {
+    if (e < 1 || e > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "the number of experts must be in 1..2^31-1");
+        return -1;
+    }
+    if (probs->len % (e * (Py_ssize_t)sizeof(float)) != 0) {
+        PyErr_SetString(PyExc_ValueError, "the buffer is not a whole number of float32 rows");
+        return -1;
+    }
+    return probs->len / (e * (Py_ssize_t)sizeof(float));
+}
+
+/* the groups of n rows, each in 0..n_groups-1 (checked, as they index into the sums) */
+static int check_groups(const Py_buffer *groups, Py_ssize_t n, Py_ssize_t n_groups) {
+    if (check_length(groups, n, sizeof(int64_t), "groups") < 0) return -1;
+    const int64_t *ids = groups->buf;
+    for (Py_ssize_t t = 0; t < n; t++) {
+        if (ids[t] < 0 || ids[t] >= n_groups) {
+            PyErr_Format(PyExc_ValueError, "group %lld of row %zd is outside 0..%zd",
+                         (long long)ids[t], t, n_groups - 1);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(
+    token_stats_doc,
+    "token_stats(probs, n_experts, k, entropy, entropies, top1, ids, groups, sums)\n\n"
+    "From C-ordered float32 probabilities (n x n_experts), fill entropies (float64, n; left "
+    "alone when entropy is false), top1 (float32, n) and ids (int32, n x k); when groups "
+    "(int64, n) is not None, add each row to row groups[i] of sums (float64, n_groups x "
+    "n_experts).");
+
+static PyObject *token_stats(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer probs, entropies, top1, ids, groups = {0}, sums = {0};
+    Py_ssize_t e, k;
+    int entropy;
+    PyObject *groups_arg, *sums_arg;
+    if (!PyArg_ParseTuple(args, "y*nnpw*w*w*OO", &probs, &e, &k, &entropy, &entropies, &top1,
+                          &ids, &groups_arg, &sums_arg))
+        return NULL;
+    PyObject *result = NULL;
+    float *copy = NULL;
+    Py_ssize_t n = count_rows(&probs, e);
+    if (n < 0) goto done;
+    if (k < 1 || k > e) {
+        PyErr_SetString(PyExc_ValueError, "k must be in 1..n_experts");
+        goto done;
+    }
+    if (check_length(&entropies, n, sizeof(double), "entropies") < 0 ||
+        check_length(&top1, n, sizeof(float), "top1") < 0 ||
+        check_length(&ids, n * k, sizeof(int32_t), "ids") < 0)
+        goto done;
+    if ((groups_arg == Py_None) != (sums_arg == Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "groups and sums go together");
+        goto done;
+    }
+    if (groups_arg != Py_None) {
+        if (PyObject_GetBuffer(groups_arg, &groups, PyBUF_SIMPLE) < 0) goto done;
+        if (PyObject_GetBuffer(sums_arg, &sums, PyBUF_WRITABLE) < 0) goto done;
+        Py_ssize_t n_groups = sums.len / (e * (Py_ssize_t)sizeof(double));
+        if (check_length(&sums, n_groups * e, sizeof(double), "sums") < 0 ||
+            check_groups(&groups, n, n_groups) < 0)
+            goto done;
+    }
+    copy = PyMem_RawMalloc((size_t)e * sizeof *copy);
+    if (copy == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    token_stats_rows(probs.buf, n, e, k, entropy, entropies.buf, top1.buf, ids.buf, groups.buf,
+                     sums.buf, copy);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyMem_RawFree(copy);
+    PyBuffer_Release(&probs);
+    PyBuffer_Release(&entropies);
+    PyBuffer_Release(&top1);
+    PyBuffer_Release(&ids);
+    if (groups.obj) PyBuffer_Release(&groups);
+    if (sums.obj) PyBuffer_Release(&sums);
+    return result;
+}
+
+/* Row sums in float32 lanes and the smallest value, for the check that rows are
+ * probabilities: one pass instead of a row sum and a global minimum. */
+DISPATCH
+static float row_sums_rows(const float *restrict values, Py_ssize_t n, Py_ssize_t e,
+                           float *restrict sums) {
+    float lowest = INFINITY;
+    for (Py_ssize_t t = 0; t < n; t++) {
+        const float *row = values + t * e;
+        float total = 0.0f, low = INFINITY;
+#pragma omp simd reduction(+ : total) reduction(min : low)
+        for (Py_ssize_t j = 0; j < e; j++) {
+            total += row[j];
+            low = row[j] < low ? row[j] : low;
+        }
+        sums[t] = total;
+        lowest = low < lowest ? low : lowest;
+    }
+    return lowest;
+}
+
+PyDoc_STRVAR(row_sums_doc,
+             "row_sums(values, n_columns, sums) -> float\n\n"
+             "Fill sums (float32, n) with the row sums of C-ordered float32 values "
+             "(n x n_columns) and return their smallest value (inf when there is none; NaN "
+             "values are not seen by the minimum but make their row's sum NaN).");
+
+static PyObject *row_sums(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer values, sums;
+    Py_ssize_t e;
+    if (!PyArg_ParseTuple(args, "y*nw*", &values, &e, &sums)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = count_rows(&values, e);
+    if (n >= 0 && check_length(&sums, n, sizeof(float), "sums") == 0) {
+        float lowest;
+        Py_BEGIN_ALLOW_THREADS
+        lowest = row_sums_rows(values.buf, n, e, sums.buf);
+        Py_END_ALLOW_THREADS
+        result = PyFloat_FromDouble(lowest);
+    }
+    PyBuffer_Release(&values);
+    PyBuffer_Release(&sums);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"token_stats", token_stats, METH_VARARGS, token_stats_doc},
+    {"row_sums", row_sums, METH_VARARGS, row_sums_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "routelog._native",
+    .m_doc = "Per-token kernels in C (routelog/_native.c), called through routelog.kernels.",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

@@ -1,0 +1,16 @@
+# Type stubs for the C extension routelog/_native.c (buffers: C-contiguous numpy arrays).
+import numpy as np
+
+def token_stats(
+    probs: np.ndarray,
+    n_experts: int,
+    k: int,
+    entropy: bool,
+    entropies: np.ndarray,
+    top1: np.ndarray,
+    ids: np.ndarray,
+    groups: np.ndarray | None,
+    sums: np.ndarray | None,
+    /,
+) -> None: ...
+def row_sums(values: np.ndarray, n_columns: int, sums: np.ndarray, /) -> float: ...

@@ -1,0 +1,14 @@
+"""The per-token kernels in C (routelog/_native.c), built at install time; everything else
+about the package is in pyproject.toml."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "routelog._native",
+            sources=["routelog/_native.c"],
+            extra_compile_args=["-O3", "-fopenmp-simd"],
+        )
+    ]
+)

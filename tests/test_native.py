@@ -1,0 +1,246 @@
+"""routelog/_native.c: the compiled per-token kernels, against numpy and scipy.
+
+The installed module runs the copy compiled for this CPU's instruction-set level; the copies
+for the other levels (SSE2, AVX2, AVX-512 on x86-64) are built here, each alone, and held to
+the same references, so that a machine of another level runs tested code too.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.machinery
+import importlib.util
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from scipy.stats import entropy as scipy_entropy
+
+from routelog import _native
+from tests.conftest import REPO
+
+SOURCE = REPO / "routelog" / "_native.c"
+
+# the CPU flags each x86-64 level needs (the psABI's micro-architecture levels)
+LEVELS = {
+    "x86-64": set(),
+    "x86-64-v3": {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"},
+    "x86-64-v4": {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"},
+}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def _build(level: str, directory: Path) -> ModuleType:
+    """The kernels compiled for one level alone, loaded under the module's own name."""
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        pytest.fail(f"no C compiler ({compiler}): the package itself could not have been built")
+    target = directory / f"_native{sysconfig.get_config_var('EXT_SUFFIX')}"
+    command = [compiler, "-O3", "-fopenmp-simd", "-shared", "-fPIC", f"-march={level}"]
+    command += ["-DROUTELOG_NO_DISPATCH", f"-I{sysconfig.get_paths()['include']}"]
+    subprocess.run([*command, str(SOURCE), "-o", str(target)], check=True)
+    loader = importlib.machinery.ExtensionFileLoader("routelog._native", str(target))
+    spec = importlib.util.spec_from_file_location("routelog._native", target, loader=loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+@functools.cache
+def _level_module(level: str, directory: str) -> ModuleType:
+    return _build(level, Path(directory))
+
+
+@pytest.fixture(scope="module", params=["installed", *LEVELS])
+def native(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
+    if request.param == "installed":
+        return _native
+    if platform.machine() != "x86_64" or platform.system() != "Linux":
+        pytest.skip("the levels are x86-64's; elsewhere the installed build is the only one")
+    missing = LEVELS[request.param] - _cpu_flags()
+    if missing:
+        pytest.skip(f"this CPU cannot run {request.param} code (no {', '.join(sorted(missing))})")
+    return _level_module(request.param, str(tmp_path_factory.mktemp(request.param)))
+
+
+def _stats(
+    module: ModuleType, probs: np.ndarray, k: int, gid: np.ndarray | None = None, n_groups: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    n, e = probs.shape
+    entropies, top1 = np.zeros(n), np.empty(n, np.float32)
+    ids = np.empty((n, k), np.int32)
+    sums = None if gid is None else np.zeros((n_groups, e))
+    module.token_stats(probs, e, k, True, entropies, top1, ids, gid, sums)
+    return entropies, top1, ids, sums
+
+
+def _sequential_sums(probs: np.ndarray, gid: np.ndarray, n_groups: int) -> np.ndarray:
+    """Each group's column sums in float64, rows added one after another in order."""
+    out = np.zeros((n_groups, probs.shape[1]))
+    for row, group in zip(probs.astype(np.float64), gid, strict=True):
+        out[group] += row
+    return out
+
+
+def _probs(rng: np.random.Generator, n: int, e: int) -> np.ndarray:
+    probs = rng.dirichlet(np.full(e, 0.3), size=n).astype(np.float32)
+    probs[rng.random((n, e)) < 0.2] = 0.0  # exact zeros: 0 ln 0 = 0
+    probs[1::5] = np.round(probs[1::5], 1)  # ties
+    probs[0, 0] = np.finfo(np.float32).tiny / 8  # a subnormal
+    empty = probs.sum(axis=1) == 0
+    probs[empty, rng.integers(0, e, int(empty.sum()))] = 1.0
+    probs /= probs.sum(axis=1, keepdims=True)
+    probs[2] = 0.0
+    probs[2, e // 2] = 1.0  # one-hot: entropy exactly 0
+    return np.ascontiguousarray(probs, dtype=np.float32)
+
+
+@pytest.mark.parametrize(("e", "k"), [(1, 1), (3, 2), (8, 2), (8, 8), (17, 3), (64, 2), (256, 8)])
+def test_token_stats_match_scipy_and_a_stable_sort(native: ModuleType, e: int, k: int) -> None:
+    rng = np.random.default_rng(e * 31 + k)
+    probs = _probs(rng, 700, e)
+    gid = np.sort(rng.integers(0, 4, len(probs))).astype(np.int64)
+    gid[::3] = rng.integers(0, 4, len(gid[::3]))  # groups that come back
+    entropies, top1, ids, sums = _stats(native, probs, k, gid, 4)
+    expected = scipy_entropy(probs.astype(np.float64), axis=1) if e > 1 else np.zeros(len(probs))
+    np.testing.assert_allclose(entropies, expected, rtol=1e-6, atol=1e-7)
+    assert entropies[2] == 0.0
+    np.testing.assert_array_equal(top1, probs.max(axis=1))
+    np.testing.assert_array_equal(ids, np.argsort(-probs, axis=1, kind="stable")[:, :k])
+    np.testing.assert_array_equal(sums, _sequential_sums(probs, gid, 4))
+
+
+def test_levels_agree_with_the_installed_build(native: ModuleType) -> None:
+    """Every level gives the same top-k and sums, and entropies within a few float32 ulp."""
+    probs = _probs(np.random.default_rng(3), 2000, 64)
+    gid = np.repeat(np.arange(4), 500).astype(np.int64)
+    ours, reference = _stats(native, probs, 2, gid, 4), _stats(_native, probs, 2, gid, 4)
+    np.testing.assert_allclose(ours[0], reference[0], rtol=2e-6, atol=1e-7)
+    for mine, theirs in zip(ours[1:], reference[1:], strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=40),
+        elements=st.sampled_from([0.0, 1e-45, 1e-30, 0.125, 0.25, 0.5, 1.0, 3.0]),
+    ),
+    st.integers(1, 40),
+)
+def test_top_k_and_entropy_of_any_non_negative_rows(values: np.ndarray, k: int) -> None:
+    """Ties, zeros, subnormals and unnormalised rows: the top-k is the stable sort's, the
+    maximum is numpy's, and the entropy sum is -sum p ln p term by term."""
+    k = min(k, values.shape[1])
+    entropies, top1, ids, _ = _stats(_native, values, k)
+    np.testing.assert_array_equal(ids, np.argsort(-values, axis=1, kind="stable")[:, :k])
+    np.testing.assert_array_equal(top1, values.max(axis=1))
+    wide = values.astype(np.float64)
+    terms = wide * np.log(np.maximum(wide, np.finfo(np.float32).tiny))
+    np.testing.assert_allclose(entropies, -terms.sum(axis=1), rtol=2e-6, atol=1e-6)
+
+
+def test_row_sums_and_minimum(native: ModuleType) -> None:
+    values = _probs(np.random.default_rng(4), 300, 33)
+    values[5, 3] = -0.25
+    values[6, 0] = np.nan
+    values[7, 1] = np.inf
+    sums = np.empty(len(values), np.float32)
+    lowest = native.row_sums(values, 33, sums)
+    assert lowest == -0.25  # NaN is not a minimum, but its row's sum is NaN
+    assert np.isnan(sums[6])
+    assert sums[7] == np.inf
+    fine = np.isfinite(values).all(axis=1)
+    np.testing.assert_allclose(sums[fine], values[fine].sum(axis=1), rtol=1e-5)
+    assert native.row_sums(np.zeros((0, 4), np.float32), 4, np.empty(0, np.float32)) == np.inf
+
+
+def _arguments(n: int = 4, e: int = 3, k: int = 2) -> list[object]:
+    return [
+        np.full((n, e), 1 / e, np.float32),
+        e,
+        k,
+        True,
+        np.zeros(n),
+        np.empty(n, np.float32),
+        np.empty((n, k), np.int32),
+        None,
+        None,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({1: 0}, "number of experts"),
+        ({1: 5}, "whole number of float32 rows"),
+        ({2: 0}, "k must be"),
+        ({2: 4}, "k must be"),
+        ({4: np.zeros(3)}, "entropies holds"),
+        ({5: np.empty(5, np.float32)}, "top1 holds"),
+        ({6: np.empty((4, 1), np.int32)}, "ids holds"),
+        ({7: np.zeros(4, np.int64)}, "go together"),
+        ({7: np.zeros(3, np.int64), 8: np.zeros((1, 3))}, "groups holds"),
+        ({7: np.array([0, 1, 2, 1]), 8: np.zeros((2, 3))}, "group 2 of row 2 is outside 0..1"),
+        ({7: np.array([0, -1, 0, 0]), 8: np.zeros((1, 3))}, "outside"),
+        ({7: np.zeros(4, np.int64), 8: np.zeros(7)}, "sums holds"),
+    ],
+)
+def test_wrong_buffers_are_refused_before_any_access(
+    change: dict[int, object], message: str
+) -> None:
+    """The kernels trust no length: a buffer of the wrong size is a ValueError, not a read or
+    write outside it."""
+    arguments = _arguments()
+    for position, value in change.items():
+        arguments[position] = value
+    with pytest.raises(ValueError, match=message):
+        _native.token_stats(*arguments)
+
+
+def test_buffers_must_be_contiguous_and_outputs_writable() -> None:
+    arguments = _arguments()
+    arguments[0] = np.full((4, 6), 0.5, np.float32)[:, ::2]
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        _native.token_stats(*arguments)
+    arguments = _arguments()
+    readonly = np.zeros(4)
+    readonly.flags.writeable = False
+    arguments[4] = readonly
+    with pytest.raises(TypeError, match="read-write"):
+        _native.token_stats(*arguments)
+    with pytest.raises(ValueError, match="whole number"):
+        _native.row_sums(np.zeros(5, np.float32), 2, np.empty(2, np.float32))
+
+
+def test_an_unbuilt_tree_says_how_to_build_it() -> None:
+    """A checkout used without installing it has no compiled module: one clear error."""
+    code = (
+        "import sys; sys.modules['routelog._native'] = None\n"
+        "try:\n    import routelog.native\n"
+        "except ImportError as exc:\n    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert "compiled kernels (routelog/_native.c) are not built" in done.stdout
+    assert "pip install -e ." in done.stdout
