@@ -18,10 +18,11 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__) && \
     !defined(ROUTELOG_NO_DISPATCH)
-/* one compiled copy per instruction-set level, chosen at load time for the CPU at hand
- * (tests/test_native.py builds each level alone, with ROUTELOG_NO_DISPATCH, and checks it) */
+/* one compiled copy per instruction-set level, chosen at load time for the CPU at hand (an
+ * ifunc: glibc's); tests/test_native.py builds each level alone, with ROUTELOG_NO_DISPATCH,
+ * and checks it. Elsewhere one copy for the compiler's default target. */
 #define DISPATCH __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define DISPATCH

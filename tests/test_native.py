@@ -244,3 +244,18 @@ def test_an_unbuilt_tree_says_how_to_build_it() -> None:
     )
     assert "compiled kernels (routelog/_native.c) are not built" in done.stdout
     assert "pip install -e ." in done.stdout
+
+
+@pytest.mark.skipif(
+    platform.machine() != "x86_64" or platform.libc_ver()[0] != "glibc",
+    reason="the per-level copies are built for x86-64 with glibc",
+)
+def test_the_installed_build_carries_a_copy_per_level() -> None:
+    """gcc builds the AVX-512, AVX2 and SSE2 copies and picks one at load time; a change to
+    the build that lost them would still pass every other test, only slower."""
+    compiler = sysconfig.get_config_var("CC") or ""
+    if "gcc" not in compiler:
+        pytest.skip(f"built by {compiler or 'an unknown compiler'}: one copy, its default target")
+    binary = Path(_native.__file__).read_bytes()
+    for level in ("arch_x86_64_v4", "arch_x86_64_v3", "default"):
+        assert f"token_stats_rows.{level}".encode() in binary
