@@ -14,6 +14,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -89,6 +90,75 @@ static inline void row_top_k(const float *restrict p, Py_ssize_t e, Py_ssize_t k
             }
             copy[at] = -INFINITY;
         }
+    }
+}
+
+/* e^x for x <= 0 in float32: 0 below -87.33 (where e^x leaves the normal floats, and for
+ * -inf). The reduction and polynomial are those of Arm's optimized-routines v_expf (error
+ * below 2 ulp): x = n ln 2 + r, |r| <= ln 2 / 2, e^x = 2^n (1 + P(r)). Plain arithmetic, so
+ * loops over it vectorize, unlike a call to expf. */
+static inline float exp_nonpositive(float x) {
+    const float shift = 0x1.8p23f;
+    float z = x * 0x1.715476p+0f + shift; /* n, rounded, in the low bits of z */
+    float n = z - shift;
+    float r = x - n * 0x1.62e4p-1f - n * 0x1.7f7d1cp-20f;
+    uint32_t bits;
+    memcpy(&bits, &z, sizeof bits);
+    uint32_t e = (bits << 23) + 0x3f800000u; /* 2^n as a float's bits */
+    float scale;
+    memcpy(&scale, &e, sizeof scale);
+    float r2 = r * r;
+    float p = 0x1.0e4020p-7f * r + 0x1.573e2ep-5f;
+    float q = 0x1.555e66p-3f * r + 0x1.fffdb6p-2f;
+    q = p * r2 + q;
+    float poly = q * r2 + 0x1.ffffecp-1f * r;
+    float value = poly * scale + scale;
+    return x < -0x1.5d589ep+6f ? 0.0f : value; /* -87.33654 = ln of the smallest normal */
+}
+
+/* Per row of logits (float64): what is wrong with it, if anything (1: NaN or +inf, 2: every
+ * logit -inf, 3: a logit beyond +-max_logit; -DBL_MAX counts as -inf, as JSON writes it),
+ * and for a good row the softmax of logits / temperature (float32; the division is a
+ * multiplication by 1 / temperature) and its logsumexp. */
+DISPATCH
+static void softmax_rows(const double *restrict logits, Py_ssize_t n, Py_ssize_t e,
+                         double temperature, double max_logit, float *restrict probs,
+                         double *restrict lse, uint8_t *restrict problems) {
+    const double scale = 1.0 / temperature; /* exact for the usual temperature of 1 */
+    for (Py_ssize_t t = 0; t < n; t++) {
+        const double *row = logits + t * e;
+        float *out = probs + t * e;
+        /* the largest logit, the smallest above -inf, and whether any is NaN */
+        double high = -INFINITY, low = INFINITY, nans = 0.0;
+#pragma omp simd reduction(max : high) reduction(min : low) reduction(+ : nans)
+        for (Py_ssize_t j = 0; j < e; j++) {
+            double x = row[j];
+            high = x > high ? x : high;
+            low = x > -DBL_MAX && x < low ? x : low;
+            nans += x != x ? 1.0 : 0.0;
+        }
+        problems[t] = nans > 0.0 || high == INFINITY ? 1
+                      : high <= -DBL_MAX              ? 2
+                      : high > max_logit || low < -max_logit ? 3
+                                                              : 0;
+        if (problems[t]) {
+            lse[t] = 0.0;
+            memset(out, 0, (size_t)e * sizeof *out);
+            continue;
+        }
+        double peak = high * scale;
+#pragma omp simd
+        for (Py_ssize_t j = 0; j < e; j++)
+            out[j] = row[j] > -DBL_MAX ? (float)(row[j] * scale - peak) : -INFINITY;
+#pragma omp simd
+        for (Py_ssize_t j = 0; j < e; j++) out[j] = exp_nonpositive(out[j]);
+        double total = 0.0;
+#pragma omp simd reduction(+ : total)
+        for (Py_ssize_t j = 0; j < e; j++) total += (double)out[j];
+        lse[t] = peak + log(total);
+        float inverse = (float)(1.0 / total);
+#pragma omp simd
+        for (Py_ssize_t j = 0; j < e; j++) out[j] *= inverse;
     }
 }
 
@@ -258,9 +328,49 @@ static PyObject *row_sums(PyObject *self, PyObject *args) {
     return result;
 }
 
+PyDoc_STRVAR(
+    softmax_doc,
+    "softmax(logits, n_columns, temperature, max_logit, probs, lse, problems)\n\n"
+    "From C-ordered float64 logits (n x n_columns), fill problems (uint8, n: 0 for a good "
+    "row, 1 NaN or +inf, 2 every logit -inf, 3 a logit beyond +-max_logit) and, for good rows, "
+    "probs (float32, n x n_columns: the softmax of logits / temperature) and lse (float64, "
+    "n: its logsumexp); bad rows get zeros.");
+
+static PyObject *softmax(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer logits, probs, lse, problems;
+    Py_ssize_t e;
+    double temperature, max_logit;
+    if (!PyArg_ParseTuple(args, "y*nddw*w*w*", &logits, &e, &temperature, &max_logit, &probs,
+                          &lse, &problems))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = -1;
+    if (e < 1 || e > INT32_MAX || logits.len % (e * (Py_ssize_t)sizeof(double)) != 0)
+        PyErr_SetString(PyExc_ValueError, "logits is not a whole number of float64 rows");
+    else if (!(temperature > 0.0) || !(max_logit > 0.0))
+        PyErr_SetString(PyExc_ValueError, "temperature and max_logit must be positive");
+    else
+        n = logits.len / (e * (Py_ssize_t)sizeof(double));
+    if (n >= 0 && check_length(&probs, n * e, sizeof(float), "probs") == 0 &&
+        check_length(&lse, n, sizeof(double), "lse") == 0 &&
+        check_length(&problems, n, sizeof(uint8_t), "problems") == 0) {
+        Py_BEGIN_ALLOW_THREADS
+        softmax_rows(logits.buf, n, e, temperature, max_logit, probs.buf, lse.buf, problems.buf);
+        Py_END_ALLOW_THREADS
+        result = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&logits);
+    PyBuffer_Release(&probs);
+    PyBuffer_Release(&lse);
+    PyBuffer_Release(&problems);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"token_stats", token_stats, METH_VARARGS, token_stats_doc},
     {"row_sums", row_sums, METH_VARARGS, row_sums_doc},
+    {"softmax", softmax, METH_VARARGS, softmax_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -14,3 +14,13 @@ def token_stats(
     /,
 ) -> None: ...
 def row_sums(values: np.ndarray, n_columns: int, sums: np.ndarray, /) -> float: ...
+def softmax(
+    logits: np.ndarray,
+    n_columns: int,
+    temperature: float,
+    max_logit: float,
+    probs: np.ndarray,
+    lse: np.ndarray,
+    problems: np.ndarray,
+    /,
+) -> None: ...

@@ -23,6 +23,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from scipy.special import logsumexp as scipy_logsumexp
+from scipy.special import softmax as scipy_softmax
 from scipy.stats import entropy as scipy_entropy
 
 from routelog import _native
@@ -264,3 +266,68 @@ def test_the_installed_build_carries_a_copy_per_level() -> None:
     binary = Path(_native.__file__).read_bytes()
     for level in ("arch_x86_64_v4", "arch_x86_64_v3", "default"):
         assert f"token_stats_rows.{level}".encode() in binary
+
+
+def _softmax(
+    module: ModuleType, logits: np.ndarray, temperature: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n, e = logits.shape
+    probs, lse, problems = np.empty((n, e), np.float32), np.empty(n), np.empty(n, np.uint8)
+    module.softmax(logits, e, temperature, 1e150, probs, lse, problems)
+    return probs, lse, problems
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize(("e", "spread"), [(1, 1.0), (8, 1.0), (64, 5.0), (256, 30.0)])
+def test_softmax_matches_scipy(
+    native: ModuleType, e: int, spread: float, temperature: float
+) -> None:
+    """Probabilities within 1e-7 absolute and 5e-6 relative of scipy's float64 softmax (the
+    exponentials are float32), logsumexp within 2e-7; masked experts get exactly 0."""
+    rng = np.random.default_rng(e)
+    logits = rng.standard_normal((600, e)) * spread + rng.normal(0, 50, (600, 1))
+    if e > 1:
+        logits[::5, 0] = -np.inf  # a masked expert
+        logits[1::5, -1] = -np.finfo(np.float64).max  # JSON's -Infinity
+    probs, lse, problems = _softmax(native, logits, temperature)
+    masked = np.where(logits <= -np.finfo(np.float64).max, -np.inf, logits) / temperature
+    expected = scipy_softmax(masked, axis=1)
+    assert not problems.any()
+    np.testing.assert_allclose(probs, expected, rtol=5e-6, atol=1e-7)
+    np.testing.assert_allclose(lse, scipy_logsumexp(masked, axis=1), rtol=1e-12, atol=2e-7)
+    assert (probs[np.isneginf(masked)] == 0.0).all()
+    np.testing.assert_allclose(probs.sum(axis=1, dtype=np.float64), 1.0, atol=1e-6)
+
+
+def test_softmax_names_each_bad_row(native: ModuleType) -> None:
+    top = np.finfo(np.float64).max
+    rows = [
+        ([0.5, 1.0, -np.inf], 0),  # fine
+        ([np.nan, 1.0, 2.0], 1),
+        ([np.inf, 1.0, 2.0], 1),
+        ([np.nan, 2e150, 0.0], 1),  # NaN wins over a logit too large
+        ([-np.inf, -np.inf, -np.inf], 2),
+        ([-top, -np.inf, -top], 2),  # JSON's -Infinity everywhere
+        ([2e150, 0.0, 0.0], 3),
+        ([-2e150, 0.0, 0.0], 3),
+    ]
+    logits = np.array([row for row, _ in rows])
+    expected = [code for _, code in rows]
+    probs, lse, problems = _softmax(native, logits)
+    assert problems.tolist() == expected
+    assert (probs[1:] == 0).all()
+    assert (lse[1:] == 0).all()
+    np.testing.assert_allclose(probs[0], scipy_softmax([0.5, 1.0, -np.inf]), rtol=1e-6)
+
+
+def test_softmax_refuses_what_it_cannot_use() -> None:
+    logits = np.zeros((3, 4))
+    outputs = np.empty((3, 4), np.float32), np.empty(3), np.empty(3, np.uint8)
+    with pytest.raises(ValueError, match="positive"):
+        _native.softmax(logits, 4, 0.0, 1e150, *outputs)
+    with pytest.raises(ValueError, match="whole number of float64 rows"):
+        _native.softmax(logits, 5, 1.0, 1e150, *outputs)
+    with pytest.raises(ValueError, match="lse holds"):
+        _native.softmax(logits, 4, 1.0, 1e150, outputs[0], np.empty(2), outputs[2])
+    with pytest.raises(ValueError, match="probs holds"):
+        _native.softmax(logits, 4, 1.0, 1e150, np.empty(11, np.float32), *outputs[1:])

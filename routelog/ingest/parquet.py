@@ -94,43 +94,47 @@ def _record_batches(
 ) -> Iterator[pa.RecordBatch]:
     """The file's record batches in order, BATCH_ROWS rows at most each.
 
-    A local file of several row groups none larger than PARALLEL_ROW_GROUP_BYTES decoded is
-    decoded DECODE_THREADS row groups at a time (each on its own thread, in its own reader:
-    pyarrow decodes one column chunk on one thread, and a routing log is one big column),
-    but for its first row group, which streams batch by batch (so the first batch is ready
-    after a fraction of a row group's decoding); otherwise one batch at a time, as pyarrow
-    streams it.
-    Either way no batch spans two row groups, so a file gives the same sums whichever path
-    reads it (a bucket's or a disk's).
+    Row groups are read in units (:func:`row_group_units`): a row group alone, or consecutive
+    small ones together, so that a file written in many small row groups (a writer appending
+    a few thousand tokens at a time) is reduced in batches of up to BATCH_ROWS rows, not one
+    small batch per row group, each with its fixed cost. A local file of several units none
+    larger than PARALLEL_ROW_GROUP_BYTES decoded is decoded DECODE_THREADS units at a time
+    (each on its own thread, in its own reader: pyarrow decodes one column chunk on one
+    thread, and a routing log is one big column), but for its first unit, which streams batch
+    by batch (so the first batch is ready after a fraction of a row group's decoding);
+    otherwise one batch at a time, as pyarrow streams it.
+    Either way batches break at the same rows (no batch spans two units, and within a unit
+    every BATCH_ROWS rows), so a file gives the same sums whichever path reads it (a bucket's
+    or a disk's).
     """
     metadata = reader.metadata
-    sizes = [metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups)]
-    if path is None or len(sizes) < 2 or max(sizes) > PARALLEL_ROW_GROUP_BYTES:
-        # row group by row group, as the parallel path: batches never span two row groups,
-        # so sums are added in the same order and the results are identical bit for bit
-        for index in range(len(sizes)):
-            yield from _streamed(reader, index, columns)
+    units = row_group_units([metadata.row_group(i) for i in range(metadata.num_row_groups)])
+    if path is None or len(units) < 2 or max(size for _, size in units) > PARALLEL_ROW_GROUP_BYTES:
+        # unit by unit, as the parallel path: batches never span two units, so sums are
+        # added in the same order and the results are identical bit for bit
+        for unit, _ in units:
+            yield from _streamed(reader, unit, columns)
         return
     from concurrent.futures import Future, ThreadPoolExecutor
 
     import pyarrow.parquet as pq
 
-    def row_group(index: int) -> list[pa.RecordBatch]:
+    def decoded(unit: list[int]) -> list[pa.RecordBatch]:
         # read whole (6% less CPU than iter_batches), then cut at the same row offsets
         own = pq.ParquetFile(path, buffer_size=READ_BUFFER)
-        whole = own.read_row_group(index, columns=columns, use_threads=False)
+        whole = own.read_row_groups(unit, columns=columns, use_threads=False)
         parts: list[pa.RecordBatch] = whole.combine_chunks().to_batches(max_chunksize=BATCH_ROWS)
         return parts
 
     with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="routelog-decode") as pool:
         pending: list[Future[list[pa.RecordBatch]]] = []
         try:
-            pending = [pool.submit(row_group, 1)]
-            # the first row group streams here, batch by batch, so that reducing starts
-            # after one batch is decoded, not a whole row group, while the next one decodes
-            yield from _streamed(reader, 0, columns)
-            for index in range(2, len(sizes)):
-                pending.append(pool.submit(row_group, index))
+            pending = [pool.submit(decoded, units[1][0])]
+            # the first unit streams here, batch by batch, so that reducing starts after
+            # one batch is decoded, not a whole row group, while the next one decodes
+            yield from _streamed(reader, units[0][0], columns)
+            for unit, _ in units[2:]:
+                pending.append(pool.submit(decoded, unit))
                 if len(pending) > DECODE_THREADS:  # this many decode while one is used
                     yield from pending.pop(0).result()
             for future in pending:
@@ -140,18 +144,42 @@ def _record_batches(
                 future.cancel()
 
 
-def _streamed(reader: pq.ParquetFile, index: int, columns: list[str]) -> Iterator[pa.RecordBatch]:
-    """Row group ``index`` batch by batch, as pyarrow decodes it."""
+def row_group_units(row_groups: list[Any]) -> list[tuple[list[int], int]]:
+    """Consecutive row groups read together (their indices, and their decoded bytes): each
+    unit is one row group, or several small ones adding up to at most BATCH_ROWS rows."""
+    units: list[tuple[list[int], int]] = []
+    rows = 0
+    for index, group in enumerate(row_groups):
+        joins = units and rows + group.num_rows <= BATCH_ROWS
+        if joins:
+            indices, size = units[-1]
+            units[-1] = ([*indices, index], size + group.total_byte_size)
+            rows += group.num_rows
+        else:
+            units.append(([index], group.total_byte_size))
+            rows = group.num_rows
+    return units
+
+
+def _streamed(
+    reader: pq.ParquetFile, unit: list[int], columns: list[str]
+) -> Iterator[pa.RecordBatch]:
+    """A unit of row groups batch by batch: one row group as pyarrow decodes it; several small
+    ones (BATCH_ROWS rows at most in all) read together, as one batch."""
+    if len(unit) > 1:
+        whole = reader.read_row_groups(unit, columns=columns, use_threads=False)
+        parts: list[pa.RecordBatch] = whole.combine_chunks().to_batches(max_chunksize=BATCH_ROWS)
+        return iter(parts)
     return reader.iter_batches(  # type: ignore[no-any-return]
-        batch_size=BATCH_ROWS, row_groups=[index], columns=columns, use_threads=False
+        batch_size=BATCH_ROWS, row_groups=unit, columns=columns, use_threads=False
     )
 
 
 DECODE_THREADS = 2
-"""Row groups decoded at once, ahead of the one in use (memory: DECODE_THREADS + 1 decoded
-row groups)."""
+"""Units of row groups decoded at once, ahead of the one in use (memory: DECODE_THREADS + 1
+decoded units)."""
 PARALLEL_ROW_GROUP_BYTES = 256 << 20
-"""Files with a row group larger than this (decoded) stream one batch at a time instead."""
+"""Files with a unit of row groups larger than this (decoded) stream one batch at a time."""
 
 
 def _stated_score(

@@ -96,20 +96,9 @@ def to_probabilities(
                 "--score sigmoid applies to logits, but this input holds probabilities"
             )
         bad, problems = _bad_probability_rows(values)
+        probs, lse = values, None
     else:
-        values = np.array(values, dtype=np.float64)
-        values[values == -np.finfo(np.float64).max] = -np.inf  # JSONL's -Infinity, see jsonl.py
-        with np.errstate(invalid="ignore"):
-            nan_or_up = (np.isnan(values) | (values == np.inf)).any(axis=1)
-            all_down = (values == -np.inf).all(axis=1) & ~nan_or_up
-            finite = np.where(values == -np.inf, 0.0, values)
-            too_large = (np.abs(finite) > MAX_LOGIT).any(axis=1) & ~nan_or_up
-        bad = nan_or_up | all_down | too_large
-        problems = {
-            "non-finite logit (NaN or +inf)": nan_or_up,
-            "every logit is -inf": all_down,
-            f"logit beyond ±{MAX_LOGIT:g} (its z-loss would overflow float64)": too_large,
-        }
+        probs, lse, bad, problems = _from_logits(values, options)
     keep = ~bad
     skipped = int(bad.sum())
     if skipped and not options.skip_bad_rows:
@@ -117,11 +106,49 @@ def to_probabilities(
         problem = next(name for name, mask in problems.items() if mask[row])
         raise InputError(f"{locate(row)}: {problem} (use --skip-bad-rows to drop such rows)")
     if skipped:
-        values = values[keep]
-    if kind == "probs":
-        return Probabilities(np.ascontiguousarray(values, dtype=np.float32), keep, None, skipped)
-    probs, lse = _from_logits(values.astype(np.float64, copy=False), options)
-    return Probabilities(probs, keep, lse, skipped)
+        probs = probs[keep]
+        lse = None if lse is None else lse[keep]
+    return Probabilities(np.ascontiguousarray(probs, dtype=np.float32), keep, lse, skipped)
+
+
+LOGIT_PROBLEMS = (
+    "non-finite logit (NaN or +inf)",
+    "every logit is -inf",
+    f"logit beyond ±{MAX_LOGIT:g} (its z-loss would overflow float64)",
+)
+"""What is wrong with a row of logits, by the code the softmax kernel gives it (1, 2, 3)."""
+
+
+def _from_logits(
+    values: np.ndarray, options: Options
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Softmax (or normalised sigmoid) probabilities in float32, the logsumexp of the logits
+    after ``--temperature`` in float64, and which rows break which rule, in one compiled pass
+    per row (``routelog/_native.c``; bad rows get zeros).
+
+    ``-inf`` logits (masked or group-limited experts) get probability exactly 0, and so do
+    logits more than 87.3 below their row's largest (e^-87.3 is float32's smallest normal);
+    -DBL_MAX counts as -inf (JSONL's -Infinity, see jsonl.py). The exponentials are float32
+    (within 2 ulp), summed in float64. The sigmoid scores are normalised in log space:
+    log sigmoid(x) = -log(1 + e^-x), so logits of -50 (whose sigmoids are ~1e-22) keep their
+    ratios instead of becoming 0/0.
+    """
+    logits = np.ascontiguousarray(values, dtype=np.float64)
+    n_rows, width = logits.shape
+    probs = np.zeros((n_rows, width), dtype=np.float32)
+    lse = np.zeros(n_rows, dtype=np.float64)
+    codes = np.zeros(n_rows, dtype=np.uint8)
+    temperature = 1.0 if options.temperature is None else float(options.temperature)
+    if n_rows and width:
+        native.softmax(logits, width, temperature, MAX_LOGIT, probs, lse, codes)
+    problems = {name: codes == code for code, name in enumerate(LOGIT_PROBLEMS, start=1)}
+    bad = codes != 0
+    if options.score == "sigmoid" and n_rows and width:
+        with np.errstate(invalid="ignore", over="ignore"):
+            scores = -np.logaddexp(0.0, -(logits / temperature))  # log sigmoid, exact for large |x|
+        scores[bad] = 0.0  # refused rows: any finite values
+        native.softmax(scores, width, 1.0, np.inf, probs, np.empty(n_rows), np.empty_like(codes))
+    return probs, lse, bad, problems
 
 
 def _bad_probability_rows(values: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -170,29 +197,6 @@ def _classify_rows(values: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray
         "probabilities do not sum to 1 (within 1e-3)": off,
     }
     return ~finite | negative | off, problems
-
-
-def _from_logits(logits: np.ndarray, options: Options) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax (or normalised sigmoid) probabilities and logsumexp, in float64.
-
-    ``-inf`` logits (masked or group-limited experts) get probability exactly 0; every row
-    has a finite maximum (rows of only ``-inf`` were refused). The sigmoid scores are
-    normalised in log space: log sigmoid(x) = -log(1 + e^-x), so logits of -50 (whose
-    sigmoids are ~1e-22) keep their ratios instead of becoming 0/0.
-    """
-    if options.temperature is not None:
-        logits = logits / options.temperature
-    peak = logits.max(axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", over="ignore"):
-        weights = np.exp(logits - peak)
-        total = weights.sum(axis=1, keepdims=True)
-        lse = (peak + np.log(total))[:, 0]
-        if options.score == "sigmoid":
-            scores = -np.logaddexp(0.0, -logits)  # log sigmoid, exact for large |x|
-            weights = np.exp(scores - scores.max(axis=1, keepdims=True))
-            total = weights.sum(axis=1, keepdims=True)
-    weights /= total
-    return weights.astype(np.float32), lse
 
 
 def looks_like_probabilities(matrix: np.ndarray) -> bool:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 from typer.testing import CliRunner
 
 import routelog
@@ -295,6 +296,64 @@ def test_row_groups_decoded_in_parallel_give_the_serial_result(
     monkeypatch.setattr(parquet, "PARALLEL_ROW_GROUP_BYTES", 256 << 20)
     with pytest.raises(InputError, match=f"{bad} row 4321: probabilities do not sum to 1"):
         routelog.analyze([bad])
+
+
+def test_small_row_groups_are_read_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file written 70 rows at a time is reduced in batches of up to BATCH_ROWS rows (units
+    of 4 row groups here), with the same results serially, in parallel and from one big row
+    group, and errors still name the file's row."""
+    from routelog import kernels
+    from routelog.ingest import parquet
+
+    rng = np.random.default_rng(6)
+    probs = dirichlet(rng, 5000, 8).astype(np.float32)
+    layer = np.repeat(np.arange(5), 1000)
+    path = _row_groups(tmp_path, probs, layer, rows=70)
+    monkeypatch.setattr(parquet, "BATCH_ROWS", 300)
+    heights: list[int] = []
+    reduce = kernels.reduce_probs
+
+    def counted(frame: pl.DataFrame, top_k: int) -> kernels.Reduced:
+        heights.append(frame.height)
+        return reduce(frame, top_k)
+
+    monkeypatch.setattr(kernels, "reduce_probs", counted)
+    parallel = routelog.analyze([path], jobs=1)
+    assert max(heights) == 280  # 4 row groups of 70 rows in one batch (a layer splits some)
+    assert sum(heights) == 5000
+    monkeypatch.setattr(parquet, "PARALLEL_ROW_GROUP_BYTES", 0)  # serial: one unit at a time
+    serial = routelog.analyze([path], jobs=1)
+    assert parallel.metrics.equals(serial.metrics)
+    (tmp_path / "one").mkdir()
+    whole = routelog.analyze([_row_groups(tmp_path / "one", probs, layer, rows=5000)], jobs=1)
+    assert_frame_equal(parallel.metrics, whole.metrics, check_exact=False, rel_tol=1e-9)
+    probs[4321] = [0.6, 0.6, 0, 0, 0, 0, 0, 0]
+    bad = _row_groups(tmp_path, probs, layer, rows=70)
+    monkeypatch.setattr(parquet, "PARALLEL_ROW_GROUP_BYTES", 256 << 20)
+    with pytest.raises(InputError, match=f"{bad} row 4321: probabilities do not sum to 1"):
+        routelog.analyze([bad])
+
+
+@pytest.mark.parametrize(
+    ("rows", "units"),
+    [
+        ([4096] * 20, [list(range(16)), list(range(16, 20))]),
+        ([100_000, 10, 10, 70_000, 5], [[0], [1, 2], [3], [4]]),
+        ([65_536, 1], [[0], [1]]),
+        ([], []),
+    ],
+)
+def test_row_group_units(rows: list[int], units: list[list[int]]) -> None:
+    from types import SimpleNamespace
+
+    from routelog.ingest import parquet
+
+    groups = [SimpleNamespace(num_rows=n, total_byte_size=4 * n) for n in rows]
+    found = parquet.row_group_units(groups)
+    assert [indices for indices, _ in found] == units
+    assert [size for _, size in found] == [sum(4 * rows[i] for i in unit) for unit in units]
 
 
 def test_sums_near_the_tolerance_are_decided_in_float64(tmp_path: Path) -> None:
