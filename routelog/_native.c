@@ -168,19 +168,42 @@ static inline void add_row(const float *restrict row, Py_ssize_t e, double *rest
     for (Py_ssize_t j = 0; j < e; j++) sums[j] += (double)row[j];
 }
 
-/* Everything per row in one visit: entropy, top-k, and (when groups is not NULL) the row
- * added to its group's column sums, rows in order. */
+/* Whether a selection of ks experts differs, as a set, from the top-ks of the row: whether
+ * an expert left out has a higher probability than the lowest one selected (ties are not a
+ * difference). */
+static inline uint8_t row_differs(const float *restrict p, Py_ssize_t e,
+                                  const int32_t *restrict selected, Py_ssize_t ks,
+                                  float *restrict copy) {
+    if (ks >= e) return 0;
+    float lowest = INFINITY;
+    memcpy(copy, p, (size_t)e * sizeof *copy);
+    for (Py_ssize_t s = 0; s < ks; s++) {
+        float chosen = p[selected[s]];
+        lowest = chosen < lowest ? chosen : lowest;
+        copy[selected[s]] = -INFINITY;
+    }
+    float other = -INFINITY;
+#pragma omp simd reduction(max : other)
+    for (Py_ssize_t j = 0; j < e; j++) other = copy[j] > other ? copy[j] : other;
+    return other > lowest;
+}
+
+/* Everything per row in one visit: entropy, top-k, (when groups is not NULL) the row added
+ * to its group's column sums, rows in order, and (when selected is not NULL) whether the
+ * selection differs from the top of the row. */
 DISPATCH
 static void token_stats_rows(const float *restrict probs, Py_ssize_t n, Py_ssize_t e,
                              Py_ssize_t k, int entropy, double *restrict entropies,
                              float *restrict top1, int32_t *restrict ids,
                              const int64_t *restrict groups, double *restrict sums,
-                             float *restrict copy) {
+                             const int32_t *restrict selected, Py_ssize_t ks,
+                             uint8_t *restrict differs, float *restrict copy) {
     for (Py_ssize_t t = 0; t < n; t++) {
         const float *row = probs + t * e;
         if (entropy) entropies[t] = row_entropy(row, e);
         row_top_k(row, e, k, ids + t * k, top1 + t, copy);
         if (groups) add_row(row, e, sums + groups[t] * e);
+        if (selected) differs[t] = row_differs(row, e, selected + t * ks, ks, copy);
     }
 }
 
@@ -221,22 +244,37 @@ static int check_groups(const Py_buffer *groups, Py_ssize_t n, Py_ssize_t n_grou
     return 0;
 }
 
+/* expert ids, each in 0..e-1 (checked, as they index into a row) */
+static int check_experts(const Py_buffer *selected, Py_ssize_t e) {
+    const int32_t *ids = selected->buf;
+    Py_ssize_t count = selected->len / (Py_ssize_t)sizeof(int32_t);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (ids[i] < 0 || ids[i] >= e) {
+            PyErr_Format(PyExc_ValueError, "selected expert %d is outside 0..%zd", ids[i], e - 1);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(
     token_stats_doc,
-    "token_stats(probs, n_experts, k, entropy, entropies, top1, ids, groups, sums)\n\n"
+    "token_stats(probs, n_experts, k, entropy, entropies, top1, ids, groups, sums, selected, "
+    "differs)\n\n"
     "From C-ordered float32 probabilities (n x n_experts), fill entropies (float64, n; left "
     "alone when entropy is false), top1 (float32, n) and ids (int32, n x k); when groups "
     "(int64, n) is not None, add each row to row groups[i] of sums (float64, n_groups x "
-    "n_experts).");
+    "n_experts); when selected (int32, n x ks: experts chosen) is not None, set differs "
+    "(uint8, n) to whether the selection differs, as a set, from the row's top ks.");
 
 static PyObject *token_stats(PyObject *self, PyObject *args) {
     (void)self;
-    Py_buffer probs, entropies, top1, ids, groups = {0}, sums = {0};
-    Py_ssize_t e, k;
+    Py_buffer probs, entropies, top1, ids, groups = {0}, sums = {0}, selected = {0}, differs = {0};
+    Py_ssize_t e, k, ks = 0;
     int entropy;
-    PyObject *groups_arg, *sums_arg;
-    if (!PyArg_ParseTuple(args, "y*nnpw*w*w*OO", &probs, &e, &k, &entropy, &entropies, &top1,
-                          &ids, &groups_arg, &sums_arg))
+    PyObject *groups_arg, *sums_arg, *selected_arg, *differs_arg;
+    if (!PyArg_ParseTuple(args, "y*nnpw*w*w*OOOO", &probs, &e, &k, &entropy, &entropies, &top1,
+                          &ids, &groups_arg, &sums_arg, &selected_arg, &differs_arg))
         return NULL;
     PyObject *result = NULL;
     float *copy = NULL;
@@ -262,6 +300,19 @@ static PyObject *token_stats(PyObject *self, PyObject *args) {
             check_groups(&groups, n, n_groups) < 0)
             goto done;
     }
+    if ((selected_arg == Py_None) != (differs_arg == Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "selected and differs go together");
+        goto done;
+    }
+    if (selected_arg != Py_None) {
+        if (PyObject_GetBuffer(selected_arg, &selected, PyBUF_SIMPLE) < 0) goto done;
+        if (PyObject_GetBuffer(differs_arg, &differs, PyBUF_WRITABLE) < 0) goto done;
+        ks = n ? selected.len / (n * (Py_ssize_t)sizeof(int32_t)) : 0;
+        if ((n && ks < 1) || check_length(&selected, n * ks, sizeof(int32_t), "selected") < 0 ||
+            check_length(&differs, n, sizeof(uint8_t), "differs") < 0 ||
+            check_experts(&selected, e) < 0)
+            goto done;
+    }
     copy = PyMem_RawMalloc((size_t)e * sizeof *copy);
     if (copy == NULL) {
         PyErr_NoMemory();
@@ -269,7 +320,7 @@ static PyObject *token_stats(PyObject *self, PyObject *args) {
     }
     Py_BEGIN_ALLOW_THREADS
     token_stats_rows(probs.buf, n, e, k, entropy, entropies.buf, top1.buf, ids.buf, groups.buf,
-                     sums.buf, copy);
+                     sums.buf, selected.buf, ks, differs.buf, copy);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
@@ -280,6 +331,8 @@ done:
     PyBuffer_Release(&ids);
     if (groups.obj) PyBuffer_Release(&groups);
     if (sums.obj) PyBuffer_Release(&sums);
+    if (selected.obj) PyBuffer_Release(&selected);
+    if (differs.obj) PyBuffer_Release(&differs);
     return result;
 }
 

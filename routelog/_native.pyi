@@ -11,6 +11,8 @@ def token_stats(
     ids: np.ndarray,
     groups: np.ndarray | None,
     sums: np.ndarray | None,
+    selected: np.ndarray | None,
+    differs: np.ndarray | None,
     /,
 ) -> None: ...
 def row_sums(values: np.ndarray, n_columns: int, sums: np.ndarray, /) -> float: ...

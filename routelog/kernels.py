@@ -33,7 +33,7 @@ probabilities), S_t is that selection, not the k largest p_t, and::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import polars as pl
@@ -202,15 +202,30 @@ def token_stats(
     >>> h.round(4), top1, ids
     (array([0.8979]), array([0.6], dtype=float32), array([[1, 2]], dtype=int32))
     """
-    entropies, top1, ids, _ = _token_stats(probs, k, entropy, None, 0)
-    return entropies, top1, ids
+    rows = _token_stats(probs, k, entropy=entropy)
+    return rows.entropies, rows.top1, rows.ids
+
+
+class _RowStats(NamedTuple):
+    entropies: np.ndarray  # (T,) float64
+    top1: np.ndarray  # (T,) float32
+    ids: np.ndarray  # (T, k) int32
+    sums: np.ndarray | None  # (groups, E) float64, with group ids
+    differs: np.ndarray | None  # (T,) bool, with a selection
 
 
 def _token_stats(
-    probs: np.ndarray, k: int, entropy: bool, gid: np.ndarray | None, n_groups: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """:func:`token_stats`, and with group ids the column sums of each group (float64, rows
-    added in order), formed in the same visit to each row."""
+    probs: np.ndarray,
+    k: int,
+    *,
+    entropy: bool = True,
+    gid: np.ndarray | None = None,
+    n_groups: int = 0,
+    selected: np.ndarray | None = None,
+) -> _RowStats:
+    """:func:`token_stats`; with group ids also the column sums of each group (float64, rows
+    added in order), and with a selection (T, ks) of expert ids also whether it differs from
+    each row's top ks (:func:`mismatched_rows`): all in the same visit to each row."""
     rows = np.ascontiguousarray(probs, dtype=np.float32)
     n_rows, n_experts = rows.shape
     k = max(1, min(k, n_experts))
@@ -219,9 +234,13 @@ def _token_stats(
     ids = np.empty((n_rows, k), dtype=np.int32)
     groups = None if gid is None else gid.astype(np.int64, copy=False)
     sums = None if gid is None else np.zeros((n_groups, n_experts), dtype=np.float64)
+    chosen = None if selected is None else np.ascontiguousarray(selected, dtype=np.int32)
+    differs = None if selected is None else np.zeros(n_rows, dtype=np.uint8)
     if n_rows:
-        native.token_stats(rows, n_experts, k, entropy, entropies, top1, ids, groups, sums)
-    return entropies, top1, ids, sums
+        native.token_stats(
+            rows, n_experts, k, entropy, entropies, top1, ids, groups, sums, chosen, differs
+        )
+    return _RowStats(entropies, top1, ids, sums, None if differs is None else differs.view(bool))
 
 
 def _group_ids(frame: pl.DataFrame) -> tuple[np.ndarray, pl.DataFrame]:
@@ -318,20 +337,28 @@ def reduce_probs(frame: pl.DataFrame, top_k: int) -> Reduced:
     n_groups = groups.height
     mismatch: dict[str, object] = {}
     if "topk_ids" in frame.columns:
-        entropies, top1, first, sum_probs = _token_stats(probs, 1, True, gid, n_groups)
         ids = frame["topk_ids"].to_numpy().astype(np.int32)
+        rows = _token_stats(probs, 1, gid=gid, n_groups=n_groups, selected=ids)
         k = ids.shape[1]
-        mismatch = _mismatch_columns(gid, n_groups, probs, ids)
+        first = rows.ids
+        assert rows.differs is not None
+        mismatch = {
+            "n_mismatch": np.bincount(gid, weights=rows.differs, minlength=n_groups).astype(
+                np.int64
+            ),
+            "n_compared": np.bincount(gid, minlength=n_groups),
+        }
     else:
         k = min(top_k, n_experts)
-        entropies, top1, ids, sum_probs = _token_stats(probs, k, True, gid, n_groups)
+        rows = _token_stats(probs, k, gid=gid, n_groups=n_groups)
+        ids = rows.ids
         first = ids[:, :1]
     columns: dict[str, object] = {
         "n_tokens": np.bincount(gid, minlength=n_groups),
-        "sum_entropy": np.bincount(gid, weights=entropies, minlength=n_groups),
-        "sum_top1": np.bincount(gid, weights=top1, minlength=n_groups),
+        "sum_entropy": np.bincount(gid, weights=rows.entropies, minlength=n_groups),
+        "sum_top1": np.bincount(gid, weights=rows.top1, minlength=n_groups),
         "n_selected": np.bincount(gid, minlength=n_groups),
-        "sum_probs": sum_probs,
+        "sum_probs": rows.sums,
         "counts": _counts(gid, n_groups, ids, n_experts),
         "top1_counts": _counts(gid, n_groups, first, n_experts),
         **mismatch,
@@ -348,7 +375,8 @@ def reduce_probs(frame: pl.DataFrame, top_k: int) -> Reduced:
 
 
 def mismatched_rows(probs: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Per row: whether the selected ids differ, as a set, from the top-k of the probabilities.
+    """Per row: whether the selected ids differ, as a set, from the top-k of the probabilities
+    (compiled: ``routelog/_native.c``).
 
     k is the width of ``ids``. A selection is the top-k when no expert left out has a higher
     probability than one selected, so ties are not a mismatch.
@@ -359,24 +387,9 @@ def mismatched_rows(probs: np.ndarray, ids: np.ndarray) -> np.ndarray:
     >>> mismatched_rows(p, np.array([[1, 0], [2, 0]]))
     array([False,  True])
     """
-    if ids.shape[1] >= probs.shape[1]:
-        return np.zeros(len(probs), dtype=bool)
-    ids = ids.astype(np.int64)
-    lowest_chosen = np.take_along_axis(probs, ids, axis=1).min(axis=1)
-    others = np.array(probs, dtype=np.float64, copy=True)
-    np.put_along_axis(others, ids, -np.inf, axis=1)
-    differs: np.ndarray = others.max(axis=1) > lowest_chosen
+    differs = _token_stats(probs, 1, entropy=False, selected=ids).differs
+    assert differs is not None
     return differs
-
-
-def _mismatch_columns(
-    gid: np.ndarray, n_groups: int, probs: np.ndarray, ids: np.ndarray
-) -> dict[str, object]:
-    differs = mismatched_rows(probs, ids)
-    return {
-        "n_mismatch": np.bincount(gid, weights=differs, minlength=n_groups).astype(np.int64),
-        "n_compared": np.bincount(gid, minlength=n_groups),
-    }
 
 
 # --- end selection vs probabilities ---------------------------------------------------------

@@ -306,7 +306,7 @@ def test_group_sums_match_numpy(order: str) -> None:
         rng.shuffle(gid)
     matrix = rng.random((len(gid), 6)).astype(np.float32)
     expected = np.stack([matrix[gid == g].sum(axis=0, dtype=np.float64) for g in range(5)])
-    sums = kernels._token_stats(matrix, 1, True, gid, 5)[3]
+    sums = kernels._token_stats(matrix, 1, gid=gid, n_groups=5).sums
     np.testing.assert_allclose(sums, expected, rtol=1e-12)
 
 

@@ -55,7 +55,8 @@ def _build(level: str, directory: Path) -> ModuleType:
     if shutil.which(compiler) is None:
         pytest.fail(f"no C compiler ({compiler}): the package itself could not have been built")
     target = directory / f"_native{sysconfig.get_config_var('EXT_SUFFIX')}"
-    command = [compiler, "-O3", "-fopenmp-simd", "-shared", "-fPIC", f"-march={level}"]
+    command = [compiler, "-O3", "-fopenmp-simd", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC"]
+    command += [f"-march={level}"]
     command += ["-DROUTELOG_NO_DISPATCH", f"-I{sysconfig.get_paths()['include']}"]
     subprocess.run([*command, str(SOURCE), "-o", str(target)], check=True)
     loader = importlib.machinery.ExtensionFileLoader("routelog._native", str(target))
@@ -90,7 +91,7 @@ def _stats(
     entropies, top1 = np.zeros(n), np.empty(n, np.float32)
     ids = np.empty((n, k), np.int32)
     sums = None if gid is None else np.zeros((n_groups, e))
-    module.token_stats(probs, e, k, True, entropies, top1, ids, gid, sums)
+    module.token_stats(probs, e, k, True, entropies, top1, ids, gid, sums, None, None)
     return entropies, top1, ids, sums
 
 
@@ -192,6 +193,8 @@ def _arguments(n: int = 4, e: int = 3, k: int = 2) -> list[object]:
         np.empty((n, k), np.int32),
         None,
         None,
+        None,
+        None,
     ]
 
 
@@ -210,6 +213,14 @@ def _arguments(n: int = 4, e: int = 3, k: int = 2) -> list[object]:
         ({7: np.array([0, 1, 2, 1]), 8: np.zeros((2, 3))}, "group 2 of row 2 is outside 0..1"),
         ({7: np.array([0, -1, 0, 0]), 8: np.zeros((1, 3))}, "outside"),
         ({7: np.zeros(4, np.int64), 8: np.zeros(7)}, "sums holds"),
+        ({9: np.zeros((4, 1), np.int32)}, "selected and differs go together"),
+        ({9: np.zeros(7, np.int32), 10: np.zeros(4, np.uint8)}, "selected holds"),
+        ({9: np.zeros((4, 1), np.int32), 10: np.zeros(3, np.uint8)}, "differs holds"),
+        (
+            {9: np.array([[0], [1], [3], [2]], np.int32), 10: np.zeros(4, np.uint8)},
+            "expert 3 is outside 0..2",
+        ),
+        ({9: np.array([[0], [-1], [0], [2]], np.int32), 10: np.zeros(4, np.uint8)}, "expert -1"),
     ],
 )
 def test_wrong_buffers_are_refused_before_any_access(
@@ -331,3 +342,25 @@ def test_softmax_refuses_what_it_cannot_use() -> None:
         _native.softmax(logits, 4, 1.0, 1e150, outputs[0], np.empty(2), outputs[2])
     with pytest.raises(ValueError, match="probs holds"):
         _native.softmax(logits, 4, 1.0, 1e150, np.empty(11, np.float32), *outputs[1:])
+
+
+def test_selection_differs_from_the_top_as_numpy_says(native: ModuleType) -> None:
+    """A selection differs when an expert left out has more probability than the lowest one
+    selected, ties not counted; a selection of every expert never differs."""
+    rng = np.random.default_rng(8)
+    probs = _probs(rng, 800, 16)
+    selected = np.argsort(-probs, axis=1, kind="stable")[:, :3].astype(np.int32)
+    swap = rng.random(800) < 0.3
+    selected[swap, 2] = np.argsort(-probs[swap], axis=1, kind="stable")[:, 5]  # 6th, not 3rd
+    n, e = probs.shape
+    differs = np.zeros(n, np.uint8)
+    outputs = np.zeros(n), np.empty(n, np.float32), np.empty((n, 1), np.int32)
+    native.token_stats(probs, e, 1, False, *outputs, None, None, selected, differs)
+    lowest = np.take_along_axis(probs, selected, axis=1).min(axis=1)
+    others = probs.astype(np.float64)
+    np.put_along_axis(others, selected.astype(np.int64), -np.inf, axis=1)
+    np.testing.assert_array_equal(differs.view(bool), others.max(axis=1) > lowest)
+    assert differs[swap].any()
+    every = np.tile(np.arange(e, dtype=np.int32), (n, 1))
+    native.token_stats(probs, e, 1, False, *outputs, None, None, every, differs)
+    assert not differs.any()
