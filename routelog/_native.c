@@ -116,51 +116,58 @@ static inline float exp_nonpositive(float x) {
     return x < -0x1.5d589ep+6f ? 0.0f : value; /* -87.33654 = ln of the smallest normal */
 }
 
-/* Per row of logits (float64): what is wrong with it, if anything (1: NaN or +inf, 2: every
- * logit -inf, 3: a logit beyond +-max_logit; -DBL_MAX counts as -inf, as JSON writes it),
- * and for a good row the softmax of logits / temperature (float32; the division is a
- * multiplication by 1 / temperature) and its logsumexp. */
-DISPATCH
-static void softmax_rows(const double *restrict logits, Py_ssize_t n, Py_ssize_t e,
-                         double temperature, double max_logit, float *restrict probs,
-                         double *restrict lse, uint8_t *restrict problems) {
-    const double scale = 1.0 / temperature; /* exact for the usual temperature of 1 */
-    for (Py_ssize_t t = 0; t < n; t++) {
-        const double *row = logits + t * e;
-        float *out = probs + t * e;
-        /* the largest logit, the smallest above -inf, and whether any is NaN */
-        double high = -INFINITY, low = INFINITY, nans = 0.0;
-#pragma omp simd reduction(max : high) reduction(min : low) reduction(+ : nans)
-        for (Py_ssize_t j = 0; j < e; j++) {
-            double x = row[j];
-            high = x > high ? x : high;
-            low = x > -DBL_MAX && x < low ? x : low;
-            nans += x != x ? 1.0 : 0.0;
-        }
-        problems[t] = nans > 0.0 || high == INFINITY ? 1
-                      : high <= -DBL_MAX              ? 2
-                      : high > max_logit || low < -max_logit ? 3
-                                                              : 0;
-        if (problems[t]) {
-            lse[t] = 0.0;
-            memset(out, 0, (size_t)e * sizeof *out);
-            continue;
-        }
-        double peak = high * scale;
-#pragma omp simd
-        for (Py_ssize_t j = 0; j < e; j++)
-            out[j] = row[j] > -DBL_MAX ? (float)(row[j] * scale - peak) : -INFINITY;
-#pragma omp simd
-        for (Py_ssize_t j = 0; j < e; j++) out[j] = exp_nonpositive(out[j]);
-        double total = 0.0;
-#pragma omp simd reduction(+ : total)
-        for (Py_ssize_t j = 0; j < e; j++) total += (double)out[j];
-        lse[t] = peak + log(total);
-        float inverse = (float)(1.0 / total);
-#pragma omp simd
-        for (Py_ssize_t j = 0; j < e; j++) out[j] *= inverse;
+/* Per row of logits (float32 or float64, one function for each, below): what is wrong with
+ * it, if anything (1: NaN or +inf, 2: every logit -inf, 3: a logit beyond +-max_logit;
+ * -DBL_MAX counts as -inf, as JSON writes it), and for a good row the softmax of
+ * logits / temperature (float32; the division is a multiplication by 1 / temperature,
+ * the subtraction of the row's largest is in float64) and its logsumexp. */
+#define SOFTMAX_ROWS(NAME, TYPE)                                                                  \
+    DISPATCH                                                                                      \
+    static void NAME(const TYPE *restrict logits, Py_ssize_t n, Py_ssize_t e, double temperature, \
+                     double max_logit, float *restrict probs, double *restrict lse,              \
+                     uint8_t *restrict problems) {                                                \
+        const double scale = 1.0 / temperature; /* exact for the usual temperature of 1 */       \
+        for (Py_ssize_t t = 0; t < n; t++) {                                                      \
+            const TYPE *row = logits + t * e;                                                     \
+            float *out = probs + t * e;                                                           \
+            /* the largest logit, the smallest above -inf, and whether any is NaN */              \
+            double high = -INFINITY, low = INFINITY, nans = 0.0;                                  \
+            _Pragma("omp simd reduction(max : high) reduction(min : low) reduction(+ : nans)")    \
+            for (Py_ssize_t j = 0; j < e; j++) {                                                  \
+                double x = row[j];                                                                \
+                high = x > high ? x : high;                                                       \
+                low = x > -DBL_MAX && x < low ? x : low;                                          \
+                nans += x != x ? 1.0 : 0.0;                                                       \
+            }                                                                                     \
+            problems[t] = nans > 0.0 || high == INFINITY             ? 1                          \
+                          : high <= -DBL_MAX                         ? 2                          \
+                          : high > max_logit || low < -max_logit     ? 3                          \
+                                                                     : 0;                         \
+            if (problems[t]) {                                                                    \
+                lse[t] = 0.0;                                                                     \
+                memset(out, 0, (size_t)e * sizeof *out);                                          \
+                continue;                                                                         \
+            }                                                                                     \
+            double peak = high * scale;                                                           \
+            _Pragma("omp simd")                                                                   \
+            for (Py_ssize_t j = 0; j < e; j++) {                                                  \
+                double x = row[j];                                                                \
+                out[j] = x > -DBL_MAX ? (float)(x * scale - peak) : -INFINITY;                    \
+            }                                                                                     \
+            _Pragma("omp simd")                                                                   \
+            for (Py_ssize_t j = 0; j < e; j++) out[j] = exp_nonpositive(out[j]);                  \
+            double total = 0.0;                                                                   \
+            _Pragma("omp simd reduction(+ : total)")                                              \
+            for (Py_ssize_t j = 0; j < e; j++) total += (double)out[j];                           \
+            lse[t] = peak + log(total);                                                           \
+            float inverse = (float)(1.0 / total);                                                 \
+            _Pragma("omp simd")                                                                   \
+            for (Py_ssize_t j = 0; j < e; j++) out[j] *= inverse;                                 \
+        }                                                                                         \
     }
-}
+
+SOFTMAX_ROWS(softmax_rows_float, float)
+SOFTMAX_ROWS(softmax_rows_double, double)
 
 /* sums += row in float64 */
 static inline void add_row(const float *restrict row, Py_ssize_t e, double *restrict sums) {
@@ -384,36 +391,49 @@ static PyObject *row_sums(PyObject *self, PyObject *args) {
 PyDoc_STRVAR(
     softmax_doc,
     "softmax(logits, n_columns, temperature, max_logit, probs, lse, problems)\n\n"
-    "From C-ordered float64 logits (n x n_columns), fill problems (uint8, n: 0 for a good "
+    "From C-ordered float32 or float64 logits (n x n_columns), fill problems (uint8, n: 0 for a good "
     "row, 1 NaN or +inf, 2 every logit -inf, 3 a logit beyond +-max_logit) and, for good rows, "
     "probs (float32, n x n_columns: the softmax of logits / temperature) and lse (float64, "
     "n: its logsumexp); bad rows get zeros.");
 
 static PyObject *softmax(PyObject *self, PyObject *args) {
     (void)self;
-    Py_buffer logits, probs, lse, problems;
+    Py_buffer logits = {0}, probs, lse, problems;
+    PyObject *logits_arg;
     Py_ssize_t e;
     double temperature, max_logit;
-    if (!PyArg_ParseTuple(args, "y*nddw*w*w*", &logits, &e, &temperature, &max_logit, &probs,
+    if (!PyArg_ParseTuple(args, "Onddw*w*w*", &logits_arg, &e, &temperature, &max_logit, &probs,
                           &lse, &problems))
         return NULL;
     PyObject *result = NULL;
-    Py_ssize_t n = -1;
-    if (e < 1 || e > INT32_MAX || logits.len % (e * (Py_ssize_t)sizeof(double)) != 0)
-        PyErr_SetString(PyExc_ValueError, "logits is not a whole number of float64 rows");
+    Py_ssize_t n = -1, width = 0;
+    if (PyObject_GetBuffer(logits_arg, &logits, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) goto done;
+    const char *format = logits.format ? logits.format : "B";
+    if (format[0] == '<' || format[0] == '=' || format[0] == '@') format++;
+    width = strcmp(format, "f") == 0 ? 4 : strcmp(format, "d") == 0 ? 8 : 0;
+    if (width == 0 || logits.itemsize != width)
+        PyErr_SetString(PyExc_ValueError, "logits must be float32 or float64");
+    else if (e < 1 || e > INT32_MAX || logits.len % (e * width) != 0)
+        PyErr_SetString(PyExc_ValueError, "logits is not a whole number of rows");
     else if (!(temperature > 0.0) || !(max_logit > 0.0))
         PyErr_SetString(PyExc_ValueError, "temperature and max_logit must be positive");
     else
-        n = logits.len / (e * (Py_ssize_t)sizeof(double));
+        n = logits.len / (e * width);
     if (n >= 0 && check_length(&probs, n * e, sizeof(float), "probs") == 0 &&
         check_length(&lse, n, sizeof(double), "lse") == 0 &&
         check_length(&problems, n, sizeof(uint8_t), "problems") == 0) {
         Py_BEGIN_ALLOW_THREADS
-        softmax_rows(logits.buf, n, e, temperature, max_logit, probs.buf, lse.buf, problems.buf);
+        if (width == 4)
+            softmax_rows_float(logits.buf, n, e, temperature, max_logit, probs.buf, lse.buf,
+                               problems.buf);
+        else
+            softmax_rows_double(logits.buf, n, e, temperature, max_logit, probs.buf, lse.buf,
+                                problems.buf);
         Py_END_ALLOW_THREADS
         result = Py_NewRef(Py_None);
     }
-    PyBuffer_Release(&logits);
+done:
+    if (logits.obj) PyBuffer_Release(&logits);
     PyBuffer_Release(&probs);
     PyBuffer_Release(&lse);
     PyBuffer_Release(&problems);

@@ -288,20 +288,25 @@ def _softmax(
     return probs, lse, problems
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize(("e", "spread"), [(1, 1.0), (8, 1.0), (64, 5.0), (256, 30.0)])
 def test_softmax_matches_scipy(
-    native: ModuleType, e: int, spread: float, temperature: float
+    native: ModuleType, e: int, spread: float, temperature: float, dtype: type
 ) -> None:
     """Probabilities within 1e-7 absolute and 5e-6 relative of scipy's float64 softmax (the
-    exponentials are float32), logsumexp within 2e-7; masked experts get exactly 0."""
+    exponentials are float32), logsumexp within 2e-7; masked experts get exactly 0. float32
+    logits are read as they are."""
     rng = np.random.default_rng(e)
     logits = rng.standard_normal((600, e)) * spread + rng.normal(0, 50, (600, 1))
     if e > 1:
         logits[::5, 0] = -np.inf  # a masked expert
-        logits[1::5, -1] = -np.finfo(np.float64).max  # JSON's -Infinity
+        if dtype == np.float64:
+            logits[1::5, -1] = -np.finfo(np.float64).max  # JSON's -Infinity
+    logits = logits.astype(dtype)
     probs, lse, problems = _softmax(native, logits, temperature)
-    masked = np.where(logits <= -np.finfo(np.float64).max, -np.inf, logits) / temperature
+    wide = logits.astype(np.float64)
+    masked = np.where(wide <= -np.finfo(np.float64).max, -np.inf, wide) / temperature
     expected = scipy_softmax(masked, axis=1)
     assert not problems.any()
     np.testing.assert_allclose(probs, expected, rtol=5e-6, atol=1e-7)
@@ -336,8 +341,12 @@ def test_softmax_refuses_what_it_cannot_use() -> None:
     outputs = np.empty((3, 4), np.float32), np.empty(3), np.empty(3, np.uint8)
     with pytest.raises(ValueError, match="positive"):
         _native.softmax(logits, 4, 0.0, 1e150, *outputs)
-    with pytest.raises(ValueError, match="whole number of float64 rows"):
+    with pytest.raises(ValueError, match="whole number of rows"):
         _native.softmax(logits, 5, 1.0, 1e150, *outputs)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        _native.softmax(logits.astype(np.int64), 4, 1.0, 1e150, *outputs)
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        _native.softmax(np.zeros((3, 8))[:, ::2], 4, 1.0, 1e150, *outputs)
     with pytest.raises(ValueError, match="lse holds"):
         _native.softmax(logits, 4, 1.0, 1e150, outputs[0], np.empty(2), outputs[2])
     with pytest.raises(ValueError, match="probs holds"):

@@ -124,7 +124,8 @@ def _from_logits(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Softmax (or normalised sigmoid) probabilities in float32, the logsumexp of the logits
     after ``--temperature`` in float64, and which rows break which rule, in one compiled pass
-    per row (``routelog/_native.c``; bad rows get zeros).
+    per row (``routelog/_native.c``; bad rows get zeros). float32 logits are read as they
+    are; others in float64.
 
     ``-inf`` logits (masked or group-limited experts) get probability exactly 0, and so do
     logits more than 87.3 below their row's largest (e^-87.3 is float32's smallest normal);
@@ -133,7 +134,8 @@ def _from_logits(
     log sigmoid(x) = -log(1 + e^-x), so logits of -50 (whose sigmoids are ~1e-22) keep their
     ratios instead of becoming 0/0.
     """
-    logits = np.ascontiguousarray(values, dtype=np.float64)
+    single = values.dtype == np.float32  # read as it is, else in float64
+    logits = np.ascontiguousarray(values, dtype=np.float32 if single else np.float64)
     n_rows, width = logits.shape
     probs = np.zeros((n_rows, width), dtype=np.float32)
     lse = np.zeros(n_rows, dtype=np.float64)
@@ -145,7 +147,8 @@ def _from_logits(
     bad = codes != 0
     if options.score == "sigmoid" and n_rows and width:
         with np.errstate(invalid="ignore", over="ignore"):
-            scores = -np.logaddexp(0.0, -(logits / temperature))  # log sigmoid, exact for large |x|
+            scaled = logits.astype(np.float64) / temperature
+            scores = -np.logaddexp(0.0, -scaled)  # log sigmoid, exact for large |x|
         scores[bad] = 0.0  # refused rows: any finite values
         native.softmax(scores, width, 1.0, np.inf, probs, np.empty(n_rows), np.empty_like(codes))
     return probs, lse, bad, problems

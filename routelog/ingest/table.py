@@ -507,8 +507,10 @@ def _probability_batch(
         frame = _skip(frame, nulls, f"null value in {layout.payload!r}", options, info, locate)
         column = column.filter(~nulls)
     kind: Literal["probs", "logits"] = "probs" if layout.kind == "probs" else "logits"
-    # logits in float64: a finite 1e39 must not become inf by a cast to float32
-    precision = pl.Float32 if kind == "probs" else pl.Float64
+    # logits stay float32 when they are (no copy), else float64: a finite 1e39 must not
+    # become inf by a cast to float32
+    inner = getattr(column.dtype, "inner", None)
+    precision = pl.Float32 if kind == "probs" or inner == pl.Float32 else pl.Float64
     if isinstance(column.dtype, pl.List):
         column = column.list.to_array(width)
     matrix = column.cast(pl.Array(precision, width)).to_numpy()
