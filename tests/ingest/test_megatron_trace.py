@@ -225,6 +225,11 @@ def test_other_bad_records(tmp_path: Path) -> None:
     assert f"{trace}:1: an expert id outside [0, 8)" in _bad(trace, "--num-experts", "8")
     _rewrite(trace, 1, {"top_indices": [[3, 3]] * T})
     assert f"{trace}:1: an expert id repeated" in _bad(trace, "--num-experts", "8")
+    _rewrite(trace, 1, {"top_indices": [[3, None]] + [[0, 1]] * (T - 1)})
+    output = _bad(trace, "--num-experts", "8")  # one line, no numpy warning
+    assert output == f"routelog: error: {trace}:1: a null expert id in 'top_indices' " + (
+        "(use --skip-bad-rows to drop such records)\n"
+    )
     _rewrite(trace, 1, {"top_indices": [[3, 4]] * T, "num_tokens": 5})
     assert f"{trace}:1: 'num_tokens' differs" in _bad(trace, "--num-experts", "8")
     _rewrite(trace, 1, {"num_tokens": T, "layer": "x"})
