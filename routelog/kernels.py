@@ -1,8 +1,9 @@
 """Kernels: canonical batches -> mergeable statistics -> metrics.
 
-Reduction is vectorized numpy over contiguous (T, E) blocks plus Polars for grouping; there is
-no Python loop over tokens. Statistics are sums and counts per (step, layer, dataset), so chunks,
-files and cached results add up with :func:`merge`; :func:`finish` turns them into metrics.
+Reduction visits each token's row once in compiled code (``routelog/_native.c``, through
+:mod:`routelog.native`), then numpy and Polars group and count; there is no Python loop over
+tokens. Statistics are sums and counts per (step, layer, dataset), so chunks, files and cached
+results add up with :func:`merge`; :func:`finish` turns them into metrics.
 
 Definitions (p_t: token t's probabilities over E experts; T tokens; S_t: the k largest p_t;
 c_i = #{t : i in S_t}; f_i = c_i / sum_j c_j; P_i = mean_t p_t,i; a_i = #{t : argmax p_t = i};
