@@ -7,10 +7,11 @@
  * callers (routelog/kernels.py) check shapes, dtypes and contiguity; this file checks them
  * again, because a wrong length here would read or write outside a buffer.
  *
- * Preconditions, met by every caller (rows are validated probabilities): values are finite
- * and non-negative. Results are deterministic on a machine; the vector width chosen for the
- * CPU (AVX-512, AVX2 or SSE2) may change the last bit of an entropy between machines, as
- * numpy's own vectorized sums do.
+ * token_stats expects validated probabilities (finite, non-negative): other values give
+ * unspecified statistics, never an access outside a buffer. row_sums and softmax take any
+ * values; they are the checks. Results are deterministic on a machine; the vector width
+ * chosen for the CPU (AVX-512, AVX2 or SSE2) may change the last bit of a sum between
+ * machines, as numpy's own vectorized sums do.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
