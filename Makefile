@@ -24,7 +24,7 @@ help:  ## list the targets
 # The install compiles the C kernels (routelog/_native.c) in place: a change to them reinstalls.
 NATIVE := setup.py routelog/_native.c
 $(RUNTIME): pyproject.toml $(NATIVE)
-	@command -v $${CC:-cc} >/dev/null 2>&1 || { echo "routelog compiles its C kernels when \
+	@cc="$${CC:-cc}"; command -v "$${cc%% *}" >/dev/null 2>&1 || { echo "routelog compiles its C kernels when \
 	installed: install a C compiler and Python's headers (Debian: apt-get install gcc python3-dev)"; \
 	exit 2; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -147,10 +147,11 @@ def _from_logits(
     bad = codes != 0
     if options.score == "sigmoid" and n_rows and width:
         with np.errstate(invalid="ignore", over="ignore"):
-            scaled = logits.astype(np.float64) / temperature
+            scaled = logits.astype(np.float64, copy=False) / temperature
             scores = -np.logaddexp(0.0, -scaled)  # log sigmoid, exact for large |x|
-        scores[bad] = 0.0  # refused rows: any finite values
+        scores[bad] = 0.0  # refused rows: any finite values (zeroed below)
         native.softmax(scores, width, 1.0, np.inf, probs, np.empty(n_rows), np.empty_like(codes))
+        probs[bad] = 0.0
     return probs, lse, bad, problems
 
 
