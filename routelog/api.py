@@ -292,7 +292,7 @@ def read_file(path: Location, options: Options, *, prefetch: int = PREFETCH) -> 
             if reduced.selections is not None:
                 selections.append(reduced.selections)
     stats = kernels.merge(parts)
-    _check_experts(stats, {}, str(path))
+    _check_experts([(stats, str(path))])
     _describe(
         info,
         steps=set(stats["step"].to_list()),
@@ -563,16 +563,33 @@ def _check_model_experts(stats: pl.DataFrame, model: ModelConfig | None, path: s
             )
 
 
-def _check_experts(stats: pl.DataFrame, seen: dict[int, tuple[int, str]], path: str) -> None:
-    """All rows of one (run, layer) must have the same expert count E."""
-    for layer, width in stats.select("layer", "n_experts").unique().iter_rows():
-        if layer in seen and seen[layer][0] != width:
-            first, where = seen[layer]
-            raise InputError(
-                f"{path}: layer {layer} has {width} experts, but {first} in {where} "
-                "(all rows of a layer must have the same expert count)"
-            )
-        seen.setdefault(layer, (width, str(path)))
+def _check_experts(parts: list[tuple[pl.DataFrame, str]]) -> None:
+    """All rows of one (run, layer) must have the same expert count E: ``parts`` are the
+    statistics of the run's files, in order, and the first file whose layer differs from
+    the width that layer had first is named (one vectorized pass, not one per file)."""
+    import numpy as np
+    import polars as pl
+
+    if not parts:
+        return
+    file = np.repeat(np.arange(len(parts), dtype=np.int64), [s.height for s, _ in parts])
+    widths = (
+        pl.DataFrame(
+            [pl.concat([s.get_column(name) for s, _ in parts]) for name in ("layer", "n_experts")]
+        )
+        .with_columns(pl.Series("file", file))
+        .unique(["layer", "n_experts"], keep="first", maintain_order=True)
+        .with_columns(pl.col("layer").is_first_distinct().alias("first"))
+    )
+    conflicts = widths.filter(~pl.col("first"))
+    if conflicts.height == 0:
+        return
+    layer, width, at, _ = conflicts.row(0)
+    first, where = widths.filter(pl.col("first") & (pl.col("layer") == layer)).row(0)[1:3]
+    raise InputError(
+        f"{parts[at][1]}: layer {layer} has {width} experts, but {first} in {parts[where][1]} "
+        "(all rows of a layer must have the same expert count)"
+    )
 
 
 def load_run(
@@ -609,9 +626,8 @@ def load_run(
         results = _read_remotely(files, options, cache, runner, report)
     else:
         results = _read_here(files, options, cache, runner, report)
-    seen: dict[int, tuple[int, str]] = {}
+    _check_experts([(r.stats, r.info.path) for r in results])
     for result in results:
-        _check_experts(result.stats, seen, result.info.path)
         _check_model_experts(result.stats, model, result.info.path)
     stats = kernels.merge([r.stats for r in results])
     if stats.height == 0:

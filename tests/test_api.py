@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 from typer.testing import CliRunner
@@ -288,3 +289,27 @@ def test_uncached_files_are_read_before_cached_ones_are_loaded(
     assert first.metrics.height + 1 == again.metrics.height
     monkeypatch.undo()
     assert_frame_equal(again.metrics, api.analyze([run], top_k=2).metrics)
+
+
+def _widths(*pairs: tuple[int, int]) -> pl.DataFrame:
+    return pl.DataFrame(
+        {"layer": [p[0] for p in pairs], "n_experts": [p[1] for p in pairs]},
+        schema={"layer": pl.Int32, "n_experts": pl.Int64},
+    )
+
+
+def test_expert_count_check_names_the_first_file_that_differs() -> None:
+    """Files in order: a layer's width is the one it had first; the first file (in order)
+    where it differs is named, with the file the width came from."""
+    parts = [
+        (_widths((0, 2), (1, 4)), "a"),
+        (_widths((1, 4)), "b"),
+        (_widths((1, 6), (0, 2)), "c"),
+        (_widths((0, 3)), "d"),
+    ]
+    with pytest.raises(InputError, match=r"^c: layer 1 has 6 experts, but 4 in a \(all rows"):
+        api._check_experts(parts)
+    api._check_experts(parts[:2])
+    api._check_experts([])
+    with pytest.raises(InputError, match=r"^x: layer 5 has 8 experts, but 7 in x "):
+        api._check_experts([(_widths((5, 7), (5, 8)), "x")])

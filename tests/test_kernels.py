@@ -459,8 +459,9 @@ def test_group_ids_from_runs_match_the_general_grouping(layers: list[int]) -> No
 
 @st.composite
 def _selection_frames(draw: st.DrawFn) -> pl.DataFrame:
-    """Selections as the kernels build them: runs of (step, layer, dataset), some repeated,
-    token positions and top-k ids anywhere in their types' ranges."""
+    """Selections as the kernels build them: runs of (step, layer, dataset), some repeated;
+    token positions counting up in each run, anywhere in their type's range, or with nulls;
+    top-k ids anywhere in their type's range."""
     k = draw(st.integers(1, 8))
     runs = draw(
         st.lists(
@@ -473,43 +474,62 @@ def _selection_frames(draw: st.DrawFn) -> pl.DataFrame:
             max_size=6,
         )
     )
-    wide_tokens = draw(st.booleans())
-    wide_ids = draw(st.sampled_from([65_535, 65_536, 2**31 - 1]))
+    tokens = draw(st.sampled_from(["counting", "narrow", "wide", "nulls"]))
+    wide_ids = draw(st.sampled_from([255, 256, 65_535, 65_536, 2**31 - 1]))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     rows = sum(length for *_, length in runs)
-    high = 2**40 if wide_tokens else 2**31 - 1
+    high = 2**40 if tokens == "wide" else 2**31 - 1
+    token = pl.Series("token", rng.integers(0, high, rows, dtype=np.int64))
+    if tokens == "counting":
+        firsts = rng.integers(-(2**40), 2**40, len(runs))
+        token = pl.Series(
+            "token",
+            [int(first) + i for first, (*_, n) in zip(firsts, runs, strict=True) for i in range(n)],
+            dtype=pl.Int64,
+        )
+    elif tokens == "nulls":
+        token = token.scatter(rng.integers(0, max(rows, 1), min(rows, 3)), None)
     return pl.DataFrame(
         {
             "step": [step for step, _, _, n in runs for _ in range(n)],
             "layer": [layer for _, layer, _, n in runs for _ in range(n)],
             "dataset": [dataset for _, _, dataset, n in runs for _ in range(n)],
-            "token": rng.integers(0, high, rows, dtype=np.int64),
         },
-        schema={"step": pl.Int64, "layer": pl.Int32, "dataset": pl.String, "token": pl.Int64},
-    ).with_columns(pl.Series("topk", rng.integers(0, wide_ids + 1, (rows, k), dtype=np.int32)))
+        schema={"step": pl.Int64, "layer": pl.Int32, "dataset": pl.String},
+    ).with_columns(
+        token,
+        pl.Series("topk", rng.integers(0, wide_ids + 1, (rows, k), dtype=np.int32)),
+    )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(_selection_frames())
 def test_packed_selections_unpack_to_an_equal_frame(frame: pl.DataFrame) -> None:
     """The wire form of a Dask worker's selections: the same frame back, dtypes included,
-    whatever the runs, the token range or the ids' range."""
+    whatever the runs, the token positions (counting, anywhere, null) or the ids' range."""
     unpacked = kernels.unpack_selections(kernels.pack_selections(frame))
     assert_frame_equal(unpacked, frame)
     assert unpacked.schema == frame.schema
 
 
 def test_packed_selections_are_small() -> None:
-    """At k=2, 8 bytes a token (token positions in int32, ids in uint16), against about 44 in
-    the frame; the narrowing is exact or not done."""
+    """At k=2 and E <= 256, 2 bytes a token (positions counting up in each run travel as the
+    run's first, ids as uint8), against about 44 in the frame; the narrowing is exact or not
+    done, and positions in any other order travel whole, in int32 where they fit."""
     rows = 50_000
     frame = pl.DataFrame(
         {"step": [3] * rows, "layer": [1] * rows, "dataset": [None] * rows, "token": range(rows)},
         schema={"step": pl.Int64, "layer": pl.Int32, "dataset": pl.String, "token": pl.Int64},
     ).with_columns(pl.Series("topk", np.tile(np.array([[63, 0]], np.int32), (rows, 1))))
     packed = kernels.pack_selections(frame)
-    assert packed["token"].nbytes + packed["topk"].nbytes == 8 * rows
+    assert packed["token"] is None
+    assert list(packed["first"]) == [0]
+    assert packed["topk"].nbytes == 2 * rows
     assert packed["runs"] == {"step": [3], "layer": [1], "dataset": [None]}
     assert list(packed["lengths"]) == [rows]
+    wide = frame.with_columns(pl.Series("topk", np.full((rows, 2), 256, np.int32)))
+    assert kernels.pack_selections(wide)["topk"].dtype == np.uint16
     negative = frame.with_columns(pl.Series("topk", np.full((rows, 2), -1, np.int32)))
     assert kernels.pack_selections(negative)["topk"].dtype == np.int32
+    shuffled = frame.with_columns(pl.Series("token", np.arange(rows)[::-1]))
+    assert kernels.pack_selections(shuffled)["token"].dtype == np.int32
