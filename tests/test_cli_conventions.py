@@ -92,8 +92,10 @@ def test_head_closes_the_pipe_early() -> None:
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_show_completion_prints_a_bash_script() -> None:
+    # "; exit $?": bash stays routelog's parent (a lone command is exec'd in its place, and
+    # the shell detection then depends on whatever started the tests)
     done = subprocess.run(
-        ["bash", "-c", f"{' '.join(ROUTELOG)} --show-completion"],
+        ["bash", "-c", f"{' '.join(ROUTELOG)} --show-completion; exit $?"],
         capture_output=True,
         text=True,
         check=False,
@@ -133,7 +135,7 @@ def test_completion_completes(words: str, expected: str) -> None:
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_install_completion_writes_the_script(tmp_path: Path) -> None:
     done = subprocess.run(
-        ["bash", "-c", f"{' '.join(ROUTELOG)} --install-completion"],
+        ["bash", "-c", f"{' '.join(ROUTELOG)} --install-completion; exit $?"],
         capture_output=True,
         text=True,
         check=False,
