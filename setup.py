@@ -8,8 +8,15 @@ setup(
         Extension(
             "routelog._native",
             sources=["routelog/_native.c"],
-            # an undeclared function is an error, not a symbol missing at import time
-            extra_compile_args=["-O3", "-fopenmp-simd", "-Werror=implicit-function-declaration"],
+            # an undeclared function is an error, not a symbol missing at import time; no
+            # fused multiply-adds, which some CPU levels have and others not: every level
+            # computes the same bits (routelog/_native.c)
+            extra_compile_args=[
+                "-O3",
+                "-fopenmp-simd",
+                "-ffp-contract=off",
+                "-Werror=implicit-function-declaration",
+            ],
         )
     ]
 )

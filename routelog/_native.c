@@ -9,9 +9,11 @@
  *
  * token_stats expects validated probabilities (finite, non-negative): other values give
  * unspecified statistics, never an access outside a buffer. row_sums and softmax take any
- * values; they are the checks. Results are deterministic on a machine; the vector width
- * chosen for the CPU (AVX-512, AVX2 or SSE2) may change the last bit of a sum between
- * machines, as numpy's own vectorized sums do.
+ * values; they are the checks. Every build gives the same bits, whatever the vector width
+ * chosen for the CPU (AVX-512, AVX2 or SSE2): sums are taken in fixed lanes (LANES, below)
+ * and setup.py turns floating-point contraction off (a fused multiply-add rounds once where
+ * a multiply and an add round twice, and only some levels have it). So Dask workers on
+ * different CPUs give the client the same statistics, byte for byte.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -51,20 +53,42 @@ static inline float log_bits(uint32_t u) {
     return y * r2 + ((float)n * 0x1.62e43p-1f + r);
 }
 
-/* -sum_j p_j ln p_j with 0 ln 0 = 0: zeros are raised to the smallest normal float before
- * the log (compared as integers, which orders non-negative floats), so their term is
- * 0 x ln(tiny) = 0. Terms are summed in float32 lanes, the row total in float64. */
+/* Sums over a row are taken in LANES lanes (element j in lane j % LANES), then the lanes
+ * are folded pairwise in a fixed order: the same additions in the same order whatever the
+ * vector width (one AVX-512 register of floats, two of AVX2, four of SSE2). */
+#define LANES 16
+
+static inline float fold_floats(float *lane) {
+    for (int width = LANES / 2; width > 0; width /= 2)
+        for (int l = 0; l < width; l++) lane[l] += lane[l + width];
+    return lane[0];
+}
+
+static inline double fold_doubles(double *lane) {
+    for (int width = LANES / 2; width > 0; width /= 2)
+        for (int l = 0; l < width; l++) lane[l] += lane[l + width];
+    return lane[0];
+}
+
+/* p ln p, with 0 ln 0 = 0: a zero is raised to the smallest normal float before the log
+ * (compared as an integer, which orders non-negative floats), so its term is 0 x ln(tiny). */
+static inline float entropy_term(float v) {
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    u = u > 0x00800000u ? u : 0x00800000u;
+    return v * log_bits(u);
+}
+
+/* -sum_j p_j ln p_j: terms summed in float32 lanes, the row total returned in float64. */
 static inline double row_entropy(const float *restrict p, Py_ssize_t e) {
-    float h = 0.0f;
-#pragma omp simd reduction(+ : h)
-    for (Py_ssize_t j = 0; j < e; j++) {
-        float v = p[j];
-        uint32_t u;
-        memcpy(&u, &v, sizeof u);
-        u = u > 0x00800000u ? u : 0x00800000u;
-        h += v * log_bits(u);
+    float lane[LANES] = {0.0f};
+    Py_ssize_t j = 0;
+    for (; j + LANES <= e; j += LANES) {
+#pragma omp simd
+        for (int l = 0; l < LANES; l++) lane[l] += entropy_term(p[j + l]);
     }
-    return -(double)h;
+    for (int l = 0; j + l < e; l++) lane[l] += entropy_term(p[j + l]);
+    return -(double)fold_floats(lane);
 }
 
 /* The k largest of a row, largest first, ties to the lower index: k passes, each a maximum
@@ -117,6 +141,30 @@ static inline float exp_nonpositive(float x) {
     return x < -0x1.5d589ep+6f ? 0.0f : value; /* -87.33654 = ln of the smallest normal */
 }
 
+/* ln x for a positive normal double x, in plain arithmetic: the C library's log may pick
+ * another code path (with fused multiply-adds) on another CPU, and its last bit with it.
+ * x = 2^n m with sqrt(1/2) <= m < sqrt(2); ln m = 2 atanh(s) with s = (m - 1) / (m + 1),
+ * |s| < 0.1716, whose series to s^23 leaves out less than 1e-19 of it; ln 2 is split in two
+ * so that n ln 2 is exact. Within a few ulp of the C library's log (tests/test_native.py). */
+static inline double log_double(double x) {
+    uint64_t u;
+    memcpy(&u, &x, sizeof u);
+    int64_t n = (int64_t)(u >> 52) - 1023;
+    u = (u & 0x000fffffffffffffull) | 0x3ff0000000000000ull;
+    double m;
+    memcpy(&m, &u, sizeof m);
+    if (m > 0x1.6a09e667f3bcdp+0) { /* sqrt(2) */
+        m *= 0.5;
+        n += 1;
+    }
+    static const double inverse_odd[12] = {1.0 / 23, 1.0 / 21, 1.0 / 19, 1.0 / 17,
+                                           1.0 / 15, 1.0 / 13, 1.0 / 11, 1.0 / 9,
+                                           1.0 / 7,  1.0 / 5,  1.0 / 3,  1.0};
+    double s = (m - 1.0) / (m + 1.0), s2 = s * s, series = 0.0;
+    for (int i = 0; i < 12; i++) series = series * s2 + inverse_odd[i];
+    return (double)n * 0x1.62e42fee00000p-1 + ((double)n * 0x1.a39ef35793c76p-33 + 2.0 * s * series);
+}
+
 /* Per row of logits (float32 or float64, one function for each, below): what is wrong with
  * it, if anything (1: NaN or +inf, 2: every logit -inf, 3: a logit beyond +-max_logit;
  * -DBL_MAX counts as -inf, as JSON writes it), and for a good row the softmax of
@@ -157,10 +205,15 @@ static inline float exp_nonpositive(float x) {
             }                                                                                     \
             _Pragma("omp simd")                                                                   \
             for (Py_ssize_t j = 0; j < e; j++) out[j] = exp_nonpositive(out[j]);                  \
-            double total = 0.0;                                                                   \
-            _Pragma("omp simd reduction(+ : total)")                                              \
-            for (Py_ssize_t j = 0; j < e; j++) total += (double)out[j];                           \
-            lse[t] = peak + log(total);                                                           \
+            double lane[LANES] = {0.0}; /* the sum in fixed lanes, as row_entropy */            \
+            Py_ssize_t at = 0;                                                                    \
+            for (; at + LANES <= e; at += LANES) {                                                \
+                _Pragma("omp simd")                                                               \
+                for (int l = 0; l < LANES; l++) lane[l] += (double)out[at + l];                   \
+            }                                                                                     \
+            for (int l = 0; at + l < e; l++) lane[l] += (double)out[at + l];                      \
+            double total = fold_doubles(lane);                                                    \
+            lse[t] = peak + log_double(total);                                                    \
             float inverse = (float)(1.0 / total);                                                 \
             _Pragma("omp simd")                                                                   \
             for (Py_ssize_t j = 0; j < e; j++) out[j] *= inverse;                                 \
@@ -349,18 +402,27 @@ done:
 DISPATCH
 static float row_sums_rows(const float *restrict values, Py_ssize_t n, Py_ssize_t e,
                            float *restrict sums) {
-    float lowest = INFINITY;
+    float low[LANES]; /* the smallest value, per lane over all rows */
+    for (int l = 0; l < LANES; l++) low[l] = INFINITY;
     for (Py_ssize_t t = 0; t < n; t++) {
         const float *row = values + t * e;
-        float total = 0.0f, low = INFINITY;
-#pragma omp simd reduction(+ : total) reduction(min : low)
-        for (Py_ssize_t j = 0; j < e; j++) {
-            total += row[j];
-            low = row[j] < low ? row[j] : low;
+        float lane[LANES] = {0.0f}; /* the row's sum in fixed lanes */
+        Py_ssize_t j = 0;
+        for (; j + LANES <= e; j += LANES) {
+#pragma omp simd
+            for (int l = 0; l < LANES; l++) {
+                lane[l] += row[j + l];
+                low[l] = row[j + l] < low[l] ? row[j + l] : low[l];
+            }
         }
-        sums[t] = total;
-        lowest = low < lowest ? low : lowest;
+        for (int l = 0; j + l < e; l++) {
+            lane[l] += row[j + l];
+            low[l] = row[j + l] < low[l] ? row[j + l] : low[l];
+        }
+        sums[t] = fold_floats(lane);
     }
+    float lowest = INFINITY;
+    for (int l = 0; l < LANES; l++) lowest = low[l] < lowest ? low[l] : lowest;
     return lowest;
 }
 

@@ -42,9 +42,10 @@ import polars as pl
 from routelog import native
 from routelog.errors import InputError
 
-KERNEL_VERSION = 5
+KERNEL_VERSION = 6
 """Bump when the statistics a kernel produces change, in meaning or in their last bits (5: the
-compiled kernels' entropies): it invalidates cached results, so a run never mixes the two."""
+compiled kernels' entropies; 6: their sums in fixed lanes, the same on every CPU level): it
+invalidates cached results, so a run never mixes the two."""
 
 KEYS = ["step", "layer", "dataset"]
 GROUP = [*KEYS, "n_experts", "top_k"]
