@@ -460,12 +460,14 @@ def pack_selections(frame: pl.DataFrame) -> dict[str, Any]:
     exact integer type. At k=2 and up to 256 experts a token takes 2 bytes instead of about
     44, and numpy arrays travel out of band (pickle protocol 5) instead of through a
     serialized frame; :func:`unpack_selections` gives back an equal frame, dtypes included."""
-    keys = frame.select(pl.struct(*_RUN_KEYS).rle_id()).to_series().to_numpy()
-    starts = np.flatnonzero(np.diff(keys, prepend=-1))
+    changed = np.zeros(frame.height, dtype=bool)
+    for key in _RUN_KEYS:
+        changed |= _changes(frame[key])
+    starts = np.flatnonzero(changed)
     lengths = np.diff(np.append(starts, frame.height))
     token = frame["token"]
     packed = {
-        "runs": frame.select(_RUN_KEYS)[starts].to_dict(as_series=False),
+        "runs": {key: frame[key].gather(starts).to_list() for key in _RUN_KEYS},
         "lengths": lengths,
         "first": None,
         "token": token,  # with nulls: the series itself
@@ -512,6 +514,25 @@ def unpack_selections(packed: dict[str, Any]) -> pl.DataFrame:
 
 
 _RUN_KEYS = ["step", "layer", "dataset"]
+
+
+def _changes(values: pl.Series) -> np.ndarray:
+    """Where ``values`` differs from the value before it (null equal to null; the first row
+    always), in numpy: a Polars query costs more than the comparison itself on a file's rows
+    (this runs on a Dask worker's event loop for every file it sends)."""
+    changed = np.ones(len(values), dtype=bool)
+    nulls = values.null_count()
+    if nulls == len(values):
+        changed[1:] = False
+    elif values.dtype.is_integer():
+        known = values.fill_null(0).to_numpy() if nulls else values.to_numpy()
+        np.not_equal(known[1:], known[:-1], out=changed[1:])
+        if nulls:
+            missing = values.is_null().to_numpy()
+            changed[1:] |= missing[1:] != missing[:-1]
+    else:
+        changed[1:] = values.ne_missing(values.shift()).to_numpy()[1:]
+    return changed
 
 
 def _counting(first: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -512,6 +512,26 @@ def test_packed_selections_unpack_to_an_equal_frame(frame: pl.DataFrame) -> None
     assert unpacked.schema == frame.schema
 
 
+@pytest.mark.parametrize(
+    ("values", "dtype", "expected"),
+    [
+        ([1, None, None, 1, 2, 2], pl.Int64, [1, 1, 0, 1, 1, 0]),
+        ([None, 0, 0, None], pl.Int32, [1, 1, 0, 1]),
+        ([None, None], pl.Int64, [1, 0]),
+        (["a", None, None, "a", "a", "b"], pl.String, [1, 1, 0, 1, 0, 1]),
+        ([None, None, None], pl.String, [1, 0, 0]),
+        ([2**62, 2**62 + 1], pl.Int64, [1, 1]),
+    ],
+)
+def test_changes_tells_null_from_every_value(
+    values: list[object], dtype: pl.DataType, expected: list[int]
+) -> None:
+    """A run boundary where a key changes, a null being its own value (0 included: a
+    filled-in null must not equal a real 0), exact beyond float64's 2^53."""
+    changed = kernels._changes(pl.Series(values, dtype=dtype))
+    assert changed.tolist() == [bool(e) for e in expected]
+
+
 def test_packed_selections_are_small() -> None:
     """At k=2 and E <= 256, 2 bytes a token (positions counting up in each run travel as the
     run's first, ids as uint8), against about 44 in the frame; the narrowing is exact or not
