@@ -14,6 +14,12 @@ CPU from the one measured (as it would from the plain path). Each is started and
 figures are about analysis, not cluster start-up (timed apart). Rounds interleave the four
 ways of reading, so a machine that gets busier slows all alike.
 
+The machine's own ceiling is measured beside them, in the same rounds: the same files read
+by 1 and by 2 plain worker processes (``multiprocessing``, each its share of the files, no
+scheduler, no results sent back, nothing merged): how far the reading itself scales on
+these cores, whatever runs it. (g) is judged against its target; its ratio to this ceiling
+says how much of the machine's scaling the Dask path keeps.
+
 Prints one JSON object: median seconds per way of reading, and the start-up of a cluster.
 """
 
@@ -21,12 +27,40 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 LIKE_FOR_LIKE = {"POLARS_MAX_THREADS": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _read_share(files: list[Path], top_k: int) -> int:
+    """One plain process's share of the ceiling: read and reduce ``files``, send nothing back."""
+    from routelog import api
+
+    options = api.make_options(top_k=top_k)
+    for file in files:
+        api.read_file(file, options, prefetch=0)
+    return len(files)
+
+
+def processes(files: list[Path], top_k: int, workers: int) -> Callable[[], float]:
+    """The machine's ceiling: ``files`` dealt out to ``workers`` plain processes, started
+    and warmed up (one reading of every file) before timing."""
+
+    def timed() -> float:
+        shares = [files[i::workers] for i in range(workers)]
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            list(pool.map(_read_share, shares, [top_k] * workers))  # warm-up
+            start = time.perf_counter()
+            list(pool.map(_read_share, shares, [top_k] * workers))
+            return time.perf_counter() - start
+
+    return timed
 
 
 def main() -> None:
@@ -42,6 +76,7 @@ def main() -> None:
     from routelog.executor import Cluster, local_cluster
 
     starts: list[float] = []
+    files = sorted(args.run.glob("*.parquet"))
 
     def plain(jobs: int) -> Callable[[], float]:
         def timed() -> float:
@@ -74,6 +109,8 @@ def main() -> None:
         "plain, --jobs 2": plain(2),
         "dask local:1": on_cluster(1),
         "dask local:2": on_cluster(2),
+        "ceiling: 1 plain process": processes(files, args.top_k, 1),
+        "ceiling: 2 plain processes": processes(files, args.top_k, 2),
     }
     for way in ways.values():  # warm-up: imports, the page cache
         way()

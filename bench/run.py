@@ -298,8 +298,9 @@ def bench_g_h(data: Path, tokens: int, experts: int, top_k: int, repeat: int) ->
     measured = json.loads(child.stdout.strip().splitlines()[-1])
     times = measured["seconds"]
     one, two = times["dask local:1"], times["dask local:2"]
+    ceiling = times["ceiling: 1 plain process"] / times["ceiling: 2 plain processes"]
     return {
-        "g": {"ratio": one / two, **measured},
+        "g": {"ratio": one / two, "machine_ceiling": ceiling, **measured},
         "h": {"ratio": one / times["plain, --jobs 1"], **measured},
     }
 
@@ -494,6 +495,10 @@ def _table(results: dict[str, Any]) -> str:
         lines.append(
             f"{name:2} {labels[name]:42} {value:>8} {op + str(target):>8}  {_verdict(name, entry)}"
         )
+        if "machine_ceiling" in entry:
+            lines.append(
+                f"{'':5}the machine's own scaling (plain processes): {entry['machine_ceiling']:.3f}"
+            )
         detail = entry.get("seconds") or entry.get("bytes") or {"reason": entry.get("skipped")}
         for what, amount in detail.items():
             shown = f"{amount / 1e6:.0f} MB" if "bytes" in entry else amount
