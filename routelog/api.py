@@ -660,6 +660,7 @@ def _merged_runs(results: list[FileResult], root: Location) -> dict[str, Any] | 
     overlap exactly when some range starts at or before the end of the one sorted just before
     it (the first overlapping pair is always adjacent).
     """
+    import numpy as np
     import polars as pl
 
     keys = ["step", "layer", "dataset"]
@@ -670,13 +671,13 @@ def _merged_runs(results: list[FileResult], root: Location) -> dict[str, Any] | 
     ]
     if len(eligible) < 2:  # one file cannot overlap another: its ranges are not needed
         return None
-    ranges = [
-        found.with_columns(pl.lit(i, pl.Int32).alias("file"))
-        for i, r in eligible
-        if (found := r.token_ranges) is not None
-    ]
+    found = [(i, ranges) for i, r in eligible if (ranges := r.token_ranges) is not None]
+    files = np.repeat(
+        np.array([i for i, _ in found], dtype=np.int32), [ranges.height for _, ranges in found]
+    )
     spans = (
-        pl.concat(ranges)
+        pl.concat([ranges for _, ranges in found])
+        .with_columns(pl.Series("file", files))
         .sort([*keys, "lo"], nulls_last=True)
         .with_columns(
             pl.col("hi").shift(1).over(keys).alias("_prev_hi"),

@@ -460,10 +460,7 @@ def pack_selections(frame: pl.DataFrame) -> dict[str, Any]:
     exact integer type. At k=2 and up to 256 experts a token takes 2 bytes instead of about
     44, and numpy arrays travel out of band (pickle protocol 5) instead of through a
     serialized frame; :func:`unpack_selections` gives back an equal frame, dtypes included."""
-    changed = np.zeros(frame.height, dtype=bool)
-    for key in _RUN_KEYS:
-        changed |= _changes(frame[key])
-    starts = np.flatnonzero(changed)
+    starts = run_starts(frame, _RUN_KEYS)
     lengths = np.diff(np.append(starts, frame.height))
     token = frame["token"]
     packed = {
@@ -516,10 +513,28 @@ def unpack_selections(packed: dict[str, Any]) -> pl.DataFrame:
 _RUN_KEYS = ["step", "layer", "dataset"]
 
 
+def run_starts(frame: pl.DataFrame, keys: list[str]) -> np.ndarray:
+    """The rows where a run of rows with equal ``keys`` starts (a null equal to a null).
+
+    In numpy: on one file's rows a Polars query costs more than the comparison itself, and
+    this runs for every file a Dask worker sends (:func:`pack_selections`,
+    :func:`routelog.tokens.token_ranges`).
+
+    Examples
+    --------
+    >>> frame = pl.DataFrame({"step": [0, 0, 1, 1, 1], "layer": [0, 1, 1, 1, None]})
+    >>> run_starts(frame, ["step", "layer"]).tolist()
+    [0, 1, 2, 4]
+    """
+    changed = np.zeros(frame.height, dtype=bool)
+    for key in keys:
+        changed |= _changes(frame[key])
+    return np.flatnonzero(changed)
+
+
 def _changes(values: pl.Series) -> np.ndarray:
     """Where ``values`` differs from the value before it (null equal to null; the first row
-    always), in numpy: a Polars query costs more than the comparison itself on a file's rows
-    (this runs on a Dask worker's event loop for every file it sends)."""
+    always)."""
     changed = np.ones(len(values), dtype=bool)
     nulls = values.null_count()
     if nulls == len(values):

@@ -21,6 +21,8 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from routelog import kernels
+
 TOKEN_KEYS = ["dataset", "token"]
 """What identifies a routed token within one (step, layer): its dataset and position."""
 
@@ -209,11 +211,50 @@ def token_metrics(selections: pl.DataFrame) -> pl.DataFrame:
     return _concat(parts)
 
 
+RANGE_KEYS = ["step", "layer", "dataset"]
+
+
 def token_ranges(selections: pl.DataFrame) -> pl.DataFrame:
     """The first and last token position (``lo``, ``hi``) per (step, layer, dataset) of one
-    file's selections: enough to tell whether two files log the same tokens."""
-    return selections.group_by("step", "layer", "dataset", maintain_order=True).agg(
-        pl.col("token").min().alias("lo"), pl.col("token").max().alias("hi")
+    file's selections, in the order the groups first appear (null where a group has no
+    position): enough to tell whether two files log the same tokens.
+
+    Rows come in runs of one (step, layer, dataset): each run's minimum and maximum are
+    taken in numpy (``reduceat``), and only the few runs are grouped (a group may be in
+    several). A group-by over every row took 0.9 ms of a 50k-token file, on the Dask
+    worker that sends it or, locally, in the serial end of an analysis.
+
+    Examples
+    --------
+    >>> sel = pl.DataFrame({"step": [0, 0, 0, 0], "layer": [0, 0, 1, 0],
+    ...     "dataset": [None, None, None, None], "token": [5, 3, 4, 9]},
+    ...     schema_overrides={"layer": pl.Int32, "dataset": pl.String})
+    >>> token_ranges(sel).rows()
+    [(0, 0, None, 3, 9), (0, 1, None, 4, 4)]
+    """
+    if selections.height == 0:
+        return selections.select(
+            *RANGE_KEYS, pl.col("token").alias("lo"), pl.col("token").alias("hi")
+        )
+    starts = kernels.run_starts(selections, RANGE_KEYS)
+    token = selections["token"]
+    if token.null_count():
+        limits = np.iinfo(np.int64)
+        low = np.minimum.reduceat(token.fill_null(limits.max).to_numpy(), starts)
+        high = np.maximum.reduceat(token.fill_null(limits.min).to_numpy(), starts)
+        unknown = np.flatnonzero(np.add.reduceat(token.is_not_null().to_numpy(), starts) == 0)
+        lo = pl.Series("lo", low).scatter(unknown, None)
+        hi = pl.Series("hi", high).scatter(unknown, None)
+    else:
+        positions = token.to_numpy()
+        lo = pl.Series("lo", np.minimum.reduceat(positions, starts))
+        hi = pl.Series("hi", np.maximum.reduceat(positions, starts))
+    keys = [selections[key].gather(starts) for key in RANGE_KEYS]
+    runs = pl.DataFrame([*keys, lo, hi])
+    if len(set(zip(*(key.to_list() for key in keys), strict=True))) == runs.height:
+        return runs  # each group in one run, as files are mostly written
+    return runs.group_by(RANGE_KEYS, maintain_order=True).agg(
+        pl.col("lo").min(), pl.col("hi").max()
     )
 
 

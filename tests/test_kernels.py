@@ -458,7 +458,7 @@ def test_group_ids_from_runs_match_the_general_grouping(layers: list[int]) -> No
 
 
 @st.composite
-def _selection_frames(draw: st.DrawFn) -> pl.DataFrame:
+def selection_frames(draw: st.DrawFn) -> pl.DataFrame:
     """Selections as the kernels build them: runs of (step, layer, dataset), some repeated;
     token positions counting up in each run, anywhere in their type's range, or with nulls;
     top-k ids anywhere in their type's range."""
@@ -503,7 +503,7 @@ def _selection_frames(draw: st.DrawFn) -> pl.DataFrame:
 
 
 @settings(max_examples=100, deadline=None)
-@given(_selection_frames())
+@given(selection_frames())
 def test_packed_selections_unpack_to_an_equal_frame(frame: pl.DataFrame) -> None:
     """The wire form of a Dask worker's selections: the same frame back, dtypes included,
     whatever the runs, the token positions (counting, anywhere, null) or the ids' range."""

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 from routelog import tokens
+from tests.test_kernels import selection_frames
 
 
 def _random_ids(rng: np.random.Generator, n: int, e: int, k: int) -> np.ndarray:
@@ -218,3 +219,38 @@ def test_token_metrics_shards_of_one_step_and_repeated_positions() -> None:
     assert result["layer"].to_list() == [1]
     assert result["saturation"].to_list() == [1.0]
     assert_frame_equal(result, tokens._sorted_token_metrics(frame))
+
+
+def _ranges_by_group_by(selections: pl.DataFrame) -> pl.DataFrame:
+    """The definition: a group-by over every row, groups in the order they first appear."""
+    return selections.group_by(tokens.RANGE_KEYS, maintain_order=True).agg(
+        pl.col("token").min().alias("lo"), pl.col("token").max().alias("hi")
+    )
+
+
+@settings(max_examples=100, deadline=None)
+@given(selection_frames())
+def test_token_ranges_equal_a_group_by_over_every_row(frame: pl.DataFrame) -> None:
+    """Runs reduced in numpy, then grouped: the group-by's frame, whatever the runs (a group
+    in several of them), the positions (counting, anywhere, some null) or the datasets."""
+    assert_frame_equal(tokens.token_ranges(frame), _ranges_by_group_by(frame))
+
+
+@pytest.mark.parametrize(
+    "columns",
+    [
+        {"step": [0, 0, 1, 0], "layer": [0, 0, 0, 0], "token": [None, None, 4, 2]},
+        {"step": [None, None, 1, None], "layer": [0, 0, 0, 0], "token": [7, 1, 4, 2]},
+        {"step": [0, 0], "layer": [None, 1], "token": [None, 3]},
+        {"step": [], "layer": [], "token": []},
+    ],
+)
+def test_token_ranges_of_null_keys_and_positions(columns: dict[str, list[int | None]]) -> None:
+    """A group whose positions are all null has null ``lo``/``hi``; a null step or layer is
+    a group of its own, as in the group-by; no rows give an empty frame of the same schema."""
+    rows = len(columns["step"])
+    frame = pl.DataFrame(
+        {**columns, "dataset": [None] * rows},
+        schema={"step": pl.Int64, "layer": pl.Int32, "token": pl.Int64, "dataset": pl.String},
+    )
+    assert_frame_equal(tokens.token_ranges(frame), _ranges_by_group_by(frame))
