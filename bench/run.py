@@ -7,7 +7,8 @@
 (c) re-analysis of a 20-file directory after one file is added (cache) vs a full analysis;
 (d) peak RSS analyzing a log 4x larger than another; (e) a .pt file vs ``torch.load`` plus
 the same computation; (f) ``routelog --version`` wall time; (g) a 40-file directory on a Dask
-``LocalCluster`` of 2 worker processes vs 1 (scaling); (h) the Dask path with 1 worker vs the
+``LocalCluster`` of 2 worker processes vs 1 (scaling), beside the same files read by 2 plain
+processes vs 1 (the machine's own scaling); (h) the Dask path with 1 worker vs the
 plain local path with ``--jobs 1`` (overhead), both in a child process limited to one
 thread per reader (``bench/cluster.py``), each cluster the only one running, started and
 warmed up before timing; (i) a 10-file directory read from an S3 server on 127.0.0.1
