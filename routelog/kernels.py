@@ -460,11 +460,11 @@ def pack_selections(frame: pl.DataFrame) -> dict[str, Any]:
     exact integer type. At k=2 and up to 256 experts a token takes 2 bytes instead of about
     44, and numpy arrays travel out of band (pickle protocol 5) instead of through a
     serialized frame; :func:`unpack_selections` gives back an equal frame, dtypes included."""
-    starts = run_starts(frame, _RUN_KEYS)
+    starts = run_starts(frame, KEYS)
     lengths = np.diff(np.append(starts, frame.height))
     token = frame["token"]
     packed = {
-        "runs": {key: frame[key].gather(starts).to_list() for key in _RUN_KEYS},
+        "runs": {key: frame[key].gather(starts).to_list() for key in KEYS},
         "lengths": lengths,
         "first": None,
         "token": token,  # with nulls: the series itself
@@ -508,9 +508,6 @@ def unpack_selections(packed: dict[str, Any]) -> pl.DataFrame:
             ),
         ]
     )
-
-
-_RUN_KEYS = ["step", "layer", "dataset"]
 
 
 def run_starts(frame: pl.DataFrame, keys: list[str]) -> np.ndarray:

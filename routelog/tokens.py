@@ -211,9 +211,6 @@ def token_metrics(selections: pl.DataFrame) -> pl.DataFrame:
     return _concat(parts)
 
 
-RANGE_KEYS = ["step", "layer", "dataset"]
-
-
 def token_ranges(selections: pl.DataFrame) -> pl.DataFrame:
     """The first and last token position (``lo``, ``hi``) per (step, layer, dataset) of one
     file's selections, in the order the groups first appear (null where a group has no
@@ -234,9 +231,9 @@ def token_ranges(selections: pl.DataFrame) -> pl.DataFrame:
     """
     if selections.height == 0:
         return selections.select(
-            *RANGE_KEYS, pl.col("token").alias("lo"), pl.col("token").alias("hi")
+            *kernels.KEYS, pl.col("token").alias("lo"), pl.col("token").alias("hi")
         )
-    starts = kernels.run_starts(selections, RANGE_KEYS)
+    starts = kernels.run_starts(selections, kernels.KEYS)
     token = selections["token"]
     if token.null_count():
         limits = np.iinfo(np.int64)
@@ -249,11 +246,11 @@ def token_ranges(selections: pl.DataFrame) -> pl.DataFrame:
         positions = token.to_numpy()
         lo = pl.Series("lo", np.minimum.reduceat(positions, starts))
         hi = pl.Series("hi", np.maximum.reduceat(positions, starts))
-    keys = [selections[key].gather(starts) for key in RANGE_KEYS]
+    keys = [selections[key].gather(starts) for key in kernels.KEYS]
     runs = pl.DataFrame([*keys, lo, hi])
     if len(set(zip(*(key.to_list() for key in keys), strict=True))) == runs.height:
         return runs  # each group in one run, as files are mostly written
-    return runs.group_by(RANGE_KEYS, maintain_order=True).agg(
+    return runs.group_by(kernels.KEYS, maintain_order=True).agg(
         pl.col("lo").min(), pl.col("hi").max()
     )
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
-from routelog import tokens
+from routelog import kernels, tokens
 from tests.test_kernels import selection_frames
 
 
@@ -223,7 +223,7 @@ def test_token_metrics_shards_of_one_step_and_repeated_positions() -> None:
 
 def _ranges_by_group_by(selections: pl.DataFrame) -> pl.DataFrame:
     """The definition: a group-by over every row, groups in the order they first appear."""
-    return selections.group_by(tokens.RANGE_KEYS, maintain_order=True).agg(
+    return selections.group_by(kernels.KEYS, maintain_order=True).agg(
         pl.col("token").min().alias("lo"), pl.col("token").max().alias("hi")
     )
 
