@@ -165,7 +165,8 @@ class Run:
             "rows": sum(f.rows for f in self.files),
             "masked_rows": sum(f.masked_rows for f in self.files),
             "skipped_rows": sum(f.skipped_rows for f in self.files),
-            "top_k": top_k[0] if len(top_k) == 1 else top_k,
+            # one k; the sorted ks when files differ; null when no file has one (counts)
+            "top_k": top_k[0] if len(top_k) == 1 else (top_k or None),
             "payloads": sorted({f.payload for f in self.files if f.payload}),
             "top_k_assumed": self.top_k_assumed,
             "top_k_source": self.top_k_source,
@@ -203,12 +204,13 @@ class Analysis:
         return self._histories
 
     def __repr__(self) -> str:
+        from routelog.render.report import headline  # the counts the report's headline gives
+
         names = ", ".join(repr(r.name) for r in self.runs)
-        counts = [f"{sum(f.severity == s for f in self.findings)} {s}" for s in ("fail", "warn")]
         return (
             f"<Analysis of {_plural(len(self.runs), 'run')} {names}: "
             f"{_plural(self.metrics.height, 'metrics row')}, "
-            f"findings {', '.join(counts)}>"
+            f"findings {headline(self.findings)}>"
         )
 
     def findings_frame(self) -> pl.DataFrame:
@@ -453,17 +455,31 @@ def _read_on_worker(job: tuple[str | Remote, str], options: Options) -> FileResu
 
 def _reduce(batch: ingest.Batch, options: Options, path: Location) -> kernels.Reduced:
     if batch.kind == "probs":
-        k = options.k_for(batch.top_k)
-        if k > batch.n_experts and (options.top_k is not None or batch.top_k is None):
-            raise UsageError(
-                f"{_k_origin(options)} is larger than E={batch.n_experts}, the experts of "
-                f"layer {batch.frame['layer'][0]} in {path}: a token cannot be routed to more "
-                "experts than the layer has"
-            )
-        return kernels.reduce_probs(batch.frame, k)
+        _check_k(options, batch.top_k, batch.n_experts, batch.frame["layer"][0], path)
+        return kernels.reduce_probs(batch.frame, options.k_for(batch.top_k))
     if batch.kind == "topk":
         return kernels.reduce_topk(batch.frame, batch.n_experts)
+    if batch.top_k is not None:
+        _check_k(options, batch.top_k, batch.n_experts, batch.frame["layer"][0], path)
     return kernels.reduce_counts(batch.frame, batch.top_k)
+
+
+def _check_k(
+    options: Options, stated: int | None, n_experts: int, layer: int, path: object
+) -> None:
+    """Refuse a k larger than the layer's E: the option's or configuration's (a usage
+    error), or the one the file states (the file's error)."""
+    if options.k_for(stated) <= n_experts:
+        return
+    if options.top_k is None and stated is not None:
+        raise InputError(
+            f"{path}: the file states top_k={stated}, more than E={n_experts}, the experts of "
+            f"layer {layer}: a token cannot be routed to more experts than the layer has"
+        )
+    raise UsageError(
+        f"{_k_origin(options)} is larger than E={n_experts}, the experts of layer {layer} "
+        f"in {path}: a token cannot be routed to more experts than the layer has"
+    )
 
 
 def _k_origin(options: Options) -> str:
@@ -863,6 +879,9 @@ def inspect_k(
                 if Path(info.path).resolve() == root or root in Path(info.path).resolve().parents
             ]
         needed = any(i.payload in PROBABILITY_PAYLOADS and i.top_k is None for i in own)
+        for info in own:  # the k analysis would refuse, refused here too
+            if info.payload in PROBABILITY_PAYLOADS and info.n_experts and info.layers:
+                _check_k(resolved, info.top_k, info.n_experts, info.layers[0], info.path)
         provenance = _k_provenance(resolved, True)
         out.append(
             {"path": str(path), "top_k": resolved.k_for(None), "needed": needed, **provenance}
@@ -1096,6 +1115,8 @@ def check(
 
     if window is not None and window < 1:
         raise UsageError(f"window must be at least 1, got {window}")
+    if max_regression and baseline is None:
+        raise UsageError("max_regression needs a baseline run: pass baseline=")
     analysis = analysis_of(paths)
     settings = analysis.config.check.with_flags(
         minimum=[f"{k}={v}" for k, v in (minimum or {}).items()],
@@ -1103,6 +1124,4 @@ def check(
         max_regression=[f"{k}={v}" for k, v in (max_regression or {}).items()],
     )
     base = analysis_of(baseline) if baseline is not None else None
-    if base is None and settings.max_regression:
-        raise UsageError("max_regression needs a baseline run: pass baseline=")
     return run_check(analysis, settings, baseline=base, align=align, window=window, strict=strict)

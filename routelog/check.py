@@ -37,7 +37,7 @@ import polars as pl
 from routelog.compare import Align, align_steps
 from routelog.config import Bound, CheckSettings
 from routelog.errors import UsageError
-from routelog.kernels import METRIC_RANGES, TOWARDS_COLLAPSE
+from routelog.kernels import METRIC_RANGES, NEEDS, TOWARDS_COLLAPSE
 
 if TYPE_CHECKING:
     from routelog.api import Analysis
@@ -76,6 +76,8 @@ class RuleResult:
     margin: float | None = None
     warned: bool = False
     """Passed, but a finding of this rule holds at the latest step (a ``warn``)."""
+    earlier: bool = False
+    """A finding of this rule held at earlier steps only (``step`` is its last)."""
 
     @property
     def status(self) -> str:
@@ -254,10 +256,13 @@ def evaluate(
     """The rules on a metrics frame (one row per run x step x layer) and its findings."""
     if window is not None and window < 1:
         raise UsageError(f"--window must be at least 1, got {window}")
-    if settings.max_regression and baseline is None:
-        raise UsageError("max_regression needs a baseline run: pass --baseline PATH")
     layers = metrics.select(KEYS).unique().sort(KEYS).rows()
     result = CheckResult([], window=window)
+    if settings.max_regression and baseline is None:
+        # the configuration's max_regression table is for runs checked against --baseline
+        # (asking for it by --max-regression without one is refused before reading)
+        names = ", ".join(sorted(settings.max_regression))
+        result.notes.append(f"max_regression ({names}) not checked: no --baseline given")
     result.rules += _finding_rules(findings, layers, settings, strict, enabled)
     if settings.bounds:
         result.rules += _threshold_rules(metrics, settings.bounds, window)
@@ -316,6 +321,7 @@ def _finding_result(
         finding.last_step,
         finding.margin,
         warned=passed and finding.active,
+        earlier=not finding.active,
     )
 
 
@@ -372,9 +378,10 @@ def _threshold_result(bound: Bound, row: dict[str, Any], window: int | None) -> 
     value = row[bound.metric]
     where = f"run {row['run']} layer {row['layer']}"
     if value is None or math.isnan(value):
+        needs = NEEDS.get(bound.metric, "what it is computed from")
         raise UsageError(
-            f"{bound.key}: {where} has no {bound.metric} (the data holds no probabilities "
-            "or logits for it); remove the threshold or check other metrics"
+            f"{bound.key}: {where} has no {bound.metric} (it needs {needs}); remove the "
+            "threshold or check other metrics"
         )
     margin = value - bound.value if bound.kind == "min" else bound.value - value
     passed = margin >= 0
@@ -487,7 +494,7 @@ def _regression_result(metric: str, tolerance: float, row: dict[str, Any]) -> Ru
     if value is None or base is None:
         raise UsageError(
             f"max_regression.{metric}: {where} or the baseline has no {metric} at step "
-            f"{row['step']} (the data holds no probabilities or logits for it)"
+            f"{row['step']} (it needs {NEEDS.get(metric, 'what it is computed from')})"
         )
     sign = TOWARDS_COLLAPSE[metric]
     moved = (value - base) * sign

@@ -141,6 +141,52 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+
+def _checked_now(parse: Callable[[Any], object]) -> Callable[[Any], Any]:
+    """A typer callback running ``parse`` on the value as the command line is read, so a
+    bad value is the command's usage error (``routelog analyze: error: --steps: ...``)."""
+
+    def callback(value: Any) -> Any:
+        from routelog.errors import UsageError
+
+        try:
+            parse(value)
+        except UsageError as exc:
+            raise typer.BadParameter(str(exc).partition(": ")[2] or str(exc)) from None
+        return value
+
+    return callback
+
+
+def _positive_temperature(value: float | None) -> None:
+    from routelog.errors import UsageError
+    from routelog.options import MIN_TEMPERATURE, valid_temperature
+
+    if value is not None and not valid_temperature(value):
+        raise UsageError(
+            f"--temperature: must be a finite number of at least {MIN_TEMPERATURE:g} (got {value})"
+        )
+
+
+def _jsd(value: float | None) -> None:
+    from routelog.errors import UsageError
+
+    if value is not None and not 0 <= value <= 1:  # NaN fails too
+        raise UsageError(f"--shift-threshold: must be a JSD in [0, 1] (got {value})")
+
+
+def _layers(text: str | None) -> None:
+    from routelog.options import parse_layers
+
+    parse_layers(text)
+
+
+def _steps(text: str | None) -> None:
+    from routelog.options import parse_steps
+
+    parse_steps(text)
+
+
 # Options shared by every command that reads runs.
 TopK = Annotated[
     Optional[int],  # noqa: UP045 (typer reads the annotation at run time on Python 3.10)
@@ -153,18 +199,28 @@ TopK = Annotated[
 ]
 Layers = Annotated[
     Optional[str],  # noqa: UP045
-    typer.Option(metavar="LAYERS", help="Layers to keep, e.g. 0,3-5."),
+    typer.Option(
+        metavar="LAYERS", help="Layers to keep, e.g. 0,3-5.", callback=_checked_now(_layers)
+    ),
 ]
 Steps = Annotated[
     Optional[str],  # noqa: UP045
-    typer.Option(metavar="FROM:TO", help="Steps to keep, inclusive: 100:500, 100:, :500."),
+    typer.Option(
+        metavar="FROM:TO",
+        help="Steps to keep, inclusive: 100:500, 100:, :500.",
+        callback=_checked_now(_steps),
+    ),
 ]
 SkipBadRows = Annotated[
     bool, typer.Option("--skip-bad-rows", help="Drop and count bad rows instead of failing.")
 ]
 Temperature = Annotated[
     Optional[float],  # noqa: UP045
-    typer.Option(metavar="T", help="Divide logits by T before the softmax (what-if gate scaling)."),
+    typer.Option(
+        metavar="T",
+        help="Divide logits by T before the softmax (what-if gate scaling).",
+        callback=_checked_now(_positive_temperature),
+    ),
 ]
 
 
@@ -211,6 +267,17 @@ class TableOrJson(str, enum.Enum):
 
 
 TableOrJsonOpt = Annotated[TableOrJson, typer.Option("--format", "-f", help="Output format.")]
+
+
+class TableJsonOrCsv(str, enum.Enum):
+    """The formats of ``experts`` (a heatmap, or its shares as data)."""
+
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+TableJsonOrCsvOpt = Annotated[TableJsonOrCsv, typer.Option("--format", "-f", help="Output format.")]
 ConfigOpt = Annotated[
     Optional[Path],  # noqa: UP045
     typer.Option(
@@ -346,31 +413,52 @@ def _pipe_closed() -> NoReturn:
 
 
 def _emit(output: Path | None, write: Callable[[object], None]) -> None:
-    """Run ``write`` against stdout or the --output file (checked by ``_check_output``)."""
+    """Run ``write`` against stdout or the --output file (checked by ``_check_output``).
+
+    A file is written beside its final name (a link's target) and renamed into place when
+    complete, so an interrupted or failed report leaves the previous file, or none, never
+    half of one; a device or a pipe (``/dev/stdout``, ``>(...)``) is written as it is."""
     if output is None:
         write(sys.stdout)
         return
     try:
-        with output.open("w", encoding="utf-8") as stream:
-            write(stream)
+        if output.exists() and not output.is_file():
+            with output.open("w", encoding="utf-8") as stream:
+                write(stream)
+            return
+        target = output.resolve()
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        try:
+            with partial.open("w", encoding="utf-8") as stream:
+                write(stream)
+            partial.replace(target)
+        finally:
+            partial.unlink(missing_ok=True)
     except OSError as exc:
         from routelog.errors import UsageError
 
+        if exc.errno == errno.EPIPE:  # -o /dev/stdout | head
+            _pipe_closed()
         raise UsageError(f"{output}: cannot write the report: {exc.strerror or exc}") from None
 
 
-def _check_output(output: Path | None, inputs: list[str]) -> None:
-    """Refuse an --output that would overwrite a log, or land inside a run being read."""
+def _check_output(
+    output: Path | None, inputs: list[str], option: str = "--output", *, folder: bool = False
+) -> None:
+    """Refuse, before anything is read, an ``option`` (a file, or a ``folder`` to write
+    files in) that would overwrite a log or land inside a run being read: every command
+    that writes calls it on every path it will write to."""
     from routelog.api import RunSpec
     from routelog.errors import UsageError
-    from routelog.storage import Remote
+    from routelog.storage import Remote, local_path
 
     if output is None:
         return
-    if output.is_dir():
-        raise UsageError(f"{output}: --output names a directory; give a file name")
-    if not output.parent.is_dir():
-        raise UsageError(f"{output}: --output folder {output.parent} does not exist")
+    output = local_path(str(output))  # a link loop is refused
+    if not folder and output.is_dir():
+        raise UsageError(f"{output}: {option} names a directory; give a file name")
+    if not folder and not output.parent.is_dir():
+        raise UsageError(f"{output}: {option} folder {output.parent} does not exist")
     target = output.resolve()
     for text in inputs:
         location = RunSpec.parse(text).path
@@ -379,7 +467,7 @@ def _check_output(output: Path | None, inputs: list[str]) -> None:
         run = location.resolve()
         if target == run or run in target.parents:
             raise UsageError(
-                f"{output}: --output would write into the input {text}; "
+                f"{output}: {option} would write into the input {text}; "
                 "routelog never modifies the logs it reads"
             )
 
@@ -458,8 +546,9 @@ class _Reading:
         command does not take keeps its default."""
         return cls(**{f.name: flags[f.name] for f in fields(cls) if f.name in flags})
 
-    def prepare(self) -> tuple[Config, Options, Cache | None]:
-        """The configuration, the reading options built from it and the flags, the cache."""
+    def prepare(self, paths: Sequence[str] = ()) -> tuple[Config, Options, Cache | None]:
+        """The configuration, the reading options built from it and the flags, the cache
+        (refused inside one of the runs ``paths``: it would write there)."""
         from routelog import api
         from routelog.cache import Cache
         from routelog.config import load_config
@@ -476,14 +565,17 @@ class _Reading:
             score=self.score.value,
             num_experts=self.num_experts,
         )
-        return settings, options, None if self.no_cache else Cache.at(self.cache_dir)
+        cache = None if self.no_cache else Cache.at(self.cache_dir)
+        if cache is not None:
+            _check_output(cache.directory, list(paths), "--cache-dir", folder=True)
+        return settings, options, cache
 
     def runs(self, paths: list[str]) -> tuple[Config, Options, list[Run]]:
         """Read ``paths`` as runs, with a progress bar on stderr."""
         from routelog import api
         from routelog.render.progress import FileProgress
 
-        settings, options, cache = self.prepare()
+        settings, options, cache = self.prepare(paths)
         with self.executor(settings) as executor, FileProgress() as progress:
             runs = api.load_runs(paths, options, progress, cache=cache, executor=executor)
         return settings, options, runs
@@ -501,7 +593,7 @@ class _Reading:
         from routelog import api
         from routelog.render.progress import FileProgress
 
-        settings, options, cache = self.prepare()
+        settings, options, cache = self.prepare(paths)
         with self.executor(settings) as executor, FileProgress() as progress:
             return api.analyze(
                 paths,
@@ -533,7 +625,11 @@ def analyze(
         bool, typer.Option("--plot", help="Chart token and load entropy over steps.")
     ] = False,
     values: Annotated[
-        bool, typer.Option("--values", help="Print load shares in the heatmap.")
+        bool,
+        typer.Option(
+            "--values",
+            help="Print each heatmap cell's share (mass P_i with probabilities, else load f_i).",
+        ),
     ] = False,
     width: Width = None,
     jobs: Jobs = None,
@@ -649,8 +745,9 @@ def watch(
         from routelog.render import watch as view
         from routelog.watch import Watcher
 
+        _check_output(output, paths)
         reading = _Reading.of(locals())
-        settings, options, cache = reading.prepare()
+        settings, options, cache = reading.prepare(paths)
         console = make_console(sys.stdout, width=width, color=color)
         display: view.Display = (
             view.LiveDisplay(console, interval)
@@ -730,7 +827,7 @@ def experts(
     temperature: Temperature = None,
     score: Score = ScoreFn.softmax,
     num_experts: NumExperts = None,
-    fmt: FormatOpt = Format.table,
+    fmt: TableJsonOrCsvOpt = TableJsonOrCsv.table,
     output: Output = None,
     config: ConfigOpt = None,
     width: Width = None,
@@ -754,8 +851,7 @@ def experts(
         from routelog.render import data, make_console
         from routelog.render import experts as view
 
-        if fmt not in (Format.table, Format.json, Format.csv):
-            raise UsageError(f"experts writes --format table, json or csv, not {fmt.value}")
+        _check_output(output, [path])
         result = _Reading.of(locals()).analysis([path])
         history = result.expert_histories()
         metric = "load_share" if share == "load" else "mass_share"
@@ -774,12 +870,12 @@ def experts(
         dead_fraction = result.options.dead_fraction
 
         def write(stream: object) -> None:
-            if fmt is Format.json:
+            if fmt is TableJsonOrCsv.json:
                 document = view.experts_document(
                     history, dead_fraction=dead_fraction, metric=metric
                 )
                 stream.write(data.to_json(document))  # type: ignore[attr-defined]
-            elif fmt is Format.csv:
+            elif fmt is TableJsonOrCsv.csv:
                 stream.write(data.to_csv(shares_frame(history)))  # type: ignore[attr-defined]
             else:
                 chosen, why = view.pick_layer(history) if layer is None else (history[0], "")
@@ -840,6 +936,7 @@ def plot(
         from routelog.render import figures
 
         figures.figure_format(output)
+        _check_output(output, [path])
         figures.matplotlib_figure()  # a missing extra fails before the run is read
         result = _Reading.of(locals()).analysis([path])
         if per_layer:
@@ -848,7 +945,9 @@ def plot(
                 target = figures.per_layer_path(output, layer)
                 figures.save(figures.draw(result, kind=kind, layers=[layer]), target, dpi=dpi)
                 written.append(target)
-            _say(f"wrote {len(written)} figures: {written[0]} ... {written[-1].name}")
+            names = [str(written[0]), *(p.name for p in written[1:])]
+            listed = ", ".join(names) if len(names) <= 3 else f"{names[0]} ... {names[-1]}"
+            _say(f"wrote {len(written)} figure{'s' if len(written) > 1 else ''}: {listed}")
         else:
             figures.save(figures.draw(result, kind=kind), output, dpi=dpi)
             _say(f"wrote {output}")
@@ -896,6 +995,7 @@ def export(
 
         if tensorboard is None and wandb is None:
             raise UsageError("nothing to export to: give --tensorboard DIR and/or --wandb PROJECT")
+        _check_output(tensorboard, [path], "--tensorboard", folder=True)
         # a missing extra fails before the run is read
         if tensorboard is not None:
             require("tensorboard", "tensorboard", "routelog export --tensorboard")
@@ -1051,6 +1151,7 @@ def compare(
             metavar="JSD",
             help="With --by dataset: JSD above which a layer has shifted (default: "
             "thresholds.shift_jsd of the configuration, 0.1).",
+            callback=_checked_now(_jsd),
         ),
     ] = None,
     top_k: TopK = None,
@@ -1233,6 +1334,7 @@ def check(
         if suggest is not None:
             if paths:
                 raise UsageError("--suggest reads the healthy run only: give no PATH with it")
+            _check_output(output, [suggest])
             suggestion = _suggestion(read([suggest]), window)
             _emit(output, lambda stream: stream.write(suggestion))  # type: ignore[attr-defined]
             return
@@ -1242,13 +1344,18 @@ def check(
             raise UsageError(
                 "--github writes annotations to stdout: use it with --format table or -o FILE"
             )
+        if max_regression and baseline is None:
+            raise UsageError("--max-regression needs a baseline run: pass --baseline PATH")
+        inputs = [*paths, *([baseline] if baseline is not None else [])]
+        _check_output(output, inputs)
+        _check_output(junit, inputs, "--junit")
+        if github and os.environ.get("GITHUB_STEP_SUMMARY"):
+            _check_output(Path(os.environ["GITHUB_STEP_SUMMARY"]), inputs, "GITHUB_STEP_SUMMARY")
         analysis = read(paths)
         settings = analysis.config.check.with_flags(
             minimum=minimum, maximum=maximum, max_regression=max_regression
         )
         base = read([baseline]) if baseline is not None else None
-        if base is None and settings.max_regression:
-            raise UsageError("max_regression needs a baseline run: pass --baseline PATH")
         result = run_check(
             analysis, settings, baseline=base, align=align.value, window=window, strict=strict
         )
@@ -1270,7 +1377,6 @@ def check(
 
         _emit(output, write)
         if junit is not None:
-            _check_output(junit, [*paths, *([baseline] if baseline is not None else [])])
             _write(junit, render_check.junit_xml(result), "--junit")
         if github:
             sys.stdout.write(render_check.github_annotations(result))

@@ -420,7 +420,7 @@ def _bound(
     """A threshold, refused when its metric is unknown or the metric can never reach it."""
     from routelog.kernels import METRIC_RANGES
 
-    _known_metric(name, metric, error)
+    _known_metric(name, metric, error, regression=False)
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
@@ -446,11 +446,26 @@ def _tolerance(name: str, metric: str, value: Any, error: type[ConfigError | Usa
     return float(value)
 
 
-def _known_metric(name: str, metric: str, error: type[ConfigError | UsageError]) -> None:
-    from routelog.kernels import TOWARDS_COLLAPSE
+def _known_metric(
+    name: str, metric: str, error: type[ConfigError | UsageError], *, regression: bool = True
+) -> None:
+    """Refuse a metric a threshold (or, with ``regression``, a tolerance) cannot name."""
+    from routelog.kernels import THRESHOLD_METRICS, TOWARDS_COLLAPSE
 
-    if metric not in TOWARDS_COLLAPSE:
-        raise error(f"{name}: unknown metric {metric!r} (known: {', '.join(TOWARDS_COLLAPSE)})")
+    known = tuple(TOWARDS_COLLAPSE) if regression else THRESHOLD_METRICS
+    if metric in known:
+        return
+    if metric == "saturation":
+        raise error(
+            f"{name}: saturation is 1 at the final step by definition; the early_saturation "
+            "rule judges it early in the run (thresholds.saturation, saturation_within)"
+        )
+    if metric in THRESHOLD_METRICS:
+        raise error(
+            f"{name}: {metric} has no direction towards collapse to regress in; "
+            f"use min_{metric} or max_{metric}"
+        )
+    raise error(f"{name}: unknown metric {metric!r} (known: {', '.join(known)})")
 
 
 def _flag(option: str, text: str) -> tuple[str, float]:

@@ -142,13 +142,32 @@ experts, the balancing loss, top-1 confidence and z-loss rise. The metrics a thr
 regression tolerance can name (``n_tokens``, ``n_experts`` and ``top_k`` describe the data).
 """
 
+THRESHOLD_METRICS = (*TOWARDS_COLLAPSE, "selection_mismatch", "flip_rate")
+"""The metrics a ``min_``/``max_`` threshold can name: those with a direction towards collapse
+(which a regression tolerance can also name), and two without one. ``saturation`` is not
+among them: it is 1 at the final step by definition, and the ``early_saturation`` rule judges
+it where it means something (early in the run)."""
+
+NEEDS: dict[str, str] = {
+    "z_loss": "router logits",
+    "selection_mismatch": "both probabilities and the selected expert ids",
+    "flip_rate": "token positions and an earlier logged step",
+    **dict.fromkeys(
+        ("token_entropy", "token_entropy_norm", "mutual_info", "top1_prob"),
+        "router probabilities or logits",
+    ),
+}
+"""What the data must hold for a metric that is not always known (the others always are)."""
+
 METRIC_RANGES: dict[str, tuple[float, float | None]] = {
-    **dict.fromkeys(TOWARDS_COLLAPSE, (0.0, None)),
+    **dict.fromkeys(THRESHOLD_METRICS, (0.0, None)),
     "token_entropy_norm": (0.0, 1.0),
     "load_entropy_norm": (0.0, 1.0),
     "assign_entropy_norm": (0.0, 1.0),
     "max_load_share": (0.0, 1.0),
     "top1_prob": (0.0, 1.0),
+    "selection_mismatch": (0.0, 1.0),
+    "flip_rate": (0.0, 1.0),
 }
 """Values each metric can take whatever E and k (the README's range column, E-free)."""
 

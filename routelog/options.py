@@ -126,11 +126,10 @@ class Options:
     def __post_init__(self) -> None:
         if self.top_k is not None and self.top_k < 1:
             raise UsageError(f"--top-k must be at least 1, got {self.top_k}")
-        if self.temperature is not None and not (
-            self.temperature > 0 and math.isfinite(self.temperature)
-        ):
+        if self.temperature is not None and not valid_temperature(self.temperature):
             raise UsageError(
-                f"--temperature must be a positive finite number, got {self.temperature}"
+                f"--temperature must be a finite number of at least {MIN_TEMPERATURE:g}, "
+                f"got {self.temperature}"
             )
         if not 0 <= self.dead_fraction < 1:
             raise UsageError(f"dead_fraction must be in [0, 1), got {self.dead_fraction}")
@@ -162,6 +161,15 @@ class Options:
 
 
 _RANGE = re.compile(r"^\s*(\d{1,30})\s*(?:-\s*(\d{1,30})\s*)?$", re.ASCII)
+
+
+MIN_TEMPERATURE = 1e-100
+"""The smallest --temperature: 1/T stays finite, and scaled logits are held to the same
+±1e150 as logits (``ingest.payload.MAX_LOGIT``)."""
+
+
+def valid_temperature(value: float) -> bool:
+    return value >= MIN_TEMPERATURE and math.isfinite(value)
 
 
 def parse_layers(text: str | None) -> LayerSet | None:

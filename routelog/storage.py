@@ -91,13 +91,13 @@ def is_url(text: str) -> bool:
 def locate(text: str) -> Location:
     """A location from what the user typed: a path, ``file://``, ``s3://`` or ``gs://``."""
     if not is_url(text):
-        return Path(text)
+        return local_path(text)
     parts = urlsplit(text)
     scheme = parts.scheme.lower()
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):
             raise UsageError(f"{text}: a file:// URL names a local path (file:///PATH)")
-        return Path(unquote(parts.path))
+        return local_path(unquote(parts.path))
     if scheme not in SCHEMES:
         known = ", ".join(f"{s}://" for s in ("s3", "gs", "file"))
         raise UsageError(f"{text}: unsupported URL scheme {scheme}:// (routelog reads {known})")
@@ -105,6 +105,17 @@ def locate(text: str) -> Location:
         raise UsageError(f"{text}: no bucket in the URL ({scheme}://BUCKET/PREFIX)")
     key = unquote(parts.path).strip("/")
     return Remote(f"{SCHEMES[scheme]}://{parts.netloc}/{key}".rstrip("/"))
+
+
+def local_path(text: str) -> Path:
+    """``text`` as a local path, refused when it is a symbolic link loop (nothing could be
+    read through it, and every later ``resolve`` would fail)."""
+    path = Path(text)
+    try:
+        path.resolve()
+    except (RuntimeError, OSError):  # RuntimeError up to Python 3.12, OSError (ELOOP) after
+        raise InputError(f"{text}: a symbolic link loop") from None
+    return path
 
 
 def filesystem(scheme: str) -> pyarrow.fs.FileSystem:

@@ -313,3 +313,9 @@ def test_expert_count_check_names_the_first_file_that_differs() -> None:
     api._check_experts([])
     with pytest.raises(InputError, match=r"^x: layer 5 has 8 experts, but 7 in x "):
         api._check_experts([(_widths((5, 7), (5, 8)), "x")])
+
+
+def test_a_run_summary_states_k_as_one_value_or_null() -> None:
+    assert routelog.analyze(SAMPLES / "collapse", top_k=2).runs[0].summary()["top_k"] == 2
+    counts = routelog.analyze(SAMPLES / "megatron-tpe").runs[0].summary()
+    assert counts["top_k"] is None  # counts state no k

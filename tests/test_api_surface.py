@@ -95,9 +95,9 @@ def test_findings_frame_without_findings_keeps_its_columns() -> None:
 
 def test_short_reprs(collapse: routelog.Analysis) -> None:
     text = repr(collapse)
-    assert text == ("<Analysis of 1 run 'collapse': 48 metrics rows, findings 2 fail, 8 warn>"), (
-        text
-    )
+    assert text == (
+        "<Analysis of 1 run 'collapse': 48 metrics rows, findings 2 fail, 6 warn, 2 earlier only>"
+    ), text
     assert repr(collapse.runs[0]) == "<Run 'collapse': 12 files, steps 0–1100, 4 layers>"
 
 

@@ -18,7 +18,7 @@ from routelog.cli import app
 from routelog.config import Bound, CheckSettings, load_config
 from routelog.errors import ConfigError, ExitCode, UsageError
 from routelog.findings import Finding
-from routelog.kernels import METRIC_RANGES, TOWARDS_COLLAPSE
+from routelog.kernels import METRIC_RANGES, THRESHOLD_METRICS, TOWARDS_COLLAPSE
 from routelog.options import LayerSet
 from tests.conftest import REAL_LOGS, SAMPLES, WriteRun, dirichlet
 
@@ -160,6 +160,39 @@ def test_threshold_on_a_missing_metric_names_it() -> None:
         evaluate(metrics, [], settings)
 
 
+@pytest.mark.parametrize(
+    ("metric", "needs"),
+    [
+        ("z_loss", "router logits"),
+        ("selection_mismatch", "both probabilities and the selected expert ids"),
+        ("flip_rate", "token positions"),
+    ],
+)
+def test_a_missing_metric_says_what_it_needs(metric: str, needs: str) -> None:
+    metrics = metrics_frame({metric: np.array([[np.nan]])}).with_columns(
+        pl.col(metric).fill_nan(None)
+    )
+    settings = CheckSettings(bounds=(Bound("max", metric, 0.5, key=f"max_{metric}"),))
+    with pytest.raises(UsageError, match=f"has no {metric} \\(it needs {needs}"):
+        evaluate(metrics, [], settings)
+
+
+def test_thresholds_on_metrics_without_a_direction() -> None:
+    # the routing flips and the selection mismatch take thresholds, not regression tolerances
+    result = invoke(COLLAPSE, "--top-k", "2", "--max", "flip_rate=0.01")
+    assert result.exit_code == ExitCode.CHECK_FAILED, result.output
+    assert "flip_rate" in result.output
+    passed = invoke(HEALTHY, "--top-k", "2", "--max", "flip_rate=1")
+    assert passed.exit_code == ExitCode.OK, passed.output
+    assert "max_flip_rate" in passed.output
+    regress = invoke(COLLAPSE, "--baseline", HEALTHY, "--max-regression", "flip_rate=0.1")
+    assert regress.exit_code == ExitCode.BAD_INPUT
+    assert "flip_rate has no direction towards collapse" in regress.output
+    saturation = invoke(COLLAPSE, "--max", "saturation=0.9")
+    assert saturation.exit_code == ExitCode.BAD_INPUT
+    assert "saturation is 1 at the final step by definition" in saturation.output
+
+
 # --- findings --------------------------------------------------------------------------------
 
 
@@ -235,7 +268,7 @@ def test_regression_direction_table() -> None:
     higher = {"max_load_share", "max_vio", "load_cv", "dead_experts", "z_loss"}
     assert {m for m, s in TOWARDS_COLLAPSE.items() if s < 0} >= lower
     assert {m for m, s in TOWARDS_COLLAPSE.items() if s > 0} >= higher
-    assert set(METRIC_RANGES) == set(TOWARDS_COLLAPSE)
+    assert set(METRIC_RANGES) == set(THRESHOLD_METRICS) > set(TOWARDS_COLLAPSE)
 
 
 def test_regression_compares_the_latest_common_step() -> None:
@@ -289,8 +322,10 @@ def test_regression_without_a_common_step_or_layer() -> None:
     assert "run r layer 1: not compared" in result.notes[0]
     with pytest.raises(UsageError, match="shares no logged step with the baseline 'good'"):
         evaluate(run, [], settings, baseline=base.with_columns(pl.col("step") + 5), enabled=())
-    with pytest.raises(UsageError, match="needs a baseline"):
-        evaluate(run, [], settings)
+    # a configured max_regression table without a baseline: not checked, and said so
+    alone = evaluate(run, [], settings, enabled=())
+    assert alone.rules == []
+    assert alone.notes == ["max_regression (token_entropy_norm) not checked: no --baseline given"]
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -481,6 +516,18 @@ def test_config_file_thresholds_and_flag_override(tmp_path: Path) -> None:
         HEALTHY, "--top-k", "2", "--config", str(path), "--min", "token_entropy_norm=0.1"
     )
     assert result.exit_code == ExitCode.OK, result.output
+
+
+def test_configured_regression_waits_for_a_baseline(tmp_path: Path) -> None:
+    # the README's configuration: a max_regression table used when --baseline is given
+    path = write_config(tmp_path, "[check.max_regression]\ntoken_entropy_norm = 0.05\n")
+    result = invoke(HEALTHY, "--top-k", "2", "--config", str(path))
+    assert result.exit_code == ExitCode.OK, result.output
+    assert "max_regression (token_entropy_norm) not checked: no --baseline given" in result.output
+    compared = invoke(HEALTHY, "--top-k", "2", "--config", str(path), "--baseline", HEALTHY)
+    assert compared.exit_code == ExitCode.OK, compared.output
+    assert "max_regression" in compared.output
+    assert "not checked" not in compared.output
 
 
 def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:

@@ -228,3 +228,26 @@ def test_help_is_unchanged_by_the_one_line_errors() -> None:
     assert result.exit_code == 0
     assert result.stdout.startswith("Usage: routelog analyze [OPTIONS]")
     assert result.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (["analyze", "{run}", "--steps", "abc"], "--steps: cannot read 'abc'"),
+        (["check", "{run}", "--layers", "5-3"], "--layers: range '5-3' is empty"),
+        (
+            ["analyze", "{run}", "--temperature", "-1"],
+            "--temperature: must be a finite number of at least",
+        ),
+        (["compare", "{run}", "--by", "dataset", "--shift-threshold", "nan"], "[0, 1] (got nan)"),
+    ],
+)
+def test_a_bad_option_value_is_the_commands_usage_error(args: list[str], problem: str) -> None:
+    # read with the command line, before any file: the same line as click's own value errors
+    result = runner.invoke(app, [a.format(run=SAMPLES / "shift") for a in args])
+    assert result.exit_code == ExitCode.BAD_INPUT, result.output
+    command = args[0]
+    line = result.output.strip()
+    assert line.startswith(f"routelog {command}: error: ")
+    assert problem in line
+    assert line.endswith(f"; see 'routelog {command} --help'")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -81,7 +82,8 @@ def assert_outcome(result: subprocess.CompletedProcess[str], exit_code: int, fra
     if exit_code == 2:
         lines = result.stderr.splitlines()
         assert len(lines) == 1, result.stderr
-        assert lines[0].startswith("routelog: error: "), lines[0]
+        # an input error, or a bad option value: the command's usage error
+        assert re.match(r"routelog( analyze)?: error: ", lines[0]), lines[0]
         assert fragment in lines[0], lines[0]
     else:
         assert_metrics_in_range(json.loads(result.stdout))

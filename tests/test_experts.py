@@ -230,7 +230,7 @@ def test_experts_command_errors() -> None:
     assert "--share mass needs router probabilities" in result.output
     result = runner.invoke(app, ["experts", str(SAMPLES / "collapse"), "-f", "markdown"])
     assert result.exit_code == 2
-    assert "experts writes --format table, json or csv" in result.output
+    assert "'markdown' is not one of 'table', 'json', 'csv'" in result.output
 
 
 @pytest.mark.skipif(not REAL_LOGS.exists(), reason="real logs not present")

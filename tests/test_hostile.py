@@ -47,6 +47,109 @@ def test_output_onto_an_input_log_is_refused(run: Path) -> None:
     assert not (run / "report.txt").exists()
 
 
+WRITERS: dict[str, list[str]] = {
+    # every command that writes a file (-o/--output), with what it needs besides
+    "analyze": [],
+    "watch": ["--interval", "0.1"],
+    "experts": [],
+    "inspect": [],
+    "compare": ["{run}"],
+    "check": [],
+    "plot": [],
+}
+
+
+def test_every_command_that_writes_is_listed() -> None:
+    import typer.main
+
+    group = typer.main.get_command(app)
+    writing = {
+        name
+        for name, command in group.commands.items()  # type: ignore[attr-defined]
+        if any("--output" in p.opts for p in command.params)
+    }
+    assert writing == set(WRITERS)
+
+
+@pytest.mark.parametrize("command", sorted(WRITERS))
+def test_no_command_writes_into_a_run(run: Path, command: str) -> None:
+    log = run / "step_000100.parquet"
+    before = sorted((p.name, p.read_bytes()) for p in run.iterdir())
+    extra = [a.format(run=run) for a in WRITERS[command]]
+    inside = run / "figure.png" if command == "plot" else log
+    _one_line_error([command, str(run), *extra, "-o", str(inside)], "into the input")
+    if command == "check":
+        _one_line_error(["check", "--suggest", str(run), "-o", str(log)], "into the input")
+        line = _one_line_error(["check", str(run), "--junit", str(log)], "into the input")
+        assert "--junit would write" in line
+    assert sorted((p.name, p.read_bytes()) for p in run.iterdir()) == before
+
+
+def test_no_cache_or_step_summary_inside_a_run(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = sorted((p.name, p.read_bytes()) for p in run.iterdir())
+    line = _one_line_error(["analyze", str(run), "--cache-dir", str(run / "cache")], "into")
+    assert "--cache-dir would write into the input" in line
+    monkeypatch.setenv("ROUTELOG_CACHE_DIR", str(run / "cache"))
+    _one_line_error(["check", str(run), "-k", "2"], "--cache-dir would write into the input")
+    monkeypatch.delenv("ROUTELOG_CACHE_DIR")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(run / "step_000100.parquet"))
+    line = _one_line_error(["check", str(run), "-k", "2", "--github", "--no-cache"], "into")
+    assert "GITHUB_STEP_SUMMARY would write into the input" in line
+    assert sorted((p.name, p.read_bytes()) for p in run.iterdir()) == before
+
+
+def test_export_writes_no_event_files_into_a_run(run: Path) -> None:
+    line = _one_line_error(["export", str(run), "--tensorboard", str(run / "tb")], "into the")
+    assert "--tensorboard would write" in line
+    assert not (run / "tb").exists()
+
+
+def test_an_interrupted_report_leaves_the_old_file(tmp_path: Path) -> None:
+    from routelog import cli
+
+    (tmp_path / "out").mkdir()
+    report = tmp_path / "out" / "report.txt"
+    report.write_text("the previous report\n")
+
+    def interrupted(stream: object) -> None:
+        stream.write("half a rep")  # type: ignore[attr-defined]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cli._emit(report, interrupted)
+    assert report.read_text() == "the previous report\n"
+    assert [p.name for p in report.parent.iterdir()] == ["report.txt"]
+    cli._emit(report, lambda stream: stream.write("new\n"))  # type: ignore[attr-defined]
+    assert report.read_text() == "new\n"
+
+
+def test_reports_go_through_links_and_into_pipes(tmp_path: Path) -> None:
+    import os
+    import threading
+
+    from routelog import cli
+
+    link = tmp_path / "latest.txt"
+    link.symlink_to(tmp_path / "report-1.txt")
+    cli._emit(link, lambda stream: stream.write("one\n"))  # type: ignore[attr-defined]
+    assert link.is_symlink()
+    assert (tmp_path / "report-1.txt").read_text() == "one\n"
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    cli._emit(fifo, lambda stream: stream.write("two\n"))  # type: ignore[attr-defined]
+    reader.join(timeout=10)
+    assert got == ["two\n"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".git",
+        "latest.txt",
+        "pipe",
+        "report-1.txt",
+    ]
+
+
 @pytest.mark.parametrize(
     ("target", "fragment"),
     [(".", "names a directory"), ("missing/x.txt", "does not exist"), ("/proc/version", "")],
@@ -185,3 +288,20 @@ def test_one_expert_layers_are_analysed_without_entropy_findings(tmp_path: Path)
     assert row["token_entropy"] == 0.0
     assert row["token_entropy_norm"] is None  # H / ln 1 is undefined, not "collapsed"
     assert document["findings"] == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["analyze", "{loop}"],
+        ["experts", "{loop}"],
+        ["compare", "{run}", "{loop}"],
+        ["check", "{run}", "--baseline", "{loop}", "--max-regression", "max_vio=1"],
+        ["analyze", "{run}", "-o", "{loop}"],
+    ],
+)
+def test_a_link_loop_is_one_line(run: Path, tmp_path: Path, args: list[str]) -> None:
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    line = _one_line_error([a.format(loop=loop, run=run) for a in args], "a symbolic link loop")
+    assert line == f"routelog: error: {loop}: a symbolic link loop"

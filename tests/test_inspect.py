@@ -113,3 +113,16 @@ def test_inspect_bad_file_is_an_error(tmp_path: Path) -> None:
     result = runner.invoke(app, ["inspect", str(path)])
     assert result.exit_code == 2, result.output
     assert f"{path}:2: not valid JSON" in result.output
+
+
+@pytest.mark.parametrize("command", ["inspect", "analyze"])
+def test_a_k_above_e_is_the_same_error_as_in_analysis(command: str) -> None:
+    log = SAMPLES / "drift" / "step_000000.parquet"
+    extra = ["--no-cache"] if command == "analyze" else []
+    result = runner.invoke(app, [command, str(log), "--top-k", "9", *extra])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().endswith(
+        f"--top-k 9 is larger than E=8, the experts of layer 0 in {log}: a token cannot be "
+        "routed to more experts than the layer has"
+    )
+    assert runner.invoke(app, ["inspect", str(log), "--top-k", "8"]).exit_code == 0

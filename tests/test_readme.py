@@ -124,7 +124,7 @@ def test_readme_has_examples() -> None:
 def test_every_console_example_is_checked() -> None:
     """A console block that shows a `$ routelog` command must be a checked example."""
     text = README.read_text(encoding="utf-8")
-    for match in re.finditer(r"(.*)\n```console\n(.*?)^```$", text, re.S | re.M):
+    for match in re.finditer(r"^([^\n]*)\n```console\n(.*?)^```$", text, re.S | re.M):
         if re.search(r"^\$ routelog ", match.group(2), re.M):
             assert match.group(1) == MARKER, f"unchecked README example: {match.group(2)[:80]}"
 

@@ -42,6 +42,16 @@ def test_check_lists_every_failing_layer_and_quotes_the_worst() -> None:
 
 
 @requires_real
+def test_a_passing_rule_dates_an_earlier_finding() -> None:
+    # k=1 on the real aux-loss run: collapse held on layer 0 at steps 100-120 only; the value
+    # quoted is from step 120, so the line says so rather than passing it off as the latest
+    result = runner.invoke(app, ["check", str(REAL_LOGS / "aux-loss"), "-k", "1", "--layers", "0"])
+    assert result.exit_code == 0, result.output
+    collapse = next(line for line in result.output.splitlines() if "collapse" in line)
+    assert collapse.endswith("earlier only: aux-loss layer 0 at step 120  dead_experts 5 > 4")
+
+
+@requires_real
 def test_finding_sentence_quotes_the_worst_layer_with_z_loss() -> None:
     result = runner.invoke(app, ["analyze", str(REAL_LOGS / "collapse"), "-k", "2", "-f", "json"])
     document = json.loads(result.output)

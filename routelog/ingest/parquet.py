@@ -56,6 +56,9 @@ def scan(path: Path, options: Options, info: FileInfo, *, source: Any = None) ->
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{path}: not a valid Parquet file ({_first_line(exc)})") from exc
     columns = reader.schema_arrow.names
+    twice = sorted({name for name in columns if columns.count(name) > 1})
+    if twice:
+        raise InputError(f"{path}: column {twice[0]!r} appears more than once")
     options = _stated_score(reader.schema_arrow.metadata, path, options, info)
     empty = pl.from_arrow(reader.schema_arrow.empty_table())
     assert isinstance(empty, pl.DataFrame)

@@ -135,15 +135,24 @@ def _from_logits(
     ratios instead of becoming 0/0.
     """
     single = values.dtype == np.float32  # read as it is, else in float64
-    logits = np.ascontiguousarray(values, dtype=np.float32 if single else np.float64)
+    with np.errstate(invalid="ignore"):  # a NaN (of another byte order) is the kernel's to name
+        logits = np.ascontiguousarray(values, dtype=np.float32 if single else np.float64)
     n_rows, width = logits.shape
     probs = np.zeros((n_rows, width), dtype=np.float32)
     lse = np.zeros(n_rows, dtype=np.float64)
     codes = np.zeros(n_rows, dtype=np.uint8)
     temperature = 1.0 if options.temperature is None else float(options.temperature)
     if n_rows and width:
-        native.softmax(logits, width, temperature, MAX_LOGIT, probs, lse, codes)
-    problems = {name: codes == code for code, name in enumerate(LOGIT_PROBLEMS, start=1)}
+        # scaled logits are held to the same bound: |x / T| <= MAX_LOGIT
+        limit = MAX_LOGIT * min(temperature, 1.0)
+        native.softmax(logits, width, temperature, limit, probs, lse, codes)
+    names = list(LOGIT_PROBLEMS)
+    if temperature < 1.0:
+        names[2] = (
+            f"logit beyond ±{MAX_LOGIT * temperature:g} (±{MAX_LOGIT:g} divided by "
+            f"--temperature {temperature:g}: its z-loss would overflow float64)"
+        )
+    problems = {name: codes == code for code, name in enumerate(names, start=1)}
     bad = codes != 0
     if options.score == "sigmoid" and n_rows and width:
         with np.errstate(invalid="ignore", over="ignore"):

@@ -71,6 +71,8 @@ def _worst_text(summary: RuleSummary) -> str:
     if worst is None:
         return "no layer affected"
     compared = f"  {_compared(worst)}".rstrip()
+    if not summary.affected and worst.earlier:  # the value is from then, not from now
+        return f"earlier only: {worst.run} layer {worst.layer} at step {worst.step}{compared}"
     if not summary.affected:
         return f"worst: {worst.run} layer {worst.layer}{compared}"
     label = "fails" if not summary.passed else "warn"
@@ -164,7 +166,7 @@ def junit_xml(result: CheckResult) -> bytes:
             from routelog.render.report import k_plain
 
             for key, value in (
-                ("top_k", run["top_k"]),
+                ("top_k", _k_value(run["top_k"])),
                 ("top_k_source", run["top_k_source"]),
                 ("top_k_assumed", str(bool(run["top_k_assumed"])).lower()),
                 ("k", k_plain(run)),
@@ -260,6 +262,13 @@ def markdown_summary(result: CheckResult) -> str:
 # --- --suggest -------------------------------------------------------------------------------
 
 
+def _k_value(top_k: int | list[int] | None) -> str:
+    """A run's ``top_k`` as a property value: ``2``, ``2/8`` (files differ), or empty."""
+    if top_k is None:
+        return ""
+    return "/".join(map(str, top_k)) if isinstance(top_k, list) else str(top_k)
+
+
 def suggestion_toml(
     suggestions: list[Suggestion],
     *,
@@ -287,6 +296,8 @@ def suggestion_toml(
             if top_k_assumed
             else f"# Measured with k = {k}: check with the same --top-k "
             "(or top_k in [tool.routelog])."
+            if top_k
+            else "# Measured on per-expert counts, which need no k."
         ),
         "# Fail findings (collapse, rigidity) fail the check too; list codes in fail_on to",
         "# fail on warnings, and add [tool.routelog.check.max_regression] for --baseline.",

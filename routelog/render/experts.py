@@ -132,8 +132,9 @@ def print_experts(
     console.print(table)
     dead = int((h.dead_since >= 0).sum())
     console.print(f"{dead} of {h.n_experts} experts dead at the latest step")
-    rule = f"count share < {dead_fraction:g} of the fair share"
-    console.print(Text("  ".join(heatmap.legend(rule)), style="dim"))
+    rule = heatmap.describe_dead(dead_fraction, mass=h.mass is not None)
+    for line in heatmap.legend_lines(rule, console.width):
+        console.print(line)
 
 
 def _sample(n_steps: int, room: int) -> list[int]:

@@ -58,6 +58,20 @@ def cell(share: float, n_experts: int, dead: bool) -> tuple[str, str]:
     return glyph, "dominant" if ratio > DOMINANT else "other"
 
 
+def describe_dead(dead_fraction: float, *, mass: bool) -> str:
+    """What makes a cell dead, in the legend's words: few tokens, or (with probabilities)
+    little mass (``kernels.dead_mask``)."""
+    of = "of the tokens or of the mass" if mass else "of the tokens"
+    return f"< {dead_fraction:g} of the fair share {of}"
+
+
+def legend_lines(rule: str, width: int, note: str = "") -> list[Text]:
+    """The legend, wrapped between items to ``width`` (an item is never split)."""
+    from rich.text import Text
+
+    return [Text(line, style="dim") for line in _wrap(legend(rule, note), width)]
+
+
 def legend(dead_rule: str, note: str = "") -> list[str]:
     """The legend's items: what each glyph means (the same words with or without colour)."""
     return [
@@ -142,7 +156,7 @@ def heatmap(
                     line.append(text, style=STYLE[kind])
             line.rstrip()
             lines.append(line)
-    lines.extend(Text(line, style="dim") for line in _wrap(legend(dead_rule, note), width))
+    lines.extend(legend_lines(dead_rule, width, note))
     return lines
 
 

@@ -63,8 +63,8 @@ def k_plain(summary: dict[str, Any]) -> str:
 
     source = summary.get("top_k_source")
     top_k = summary["top_k"]
-    k = f"k={top_k if top_k != [] else '–'}"
-    if isinstance(top_k, list) and top_k:
+    k = f"k={top_k if top_k is not None else '–'}"
+    if isinstance(top_k, list):
         k = f"k={'/'.join(map(str, top_k))}"
     if summary.get("top_k_assumed"):
         return ASSUMED_K_TEXT
@@ -180,8 +180,7 @@ def print_report(
         lines, kept = _layer_table(metrics, findings, codes=console.width >= WIDE, console=console)
         for line in lines:
             console.print(line, soft_wrap=True)
-        caption = TABLE_CAPTION + (MISMATCH_NOTE if "mismatch" in kept else "")
-        console.print(caption + ("" if "trend" in kept else TREND_DROPPED), style="dim")
+        console.print(_caption(metrics, kept), style="dim")
         if "codes" not in kept:
             for layer in sorted(metrics["layer"].unique().to_list()):
                 status, codes = layer_status(findings, layer)
@@ -340,15 +339,31 @@ def _header(summary: dict[str, Any], metrics: pl.DataFrame) -> str:
     )
 
 
-TABLE_CAPTION = (
-    "entropies normalised by ln E, at the latest step; max share from top-k slots, dead by "
-    "tokens or mass; "
-    "trend: H_token over all logged steps on a 0–1 scale; (code) = held earlier only"
-)
 MISMATCH_NOTE = (
-    "; mismatch: share of tokens whose selected experts are not the top-k of their probabilities"
+    "mismatch: share of tokens whose selected experts are not the top-k of their probabilities"
 )
-TREND_DROPPED = "; the trend column is left out at this width (--width)"
+
+
+def _caption(metrics: pl.DataFrame, kept: list[str]) -> str:
+    """What the table's columns mean, for the columns it has (counts: no mass, no trend)."""
+    probabilities = _has_probabilities(metrics)
+    parts = [
+        "entropies normalised by ln E, at the latest step",
+        "max share from top-k slots, dead by tokens" + (" or mass" if probabilities else ""),
+    ]
+    if "trend" in kept:
+        parts.append("trend: H_token over all logged steps on a 0–1 scale")
+    elif probabilities:
+        parts.append("the trend column is left out at this width (--width)")
+    parts.append("(code) = held earlier only")
+    if "mismatch" in kept:
+        parts.append(MISMATCH_NOTE)
+    return "; ".join(parts)
+
+
+def _has_probabilities(metrics: pl.DataFrame) -> bool:
+    """Whether any row has router probabilities (token entropy): not count-only data."""
+    return metrics["token_entropy_norm"].null_count() < metrics.height
 
 
 def _layer_table(
@@ -373,7 +388,7 @@ def _layer_table(
         Column("max share", "right"),
         Column("dead", "right"),
         *([Column("mismatch", "right")] if mismatch else []),
-        Column("trend", drop=1),
+        *([Column("trend", drop=1)] if _has_probabilities(metrics) else []),
         Column("status"),
         *([Column("codes", drop=2)] if codes else []),
     ]
@@ -389,7 +404,7 @@ def _layer_table(
                 fmt(row["max_load_share"]),
                 f"{fmt(row['dead_experts'])}/{row['n_experts']}",
                 *([fmt(row["selection_mismatch"])] if mismatch else []),
-                sparkline(trend.to_list()),
+                *([sparkline(trend.to_list())] if _has_probabilities(metrics) else []),
                 Text(status, style=STATUS_STYLE[status]),
                 *([", ".join(layer_codes)] if codes else []),
             ]
@@ -442,7 +457,7 @@ def _heatmap(
     import polars as pl
 
     from routelog.kernels import dead_mask
-    from routelog.render.heatmap import HeatRow, heatmap
+    from routelog.render.heatmap import HeatRow, describe_dead, heatmap
 
     latest = (
         metrics.filter(pl.col("step") == pl.col("step").max().over("layer"))
@@ -461,7 +476,7 @@ def _heatmap(
         n_experts=int(latest["n_experts"].max() or 0),  # type: ignore[arg-type]
         width=console.width,
         title=MASS_TITLE if by_mass else HEATMAP_TITLE,
-        dead_rule=f"< {dead_fraction:g} of the fair share of the tokens or of the mass",
+        dead_rule=describe_dead(dead_fraction, mass=by_mass),
         note="" if values else "--values prints the shares",
         values=values,
     )

@@ -26,16 +26,20 @@ def print_config(config: Config, console: Console) -> None:
     console.print(
         f"configuration file: {config.path}" if config.path else "configuration file: none found"
     )
+    items = list(config.items())
     table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
-    table.add_column("key")
-    table.add_column("value")
-    table.add_column("source")
-    for key, value, source in config.items():
+    # keys are never cut; values wrap between words; a source path folds rather than hide
+    table.add_column("key", no_wrap=True, min_width=max((len(k) for k, _, _ in items), default=3))
+    table.add_column("value", ratio=1)
+    table.add_column("source", overflow="fold")
+    for key, value, source in items:
         shown = (
             ", ".join(value)
             if isinstance(value, list)
             else f"{value:g}"
             if isinstance(value, float)
+            else "–"
+            if value is None
             else str(value)
         )
         table.add_row(key, shown, source)

@@ -444,13 +444,13 @@ def cli(directory: Path) -> dict[str, dict[str, Any]]:
         "temperature_nan.jsonl",
         ["--temperature", "nan"],
         2,
-        "--temperature must be a positive finite",
+        "--temperature: must be a finite number of at least",
     )
     case(
         "temperature_inf.jsonl",
         ["--temperature", "inf"],
         2,
-        "--temperature must be a positive finite",
+        "--temperature: must be a finite number of at least",
     )
     case(
         "output_onto_input.jsonl",

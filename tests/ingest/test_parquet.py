@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import routelog
 from routelog.cli import app
-from routelog.errors import InputError
+from routelog.errors import InputError, UsageError
 from tests.conftest import WriteRun, dirichlet
 
 runner = CliRunner()
@@ -41,6 +41,16 @@ def test_logits_become_softmax_probabilities(tmp_path: Path) -> None:
     lse = np.log(np.exp(logits[0].astype(np.float64)).sum())
     assert metrics["z_loss"] == pytest.approx((lse**2 + 1000.0**2) / 2, rel=1e-5)
     assert metrics["step"] == 100
+
+
+def test_scaled_logits_are_held_to_the_logit_bound(tmp_path: Path) -> None:
+    logits = np.array([[1e60, 0.0, -1.0], [1.0, 2.0, 3.0]], dtype=np.float64)
+    path = _one_file(tmp_path, layer=[0, 0], logits=logits)
+    assert routelog.analyze([path], temperature=1e-80).metrics["z_loss"][0] > 1e279  # 1e140
+    with pytest.raises(InputError, match=r"row 0: logit beyond ±1e\+55 \(±1e\+150 divided"):
+        routelog.analyze([path], temperature=1e-95)  # 1e155: its square overflows
+    with pytest.raises(UsageError, match="at least 1e-100"):
+        routelog.analyze([path], temperature=1e-310)  # 1/T is not finite
 
 
 def test_fixed_size_list_and_step_column(tmp_path: Path) -> None:
@@ -380,3 +390,18 @@ def test_a_directory_name_that_is_not_utf8_is_read(tmp_path: Path) -> None:
     here = routelog.analyze(SAMPLES / "collapse" / "step_000000.parquet", top_k=2).metrics
     there = routelog.analyze(run, top_k=2).metrics
     assert there.drop("run").equals(here.drop("run"))
+
+
+@pytest.mark.parametrize("command", ["analyze", "inspect"])
+def test_a_column_named_twice_is_one_line(tmp_path: Path, command: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "dup.parquet"
+    columns = [pa.array([0] * 4)] * 3 + [pa.array([[0.5, 0.5]] * 4)]
+    pq.write_table(pa.table(columns, names=["step", "layer", "layer", "probs"]), path)
+    result = CliRunner().invoke(app, [command, str(path)])
+    assert result.exit_code == 2, result.output
+    assert (
+        result.output.strip() == f"routelog: error: {path}: column 'layer' appears more than once"
+    )

@@ -410,6 +410,14 @@ def test_top_k_from_payload_is_used(tmp_path: Path) -> None:
     assert metrics["max_load_share"][0] == pytest.approx(counts.max() / 400)
 
 
+def test_a_stated_top_k_above_e_is_the_files_error(tmp_path: Path) -> None:
+    torch = _torch()
+    path = _save({"step": 1, "router_logits": (torch.randn(16, 8),), "top_k": 9}, tmp_path / "k.pt")
+    with pytest.raises(InputError, match=r"k.pt: the file states top_k=9, more than E=8"):
+        api.analyze([str(path)])
+    assert api.analyze([str(path)], top_k=2).metrics["top_k"].to_list() == [2]  # the option wins
+
+
 def test_layer_and_step_selection(tmp_path: Path) -> None:
     torch = _torch()
     path = _save({"step": 50, "router_logits": tuple(torch.randn(3, 8, 4))}, tmp_path / "s.pt")
@@ -956,3 +964,26 @@ def test_float64_and_minus_inf_reach_the_validation_unchanged(
     expected[::2, 1] = -np.inf
     assert seen[0].dtype == np.float64
     np.testing.assert_array_equal(seen[0], expected)
+
+
+def test_a_nan_of_the_other_byte_order_is_the_one_line_error(tmp_path: Path) -> None:
+    import warnings
+    import zipfile
+
+    torch = _torch()
+    logits = torch.randn(16, 8)
+    logits.view(torch.int32)[3, 2] = 0x7F800001  # a signalling NaN
+    little = _save({"step": 3, "router_logits": (logits,)}, tmp_path / "le.pt")
+    big = tmp_path / "be.pt"
+    with zipfile.ZipFile(little) as source, zipfile.ZipFile(big, "w") as target:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename.endswith("byteorder"):
+                data = b"big"
+            elif "/data/" in item.filename:
+                data = np.frombuffer(data, "<u4").astype(">u4").tobytes()
+            target.writestr(item.filename, data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy warning on the way to the error
+        with pytest.raises(InputError, match=r"be.pt layer 0 row 3: non-finite logit"):
+            api.analyze([str(big)], top_k=2)
