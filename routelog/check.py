@@ -183,6 +183,9 @@ RUN_KEYS = (
     "top_k_source",
     "top_k_file",
     "top_k_assumed",
+    "rows",
+    "masked_rows",
+    "skipped_rows",
     "warnings",
     "merged_runs",
 )

@@ -772,7 +772,7 @@ def watch(
                     time.sleep(interval)
         except KeyboardInterrupt:
             pass
-        _final_report(watcher.last if watcher is not None else None, fmt, output, width, color)
+        _final_report(watcher.final() if watcher is not None else None, fmt, output, width, color)
         raise typer.Exit(code)
 
 

@@ -680,7 +680,7 @@ def entropy(q: np.ndarray) -> np.ndarray:
     """
     logs = np.zeros_like(q, dtype=np.float64)
     np.log(q, out=logs, where=q > 0)
-    values: np.ndarray = -(q * logs).sum(axis=-1)
+    values: np.ndarray = 0.0 - (q * logs).sum(axis=-1)  # one expert: 0.0, not -0.0
     return values
 
 

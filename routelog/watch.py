@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -157,6 +157,21 @@ class Watcher:
         self.steps: dict[str, set[int]] = {}
         self.reported: set[tuple[str, int | None, str, int | None]] = set()
         self.last: Analysis | None = None
+        self.pending: list[Location] = []
+
+    def final(self) -> Analysis | None:
+        """The last analysis, noting the files it left out at the last look (the report
+        written when watching stops must not read as if it covered them)."""
+        if self.last is None or not self.pending:
+            return self.last
+        names = ", ".join(str(f) for f in self.pending[:3])
+        more = f" and {len(self.pending) - 3} more" if len(self.pending) > 3 else ""
+        count = len(self.pending)
+        note = (
+            f"{count} log file{'s' if count > 1 else ''} not read: still being written at "
+            f"the last look ({names}{more})"
+        )
+        return replace(self.last, notes=[*self.last.notes, note])
 
     def poll(self) -> Round:
         """Analyse every complete file now; new steps and findings since the last poll."""
@@ -175,6 +190,7 @@ class Watcher:
                 ready.append(spec)
             else:
                 waiting.append(spec.name)
+        self.pending = pending
         if not ready:
             return Round(None, {}, [], pending, waiting)
         try:
@@ -188,6 +204,7 @@ class Watcher:
             )
         except ChangedError as error:  # an object replaced mid-read: the next round reads it
             changed = [f for f in complete if str(error).startswith(f"{f}:")]
+            self.pending = pending + changed
             return Round(self.last, {}, [], pending + changed, waiting)
         self.last = analysis
         return Round(

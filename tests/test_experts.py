@@ -219,6 +219,10 @@ def test_experts_command_many_experts_shows_extremes(write_parquet_run: WriteRun
     assert rows[0].split()[0] == "0"
     assert rows[0].split()[-2] == "1"
     assert max(len(line) for line in lines) <= 100
+    # the hidden experts are said under the table: the columns stay where the rows put them
+    header = next(line for line in lines if line.startswith("expert"))
+    assert header.rstrip().endswith("dead since  final")
+    assert len(header.rstrip()) == max(len(r.rstrip()) for r in rows)
 
 
 def test_experts_command_errors() -> None:

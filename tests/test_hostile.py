@@ -305,3 +305,32 @@ def test_a_link_loop_is_one_line(run: Path, tmp_path: Path, args: list[str]) -> 
     loop.symlink_to(loop)
     line = _one_line_error([a.format(loop=loop, run=run) for a in args], "a symbolic link loop")
     assert line == f"routelog: error: {loop}: a symbolic link loop"
+
+
+def test_every_report_says_what_was_skipped(tmp_path: Path) -> None:
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [[0.25] * 4 for _ in range(10)]
+    rows[4][0] = float("nan")
+    log = tmp_path / "nan.parquet"
+    pq.write_table(pa.table({"step": [0] * 10, "layer": [0] * 10, "probs": rows}), log)
+    common = ["--skip-bad-rows", "-k", "2", "--no-cache"]
+    said = "1 bad row skipped (--skip-bad-rows)"
+    for args in (["check", str(log)], ["compare", f"a={log}", f"b={log}"]):
+        result = runner.invoke(app, [*args, *common])
+        assert said in result.output, (args, result.output)
+    document = json.loads(runner.invoke(app, ["check", str(log), *common, "-f", "json"]).output)
+    assert document["runs"][0]["skipped_rows"] == 1
+
+
+def test_a_one_expert_share_has_entropy_zero_not_minus_zero() -> None:
+    import math
+
+    from routelog.kernels import entropy
+
+    value = float(entropy(np.array([1.0, 0.0, 0.0])))
+    assert value == 0.0
+    assert math.copysign(1.0, value) == 1.0

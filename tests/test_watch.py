@@ -62,6 +62,26 @@ def test_parquet_is_complete_only_with_its_footer(tmp_path: Path) -> None:
     assert complete(target)
 
 
+def test_the_final_report_names_the_files_it_did_not_read(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(COLLAPSE / "step_000000.parquet", run)
+    partial = run / "step_000100.parquet"
+    partial.write_bytes((COLLAPSE / "step_000100.parquet").read_bytes()[:3000])
+    watcher = Watcher([RunSpec("run", run)], api.make_options(top_k=2), Config(), None, Threads(1))
+    watcher.poll()
+    final = watcher.final()
+    assert final is not None
+    assert final.notes[-1] == (
+        f"1 log file not read: still being written at the last look ({partial})"
+    )
+    assert watcher.last is not None
+    assert watcher.last.notes == []  # the rounds' analyses are left as they were
+    shutil.copy(COLLAPSE / "step_000100.parquet", partial)
+    watcher.poll()
+    assert watcher.final() is watcher.last
+
+
 def test_pt_is_complete_only_with_the_zip_directory(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     whole = tmp_path / "whole.pt"

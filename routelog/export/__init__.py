@@ -90,7 +90,7 @@ def scalars(metrics: pl.DataFrame, after: int | None = None) -> Scalars:
 def findings_markdown(findings: list[Finding]) -> str:
     """The findings as a Markdown list (TensorBoard's text plugin and W&B render it)."""
     if not findings:
-        return "no findings: every rule passed on every layer"
+        return "no findings on any layer"
     from routelog.render.markdown import inline
     from routelog.render.report import finding_span
 

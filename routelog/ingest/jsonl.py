@@ -212,6 +212,8 @@ def _parse(
         if frame is not None and problem is None:
             return _checked(frame, block)
     block = _drop_bad_lines(block, first_line, path, layout, options, info, problem)
+    if not block.strip():  # every line was bad (a truncated last line alone): all skipped
+        return None
     frame, problem = _read(block, layout)
     if frame is None or problem is not None:
         _raise_at_first_failing_line(block, first_line, path, layout, problem)

@@ -356,6 +356,9 @@ def _explode(
         differs = frame[column].list.len() != lengths
         message = f"{column!r} list and {layout.payload!r} have different lengths"
         frame = _skip(frame, differs, message, options, info, locate)
+    # a batched row of no tokens (or counts of no layer) would vanish in the explode
+    empty = frame[layout.payload].list.len() == 0
+    frame = _skip(frame, empty, f"empty {layout.payload!r} row", options, info, locate)
     if layout.kind in ("counts",):
         return frame.explode(layout.payload)
     if "token" not in along:

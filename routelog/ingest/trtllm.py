@@ -23,6 +23,7 @@ import polars as pl
 
 from routelog.errors import InputError
 from routelog.ingest import Batch, FileInfo
+from routelog.ingest.table import MAX_COUNT
 from routelog.modelconfig import find_model_config
 
 if TYPE_CHECKING:
@@ -151,5 +152,9 @@ def _counts(
         return None
     if len(values) == 0 or (values < 0).any():
         _bad(f"{place}: negative or no counts", options, info)
+        return None
+    if (values > MAX_COUNT).any() or int(values.astype(np.float64).sum()) > MAX_COUNT:
+        # an int64 sum would wrap round (a uint64 one already has): exact only up to 2^53
+        _bad(f"{place}: counts beyond 2^53 tokens", options, info)
         return None
     return values.astype(np.int64)

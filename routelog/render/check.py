@@ -112,10 +112,12 @@ def print_check(result: CheckResult, console: Console) -> None:
     worst layer; the failures' messages; notes; a last line with the verdict."""
     from rich.markup import escape
 
-    from routelog.render.report import k_markup
+    from routelog.render.report import data_notes, k_markup
 
     for run in result.runs:
         console.print(f"[bold]{escape(run['run'])}[/bold]  {k_markup(run)}", soft_wrap=True)
+        for note in data_notes(run):
+            console.print(f"  {note}", style="dim", markup=False, soft_wrap=True)
     if result.runs:
         console.print()
     summaries = result.summaries()

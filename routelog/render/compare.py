@@ -136,6 +136,8 @@ def print_comparison(comparison: Comparison, console: Console, *, plot: bool = F
     """Header, side-by-side table, what was left out, findings, and (``plot``) charts."""
     from rich.markup import escape
 
+    from routelog.render.report import data_notes
+
     for title in _title(comparison):
         console.print(title)
     for run in comparison.runs:
@@ -153,6 +155,10 @@ def print_comparison(comparison: Comparison, console: Console, *, plot: bool = F
     for finding in comparison.findings:
         text = f"{finding.code}: {finding.message}"
         console.print(f"[yellow]{finding.severity}[/yellow] {escape(text)}")
+    for run in comparison.runs:
+        for note in data_notes(run.summary()):
+            if note not in run.warnings:  # printed above
+                console.print(f"{run.name}: {note}", style="dim", markup=False)
     if plot:
         for chart in charts(comparison, console):
             console.print()

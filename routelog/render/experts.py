@@ -116,8 +116,8 @@ def print_experts(
     table.add_column("final", justify="right", no_wrap=True)
     gap_at = rows - rows // 4 if hidden else -1
     for position, expert in enumerate(picked):
-        if position == gap_at:
-            table.add_row("…", Text(hidden, style="dim"), "", "")
+        if position == gap_at:  # said under the table: it would widen the heatmap column
+            table.add_row("…", "", "", "")
         cells = "".join(
             _cell(float(values[i, expert]), bool(h.dead[i, expert]), fair, cell) for i in shown
         )
@@ -130,6 +130,8 @@ def print_experts(
             "–" if last != last else f"{last:.3f}",
         )
     console.print(table)
+    if hidden:
+        console.print(Text(f"…: {hidden}", style="dim"))
     dead = int((h.dead_since >= 0).sum())
     console.print(f"{dead} of {h.n_experts} experts dead at the latest step")
     rule = heatmap.describe_dead(dead_fraction, mass=h.mass is not None)

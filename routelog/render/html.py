@@ -100,7 +100,7 @@ def _findings_html(findings: Sequence[Finding]) -> str:
     from routelog.render.report import finding_groups, finding_span, headline, where
 
     if not findings:
-        return '<p class="ok">no findings: every rule passed on every layer</p>'
+        return '<p class="ok">no findings on any layer</p>'
     groups = []
     for severity, code, group in finding_groups(list(findings)):
         items = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,7 +108,7 @@ def print_inspect(
         [
             name,
             info.format,
-            info.layout,
+            _unbroken_shapes(info.layout),
             info.payload,
             span(info.steps),
             span(info.layers),
@@ -211,3 +212,14 @@ def recorded_lines(infos: list[FileInfo], width: int) -> list[Any]:
         table, _ = grid(columns, rows, width=width, gap=2)
         lines.extend(table)
     return lines
+
+
+def _unbroken_shapes(text: str) -> str:
+    """``[1024, 8]`` as ``[1024,8]``: a wrapped layout never splits a shape over two lines.
+
+    Examples
+    --------
+    >>> _unbroken_shapes("tuple of 4 layer tensors [1024, 8]")
+    'tuple of 4 layer tensors [1024,8]'
+    """
+    return re.sub(r"\[[^\]]*\]", lambda shape: shape.group(0).replace(", ", ","), text)

@@ -61,7 +61,7 @@ def analysis_markdown(analysis: Analysis) -> str:
                     f"{inline(worst(group).message)} |"
                 )
         else:
-            out.append("No findings: every rule passed on every layer.")
+            out.append("No findings on any layer.")
         if len(steps) < 2:
             out += ["", "Only one logged step: trends need at least two steps."]
         out += [

@@ -286,7 +286,7 @@ def findings_lines(findings: list[Finding], width: int = 120) -> list[Any]:
     from routelog.findings import worst
 
     if not findings:
-        return ["[green]no findings[/green]: every rule passed on every layer"]
+        return ["[green]no findings[/green] on any layer"]
     lines: list[Any] = [
         f"[bold]findings[/bold]: {headline(findings)} (* = still holds at the latest step)"
     ]
@@ -419,6 +419,14 @@ def _notes(summary: dict[str, Any]) -> list[str]:
             f"k={summary['top_k']} assumed: the data does not state its top-k; dead experts, "
             "max share and assignment entropy depend on k (give --top-k or top_k in the config)"
         )
+    return notes + data_notes(summary)
+
+
+def data_notes(summary: dict[str, Any]) -> list[str]:
+    """What reading a run left out or met beside it, from its summary: masked and skipped
+    rows, files that are not logs, sidecar files, warnings, payloads without probabilities.
+    Every report of the run says them (analyze, compare, check, experts)."""
+    notes = []
     if summary["masked_rows"]:
         notes.append(f"{plural(summary['masked_rows'], 'masked row')} excluded")
     if summary["skipped_rows"]:

@@ -21,18 +21,13 @@ def config_document(config: Config) -> dict[str, Any]:
 
 
 def print_config(config: Config, console: Console) -> None:
-    from rich.table import Table
+    from routelog.render.text import Column, grid
 
     console.print(
         f"configuration file: {config.path}" if config.path else "configuration file: none found"
     )
-    items = list(config.items())
-    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
-    # keys are never cut; values wrap between words; a source path folds rather than hide
-    table.add_column("key", no_wrap=True, min_width=max((len(k) for k, _, _ in items), default=3))
-    table.add_column("value", ratio=1)
-    table.add_column("source", overflow="fold")
-    for key, value, source in items:
+    rows: list[list[Any]] = []
+    for key, value, source in config.items():
         shown = (
             ", ".join(value)
             if isinstance(value, list)
@@ -42,5 +37,9 @@ def print_config(config: Config, console: Console) -> None:
             if value is None
             else str(value)
         )
-        table.add_row(key, shown, source)
-    console.print(table)
+        rows.append([key, shown, source])
+    # keys and sources are never cut; values wrap between words
+    columns = [Column("key", key=True), Column("value", wrap=True), Column("source")]
+    lines, _ = grid(columns, rows, width=console.width)
+    for line in lines:
+        console.print(line, soft_wrap=True)

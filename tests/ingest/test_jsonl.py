@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import routelog
 from routelog.cli import app
+from routelog.errors import InputError
 from routelog.ingest import FileInfo, jsonl, scan
 from routelog.ingest.jsonl import line_problem, repeated_key_lines
 from routelog.options import Options
@@ -515,3 +516,44 @@ def test_repeated_key_lines_agree_with_json(lines: list[str]) -> None:
     for i, line in enumerate(lines):  # the line validator says the same, line by line
         problem = line_problem(line.encode(), {}) or ""
         assert ("appears twice" in problem) == (i in expected)
+
+
+@pytest.mark.parametrize(
+    ("lines", "payload"),
+    [
+        (
+            ['{"iter": 0, "layer": 0, "tpe": []}', '{"iter": 0, "layer": 1, "tpe": [[1, 2, 3]]}'],
+            "tpe",
+        ),
+        (
+            [
+                '{"step": 0, "layer": 0, "probs": []}',
+                '{"step": 0, "layer": 1, "probs": [[0.5, 0.5]]}',
+            ],
+            "probs",
+        ),
+    ],
+)
+def test_an_empty_batched_line_is_a_bad_row(tmp_path: Path, lines: list[str], payload: str) -> None:
+    # exploded, a batched line of nothing would vanish, and its layer with it
+    path = tmp_path / "step_0.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=f"step_0.jsonl:1: empty '{payload}' row"):
+        routelog.analyze([path])
+    run = routelog.analyze([path], skip_bad_rows=True).runs[0]
+    assert run.summary()["skipped_rows"] == 1
+
+
+@pytest.mark.parametrize("name", ["step_0.jsonl", "step_0.jsonl.gz"])
+def test_a_truncated_last_line_alone_is_skipped(tmp_path: Path, name: str) -> None:
+    # the last line, cut short without its newline, is a block of its own at the end
+    lines = [
+        json.dumps({"step": 0, "layer": 0, "token": i, "probs": [0.25] * 4}) for i in range(10)
+    ]
+    text = ("\n".join(lines[:9]) + "\n" + lines[9][:20]).encode()
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(text) if name.endswith(".gz") else text)
+    with pytest.raises(InputError, match=f"{name}:10: not valid JSON"):
+        routelog.analyze([path], top_k=1)
+    summary = routelog.analyze([path], top_k=1, skip_bad_rows=True).runs[0].summary()
+    assert (summary["rows"], summary["skipped_rows"]) == (9, 1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -102,6 +103,21 @@ def test_bad_key_and_bad_tensor(tmp_path: Path) -> None:
     result = runner.invoke(app, ["analyze", str(root)])
     assert result.exit_code == 2, result.output
     assert "rank2.safetensors: not a valid safetensors file" in result.output
+
+
+@pytest.mark.parametrize(("dtype", "value"), [(torch.int64, 2**62), (torch.int64, 2**53 + 2)])
+def test_counts_beyond_2_53_are_bad_not_wrapped(tmp_path: Path, dtype: Any, value: int) -> None:
+    # an int64 sum of 2^62 over 16 experts wraps round to 0, which read as "no tokens"
+    root = tmp_path / "stats"
+    write_statistics(root)
+    huge = torch.full((E,), value, dtype=dtype) if value > 2**60 else torch.ones(E, dtype=dtype)
+    huge[0] = value
+    safetensors_torch.save_file({"10_3": huge}, str(root / "rank2.safetensors"))
+    result = runner.invoke(app, ["analyze", str(root), "--no-cache"])
+    assert result.exit_code == 2, result.output
+    assert "rank2.safetensors key '10_3': counts beyond 2^53 tokens" in result.output
+    skipped = routelog.analyze([str(root)], skip_bad_rows=True)
+    assert skipped.runs[0].summary()["skipped_rows"] == 1
 
 
 def test_all_zero_entries_are_not_routing(tmp_path: Path) -> None:
