@@ -453,7 +453,17 @@ def _read_on_worker(job: tuple[str | Remote, str], options: Options) -> FileResu
     return result
 
 
+def _check_num_experts(batch: ingest.Batch, options: Options, path: Location | str) -> None:
+    """Refuse a --num-experts the data contradicts (it is not silently ignored)."""
+    if options.num_experts is not None and batch.n_experts != options.num_experts:
+        raise UsageError(
+            f"--num-experts {options.num_experts} disagrees with the data: layer "
+            f"{batch.frame['layer'][0]} in {path} has E={batch.n_experts}"
+        )
+
+
 def _reduce(batch: ingest.Batch, options: Options, path: Location) -> kernels.Reduced:
+    _check_num_experts(batch, options, path)
     if batch.kind == "probs":
         _check_k(options, batch.top_k, batch.n_experts, batch.frame["layer"][0], path)
         return kernels.reduce_probs(batch.frame, options.k_for(batch.top_k))
@@ -826,6 +836,7 @@ def inspect_file(path: Location, options: Options) -> ingest.FileInfo:
     widths: set[int] = set()
     ks: set[int] = set()
     for batch in ingest.scan(path, options, info):
+        _check_num_experts(batch, options, path)
         steps.update(batch.frame["step"].unique().to_list())
         layers.update(batch.frame["layer"].unique().to_list())
         widths.add(batch.n_experts)

@@ -269,6 +269,10 @@ def evaluate(
     result.rules += _finding_rules(findings, layers, settings, strict, enabled)
     if settings.bounds:
         result.rules += _threshold_rules(metrics, settings.bounds, window)
+        present = set(metrics["layer"].unique().to_list())
+        for bound in settings.bounds:  # a layer range of another model: said, not ignored
+            if bound.layers is not None and not any(bound.applies_to(x) for x in present):
+                result.notes.append(f"{bound.key} not checked: no layer of the run is in its range")
     if baseline is not None and settings.max_regression:
         rules, notes = _regression_rules(metrics, baseline, settings.max_regression, align)
         result.rules += rules

@@ -90,6 +90,8 @@ def is_url(text: str) -> bool:
 
 def locate(text: str) -> Location:
     """A location from what the user typed: a path, ``file://``, ``s3://`` or ``gs://``."""
+    if not text.strip():  # Path("") is the current directory: never what an empty value meant
+        raise UsageError("an empty path: give a log file or a run directory")
     if not is_url(text):
         return local_path(text)
     parts = urlsplit(text)

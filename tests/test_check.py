@@ -530,6 +530,16 @@ def test_configured_regression_waits_for_a_baseline(tmp_path: Path) -> None:
     assert "not checked" not in compared.output
 
 
+def test_a_layer_range_beyond_the_run_is_said(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[check.layers."50-60"]\nmin_token_entropy_norm = 0.2\n')
+    result = invoke(HEALTHY, "--top-k", "2", "--config", str(path))
+    assert result.exit_code == ExitCode.OK, result.output
+    assert (
+        'note: layers."50-60".min_token_entropy_norm not checked: no layer of the run is in its '
+        "range" in result.output
+    )
+
+
 def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
     path = write_config(tmp_path, "[check]\nmax_max_load_share = 2\n")
     result = invoke(HEALTHY, "--config", str(path))

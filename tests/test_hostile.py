@@ -334,3 +334,8 @@ def test_a_one_expert_share_has_entropy_zero_not_minus_zero() -> None:
     value = float(entropy(np.array([1.0, 0.0, 0.0])))
     assert value == 0.0
     assert math.copysign(1.0, value) == 1.0
+
+
+@pytest.mark.parametrize("command", ["analyze", "inspect", "experts"])
+def test_an_empty_path_is_not_the_current_directory(command: str) -> None:
+    _one_line_error([command, ""], "an empty path: give a log file or a run directory")

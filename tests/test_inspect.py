@@ -126,3 +126,13 @@ def test_a_k_above_e_is_the_same_error_as_in_analysis(command: str) -> None:
         "routed to more experts than the layer has"
     )
     assert runner.invoke(app, ["inspect", str(log), "--top-k", "8"]).exit_code == 0
+
+
+@pytest.mark.parametrize("command", ["inspect", "analyze"])
+def test_a_num_experts_the_data_contradicts_is_refused(command: str) -> None:
+    log = SAMPLES / "drift" / "step_000000.parquet"
+    result = runner.invoke(app, [command, str(log), "--num-experts", "4"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().endswith(
+        f"--num-experts 4 disagrees with the data: layer 0 in {log} has E=8"
+    )

@@ -40,6 +40,9 @@ NEG_INF = re.compile(rb"(?<=[\[,:])(\s*)-Infinity")
 """``-Infinity`` as a value (what Python's json writes for a masked logit): Polars' reader
 does not parse it, so it is rewritten to the lowest float64, which payload checks map back."""
 LOWEST = b"-1.7976931348623157e308"
+OTHER_DATASET = re.compile(rb'"dataset"\s*:\s*(?!"|null\b)')
+"""A ``dataset`` key whose value may not be a string (Polars would read a 5 as "5" when
+other lines hold strings): the lines it finds are decided by ``json``."""
 
 WHITESPACE = np.array([ord(c) for c in " \t\r\n"], dtype=np.uint8)
 MAX_KEY_NAMES = 64
@@ -247,9 +250,28 @@ def _read(block: bytes, layout: table.Layout | None) -> tuple[pl.DataFrame | Non
         return None, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if repeated_key_lines(block, frame.columns):
         return None, "a repeated key"
+    if "dataset" in frame.columns and _other_dataset(block):
+        return None, "'dataset' must be a string"
     if layout is not None and frame.height:
         return frame, table.type_problem(_with_columns(frame, layout).schema, layout)
     return frame, None
+
+
+def _other_dataset(block: bytes) -> bool:
+    """Whether a line of ``block`` gives ``dataset`` a value that is not a string or null
+    (the usual block, all strings, costs one regular-expression search)."""
+    for match in OTHER_DATASET.finditer(block):
+        start = block.rfind(b"\n", 0, match.start()) + 1
+        end = block.find(b"\n", match.end())
+        line = block[start : None if end < 0 else end]
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue  # the line checks name it
+        found = value.get("dataset") if isinstance(value, dict) else None
+        if found is not None and not isinstance(found, str):
+            return True
+    return False
 
 
 def repeated_key_lines(block: bytes, names: Iterable[str] = ()) -> list[int]:

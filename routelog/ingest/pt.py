@@ -281,7 +281,15 @@ def _attention_mask(
         return None
     if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf":
         raise InputError(f"{path}: 'attention_mask' must be a tensor, found {_describe(value)}")
-    keep: np.ndarray = value.reshape(-1) != 0
+    flat = value.reshape(-1)
+    other = (flat != 0) & (flat != 1)  # NaN too: a mask is 0 (padding) or 1 (a token)
+    if other.any():
+        at = int(np.flatnonzero(other)[0])
+        raise InputError(
+            f"{path}: attention_mask holds {flat[at].item()!r} at token {at}: "
+            "expected 0 (padding) or 1"
+        )
+    keep: np.ndarray = flat != 0
     for layer, matrix in layers:
         if len(matrix) != keep.size:
             raise InputError(

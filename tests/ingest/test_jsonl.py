@@ -557,3 +557,21 @@ def test_a_truncated_last_line_alone_is_skipped(tmp_path: Path, name: str) -> No
         routelog.analyze([path], top_k=1)
     summary = routelog.analyze([path], top_k=1, skip_bad_rows=True).runs[0].summary()
     assert (summary["rows"], summary["skipped_rows"]) == (9, 1)
+
+
+@pytest.mark.parametrize("value", [5, ["a"], {"x": 1}, True])
+def test_a_dataset_that_is_not_a_string_among_strings(tmp_path: Path, value: object) -> None:
+    # Polars reads a 5 among strings as "5": a dataset nobody named
+    rows = [
+        {"step": 0, "layer": 0, "token": i, "logits": [1, 2, 3], "dataset": "ab"[i % 2]}
+        for i in range(20)
+    ]
+    rows[12]["dataset"] = value
+    rows[3]["dataset"] = None  # null is no dataset, not a bad row
+    path = tmp_path / "ds.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(InputError, match=r"ds.jsonl:13: 'dataset' must be a string"):
+        routelog.analyze([path], top_k=1)
+    run = routelog.analyze([path], top_k=1, skip_bad_rows=True).runs[0]
+    assert run.summary()["skipped_rows"] == 1
+    assert set(run.stats["dataset"].drop_nulls().unique().to_list()) == {"a", "b"}

@@ -704,6 +704,16 @@ def test_attention_mask_of_the_wrong_size(tmp_path: Path) -> None:
     _fails(path, "attention_mask [2, 4] covers 8 tokens, but layer 0 has 10 rows")
 
 
+@pytest.mark.parametrize("value", [float("nan"), 0.5, -1.0, 2.0])
+def test_an_attention_mask_of_other_values(tmp_path: Path, value: float) -> None:
+    torch = _torch()
+    mask = torch.ones(2, 4)
+    mask[1, 2] = value  # token 6: neither padding (0) nor a token (1)
+    logits = (torch.randn(8, 4),)
+    path = _save({"step": 1, "router_logits": logits, "attention_mask": mask}, tmp_path / "m.pt")
+    _fails(path, f"attention_mask holds {value!r} at token 6: expected 0 (padding) or 1")
+
+
 def test_no_step_anywhere(tmp_path: Path) -> None:
     torch = _torch()
     path = _save({"router_logits": (torch.randn(4, 4),)}, tmp_path / "router.pt")
