@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Annotated, Any, Literal, NoReturn, Optional
+from typing import IO, TYPE_CHECKING, Annotated, Any, Literal, NoReturn, Optional, cast
 
 import typer
 from typer._click import exceptions as click  # typer >= 0.26 carries its own click
@@ -158,21 +158,20 @@ def _checked_now(parse: Callable[[Any], object]) -> Callable[[Any], Any]:
     return callback
 
 
-def _positive_temperature(value: float | None) -> None:
-    from routelog.errors import UsageError
-    from routelog.options import MIN_TEMPERATURE, valid_temperature
+def _temperature(value: float | None) -> None:
+    from routelog.options import check_temperature
 
-    if value is not None and not valid_temperature(value):
-        raise UsageError(
-            f"--temperature: must be a finite number of at least {MIN_TEMPERATURE:g} (got {value})"
-        )
+    check_temperature(value)
 
 
 def _jsd(value: float | None) -> None:
+    from routelog.config import THRESHOLD_RANGES
     from routelog.errors import UsageError
 
-    if value is not None and not 0 <= value <= 1:  # NaN fails too
-        raise UsageError(f"--shift-threshold: must be a JSD in [0, 1] (got {value})")
+    # as thresholds.shift_jsd in a configuration (both ends are set for it)
+    lo, hi = cast("tuple[float, float]", THRESHOLD_RANGES["shift_jsd"])
+    if value is not None and not lo <= value <= hi:  # NaN fails too
+        raise UsageError(f"--shift-threshold: must be a JSD in [{lo:g}, {hi:g}] (got {value})")
 
 
 def _layers(text: str | None) -> None:
@@ -219,7 +218,7 @@ Temperature = Annotated[
     typer.Option(
         metavar="T",
         help="Divide logits by T before the softmax (what-if gate scaling).",
-        callback=_checked_now(_positive_temperature),
+        callback=_checked_now(_temperature),
     ),
 ]
 
@@ -412,28 +411,34 @@ def _pipe_closed() -> NoReturn:
     raise typer.Exit(ExitCode.BROKEN_PIPE)
 
 
-def _emit(output: Path | None, write: Callable[[object], None]) -> None:
-    """Run ``write`` against stdout or the --output file (checked by ``_check_output``).
+def _into_place(output: Path, write: Callable[[Any], object], *, binary: bool = False) -> None:
+    """Run ``write`` on a stream to ``output``: a file is written beside its final name (a
+    link's target) and renamed into place when complete, so an interrupted or failed report
+    leaves the previous file, or none, never half of one; a device or a pipe
+    (``/dev/stdout``, ``>(...)``) is written as it is. OSError goes to the caller."""
+    mode, encoding = ("wb", None) if binary else ("w", "utf-8")
+    if output.exists() and not output.is_file():
+        with output.open(mode, encoding=encoding) as stream:
+            write(stream)
+        return
+    target = output.resolve()
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        with partial.open(mode, encoding=encoding) as stream:
+            write(stream)
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
 
-    A file is written beside its final name (a link's target) and renamed into place when
-    complete, so an interrupted or failed report leaves the previous file, or none, never
-    half of one; a device or a pipe (``/dev/stdout``, ``>(...)``) is written as it is."""
+
+def _emit(output: Path | None, write: Callable[[object], None]) -> None:
+    """Run ``write`` against stdout or the --output file (checked by ``_check_output``),
+    which is written whole or not at all (:func:`_into_place`)."""
     if output is None:
         write(sys.stdout)
         return
     try:
-        if output.exists() and not output.is_file():
-            with output.open("w", encoding="utf-8") as stream:
-                write(stream)
-            return
-        target = output.resolve()
-        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-        try:
-            with partial.open("w", encoding="utf-8") as stream:
-                write(stream)
-            partial.replace(target)
-        finally:
-            partial.unlink(missing_ok=True)
+        _into_place(output, write)
     except OSError as exc:
         from routelog.errors import UsageError
 
@@ -850,6 +855,7 @@ def experts(
         from routelog.experts import shares_frame
         from routelog.render import data, make_console
         from routelog.render import experts as view
+        from routelog.render.report import data_notes
 
         _check_output(output, [path])
         result = _Reading.of(locals()).analysis([path])
@@ -888,6 +894,7 @@ def experts(
                     rows=rows,
                     metric=metric,
                     why=why,
+                    notes=data_notes(result.runs[0].summary()),
                 )
 
         _emit(output, write)
@@ -1414,12 +1421,15 @@ def _rule_frame(result: CheckResult) -> pl.DataFrame:
 
 
 def _write(path: Path, content: bytes, what: str, *, append: bool = False) -> None:
-    """Write (or append to) a report file; ``what`` names it in the error."""
+    """Write (:func:`_into_place`) or append to a report file; ``what`` names it in errors."""
     from routelog.errors import UsageError
 
     try:
-        with path.open("ab" if append else "wb") as stream:
-            stream.write(content)
+        if append:
+            with path.open("ab") as stream:
+                stream.write(content)
+        else:
+            _into_place(path, lambda stream: stream.write(content), binary=True)
     except OSError as exc:
         raise UsageError(f"{path}: cannot write the {what} file: {exc.strerror}") from None
 

@@ -84,7 +84,7 @@ class Thresholds:
 
 
 # key -> (lowest, highest) allowed, both inclusive; None leaves a side open.
-_RANGES: dict[str, tuple[float | None, float | None]] = {
+THRESHOLD_RANGES: dict[str, tuple[float | None, float | None]] = {
     "collapse_entropy": (0.0, 1.0),
     "collapse_dead_share": (0.0, 1.0),
     "collapse_min_steps": (1, None),
@@ -527,7 +527,7 @@ def _check_thresholds(values: dict[str, Any], where: str, prefix: str) -> dict[s
             raise ConfigError(
                 f"{where}: unknown key {prefix}thresholds.{key!r} (known: {', '.join(kinds)})"
             )
-        lo, hi = _RANGES[key]
+        lo, hi = THRESHOLD_RANGES[key]
         kind = int if kinds[key] in (int, "int") else float
         out[key] = _number(f"{where}: {prefix}thresholds.{key}", value, kind, lo, hi)
     if out.get("rigidity_fail", Thresholds.rigidity_fail) > out.get(

@@ -126,11 +126,7 @@ class Options:
     def __post_init__(self) -> None:
         if self.top_k is not None and self.top_k < 1:
             raise UsageError(f"--top-k must be at least 1, got {self.top_k}")
-        if self.temperature is not None and not valid_temperature(self.temperature):
-            raise UsageError(
-                f"--temperature must be a finite number of at least {MIN_TEMPERATURE:g}, "
-                f"got {self.temperature}"
-            )
+        check_temperature(self.temperature)
         if not 0 <= self.dead_fraction < 1:
             raise UsageError(f"dead_fraction must be in [0, 1), got {self.dead_fraction}")
         if self.num_experts is not None and self.num_experts < 1:
@@ -168,8 +164,12 @@ MIN_TEMPERATURE = 1e-100
 ±1e150 as logits (``ingest.payload.MAX_LOGIT``)."""
 
 
-def valid_temperature(value: float) -> bool:
-    return value >= MIN_TEMPERATURE and math.isfinite(value)
+def check_temperature(value: float | None) -> None:
+    """Refuse a --temperature below :data:`MIN_TEMPERATURE`, or not finite (None: unset)."""
+    if value is not None and not (value >= MIN_TEMPERATURE and math.isfinite(value)):
+        raise UsageError(
+            f"--temperature: must be a finite number of at least {MIN_TEMPERATURE:g} (got {value})"
+        )
 
 
 def parse_layers(text: str | None) -> LayerSet | None:

@@ -268,8 +268,7 @@ def _other_dataset(block: bytes) -> bool:
             value = json.loads(line)
         except ValueError:
             continue  # the line checks name it
-        found = value.get("dataset") if isinstance(value, dict) else None
-        if found is not None and not isinstance(found, str):
+        if isinstance(value, dict) and _value_problem("dataset", value.get("dataset"), {}):
             return True
     return False
 

@@ -111,12 +111,16 @@ def to_probabilities(
     return Probabilities(np.ascontiguousarray(probs, dtype=np.float32), keep, lse, skipped)
 
 
-LOGIT_PROBLEMS = (
-    "non-finite logit (NaN or +inf)",
-    "every logit is -inf",
-    f"logit beyond ±{MAX_LOGIT:g} (its z-loss would overflow float64)",
-)
-"""What is wrong with a row of logits, by the code the softmax kernel gives it (1, 2, 3)."""
+def _logit_problems(temperature: float) -> tuple[str, str, str]:
+    """What is wrong with a row of logits, by the code the softmax kernel gives it (1, 2,
+    3); below a temperature of 1 the bound on the scaled logits is a smaller one on logits."""
+    beyond = (
+        f"logit beyond ±{MAX_LOGIT:g} (its z-loss would overflow float64)"
+        if temperature >= 1.0
+        else f"logit beyond ±{MAX_LOGIT * temperature:g} (±{MAX_LOGIT:g} divided by "
+        f"--temperature {temperature:g}: its z-loss would overflow float64)"
+    )
+    return "non-finite logit (NaN or +inf)", "every logit is -inf", beyond
 
 
 def _from_logits(
@@ -146,13 +150,9 @@ def _from_logits(
         # scaled logits are held to the same bound: |x / T| <= MAX_LOGIT
         limit = MAX_LOGIT * min(temperature, 1.0)
         native.softmax(logits, width, temperature, limit, probs, lse, codes)
-    names = list(LOGIT_PROBLEMS)
-    if temperature < 1.0:
-        names[2] = (
-            f"logit beyond ±{MAX_LOGIT * temperature:g} (±{MAX_LOGIT:g} divided by "
-            f"--temperature {temperature:g}: its z-loss would overflow float64)"
-        )
-    problems = {name: codes == code for code, name in enumerate(names, start=1)}
+    problems = {
+        name: codes == code for code, name in enumerate(_logit_problems(temperature), start=1)
+    }
     bad = codes != 0
     if options.score == "sigmoid" and n_rows and width:
         with np.errstate(invalid="ignore", over="ignore"):

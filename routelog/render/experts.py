@@ -9,6 +9,7 @@ counted in one line.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from routelog import __version__
@@ -86,8 +87,10 @@ def print_experts(
     rows: int = 40,
     metric: str = "load_share",
     why: str = "",
+    notes: Sequence[str] = (),
 ) -> None:
-    """The heatmap of one layer's experts over steps, with dead-since and final columns."""
+    """The heatmap of one layer's experts over steps, with dead-since and final columns;
+    ``notes`` (what reading the run skipped, :func:`routelog.render.report.data_notes`) last."""
     from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
@@ -137,6 +140,8 @@ def print_experts(
     rule = heatmap.describe_dead(dead_fraction, mass=h.mass is not None)
     for line in heatmap.legend_lines(rule, console.width):
         console.print(line)
+    for note in notes:
+        console.print(note, style="dim", markup=False)
 
 
 def _sample(n_steps: int, room: int) -> list[int]:

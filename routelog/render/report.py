@@ -380,6 +380,7 @@ def _layer_table(
     trends = metrics.sort("step").group_by("layer").agg(pl.col("token_entropy_norm")).sort("layer")
     # the router selected other experts than the top-k of its probabilities (bias, groups)
     mismatch = bool(metrics["selection_mismatch"].fill_null(0).max())
+    trend_column = _has_probabilities(metrics)  # count-only data has no token entropy to draw
     columns = [
         Column("layer", "right", key=True),
         Column("H_token", "right"),
@@ -388,7 +389,7 @@ def _layer_table(
         Column("max share", "right"),
         Column("dead", "right"),
         *([Column("mismatch", "right")] if mismatch else []),
-        *([Column("trend", drop=1)] if _has_probabilities(metrics) else []),
+        *([Column("trend", drop=1)] if trend_column else []),
         Column("status"),
         *([Column("codes", drop=2)] if codes else []),
     ]
@@ -404,7 +405,7 @@ def _layer_table(
                 fmt(row["max_load_share"]),
                 f"{fmt(row['dead_experts'])}/{row['n_experts']}",
                 *([fmt(row["selection_mismatch"])] if mismatch else []),
-                *([sparkline(trend.to_list())] if _has_probabilities(metrics) else []),
+                *([sparkline(trend.to_list())] if trend_column else []),
                 Text(status, style=STATUS_STYLE[status]),
                 *([", ".join(layer_codes)] if codes else []),
             ]
@@ -425,7 +426,7 @@ def _notes(summary: dict[str, Any]) -> list[str]:
 def data_notes(summary: dict[str, Any]) -> list[str]:
     """What reading a run left out or met beside it, from its summary: masked and skipped
     rows, files that are not logs, sidecar files, warnings, payloads without probabilities.
-    Every report of the run says them (analyze, compare, check, experts)."""
+    Every text report of the run says them (analyze, compare, check, experts)."""
     notes = []
     if summary["masked_rows"]:
         notes.append(f"{plural(summary['masked_rows'], 'masked row')} excluded")
