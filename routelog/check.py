@@ -166,8 +166,7 @@ class CheckResult:
 
     def to_dict(self) -> dict[str, Any]:
         """``{"passed": bool, "runs": [...], "rules": [...], "notes": [...]}``
-        (``--format json``); each run says its ``top_k``, ``top_k_source`` and
-        ``top_k_assumed``."""
+        (``--format json``); each run says its ``top_k`` and ``top_k_source``."""
         return {
             "passed": self.passed,
             "runs": [_run_entry(run) for run in self.runs],
@@ -182,7 +181,6 @@ RUN_KEYS = (
     "top_k",
     "top_k_source",
     "top_k_file",
-    "top_k_assumed",
     "rows",
     "masked_rows",
     "skipped_rows",
@@ -205,6 +203,9 @@ def check(
     strict: bool = False,
 ) -> CheckResult:
     """Evaluate the check rules on an analysis (``settings`` default: its configuration's)."""
+    require_known_k(analysis)
+    if baseline is not None:
+        require_known_k(baseline, "--baseline ")
     settings = settings if settings is not None else analysis.config.check
     enabled = analysis.config.rules
     result = evaluate(
@@ -221,6 +222,23 @@ def check(
     result.notes += analysis.notes
     result.rules += merged_rules(analysis)
     return result
+
+
+def require_known_k(analysis: Analysis, role: str = "") -> None:
+    """Refuse to gate a run whose k (experts per token) was assumed.
+
+    Dead experts, load and assignment entropy and the load shares count each token's top-k
+    choices, so the verdict can turn on k: the real top-2 Mixtral run with an aux loss in
+    this repository's tests fails ``collapse`` at an assumed k=1 and passes at k=2. A
+    report may state its assumption and go on; an exit code cannot state anything.
+    """
+    for run in analysis.runs:
+        if run.top_k_assumed:
+            raise UsageError(
+                f"{role}{run.path}: the logs do not state k (experts per token), and the "
+                "verdict depends on it (dead experts and load shares count top-k choices): "
+                "pass --top-k K, or set top_k in routelog.toml"
+            )
 
 
 MERGED_RULE = "merged_runs"

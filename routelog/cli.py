@@ -1396,9 +1396,10 @@ def check(
 
 
 def _suggestion(analysis: Analysis, window: int | None) -> str:
-    from routelog.check import suggest
+    from routelog.check import require_known_k, suggest
     from routelog.render.check import suggestion_toml
 
+    require_known_k(analysis)  # count-based thresholds measured at an assumed k mislead
     run = analysis.runs[0]
     return suggestion_toml(
         suggest(analysis.metrics, window),
@@ -1406,17 +1407,15 @@ def _suggestion(analysis: Analysis, window: int | None) -> str:
         step=int(analysis.metrics["step"].max()),  # type: ignore[arg-type]
         top_k=sorted(set(run.stats["top_k"].drop_nulls().to_list())),
         window=window,
-        top_k_assumed=run.top_k_assumed,
     )
 
 
 def _rule_frame(result: CheckResult) -> pl.DataFrame:
-    """One CSV row per rule and layer, with the run's ``top_k_assumed``."""
+    """One CSV row per rule and layer."""
     import polars as pl
 
-    assumed = {run["run"]: bool(run["top_k_assumed"]) for run in result.runs}
-    rules = [r.to_dict() | {"top_k_assumed": assumed.get(r.run, False)} for r in result.rules]
-    schema = {"value": pl.Float64, "threshold": pl.Float64, "top_k_assumed": pl.Boolean}
+    schema = {"value": pl.Float64, "threshold": pl.Float64}
+    rules = [r.to_dict() for r in result.rules]
     return pl.DataFrame(rules, schema_overrides=schema, infer_schema_length=None)
 
 

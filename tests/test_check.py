@@ -476,7 +476,7 @@ def test_fail_by_finding() -> None:
 
 
 @requires_real
-@pytest.mark.parametrize("k", [[], ["--top-k", "2"]])
+@pytest.mark.parametrize("k", [["--top-k", "1"], ["--top-k", "2"]])
 def test_real_collapsing_run_fails_with_collapse(k: list[str]) -> None:
     result = invoke(str(REAL_LOGS / "collapse"), *k, "--format", "json")
     assert result.exit_code == ExitCode.CHECK_FAILED, result.output

@@ -59,6 +59,9 @@ def test_check_on_a_failing_run_exits_1_whatever_the_options(
     index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(tmp_path / "summary.md"))
+    # the sample does not state its k, which check needs: without -k, the configuration's
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "routelog.toml").write_text("top_k = 2\n")
     argv = _variants(tmp_path)[index]
     result = runner.invoke(app, ["check", *argv])
     assert result.exit_code == ExitCode.CHECK_FAILED, (argv, result.output)
@@ -70,7 +73,7 @@ def test_check_on_a_failing_run_exits_1_whatever_the_options(
 def test_check_exits_1_through_the_installed_script() -> None:
     """The same through the console script and a real process (no test runner in between)."""
     script = Path(sys.executable).with_name("routelog")
-    for argv in ([RUN, "-k", "2"], ["--format", "json", RUN]):
+    for argv in ([RUN, "-k", "2"], ["--format", "json", RUN, "--top-k=2"]):
         done = subprocess.run(
             [str(script), "check", *argv, "--no-cache"], capture_output=True, text=True, check=False
         )
@@ -78,7 +81,9 @@ def test_check_exits_1_through_the_installed_script() -> None:
 
 
 @pytest.mark.real_logs
-@pytest.mark.parametrize("options", [["-k", "2"], ["-k", "2", "--format", "json"], ["--strict"]])
+@pytest.mark.parametrize(
+    "options", [["-k", "2"], ["-k", "2", "--format", "json"], ["--strict", "-k", "2"]]
+)
 def test_real_collapsing_run_fails_the_gate(options: list[str]) -> None:
     result = runner.invoke(app, ["check", str(REAL_LOGS / "collapse"), *options])
     assert result.exit_code == ExitCode.CHECK_FAILED, result.output

@@ -298,7 +298,8 @@ def test_local_workers_have_one_thread_per_native_pool() -> None:
     with glibc's default allocator settings (Dask's nanny would set MALLOC_TRIM_THRESHOLD_,
     which made reading 8 to 16% slower) and no statistical profiler. The scheduler and the
     nannies, in this process, tick every second, not every 20 ms, and sample the system
-    every 2 s: CPU the workers need."""
+    every 2 s, and they and the workers check memory every second, not every 100 ms: CPU
+    the workers need."""
     with open_executor("local:1", 1) as executor:
         assert isinstance(executor, Cluster)
         pools = executor.client.run(_thread_pools)
@@ -311,7 +312,16 @@ def test_local_workers_have_one_thread_per_native_pool() -> None:
             for server in servers
             for name in ("tick", "monitor")
         }
+        memory = {
+            server.periodic_callbacks["memory_monitor"].callback_time
+            for server in cluster.workers.values()
+        }
+        worker_memory = executor.client.run(
+            lambda dask_worker: dask_worker.periodic_callbacks["memory_monitor"].callback_time
+        )
     assert periods == {("tick", 1000), ("monitor", 2000)}
+    assert memory == {1000}
+    assert list(worker_memory.values()) == [1000]
     assert list(pools.values()) == [(1, 1)]
     assert list(trim.values()) == [None]
     assert list(profiling.values()) == [False]

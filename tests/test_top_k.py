@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 
 from routelog import api
 from routelog.cli import app
+from routelog.errors import UsageError
 from routelog.options import ASSUMED_K_TEXT
 from tests.conftest import REAL_LOGS, WriteRun, dirichlet
 
@@ -65,15 +67,20 @@ def test_real_aux_loss_run_passes_check_with_k_from_config_json(tmp_path: Path) 
     assert entry["top_k"] == 2
     assert entry["top_k_source"] == "model_config"
     assert entry["top_k_file"] == str(config.resolve())
-    assert entry["top_k_assumed"] is False
 
 
-def test_real_aux_loss_run_states_the_assumption(tmp_path: Path) -> None:
+def test_real_aux_loss_run_is_not_gated_on_an_assumed_k(tmp_path: Path) -> None:
     run = _real_copy(tmp_path)  # no config.json anywhere up to the test's .git
+    # the verdict turns on k: at k=1 layers 2 and 3 of this top-2 run look collapsed
+    assert runner.invoke(app, ["check", str(run), "-k", "1"]).exit_code == 1
+    assert runner.invoke(app, ["check", str(run), "-k", "2"]).exit_code == 0
     result = runner.invoke(app, ["check", str(run)])
-    # k=1 on a top-2 run: layer 2 looks collapsed, and the header says why it may be wrong
-    assert result.exit_code == 1, result.output
-    assert result.output.splitlines()[0] == f"aux-loss  {ASSUMED_K_TEXT}"
+    assert result.exit_code == 2, result.output
+    assert result.output == (
+        f"routelog: error: {run}: the logs do not state k (experts per token), and the "
+        "verdict depends on it (dead experts and load shares count top-k choices): pass "
+        "--top-k K, or set top_k in routelog.toml\n"
+    )
     analyze = runner.invoke(app, ["analyze", str(run), "--width", "160"])
     assert ASSUMED_K_TEXT in analyze.output.splitlines()[0]
 
@@ -184,8 +191,8 @@ def test_config_json_k_larger_than_e_names_the_file(
 # --- every output states an assumed k --------------------------------------------------------
 
 
-def test_every_output_states_an_assumed_k(
-    tmp_path: Path, write_parquet_run: WriteRun, monkeypatch: pytest.MonkeyPatch
+def test_every_report_states_an_assumed_k_and_check_refuses_it(
+    write_parquet_run: WriteRun,
 ) -> None:
     run = _run(write_parquet_run)
     other = _run(write_parquet_run, name="other")
@@ -211,19 +218,11 @@ def test_every_output_states_an_assumed_k(
         in runner.invoke(app, ["compare", path, str(other), "-f", "markdown"]).output
     )
 
-    summary = tmp_path / "summary.md"
-    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
-    junit = tmp_path / "junit.xml"
-    checked = runner.invoke(app, ["check", path, "--github", "--junit", str(junit)])
-    assert checked.output.splitlines()[0] == f"run  {ASSUMED_K_TEXT}"
-    assert f"**run  {ASSUMED_K_TEXT}**" in summary.read_text()
-    xml = junit.read_text()
-    assert '<property name="run.top_k_assumed" value="true" />' in xml
-    assert '<property name="run.top_k_source" value="assumed" />' in xml
-    check_json = json.loads(runner.invoke(app, ["check", path, "-f", "json"]).output)
-    assert check_json["runs"][0]["top_k_assumed"] is True
-    check_csv = runner.invoke(app, ["check", path, "-f", "csv"]).output
-    assert {row["top_k_assumed"] for row in csv.DictReader(io.StringIO(check_csv))} == {"true"}
+    checked = runner.invoke(app, ["check", path])
+    assert checked.exit_code == 2
+    assert checked.output.startswith(f"routelog: error: {path}: the logs do not state k")
+    with pytest.raises(UsageError, match=f"^--baseline {re.escape(path)}: the logs do not"):
+        api.check(api.analyze(str(other), top_k=2), baseline=api.analyze(path))
 
     inspected = " ".join(runner.invoke(app, ["inspect", path]).output.split())
     assert f"{path}: files without their own k: {ASSUMED_K_TEXT}" in inspected
@@ -257,9 +256,10 @@ def test_assumed_k_is_yellow_where_colour_is_on(
     assert f"\x1b[33m{ASSUMED_K_TEXT}\x1b[0m" in header
 
 
-def test_suggest_says_when_k_was_assumed(write_parquet_run: WriteRun) -> None:
+def test_suggest_says_which_k_it_measured_with(write_parquet_run: WriteRun) -> None:
     run = _run(write_parquet_run)
-    assumed = runner.invoke(app, ["check", "--suggest", str(run)]).output
-    assert "# Measured with k=1 ASSUMED (the logs do not say; pass --top-k)" in assumed
+    assumed = runner.invoke(app, ["check", "--suggest", str(run)])
+    assert assumed.exit_code == 2
+    assert "the logs do not state k" in assumed.output
     given = runner.invoke(app, ["check", "--suggest", str(run), "-k", "2"]).output
     assert "# Measured with k = 2: check with the same --top-k" in given

@@ -170,7 +170,6 @@ def junit_xml(result: CheckResult) -> bytes:
             for key, value in (
                 ("top_k", _k_value(run["top_k"])),
                 ("top_k_source", run["top_k_source"]),
-                ("top_k_assumed", str(bool(run["top_k_assumed"])).lower()),
                 ("k", k_plain(run)),
             ):
                 ET.SubElement(properties, "property", name=f"{run['run']}.{key}", value=str(value))
@@ -240,8 +239,8 @@ def markdown_summary(result: CheckResult) -> str:
     """The step summary (``GITHUB_STEP_SUMMARY``) and ``--format markdown``: verdict, a
     table of rules, the failures."""
     lines = [f"## {TITLE}: {_status(result.passed)}", ""]
-    for line, run in zip(run_lines(result), result.runs, strict=True):
-        lines.append(f"**{inline(line)}**  " if run.get("top_k_assumed") else f"{inline(line)}  ")
+    for line in run_lines(result):
+        lines.append(f"{inline(line)}  ")
     if result.runs:
         lines.append("")
     lines += ["| status | rule | failed layers | worst layer |", "|---|---|---|---|"]
@@ -278,7 +277,6 @@ def suggestion_toml(
     step: int,
     top_k: list[int],
     window: int | None,
-    top_k_assumed: bool = False,
 ) -> str:
     """A ``[tool.routelog.check]`` table, each threshold with what was observed."""
     from routelog.check import MARGIN_ABS, MARGIN_REL
@@ -293,11 +291,7 @@ def suggestion_toml(
         "capped at the metric's maximum;",
         "# max_dead_experts = the highest count (no margin). Rounded outwards to 3 decimals.",
         (
-            "# Measured with k=1 ASSUMED (the logs do not say; pass --top-k): count-based "
-            "thresholds are off if the run routes to more experts."
-            if top_k_assumed
-            else f"# Measured with k = {k}: check with the same --top-k "
-            "(or top_k in [tool.routelog])."
+            f"# Measured with k = {k}: check with the same --top-k (or top_k in [tool.routelog])."
             if top_k
             else "# Measured on per-expert counts, which need no k."
         ),
