@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -244,17 +245,35 @@ def discover(path: Location, *, missing_ok: bool = False) -> RunFiles:
         if format_of(path) is None:
             _scanner(path)  # raises the unknown-type error
         return RunFiles([path], [])
+    if not path.is_dir():
+        raise InputError(f"{path}: {_special(path)}, not a log file or a directory")
     notes: list[str] = []
     entries = _walk(path, notes)
     found = _sort_out([c for c in entries if c.is_file()], notes)
     for child in entries:
-        if not child.is_file() and child.is_symlink():
-            found.ignored.append(child)
-            if format_of(child):
-                notes.append(f"{child.relative_to(path)}: a link to a missing file (not read)")
+        if child.is_file():
+            continue
+        found.ignored.append(child)
+        if format_of(child):
+            what = "a link to a missing file" if child.is_symlink() else _special(child)
+            notes.append(f"{child.relative_to(path)}: {what} (not read)")
     if not found.files:
         raise _no_logs(path)
     return RunFiles(_sorted(found.files), _sorted(found.ignored), _sorted(found.sidecars), notes)
+
+
+def _special(path: Path) -> str:
+    """What a path that exists but is neither a regular file nor a directory is."""
+    mode = path.stat().st_mode
+    for test, name in (
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def _sorted(paths: list[Location]) -> list[Location]:

@@ -268,6 +268,8 @@ def batches(
     if frame.height == 0:
         return
     if layout.wide:
+        for column in layout.wide:  # named here: the concatenated list is routelog's own
+            frame = _required(frame, column, options, info, locate)
         frame = frame.with_columns(pl.concat_list(layout.wide).alias(WIDE))
     if layout.kind == "expert_counts":
         yield from _expert_count_batches(frame, layout, options, info, locate)
@@ -275,7 +277,7 @@ def batches(
     frame = _required(frame, layout.payload, options, info, locate)
     if frame.height == 0:
         return
-    for width, part in _by_width(frame, layout.payload, path):
+    for width, part in _by_width(frame, layout.payload, path, locate):
         if width == 0:
             raise InputError(f"{locate(int(part[ROW][0]))}: empty {layout.payload!r} row")
         if width > MAX_EXPERTS and layout.kind != "topk":
@@ -452,7 +454,9 @@ def select_rows(frame: pl.DataFrame, options: Options) -> pl.DataFrame:
     return frame
 
 
-def _by_width(frame: pl.DataFrame, column: str, path: Path) -> Iterator[tuple[int, pl.DataFrame]]:
+def _by_width(
+    frame: pl.DataFrame, column: str, path: Path, locate: Locate
+) -> Iterator[tuple[int, pl.DataFrame]]:
     """Split rows by payload width E; one layer with two widths is an error naming both."""
     dtype = frame.schema[column]
     if isinstance(dtype, pl.Array):
@@ -460,20 +464,28 @@ def _by_width(frame: pl.DataFrame, column: str, path: Path) -> Iterator[tuple[in
         return
     if not isinstance(dtype, pl.List):
         raise InputError(f"{path}: column {column!r} must hold lists of numbers, not {dtype}")
-    widths = frame.select(pl.col(column).list.len().alias("_w"), "layer")
-    _one_width_per_layer(widths, "_w", path, "rows with")
+    widths = frame.select(pl.col(column).list.len().alias("_w"), "layer", ROW)
+    _one_width_per_layer(widths, "_w", column, locate)
     for width in sorted(widths["_w"].unique().to_list()):
         yield int(width), frame.filter(widths["_w"] == width)
 
 
-def _one_width_per_layer(widths: pl.DataFrame, column: str, path: Path, what: str) -> None:
-    per_layer = widths.group_by("layer").agg(pl.col(column).unique().sort())
-    clash = per_layer.filter(pl.col(column).list.len() > 1)
+def _one_width_per_layer(widths: pl.DataFrame, column: str, source: str, locate: Locate) -> None:
+    """Refuse a layer whose rows give two expert counts (``column``, read from the data's
+    ``source``), naming the first row that differs from its layer's first row, and that."""
+    clash = widths.select(
+        "layer",
+        column,
+        ROW,
+        pl.col(column).first().over("layer").alias("_first_width"),
+        pl.col(ROW).first().over("layer").alias("_first_row"),
+    ).filter(pl.col(column) != pl.col("_first_width"))
     if clash.height:
-        layer, found = clash.sort("layer").row(0)
+        layer, width, row, first_width, first_row = clash.row(0)
         raise InputError(
-            f"{path}: layer {layer} has {what} {found[0]} and {found[1]} experts "
-            "(all rows of a layer must have the same expert count)"
+            f"{locate(int(row))}: layer {layer} has {width} experts in {source!r}, but "
+            f"{first_width} at {locate(int(first_row))} (all rows of a layer must have the "
+            "same expert count)"
         )
 
 
@@ -670,7 +682,8 @@ def _topk_batches(
         frame = _skip(frame, bad, message, options, info, locate)
     if frame.height == 0:
         return
-    _one_width_per_layer(frame.select("layer", "__e"), "__e", Path(info.path), "rows saying")
+    if layout.experts is not None:  # E from --num-experts, or from the ids, is one per layer
+        _one_width_per_layer(frame.select("layer", "__e", ROW), "__e", layout.experts, locate)
     for n_experts in sorted(frame["__e"].unique().to_list()):
         part = frame.filter(pl.col("__e") == n_experts)
         canonical = part.select(
@@ -692,7 +705,8 @@ def _expert_count_batches(
     frame = _skip(frame, outside, "expert id outside [0, E)", options, info, locate)
     if frame.height == 0:
         return
-    _one_width_per_layer(frame.select("layer", "__e"), "__e", Path(info.path), "rows saying")
+    if layout.experts is not None:  # E from --num-experts, or from the ids, is one per layer
+        _one_width_per_layer(frame.select("layer", "__e", ROW), "__e", layout.experts, locate)
     keys = ["step", "layer", *(["dataset"] if "dataset" in frame.columns else [])]
     for n_experts in sorted(frame["__e"].unique().to_list()):
         part = frame.filter(pl.col("__e") == n_experts)

@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
+from typer.testing import CliRunner
 
 import routelog
+from routelog.cli import app
 
 E, K, T, LAYERS, STEPS = 8, 2, 64, 3, (0, 50, 100)
 COUNT_METRICS = ["assign_entropy", "assign_entropy_norm", "max_load_share", "max_vio", "load_cv"]
 COUNT_METRICS += ["dead_experts"]
+
+runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +116,26 @@ def test_counts_and_ids_give_the_count_metrics(
         assert_frame_equal(
             got.select("step", "layer", *COUNT_METRICS), reference, check_exact=False, rel_tol=1e-9
         )
+
+
+def test_a_named_pipe_is_never_opened(tmp_path: Path) -> None:
+    """A FIFO named like a log would block a reader for ever: given, it is an error; in a
+    run directory, it is left out and noted."""
+    from routelog.ingest import discover
+
+    run = tmp_path / "run"
+    run.mkdir()
+    pl.DataFrame({"layer": [0], "probs": [[0.5, 0.5]]}).write_parquet(run / "step_1.parquet")
+    os.mkfifo(run / "step_2.jsonl")
+    found = discover(run)
+    assert [p.name for p in found.files] == ["step_1.parquet"]
+    assert [p.name for p in found.ignored] == ["step_2.jsonl"]
+    assert found.notes == ["step_2.jsonl: a named pipe (not read)"]
+    result = runner.invoke(app, ["analyze", str(run / "step_2.jsonl")])
+    assert result.exit_code == 2
+    assert result.output == (
+        f"routelog: error: {run / 'step_2.jsonl'}: a named pipe, not a log file or a directory\n"
+    )
 
 
 def test_directory_links_are_followed_once_and_dangling_links_noted(tmp_path: Path) -> None:

@@ -240,7 +240,7 @@ def test_truncated_gzip(tmp_path: Path) -> None:
         (
             "step_1.jsonl",
             '{"layer": 0, "probs": [1.0, 0.0]}\n{"layer": 0, "probs": [0.2, 0.3, 0.5]}\n',
-            "layer 0 has rows with 2 and 3 experts",
+            "step_1.jsonl:2: layer 0 has 3 experts in 'probs', but 2 at ",
         ),
         ("step_1.jsonl", '{"layer": 0, "topk_ids": [0, 1]}\n', "pass --num-experts E"),
     ],

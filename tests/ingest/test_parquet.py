@@ -227,7 +227,7 @@ def test_no_step_anywhere(tmp_path: Path) -> None:
 def test_expert_count_differs_within_a_layer(tmp_path: Path) -> None:
     path = _one_file(tmp_path, layer=[0, 0], probs=[[0.5, 0.5], [0.25, 0.25, 0.5]])
     message = _bad(tmp_path, str(path))
-    assert f"{path}: layer 0 has rows with 2 and 3 experts" in message
+    assert f"{path} row 1: layer 0 has 3 experts in 'probs', but 2 at {path} row 0" in message
 
 
 def test_expert_count_differs_across_files(tmp_path: Path) -> None:

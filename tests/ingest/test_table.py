@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -87,6 +88,38 @@ def test_wide_logit_columns_match(
     columns = ["token_entropy", "load_entropy", "max_load_share", "dead_experts", "aux_loss"]
     assert_frame_equal(got.select(columns), reference.select(columns), abs_tol=1e-5)
     assert got["z_loss"].null_count() == 0  # logits were seen
+
+
+@pytest.mark.parametrize(
+    ("name", "write", "place"),
+    [
+        (
+            "step_0.parquet",
+            lambda path: pl.DataFrame(
+                {"layer": [0, 0], "p_0": [0.5, None], "p_1": [0.5, 0.5]}
+            ).write_parquet(path),
+            "row 1",
+        ),
+        (
+            "step_0.jsonl",
+            lambda path: path.write_text(
+                '{"layer": 0, "p_0": 0.5, "p_1": 0.5}\n{"layer": 0, "p_1": 0.5}\n'
+            ),
+            ":2",
+        ),
+    ],
+)
+def test_a_missing_wide_column_value_names_the_column(
+    tmp_path: Path, name: str, write: Any, place: str
+) -> None:
+    path = tmp_path / name
+    write(path)
+    result = runner.invoke(app, ["analyze", str(path), "-k", "1"])
+    assert result.exit_code == 2
+    assert f"{path}{' ' if place[0] == 'r' else ''}{place}: missing 'p_0' value" in result.output
+    skipped = runner.invoke(app, ["analyze", str(path), "-k", "1", "--skip-bad-rows", "-f", "json"])
+    assert skipped.exit_code == 0, skipped.output
+    assert '"skipped_rows": 1' in skipped.output
 
 
 def counts_of(data: dict[int, dict[int, np.ndarray]]) -> list[tuple[int, int, np.ndarray]]:
@@ -199,7 +232,9 @@ def test_num_experts_differing_within_a_layer_is_an_error(tmp_path: Path) -> Non
     ).write_parquet(path)
     result = runner.invoke(app, ["analyze", str(path)])
     assert result.exit_code == 2, result.output
-    assert "step_5.parquet: layer 0 has rows saying 8 and 16 experts" in result.output
+    assert (
+        f"step_5.parquet row 1: layer 0 has 16 experts in 'num_experts', but 8 at {path} row 0"
+    ) in " ".join(result.output.split())
 
 
 def test_negative_count_is_an_error(tmp_path: Path) -> None:
