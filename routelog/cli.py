@@ -394,6 +394,18 @@ def _say(line: str) -> None:
     typer.echo(printable(line), err=True)
 
 
+def _say_reading(analysis: Analysis) -> None:
+    """For commands whose report is a file (plot, export): what reading left out, and an
+    assumed k, one line each on stderr, as the text reports say them."""
+    from routelog.options import ASSUMED_K_TEXT
+    from routelog.render.report import data_notes
+
+    for run in analysis.runs:
+        assumed = [ASSUMED_K_TEXT] if run.top_k_assumed else []
+        for note in [*assumed, *data_notes(run.summary())]:
+            _say(f"{run.name}: {note}")
+
+
 def _pipe_closed() -> NoReturn:
     """The reader of stdout went away (``routelog analyze RUN | head -1``): stop quietly.
 
@@ -958,6 +970,7 @@ def plot(
         else:
             figures.save(figures.draw(result, kind=kind), output, dpi=dpi)
             _say(f"wrote {output}")
+        _say_reading(result)
 
 
 @app.command()
@@ -1023,6 +1036,7 @@ def export(
 
             done = to_wandb.export(wandb, run, result.metrics, result.findings)
             _say(f"wandb {wandb} (run {done.where}): {done.describe()}")
+        _say_reading(result)
 
 
 @app.command()

@@ -67,6 +67,22 @@ def _accumulator(directory: Path) -> object:
     return acc
 
 
+def test_export_says_what_reading_left_out(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "run"
+    run.mkdir()
+    for file in Path(RUN).glob("*.parquet"):
+        (run / file.name).symlink_to(file)
+    (run / "notes.txt").write_text("not a log\n")
+    target = tmp_path / "tb"
+    result = runner.invoke(app, ["export", str(run), "--tensorboard", str(target)])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[1:] == [
+        "run: k=1 (assumed: the logs do not say; pass --top-k)",
+        "run: 1 file in the run directory is not a log (ignored)",
+    ]
+
+
 def test_tensorboard_values_read_back_with_tensorboards_reader(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     out = _export("--tensorboard", str(tmp_path / "tb"))

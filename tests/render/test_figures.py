@@ -99,3 +99,27 @@ def test_missing_extra_names_the_install(tmp_path: Path) -> None:
         "routelog: error: routelog plot needs the plot extra (matplotlib is not installed): "
         "pip install 'routelog[plot]'"
     )
+
+
+def _with_a_bad_row(tmp_path: Path) -> Path:
+    """The collapsing sample plus one JSONL file with a good and a bad line, no k stated."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for file in (SAMPLES / "collapse").glob("*.parquet"):
+        (run / file.name).symlink_to(file)
+    good = '{"step": 1200, "layer": 0, "probs": [0.3, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]}'
+    (run / "step_001200.jsonl").write_text(f'{good}\n{{"step": 1200, "layer": 0, "probs": 1}}\n')
+    return run
+
+
+def test_plot_says_what_reading_left_out(tmp_path: Path) -> None:
+    """A figure cannot say it: stderr does, as the text reports do."""
+    run = _with_a_bad_row(tmp_path)
+    out = tmp_path / "fig.svg"
+    result = runner.invoke(app, ["plot", str(run), "-o", str(out), "--skip-bad-rows"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        f"wrote {out}",
+        "run: k=1 (assumed: the logs do not say; pass --top-k)",
+        "run: 1 bad row skipped (--skip-bad-rows)",
+    ]
