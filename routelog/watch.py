@@ -157,16 +157,18 @@ class Watcher:
         self.steps: dict[str, set[int]] = {}
         self.reported: set[tuple[str, int | None, str, int | None]] = set()
         self.last: Analysis | None = None
-        self.pending: list[Location] = []
+        self.latest: Round | None = None
+        """The last poll's round (its ``pending`` files: those the last look left out)."""
 
     def final(self) -> Analysis | None:
         """The last analysis, noting the files it left out at the last look (the report
         written when watching stops must not read as if it covered them)."""
-        if self.last is None or not self.pending:
+        pending = self.latest.pending if self.latest is not None else []
+        if self.last is None or not pending:
             return self.last
-        names = ", ".join(str(f) for f in self.pending[:3])
-        more = f" and {len(self.pending) - 3} more" if len(self.pending) > 3 else ""
-        count = len(self.pending)
+        names = ", ".join(str(f) for f in pending[:3])
+        more = f" and {len(pending) - 3} more" if len(pending) > 3 else ""
+        count = len(pending)
         note = (
             f"{count} log file{'s' if count > 1 else ''} not read: still being written at "
             f"the last look ({names}{more})"
@@ -175,6 +177,10 @@ class Watcher:
 
     def poll(self) -> Round:
         """Analyse every complete file now; new steps and findings since the last poll."""
+        self.latest = self._poll()
+        return self.latest
+
+    def _poll(self) -> Round:
         from routelog import api
 
         complete: set[Location] = set()
@@ -190,7 +196,6 @@ class Watcher:
                 ready.append(spec)
             else:
                 waiting.append(spec.name)
-        self.pending = pending
         if not ready:
             return Round(None, {}, [], pending, waiting)
         try:
@@ -204,7 +209,6 @@ class Watcher:
             )
         except ChangedError as error:  # an object replaced mid-read: the next round reads it
             changed = [f for f in complete if str(error).startswith(f"{f}:")]
-            self.pending = pending + changed
             return Round(self.last, {}, [], pending + changed, waiting)
         self.last = analysis
         return Round(
