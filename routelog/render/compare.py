@@ -34,9 +34,23 @@ HEADERS = {
 
 CAPTION = (
     "Δ = {by} - baseline: ✗ towards collapse, ✓ away from it; entropies normalised by ln E; "
-    "JSD: expert load f vs the baseline (bits, 0–1); agree@1, overlap@k: the same tokens' "
-    "top-1 and top-k choices"
+    "JSD: expert load f vs the baseline (bits, 0–1)"
 )
+TOKEN_CAPTION = "; agree@1, overlap@k: the same tokens' top-1 and top-k choices"
+TOKEN_COLUMNS = {"agreement_top1": "agree@1", "overlap_topk": "overlap@k"}
+"""Shown only when some compared row has a value (the same tokens were routed in both)."""
+
+
+def _has_tokens(comparison: Comparison) -> bool:
+    import polars as pl
+
+    compared = comparison.table.filter(pl.col("run") != pl.col("baseline"))
+    return any(compared[name].null_count() < compared.height for name in TOKEN_COLUMNS)
+
+
+def _caption(comparison: Comparison) -> str:
+    tokens = TOKEN_CAPTION if _has_tokens(comparison) else ""
+    return CAPTION.format(by=comparison.by) + tokens
 
 
 def comparison_document(comparison: Comparison) -> dict[str, Any]:
@@ -147,7 +161,7 @@ def print_comparison(comparison: Comparison, console: Console, *, plot: bool = F
             )
     for line in _table(comparison, console.width):
         console.print(line, soft_wrap=True)
-    console.print(CAPTION.format(by=comparison.by), style="dim")
+    console.print(_caption(comparison), style="dim")
     for item in comparison.left_out:
         where = "every layer" if item.layer is None else f"layer {item.layer}"
         text = f"left out: {item.run} {where} ({item.what}): {item.reason}"
@@ -192,7 +206,8 @@ def charts(comparison: Comparison, console: Console) -> list[Text]:
 
 
 def _cells(comparison: Comparison) -> list[list[tuple[str, int]]]:
-    """Each row's cells as (text, direction), in the order of :data:`_COLUMN_NAMES`."""
+    """Each row's cells as (text, direction), in the order of :func:`_column_names`."""
+    others = ["jsd", *(TOKEN_COLUMNS if _has_tokens(comparison) else [])]
     out = []
     for row in comparison.table.iter_rows(named=True):
         cells: list[tuple[str, int]] = [(str(row["layer"]), 0), (row["run"], 0)]
@@ -203,20 +218,18 @@ def _cells(comparison: Comparison) -> list[list[tuple[str, int]]]:
             cells.append((shown, 0))
             cells.append((delta_text(metric, delta), direction(metric, delta)))
         base = row["run"] == row["baseline"]
-        for name in ("jsd", "agreement_top1", "overlap_topk"):
+        for name in others:
             cells.append(("" if base else fmt(row[name]), 0))
         out.append(cells)
     return out
 
 
-_COLUMN_NAMES = [
-    "layer",
-    "run",
-    *[name for metric in COMPARED for name in (HEADERS[metric], "Δ")],
-    "JSD",
-    "agree@1",
-    "overlap@k",
-]
+def _column_names(comparison: Comparison) -> list[str]:
+    """The table's columns: a value and its Δ per compared metric, JSD, and the token columns
+    where there are tokens to compare."""
+    tokens = list(TOKEN_COLUMNS.values()) if _has_tokens(comparison) else []
+    deltas = [name for metric in COMPARED for name in (HEADERS[metric], "Δ")]
+    return ["layer", "run", *deltas, "JSD", *tokens]
 
 
 def _table(comparison: Comparison, width: int) -> list[Text]:
@@ -230,7 +243,7 @@ def _table(comparison: Comparison, width: int) -> list[Text]:
         Column("layer", "right", key=True),
         Column(comparison.by, key=True),
         *(Column(HEADERS[metric]) for metric in COMPARED),
-        *(Column(name, "right") for name in ("JSD", "agree@1", "overlap@k")),
+        *(Column(name, "right") for name in _column_names(comparison)[2 + 2 * len(COMPARED) :]),
     ]
     rows: list[list[Text | str]] = []
     previous = None
@@ -254,13 +267,14 @@ def to_markdown(comparison: Comparison) -> str:
     """A GitHub-flavoured Markdown report (for a pull request)."""
     lines = [line + "  " for line in _title(comparison, markdown=True)]
     lines.append("")
-    names = [comparison.by if name == "run" else name for name in _COLUMN_NAMES]
+    columns = _column_names(comparison)
+    names = [comparison.by if name == "run" else name for name in columns]
     lines.append("| " + " | ".join(names) + " |")
-    lines.append("|" + "|".join("---" if n == "run" else "---:" for n in _COLUMN_NAMES) + "|")
+    lines.append("|" + "|".join("---" if n == "run" else "---:" for n in columns) + "|")
     for cells in _cells(comparison):
         lines.append("| " + " | ".join(inline(text) for text, _ in cells) + " |")
     lines.append("")
-    lines.append(CAPTION.format(by=comparison.by) + ".")
+    lines.append(_caption(comparison) + ".")
     if comparison.left_out:
         lines.append("")
         lines.append("Left out:")

@@ -169,3 +169,18 @@ def test_bad_config_key_exits_2(tmp_path: Path) -> None:
     result = runner.invoke(app, ["compare", SHIFT, "--by", "dataset", "--config", str(config)])
     assert result.exit_code == 2, result.output
     assert "shift_jsd" in result.output
+
+
+def test_token_columns_only_where_the_same_tokens_were_routed() -> None:
+    """Datasets route different tokens: agree@1 and overlap@k would be empty in every row,
+    so neither they nor their caption are printed (the left-out line says why)."""
+    for fmt in ("table", "markdown"):
+        args = ["compare", SHIFT, "--by", "dataset", "-k", "2", "-f", fmt, "--width", "120"]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert "agree@1" not in result.output
+        assert "overlap@k" not in result.output
+        assert "(agreement_top1, overlap_topk): datasets route different tokens" in result.output
+    markdown = runner.invoke(app, ["compare", HEALTHY, COLLAPSE, "-k", "2", "-f", "markdown"])
+    assert "| JSD | agree@1 | overlap@k |" in markdown.output
+    assert "agree@1, overlap@k: the same tokens' top-1 and top-k choices." in markdown.output
