@@ -758,6 +758,7 @@ def watch(
         import time
 
         from routelog.api import RunSpec
+        from routelog.check import require_known_k
         from routelog.render import make_console
         from routelog.render import watch as view
         from routelog.watch import Watcher
@@ -780,6 +781,8 @@ def watch(
                 )
                 while True:
                     round_ = watcher.poll()
+                    if fail_on is not None and round_.analysis is not None:
+                        require_known_k(round_.analysis)  # --fail-on is a gate, as check is
                     display.show(round_)
                     hit = _first_at(round_.new_findings, fail_on)
                     if hit is not None and fail_on is not None:

@@ -221,6 +221,21 @@ def test_fail_on_exits_1_at_the_first_such_finding(
     assert "findings:" in out  # the final report
 
 
+def test_fail_on_needs_a_known_k(tmp_path: Path) -> None:
+    """--fail-on is a gate, as check is: a run whose k would be assumed is an error."""
+    watch = _routelog(
+        "watch", str(COLLAPSE), "--interval", "0.2", "--fail-on", "fail",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    out, err = (text.decode() for text in watch.communicate(timeout=60))
+    assert watch.returncode == 2, err
+    assert err == (
+        f"routelog: error: {COLLAPSE}: the logs do not state k (experts per token), and the "
+        "verdict depends on it (dead experts and load shares count top-k choices): pass "
+        "--top-k K, or set top_k in routelog.toml\n"
+    )
+
+
 def test_fail_on_does_not_stop_a_healthy_run(tmp_path: Path) -> None:
     watch = _routelog(
         "watch", str(SAMPLES / "healthy"), "-k", "2", "--interval", "0.2", "--fail-on", "warn",
