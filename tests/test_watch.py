@@ -229,6 +229,7 @@ def test_fail_on_needs_a_known_k(tmp_path: Path) -> None:
     )  # fmt: skip
     out, err = (text.decode() for text in watch.communicate(timeout=60))
     assert watch.returncode == 2, err
+    assert "findings" not in out  # stopped before any report
     assert err == (
         f"routelog: error: {COLLAPSE}: the logs do not state k (experts per token), and the "
         "verdict depends on it (dead experts and load shares count top-k choices): pass "
