@@ -1113,7 +1113,8 @@ def check(
     ``minimum``/``maximum`` (``{"token_entropy_norm": 0.2}``) and ``max_regression`` (from
     ``baseline``) add to the configuration's ``[check]`` rules as ``--min``/``--max``/
     ``--max-regression`` do; ``window`` checks means over the last N steps; ``strict`` also
-    fails on findings no longer active.
+    fails on findings no longer active. A run (or baseline) whose k was assumed raises
+    :class:`~routelog.errors.UsageError`: the verdict can turn on k (pass ``top_k=``).
     """
     from routelog.check import check as run_check
 
