@@ -157,13 +157,13 @@ class Watcher:
         self.steps: dict[str, set[int]] = {}
         self.reported: set[tuple[str, int | None, str, int | None]] = set()
         self.last: Analysis | None = None
-        self.latest: Round | None = None
+        self.last_round: Round | None = None
         """The last poll's round (its ``pending`` files: those the last look left out)."""
 
     def final(self) -> Analysis | None:
         """The last analysis, noting the files it left out at the last look (the report
         written when watching stops must not read as if it covered them)."""
-        pending = self.latest.pending if self.latest is not None else []
+        pending = self.last_round.pending if self.last_round is not None else []
         if self.last is None or not pending:
             return self.last
         names = ", ".join(str(f) for f in pending[:3])
@@ -177,8 +177,8 @@ class Watcher:
 
     def poll(self) -> Round:
         """Analyse every complete file now; new steps and findings since the last poll."""
-        self.latest = self._poll()
-        return self.latest
+        self.last_round = self._poll()
+        return self.last_round
 
     def _poll(self) -> Round:
         from routelog import api

@@ -472,7 +472,8 @@ def _by_width(
 
 def _one_width_per_layer(widths: pl.DataFrame, column: str, source: str, locate: Locate) -> None:
     """Refuse a layer whose rows give two expert counts (``column``, read from the data's
-    ``source``), naming the first row that differs from its layer's first row, and that."""
+    ``source``): the error names the first row that differs from its layer's first row, and
+    that first row."""
     clash = widths.select(
         "layer",
         column,

@@ -41,15 +41,18 @@ TOKEN_COLUMNS = {"agreement_top1": "agree@1", "overlap_topk": "overlap@k"}
 """Shown only when some compared row has a value (the same tokens were routed in both)."""
 
 
-def _has_tokens(comparison: Comparison) -> bool:
+def _after_deltas(comparison: Comparison) -> dict[str, str]:
+    """The columns after the deltas, field -> header: JSD, and the token columns when some
+    compared row has a value in them."""
     import polars as pl
 
     compared = comparison.table.filter(pl.col("run") != pl.col("baseline"))
-    return any(compared[name].null_count() < compared.height for name in TOKEN_COLUMNS)
+    tokens = any(compared[name].null_count() < compared.height for name in TOKEN_COLUMNS)
+    return {"jsd": "JSD", **(TOKEN_COLUMNS if tokens else {})}
 
 
-def _caption(comparison: Comparison) -> str:
-    tokens = TOKEN_CAPTION if _has_tokens(comparison) else ""
+def _caption(comparison: Comparison, after: dict[str, str]) -> str:
+    tokens = TOKEN_CAPTION if set(TOKEN_COLUMNS) <= set(after) else ""
     return CAPTION.format(by=comparison.by) + tokens
 
 
@@ -159,9 +162,10 @@ def print_comparison(comparison: Comparison, console: Console, *, plot: bool = F
             console.print(
                 f"[bold yellow]warning[/bold yellow]: {escape(run.name)}: {escape(warning)}"
             )
-    for line in _table(comparison, console.width):
+    after = _after_deltas(comparison)
+    for line in _table(comparison, after, console.width):
         console.print(line, soft_wrap=True)
-    console.print(_caption(comparison), style="dim")
+    console.print(_caption(comparison, after), style="dim")
     for item in comparison.left_out:
         where = "every layer" if item.layer is None else f"layer {item.layer}"
         text = f"left out: {item.run} {where} ({item.what}): {item.reason}"
@@ -205,9 +209,9 @@ def charts(comparison: Comparison, console: Console) -> list[Text]:
     return out
 
 
-def _cells(comparison: Comparison) -> list[list[tuple[str, int]]]:
-    """Each row's cells as (text, direction), in the order of :func:`_column_names`."""
-    others = ["jsd", *(TOKEN_COLUMNS if _has_tokens(comparison) else [])]
+def _cells(comparison: Comparison, after: dict[str, str]) -> list[list[tuple[str, int]]]:
+    """Each row's cells as (text, direction): layer, run, a value and its delta per compared
+    metric, then the ``after`` columns (:func:`_after_deltas`)."""
     out = []
     for row in comparison.table.iter_rows(named=True):
         cells: list[tuple[str, int]] = [(str(row["layer"]), 0), (row["run"], 0)]
@@ -218,21 +222,13 @@ def _cells(comparison: Comparison) -> list[list[tuple[str, int]]]:
             cells.append((shown, 0))
             cells.append((delta_text(metric, delta), direction(metric, delta)))
         base = row["run"] == row["baseline"]
-        for name in others:
+        for name in after:
             cells.append(("" if base else fmt(row[name]), 0))
         out.append(cells)
     return out
 
 
-def _column_names(comparison: Comparison) -> list[str]:
-    """The table's columns: a value and its Δ per compared metric, JSD, and the token columns
-    where there are tokens to compare."""
-    tokens = list(TOKEN_COLUMNS.values()) if _has_tokens(comparison) else []
-    deltas = [name for metric in COMPARED for name in (HEADERS[metric], "Δ")]
-    return ["layer", "run", *deltas, "JSD", *tokens]
-
-
-def _table(comparison: Comparison, width: int) -> list[Text]:
+def _table(comparison: Comparison, after: dict[str, str], width: int) -> list[Text]:
     """Value and delta share a cell (``0.107 -0.601 ✗``); a table wider than ``width``
     wraps into sections that repeat the layer and run columns, so no number is cut."""
     from rich.text import Text
@@ -243,11 +239,11 @@ def _table(comparison: Comparison, width: int) -> list[Text]:
         Column("layer", "right", key=True),
         Column(comparison.by, key=True),
         *(Column(HEADERS[metric]) for metric in COMPARED),
-        *(Column(name, "right") for name in _column_names(comparison)[2 + 2 * len(COMPARED) :]),
+        *(Column(name, "right") for name in after.values()),
     ]
     rows: list[list[Text | str]] = []
     previous = None
-    for cells in _cells(comparison):
+    for cells in _cells(comparison, after):
         layer = cells[0][0]
         row: list[Text | str] = ["" if layer == previous else layer, cells[1][0]]
         previous = layer
@@ -267,14 +263,14 @@ def to_markdown(comparison: Comparison) -> str:
     """A GitHub-flavoured Markdown report (for a pull request)."""
     lines = [line + "  " for line in _title(comparison, markdown=True)]
     lines.append("")
-    columns = _column_names(comparison)
-    names = [comparison.by if name == "run" else name for name in columns]
-    lines.append("| " + " | ".join(names) + " |")
-    lines.append("|" + "|".join("---" if n == "run" else "---:" for n in columns) + "|")
-    for cells in _cells(comparison):
+    after = _after_deltas(comparison)
+    deltas = [name for metric in COMPARED for name in (HEADERS[metric], "Δ")]
+    lines.append("| " + " | ".join(["layer", comparison.by, *deltas, *after.values()]) + " |")
+    lines.append("|---:|---|" + "---:|" * (len(deltas) + len(after)))
+    for cells in _cells(comparison, after):
         lines.append("| " + " | ".join(inline(text) for text, _ in cells) + " |")
     lines.append("")
-    lines.append(_caption(comparison) + ".")
+    lines.append(_caption(comparison, after) + ".")
     if comparison.left_out:
         lines.append("")
         lines.append("Left out:")
