@@ -276,8 +276,6 @@ def read_file(path: Location, options: Options, *, prefetch: int = PREFETCH) -> 
     decoded, while the next one is decoded in a background thread (``prefetch`` chunks ahead;
     0 reads and reduces in the calling thread). No frame of the whole file is ever built.
     """
-    import polars as pl
-
     info = ingest.FileInfo(path=str(path), format=ingest.format_of(path) or "?")
     parts: list[pl.DataFrame] = []
     selections: list[pl.DataFrame] = []
@@ -302,7 +300,9 @@ def read_file(path: Location, options: Options, *, prefetch: int = PREFETCH) -> 
         widths=set(stats["n_experts"].to_list()),
         ks=set(stats["top_k"].drop_nulls().to_list()),
     )
-    return FileResult(info, stats, pl.concat(selections) if selections else None, assumed)
+    return FileResult(
+        info, stats, kernels.concat_selections(selections) if selections else None, assumed
+    )
 
 
 _DONE = object()
@@ -590,32 +590,56 @@ def _check_model_experts(stats: pl.DataFrame, model: ModelConfig | None, path: s
 
 
 def _check_experts(parts: list[tuple[pl.DataFrame, str]]) -> None:
-    """All rows of one (run, layer) must have the same expert count E: ``parts`` are the
-    statistics of the run's files, in order, and the first file whose layer differs from
-    the width that layer had first is named (one vectorized pass, not one per file)."""
+    """All rows of one (run, layer) must have the same expert count E, and all rows of one
+    (step, layer) the same k (a layer may change its k between steps, not within one).
+    ``parts`` are the statistics of the run's files, in order; the first file whose layer
+    differs from what that layer had first is named, with that file."""
+    clash = _first_clash(parts, ["layer"], "n_experts")
+    if clash is not None:
+        (layer,), width, first, at, where = clash
+        raise InputError(
+            f"{at}: layer {layer} has {width} experts, but {first} in {where} "
+            "(all rows of a layer must have the same expert count)"
+        )
+    clash = _first_clash(parts, ["step", "layer"], "top_k")
+    if clash is not None:
+        (step, layer), k, first, at, where = clash
+        raise InputError(
+            f"{at}: layer {layer} selects {k} experts per token at step {step}, but {first} "
+            f"in {where} (one step of a layer has one k)"
+        )
+
+
+def _first_clash(
+    parts: list[tuple[pl.DataFrame, str]], keys: list[str], column: str
+) -> tuple[tuple[Any, ...], Any, Any, str, str] | None:
+    """The first (in file order) group of ``keys`` with a second non-null value of
+    ``column``: (the keys' values, that value, the group's first value, the file of each),
+    or None. One vectorized pass over all the files' rows, not one per file."""
     import numpy as np
     import polars as pl
 
     if not parts:
-        return
+        return None
+    if pl.concat([s.get_column(column) for s, _ in parts]).drop_nulls().n_unique() <= 1:
+        return None  # one value in all: no clash (most runs, for E and k alike)
     file = np.repeat(np.arange(len(parts), dtype=np.int64), [s.height for s, _ in parts])
-    widths = (
+    values = (
         pl.DataFrame(
-            [pl.concat([s.get_column(name) for s, _ in parts]) for name in ("layer", "n_experts")]
+            [pl.concat([s.get_column(name) for s, _ in parts]) for name in [*keys, column]]
         )
         .with_columns(pl.Series("file", file))
-        .unique(["layer", "n_experts"], keep="first", maintain_order=True)
-        .with_columns(pl.col("layer").is_first_distinct().alias("first"))
+        .drop_nulls(column)
+        .unique([*keys, column], keep="first", maintain_order=True)
+        .with_columns(pl.struct(keys).is_first_distinct().alias("first"))
     )
-    conflicts = widths.filter(~pl.col("first"))
+    conflicts = values.filter(~pl.col("first"))
     if conflicts.height == 0:
-        return
-    layer, width, at, _ = conflicts.row(0)
-    first, where = widths.filter(pl.col("first") & (pl.col("layer") == layer)).row(0)[1:3]
-    raise InputError(
-        f"{parts[at][1]}: layer {layer} has {width} experts, but {first} in {parts[where][1]} "
-        "(all rows of a layer must have the same expert count)"
-    )
+        return None
+    row = conflicts.row(0, named=True)
+    group = tuple(row[key] for key in keys)
+    first = values.filter(pl.col("first"), *[pl.col(k) == row[k] for k in keys]).row(0, named=True)
+    return group, row[column], first[column], parts[row["file"]][1], parts[first["file"]][1]
 
 
 def load_run(
@@ -668,7 +692,7 @@ def load_run(
         ignored_files=[str(p) for p in found.ignored],
         sidecar_files=[str(p) for p in found.sidecars],
         stats=stats,
-        selections=pl.concat(selections) if selections else None,
+        selections=kernels.concat_selections(selections) if selections else None,
         **_k_provenance(options, any(r.top_k_assumed for r in results)),
         merged=merged,
         warnings=[] if merged is None else [merged_message(merged)],

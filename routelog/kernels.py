@@ -472,6 +472,39 @@ def _selections(frame: pl.DataFrame, ids: np.ndarray) -> pl.DataFrame | None:
     ).with_columns(pl.Series("topk", ids))
 
 
+NO_EXPERT = -1
+"""The id that pads a token's top-k ids to a wider selections frame's k (see
+:func:`concat_selections`); expert ids are never negative."""
+
+
+def concat_selections(frames: list[pl.DataFrame]) -> pl.DataFrame:
+    """Selections frames one after another. Layers (or steps) may select different numbers
+    of experts per token; a frame of a smaller k is then padded to the largest k with
+    :data:`NO_EXPERT`, which ``routelog.tokens`` cuts off again before comparing.
+
+    Examples
+    --------
+    >>> one = pl.DataFrame({"topk": [[3]]}, schema={"topk": pl.Array(pl.Int32, 1)})
+    >>> two = pl.DataFrame({"topk": [[1, 0]]}, schema={"topk": pl.Array(pl.Int32, 2)})
+    >>> concat_selections([one, two])["topk"].to_list()
+    [[3, -1], [1, 0]]
+    """
+    widths = {frame.schema["topk"].size for frame in frames}  # type: ignore[attr-defined]
+    if len(widths) > 1:
+        k = max(widths)
+        frames = [_padded(frame, k) for frame in frames]
+    return pl.concat(frames)
+
+
+def _padded(frame: pl.DataFrame, k: int) -> pl.DataFrame:
+    ids = frame["topk"].to_numpy()
+    if ids.shape[-1] == k:
+        return frame
+    wide = np.full((len(ids), k), NO_EXPERT, dtype=np.int32)
+    wide[:, : ids.shape[-1]] = ids
+    return frame.with_columns(pl.Series("topk", wide, dtype=pl.Array(pl.Int32, k)))
+
+
 def pack_selections(frame: pl.DataFrame) -> dict[str, Any]:
     """Selections in a compact form for the wire (a Dask worker's result): (step, layer,
     dataset) as runs; token positions as each run's first when they count up from it (as
@@ -487,7 +520,7 @@ def pack_selections(frame: pl.DataFrame) -> dict[str, Any]:
         "lengths": lengths,
         "first": None,
         "token": token,  # with nulls: the series itself
-        "topk": _narrowest(frame["topk"].to_numpy(), np.uint8, np.uint16),
+        "topk": _narrowest(frame["topk"].to_numpy(), np.uint8, np.uint16, np.int8, np.int16),
         "k": frame.schema["topk"].size,  # type: ignore[attr-defined]
     }
     if token.null_count() == 0:

@@ -13,7 +13,11 @@ Definitions (S_t, S'_t: token t's top-k expert sets; a_t, a'_t: its top-1 expert
     saturation(s)  = overlap_topk(step s, the run's final step)     (OLMoE's router saturation)
 
 When the two arrays have different k, both are cut to the smaller k (their first columns
-are the top choices, so this compares the top-min(k) sets).
+are the top choices, so this compares the top-min(k) sets). So are the steps of a layer
+whose k changes between logged steps: its flip rate and saturation compare the top-min(k)
+sets of all its steps. (A run whose layers select different numbers of experts holds its
+ids padded to the largest k, see :func:`routelog.kernels.concat_selections`; the padding is
+cut off here.)
 """
 
 from __future__ import annotations
@@ -112,8 +116,23 @@ def same_tokens(a: pl.DataFrame, b: pl.DataFrame) -> tuple[np.ndarray, np.ndarra
 
 
 def _ids(selections: pl.DataFrame) -> np.ndarray:
-    ids: np.ndarray = selections["topk"].to_numpy()
-    return ids
+    return _unpadded(selections["topk"].to_numpy())
+
+
+def _unpadded(ids: np.ndarray) -> np.ndarray:
+    """``(..., T, k)`` ids cut to the smallest k of their rows: without the columns that
+    pad a smaller k (:data:`routelog.kernels.NO_EXPERT`), unchanged when there are none.
+
+    Examples
+    --------
+    >>> _unpadded(np.array([[3, -1], [1, 0]])).tolist()
+    [[3], [1]]
+    """
+    padded = ids < 0
+    if not padded.any():
+        return ids
+    k = int(padded.shape[-1] - padded.sum(axis=-1).max())
+    return ids[..., :k]
 
 
 def token_metrics(selections: pl.DataFrame) -> pl.DataFrame:
@@ -177,7 +196,7 @@ def token_metrics(selections: pl.DataFrame) -> pl.DataFrame:
         start, stop = _runs(sorted_rows)
         run_step = sorted_rows["step"].gather(start).to_numpy()
         run_layer = sorted_rows["layer"].gather(start).to_numpy()
-        token, ids = sorted_rows["token"].to_numpy(), _ids(sorted_rows)
+        token, ids = sorted_rows["token"].to_numpy(), sorted_rows["topk"].to_numpy()
 
     def rows_of(column: np.ndarray | pl.Series, s: int, n: int) -> np.ndarray:
         if isinstance(column, np.ndarray):
@@ -207,7 +226,7 @@ def token_metrics(selections: pl.DataFrame) -> pl.DataFrame:
         if not _unique(keys, firsts if named else None):
             continue
         stacked = np.stack([rows_of(ids, s, n_tokens) for s in start[mine].tolist()])
-        parts.append(_layer_frame(run_step[mine], this_layer, stacked))
+        parts.append(_layer_frame(run_step[mine], this_layer, _unpadded(stacked)))
     return _concat(parts)
 
 

@@ -291,10 +291,15 @@ def test_uncached_files_are_read_before_cached_ones_are_loaded(
     assert_frame_equal(again.metrics, api.analyze([run], top_k=2).metrics)
 
 
-def _widths(*pairs: tuple[int, int]) -> pl.DataFrame:
+def _widths(*pairs: tuple[int, int], step: int = 0, top_k: int | None = None) -> pl.DataFrame:
     return pl.DataFrame(
-        {"layer": [p[0] for p in pairs], "n_experts": [p[1] for p in pairs]},
-        schema={"layer": pl.Int32, "n_experts": pl.Int64},
+        {
+            "step": [step] * len(pairs),
+            "layer": [p[0] for p in pairs],
+            "n_experts": [p[1] for p in pairs],
+            "top_k": [top_k] * len(pairs),
+        },
+        schema={"step": pl.Int64, "layer": pl.Int32, "n_experts": pl.Int64, "top_k": pl.Int32},
     )
 
 
@@ -315,7 +320,38 @@ def test_expert_count_check_names_the_first_file_that_differs() -> None:
         api._check_experts([(_widths((5, 7), (5, 8)), "x")])
 
 
+def test_top_k_check_names_the_first_file_whose_step_differs() -> None:
+    """A layer may select a different number of experts per token at another step, not at
+    the same step in another file (or row): that file is named, with the one k came from."""
+    parts = [
+        (_widths((0, 8), (1, 8), step=0, top_k=1), "a"),
+        (_widths((0, 8), step=1, top_k=2), "b"),  # another step: allowed
+        (_widths((1, 8), step=0), "c"),  # k unknown: nothing to contradict
+        (_widths((1, 8), step=0, top_k=2), "d"),
+    ]
+    api._check_experts(parts[:3])
+    with pytest.raises(
+        InputError, match=r"^d: layer 1 selects 2 experts per token at step 0, but 1 in a \(one"
+    ):
+        api._check_experts(parts)
+
+
 def test_a_run_summary_states_k_as_one_value_or_null() -> None:
     assert routelog.analyze(SAMPLES / "collapse", top_k=2).runs[0].summary()["top_k"] == 2
     counts = routelog.analyze(SAMPLES / "megatron-tpe").runs[0].summary()
     assert counts["top_k"] is None  # counts state no k
+
+
+def test_two_files_of_one_step_with_two_k_are_refused(tmp_path: Path) -> None:
+    """Before the check, the layer became two groups at that step, and the layer table
+    showed one of them."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, ids, token in (("a", [0], 0), ("b", [0, 1], 1)):
+        row = {"step": 0, "layer": 0, "token": token, "num_experts": 2, "topk_ids": ids}
+        (run / f"{name}.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(
+        InputError,
+        match=r"b\.jsonl: layer 0 selects 2 experts per token at step 0, but 1 in .*a\.jsonl",
+    ):
+        api.analyze([run])

@@ -5,6 +5,7 @@ survived."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import re
 import shutil
@@ -408,3 +409,44 @@ def test_null_token_positions_travel_as_nulls(tmp_path: Path) -> None:
     back = pickle.loads(pickle.dumps(result, protocol=5))
     assert back.selections is not None
     assert_frame_equal(back.selections, result.selections)
+
+
+def _mixed_k_run(root: Path) -> Path:
+    """Two step files of a run whose layer 0 selects 1 expert per token and layer 1 two."""
+    root.mkdir()
+    for step in (0, 1):
+        ids = {(layer, token): [(token + step + j) % 4 for j in range(k)]
+               for layer, k in ((0, 1), (1, 2)) for token in range(6)}  # fmt: skip
+        lines = [
+            {"step": step, "layer": layer, "token": token, "num_experts": 4, "topk_ids": topk}
+            for (layer, token), topk in ids.items()
+        ]
+        (root / f"step_{step}.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
+    return root
+
+
+def test_layers_of_different_k_give_identical_json_everywhere(
+    tmp_path: Path, local_cluster: Cluster
+) -> None:
+    """A run whose layers select different numbers of experts (found by `make fuzz`: it
+    was an internal error) reads the same on threads, on a cluster and from the cache."""
+    run = _mixed_k_run(tmp_path / "run")
+
+    def json_of(executor: object, cache: object = None) -> str:
+        result = api.analyze([run], executor=executor, cache=cache)  # type: ignore[arg-type]
+        return data.to_json(report.analysis_document(result))
+
+    from routelog.cache import Cache
+
+    store = Cache.at(tmp_path / "cache")
+    here = json_of(Threads(1))
+    assert json_of(local_cluster) == here
+    assert json_of(Threads(2), store) == here  # fills the cache
+    assert json_of(Threads(2), store) == here  # answered by it
+    document = json.loads(here)
+    assert document["runs"][0]["top_k"] == [1, 2]
+    saturation = {(m["layer"], m["step"]): m["saturation"] for m in document["metrics"]}
+    # step 1 shifts every id by one: no token keeps its top-1, nor any of its top-2 ...
+    assert saturation[(0, 0)] == 0.0
+    # ... but a top-2 set {t, t+1} and {t+1, t+2} share one expert
+    assert saturation[(1, 0)] == 0.5

@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -122,6 +122,12 @@ def jsonl_text(draw: st.DrawFn) -> bytes:
 
 
 @given(text=jsonl_text(), skip=st.booleans(), score=st.sampled_from(["softmax", "sigmoid"]))
+@example(  # found by `make fuzz`: layers selecting different numbers of experts per token
+    text=b'{"step": 0, "layer": 0, "topk_ids": [0], "num_experts": 2}\n'
+    b'{"step": 0, "layer": 1, "topk_ids": [0, 1], "num_experts": 2, "token": 0}\n',
+    skip=False,
+    score="softmax",
+)
 @_fuzz(80)
 def test_fuzz_jsonl(text: bytes, skip: bool, score: str) -> None:
     with tempfile.TemporaryDirectory() as directory:

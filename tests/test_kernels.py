@@ -549,7 +549,35 @@ def test_packed_selections_are_small() -> None:
     assert list(packed["lengths"]) == [rows]
     wide = frame.with_columns(pl.Series("topk", np.full((rows, 2), 256, np.int32)))
     assert kernels.pack_selections(wide)["topk"].dtype == np.uint16
-    negative = frame.with_columns(pl.Series("topk", np.full((rows, 2), -1, np.int32)))
+    padded = frame.with_columns(pl.Series("topk", np.full((rows, 2), -1, np.int32)))
+    assert kernels.pack_selections(padded)["topk"].dtype == np.int8
+    negative = frame.with_columns(pl.Series("topk", np.full((rows, 2), -40_000, np.int32)))
     assert kernels.pack_selections(negative)["topk"].dtype == np.int32
     shuffled = frame.with_columns(pl.Series("token", np.arange(rows)[::-1]))
     assert kernels.pack_selections(shuffled)["token"].dtype == np.int32
+
+
+def _one_layer(layer: int, ids: list[list[int]]) -> pl.DataFrame:
+    k = len(ids[0])
+    return pl.DataFrame(
+        {
+            "step": [0] * len(ids),
+            "layer": [layer] * len(ids),
+            "dataset": [None] * len(ids),
+            "token": range(len(ids)),
+        },
+        schema={"step": pl.Int64, "layer": pl.Int32, "dataset": pl.String, "token": pl.Int64},
+    ).with_columns(pl.Series("topk", np.array(ids, np.int32), dtype=pl.Array(pl.Int32, k)))
+
+
+def test_concat_selections_pads_a_smaller_k_and_travels_whole() -> None:
+    """Layers of one run may select different numbers of experts: their selections are put
+    one after another at the largest k, a smaller k padded with -1; selections of one k are
+    concatenated as they are. The padded frame survives the wire (a Dask worker's result)."""
+    one, three = _one_layer(0, [[2], [0]]), _one_layer(1, [[1, 3, 0], [2, 1, 3]])
+    joined = kernels.concat_selections([one, three])
+    assert joined.schema["topk"] == pl.Array(pl.Int32, 3)
+    assert joined["topk"].to_list() == [[2, -1, -1], [0, -1, -1], [1, 3, 0], [2, 1, 3]]
+    assert_frame_equal(joined.drop("topk"), pl.concat([one.drop("topk"), three.drop("topk")]))
+    assert_frame_equal(kernels.concat_selections([one, one]), pl.concat([one, one]))
+    assert_frame_equal(kernels.unpack_selections(kernels.pack_selections(joined)), joined)

@@ -221,6 +221,43 @@ def test_token_metrics_shards_of_one_step_and_repeated_positions() -> None:
     assert_frame_equal(result, tokens._sorted_token_metrics(frame))
 
 
+def _layer_steps(layer: int, step_ids: dict[int, np.ndarray]) -> list[pl.DataFrame]:
+    return [
+        _selections({step: ids}).with_columns(pl.lit(layer, dtype=pl.Int32).alias("layer"))
+        for step, ids in step_ids.items()
+    ]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_token_metrics_of_layers_and_steps_with_different_k(shuffle: bool) -> None:
+    """A run whose layer 0 selects 1 expert per token and layer 1 selects 3 (held padded to
+    k=3): each layer's metrics are those of its own k, by hand. Layer 2 selects 3 experts at
+    step 0 and 2 afterwards: its steps compare their top-2 sets. The fast path and the
+    sorting path agree."""
+    rng = np.random.default_rng(7)
+    ones = {s: _random_ids(rng, 30, 8, 1) for s in (0, 10, 20)}
+    threes = {s: _random_ids(rng, 30, 8, 3) for s in (0, 10, 20)}
+    changing = {0: _random_ids(rng, 30, 8, 3), 10: _random_ids(rng, 30, 8, 2)}
+    parts = [*_layer_steps(0, ones), *_layer_steps(1, threes), *_layer_steps(2, changing)]
+    frame = kernels.concat_selections(parts)
+    if shuffle:
+        frame = frame.sample(fraction=1.0, shuffle=True, seed=1)
+    result = tokens.token_metrics(frame)
+    for layer, by_step in ((0, ones), (1, threes), (2, changing)):
+        ids = list(by_step.values())
+        if layer == 2:
+            ids = [each[:, :2] for each in ids]
+        mine = result.filter(pl.col("layer") == layer).sort("step")
+        flips = [1 - _by_hand(ids[i], ids[i - 1])[0] for i in range(1, len(ids))]
+        assert mine["flip_rate"].to_list() == [None, *[pytest.approx(f) for f in flips]]
+        assert mine["saturation"].to_list() == pytest.approx([_by_hand(i, ids[-1])[1] for i in ids])
+    assert_frame_equal(result.sort("layer", "step"), tokens._sorted_token_metrics(frame))
+    one, three = (frame.filter(pl.col("step") == 0, pl.col("layer") == i) for i in (0, 1))
+    aligned = tokens.same_tokens(one, three)
+    assert aligned is not None
+    assert [a.shape for a in aligned] == [(30, 1), (30, 3)]
+
+
 def _ranges_by_group_by(selections: pl.DataFrame) -> pl.DataFrame:
     """The definition: a group-by over every row, groups in the order they first appear."""
     return selections.group_by(kernels.KEYS, maintain_order=True).agg(

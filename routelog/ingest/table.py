@@ -464,8 +464,11 @@ def _by_width(
         return
     if not isinstance(dtype, pl.List):
         raise InputError(f"{path}: column {column!r} must hold lists of numbers, not {dtype}")
-    widths = frame.select(pl.col(column).list.len().alias("_w"), "layer", ROW)
-    _one_width_per_layer(widths, "_w", column, locate)
+    widths = frame.select(pl.col(column).list.len().alias("_w"), "step", "layer", ROW)
+    if column == ID_COLUMN:
+        _one_k_per_step(widths, "_w", locate)
+    else:
+        _one_width_per_layer(widths, "_w", column, locate)
     for width in sorted(widths["_w"].unique().to_list()):
         yield int(width), frame.filter(widths["_w"] == width)
 
@@ -474,20 +477,45 @@ def _one_width_per_layer(widths: pl.DataFrame, column: str, source: str, locate:
     """Refuse a layer whose rows give two expert counts (``column``, read from the data's
     ``source``): the error names the first row that differs from its layer's first row, and
     that first row."""
-    clash = widths.select(
-        "layer",
-        column,
-        ROW,
-        pl.col(column).first().over("layer").alias("_first_width"),
-        pl.col(ROW).first().over("layer").alias("_first_row"),
-    ).filter(pl.col(column) != pl.col("_first_width"))
-    if clash.height:
-        layer, width, row, first_width, first_row = clash.row(0)
+    clash = _differing_row(widths, column, ["layer"])
+    if clash is not None:
+        (layer,), width, row, first_width, first_row = clash
         raise InputError(
-            f"{locate(int(row))}: layer {layer} has {width} experts in {source!r}, but "
-            f"{first_width} at {locate(int(first_row))} (all rows of a layer must have the "
+            f"{locate(row)}: layer {layer} has {width} experts in {source!r}, but "
+            f"{first_width} at {locate(first_row)} (all rows of a layer must have the "
             "same expert count)"
         )
+
+
+def _one_k_per_step(widths: pl.DataFrame, column: str, locate: Locate) -> None:
+    """Refuse a step of a layer whose rows select two numbers of experts per token (the
+    widths of their ``topk_ids``, in ``column``), naming the first such row and the step's
+    first row. Another step may have another k."""
+    clash = _differing_row(widths, column, ["step", "layer"])
+    if clash is not None:
+        (step, layer), k, row, first_k, first_row = clash
+        raise InputError(
+            f"{locate(row)}: layer {layer} selects {k} experts per token in {ID_COLUMN!r} at "
+            f"step {step}, but {first_k} at {locate(first_row)} (one step of a layer has one k)"
+        )
+
+
+def _differing_row(
+    widths: pl.DataFrame, column: str, over: list[str]
+) -> tuple[tuple[int, ...], int, int, int, int] | None:
+    """The first row whose ``column`` differs from that of the first row of its group
+    (``over``): (the group, its value, its row, the first row's value, the first row)."""
+    clash = widths.select(
+        *over,
+        column,
+        ROW,
+        pl.col(column).first().over(over).alias("_first_width"),
+        pl.col(ROW).first().over(over).alias("_first_row"),
+    ).filter(pl.col(column) != pl.col("_first_width"))
+    if clash.height == 0:
+        return None
+    *group, width, row, first_width, first_row = clash.row(0)
+    return tuple(group), int(width), int(row), int(first_width), int(first_row)
 
 
 def _keys(frame: pl.DataFrame) -> list[pl.Expr]:

@@ -243,6 +243,13 @@ def test_truncated_gzip(tmp_path: Path) -> None:
             "step_1.jsonl:2: layer 0 has 3 experts in 'probs', but 2 at ",
         ),
         ("step_1.jsonl", '{"layer": 0, "topk_ids": [0, 1]}\n', "pass --num-experts E"),
+        (
+            "step_1.jsonl",
+            '{"layer": 0, "topk_ids": [0], "num_experts": 2}\n'
+            '{"layer": 0, "topk_ids": [0, 1], "num_experts": 2}\n',
+            "step_1.jsonl:2: layer 0 selects 2 experts per token in 'topk_ids' at step 1, "
+            "but 1 at ",
+        ),
     ],
 )
 def test_bad_files(tmp_path: Path, name: str, content: str, message: str) -> None:
