@@ -589,57 +589,36 @@ def _check_model_experts(stats: pl.DataFrame, model: ModelConfig | None, path: s
             )
 
 
+_CHECKED = ("step", "layer", "n_experts", "top_k")
+
+
 def _check_experts(parts: list[tuple[pl.DataFrame, str]]) -> None:
     """All rows of one (run, layer) must have the same expert count E, and all rows of one
     (step, layer) the same k (a layer may change its k between steps, not within one).
     ``parts`` are the statistics of the run's files, in order; the first file whose layer
     differs from what that layer had first is named, with that file."""
-    clash = _first_clash(parts, ["layer"], "n_experts")
-    if clash is not None:
-        (layer,), width, first, at, where = clash
-        raise InputError(
-            f"{at}: layer {layer} has {width} experts, but {first} in {where} "
-            "(all rows of a layer must have the same expert count)"
-        )
-    clash = _first_clash(parts, ["step", "layer"], "top_k")
-    if clash is not None:
-        (step, layer), k, first, at, where = clash
-        raise InputError(
-            f"{at}: layer {layer} selects {k} experts per token at step {step}, but {first} "
-            f"in {where} (one step of a layer has one k)"
-        )
-
-
-def _first_clash(
-    parts: list[tuple[pl.DataFrame, str]], keys: list[str], column: str
-) -> tuple[tuple[Any, ...], Any, Any, str, str] | None:
-    """The first (in file order) group of ``keys`` with a second non-null value of
-    ``column``: (the keys' values, that value, the group's first value, the file of each),
-    or None. One vectorized pass over all the files' rows, not one per file."""
     import numpy as np
     import polars as pl
 
     if not parts:
-        return None
-    if pl.concat([s.get_column(column) for s, _ in parts]).drop_nulls().n_unique() <= 1:
-        return None  # one value in all: no clash (most runs, for E and k alike)
+        return
+    columns = [pl.concat([s.get_column(name) for s, _ in parts]) for name in _CHECKED]
     file = np.repeat(np.arange(len(parts), dtype=np.int64), [s.height for s, _ in parts])
-    values = (
-        pl.DataFrame(
-            [pl.concat([s.get_column(name) for s, _ in parts]) for name in [*keys, column]]
+    rows = pl.DataFrame([*columns, pl.Series("file", file)])
+    clash = kernels.first_difference(rows, "n_experts", ["layer"], "file")
+    if clash is not None:
+        (layer,), width, at, first, where = clash
+        raise InputError(
+            f"{parts[at][1]}: layer {layer} has {width} experts, but {first} in "
+            f"{parts[where][1]} (all rows of a layer must have the same expert count)"
         )
-        .with_columns(pl.Series("file", file))
-        .drop_nulls(column)
-        .unique([*keys, column], keep="first", maintain_order=True)
-        .with_columns(pl.struct(keys).is_first_distinct().alias("first"))
-    )
-    conflicts = values.filter(~pl.col("first"))
-    if conflicts.height == 0:
-        return None
-    row = conflicts.row(0, named=True)
-    group = tuple(row[key] for key in keys)
-    first = values.filter(pl.col("first"), *[pl.col(k) == row[k] for k in keys]).row(0, named=True)
-    return group, row[column], first[column], parts[row["file"]][1], parts[first["file"]][1]
+    clash = kernels.first_difference(rows, "top_k", ["step", "layer"], "file")
+    if clash is not None:
+        (step, layer), k, at, first, where = clash
+        raise InputError(
+            f"{parts[at][1]}: layer {layer} selects {k} experts per token at step {step}, "
+            f"but {first} in {parts[where][1]} (one step of a layer has one k)"
+        )
 
 
 def load_run(

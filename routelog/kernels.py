@@ -497,9 +497,9 @@ def concat_selections(frames: list[pl.DataFrame]) -> pl.DataFrame:
 
 
 def _padded(frame: pl.DataFrame, k: int) -> pl.DataFrame:
-    ids = frame["topk"].to_numpy()
-    if ids.shape[-1] == k:
+    if frame.schema["topk"].size == k:  # type: ignore[attr-defined]
         return frame
+    ids = frame["topk"].to_numpy()
     wide = np.full((len(ids), k), NO_EXPERT, dtype=np.int32)
     wide[:, : ids.shape[-1]] = ids
     return frame.with_columns(pl.Series("topk", wide, dtype=pl.Array(pl.Int32, k)))
@@ -560,6 +560,40 @@ def unpack_selections(packed: dict[str, Any]) -> pl.DataFrame:
             ),
         ]
     )
+
+
+def first_difference(
+    frame: pl.DataFrame, column: str, over: list[str], where: str
+) -> tuple[tuple[Any, ...], Any, Any, Any, Any] | None:
+    """The first row whose non-null ``column`` differs from the first non-null value of its
+    group (``over``), in row order: (the group's keys, its value, its ``where``, the first
+    value, the first value's ``where``), or None. ``where`` names a column that locates a
+    row (a row number, a file's index). A column of one value returns at once.
+
+    Examples
+    --------
+    >>> frame = pl.DataFrame({"layer": [0, 1, 0, 0], "k": [2, 1, None, 3], "row": [5, 6, 7, 8]})
+    >>> first_difference(frame, "k", ["layer"], "row")
+    ((0,), 3, 8, 2, 5)
+    """
+    values = frame[column]
+    if values.min() == values.max():  # nulls ignored (all null: None == None)
+        return None
+    clash = (
+        frame.filter(pl.col(column).is_not_null())
+        .select(
+            *over,
+            column,
+            where,
+            pl.col(column).first().over(over).alias("__first"),
+            pl.col(where).first().over(over).alias("__first_where"),
+        )
+        .filter(pl.col(column) != pl.col("__first"))
+    )
+    if clash.height == 0:
+        return None
+    *group, value, at, first, first_at = clash.row(0)
+    return tuple(group), value, at, first, first_at
 
 
 def run_starts(frame: pl.DataFrame, keys: list[str]) -> np.ndarray:

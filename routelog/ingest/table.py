@@ -41,7 +41,7 @@ import polars as pl
 from routelog.errors import InputError
 from routelog.ingest import Batch, FileInfo
 from routelog.ingest.payload import PAYLOAD_KINDS, Locate, step_from_name, to_probabilities
-from routelog.kernels import check_count_total
+from routelog.kernels import check_count_total, first_difference
 from routelog.options import MAX_EXPERTS
 
 if TYPE_CHECKING:
@@ -477,12 +477,12 @@ def _one_width_per_layer(widths: pl.DataFrame, column: str, source: str, locate:
     """Refuse a layer whose rows give two expert counts (``column``, read from the data's
     ``source``): the error names the first row that differs from its layer's first row, and
     that first row."""
-    clash = _differing_row(widths, column, ["layer"])
+    clash = first_difference(widths, column, ["layer"], ROW)
     if clash is not None:
         (layer,), width, row, first_width, first_row = clash
         raise InputError(
-            f"{locate(row)}: layer {layer} has {width} experts in {source!r}, but "
-            f"{first_width} at {locate(first_row)} (all rows of a layer must have the "
+            f"{locate(int(row))}: layer {layer} has {width} experts in {source!r}, but "
+            f"{first_width} at {locate(int(first_row))} (all rows of a layer must have the "
             "same expert count)"
         )
 
@@ -491,31 +491,14 @@ def _one_k_per_step(widths: pl.DataFrame, column: str, locate: Locate) -> None:
     """Refuse a step of a layer whose rows select two numbers of experts per token (the
     widths of their ``topk_ids``, in ``column``), naming the first such row and the step's
     first row. Another step may have another k."""
-    clash = _differing_row(widths, column, ["step", "layer"])
+    clash = first_difference(widths, column, ["step", "layer"], ROW)
     if clash is not None:
         (step, layer), k, row, first_k, first_row = clash
         raise InputError(
-            f"{locate(row)}: layer {layer} selects {k} experts per token in {ID_COLUMN!r} at "
-            f"step {step}, but {first_k} at {locate(first_row)} (one step of a layer has one k)"
+            f"{locate(int(row))}: layer {layer} selects {k} experts per token in "
+            f"{ID_COLUMN!r} at step {step}, but {first_k} at {locate(int(first_row))} "
+            "(one step of a layer has one k)"
         )
-
-
-def _differing_row(
-    widths: pl.DataFrame, column: str, over: list[str]
-) -> tuple[tuple[int, ...], int, int, int, int] | None:
-    """The first row whose ``column`` differs from that of the first row of its group
-    (``over``): (the group, its value, its row, the first row's value, the first row)."""
-    clash = widths.select(
-        *over,
-        column,
-        ROW,
-        pl.col(column).first().over(over).alias("_first_width"),
-        pl.col(ROW).first().over(over).alias("_first_row"),
-    ).filter(pl.col(column) != pl.col("_first_width"))
-    if clash.height == 0:
-        return None
-    *group, width, row, first_width, first_row = clash.row(0)
-    return tuple(group), int(width), int(row), int(first_width), int(first_row)
 
 
 def _keys(frame: pl.DataFrame) -> list[pl.Expr]:
